@@ -1,0 +1,38 @@
+"""The model families the engine knows, each one adapter file, looked up by config.json's model_type.
+
+This table is read when Snakemake builds its DAG, so it names modules without importing them (and
+without importing torch); a family's conda environment is envs/<family>.yaml.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from ..settings import ConfigError
+
+# family -> (adapter "module:Class", the config.json model_type values it serves)
+_FAMILIES = {
+    "qwen2_5_vl": ("qwen2_5_vl:Qwen25VLAdapter", ("qwen2_5_vl",)),
+    "gemma3": ("gemma3:Gemma3Adapter", ("gemma3",)),
+}
+
+
+def families() -> list[str]:
+    return list(_FAMILIES)
+
+
+def adapter_for_family(family: str):
+    if family not in _FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}; known: {', '.join(_FAMILIES)}")
+    module, cls = _FAMILIES[family][0].split(":")
+    return getattr(import_module(f"{__name__}.{module}"), cls)()
+
+
+def family_of_model_type(model_type: str, where: str = "") -> str:
+    for family, (_, model_types) in _FAMILIES.items():
+        if model_type in model_types:
+            return family
+    raise ConfigError(
+        f"{where + ': ' if where else ''}model_type {model_type!r} is not supported; "
+        f"supported families: {', '.join(_FAMILIES)}"
+    )

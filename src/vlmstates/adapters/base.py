@@ -1,0 +1,118 @@
+"""The adapter protocol: everything the engine needs to know about one model family.
+
+The engine never names a model. An adapter says how to load a checkpoint, how to turn samples into a
+left-padded batch, where the image placeholder tokens are, which modules are the decoder blocks and the
+vision-to-language projector, and how to pool the projector's input per sample. The defaults here serve
+native transformers image-text-to-text models; a family overrides what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from PIL import Image
+
+from ..settings import ModelSettings
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: object
+    adapter: "Adapter"
+    settings: ModelSettings
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str
+
+
+@dataclass
+class Batch:
+    """Model inputs for a left-padded batch, and what the engine needs to find positions."""
+
+    inputs: dict
+    input_ids: torch.Tensor  # [B, L], padded on the left
+    attention_mask: torch.Tensor  # [B, L]
+
+
+class Adapter:
+    family: ClassVar[str]
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(settings.model, **common)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(
+            settings.model, dtype=dtype, attn_implementation=attn, **common
+        )
+        model.to(device).eval()
+        return LoadedModel(model, processor, self, settings, device, dtype, attn)
+
+    # -- batches ---------------------------------------------------------------------------------
+    def chat_prompt(self, loaded: LoadedModel, text: str) -> str:
+        """The model's own chat template: one user turn, the image then the text, generation prompt added."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def processor_images(self, images: list[Image.Image]) -> list:
+        return images
+
+    def build_batch(self, loaded: LoadedModel, texts: list[str], images: list[Image.Image]) -> Batch:
+        prompts = [self.chat_prompt(loaded, t) for t in texts]
+        encoded = loaded.processor(
+            text=prompts, images=self.processor_images(images), padding=True, return_tensors="pt"
+        )
+        inputs = {k: v.to(loaded.device) if torch.is_tensor(v) else v for k, v in encoded.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        return Batch(inputs=inputs, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+    def batch_group(self, loaded: LoadedModel, image: Image.Image) -> object:
+        """Samples are only batched with others of the same group (e.g. equal crop counts)."""
+        return None
+
+    # -- positions and modules -------------------------------------------------------------------
+    def image_token_id(self, model: torch.nn.Module) -> int:
+        return int(model.config.image_token_id)
+
+    def decoder_blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return model.model.language_model.layers
+
+    def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.model.language_model.norm
+
+    def projector(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean over each sample's patches: [B, Dv]. Default: input is [B, patches, Dv]."""
+        return projector_input.float().mean(dim=1)
+
+    def hidden_size(self, model: torch.nn.Module) -> int:
+        return int(model.config.get_text_config().hidden_size)
+
+    def vision_hidden_size(self, model: torch.nn.Module) -> int:
+        """Width of the projector's input, the vision-only vector."""
+        return int(model.config.vision_config.hidden_size)
+
+    def max_prompt_tokens(self, model: torch.nn.Module) -> int | None:
+        return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
+        """Greedy answers, one call: the engine's hooks capture its prefill step."""
+        tokenizer = loaded.processor.tokenizer
+        sequences = loaded.model.generate(
+            **batch.inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = sequences[:, batch.input_ids.shape[1] :]
+        return [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -1,0 +1,91 @@
+"""Forward hooks that take the needed vectors from the prefill step of generate().
+
+Hooks return None (a returned value would replace the module's output). Each hook fires once per
+armed batch: the first call after `arm()` is the prefill; the decoding steps that follow are ignored.
+Only the needed positions are copied off the hidden states, never whole sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .store import VISION_ONLY, layer_key
+
+
+@dataclass
+class _Targets:
+    vision_positions: torch.Tensor  # [B] indices into the padded batch
+    query_positions: torch.Tensor  # [B]
+    attention_mask: torch.Tensor  # [B, L]
+    multimodal: bool
+
+
+@dataclass
+class PrefillCapture:
+    """Installs the hooks on a model; `arm()` before each generate(), `collect()` after it."""
+
+    blocks: torch.nn.ModuleList
+    layers: tuple[int, ...]
+    projector: torch.nn.Module
+    _pool: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _targets: _Targets | None = None
+    _captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    _handles: list = field(default_factory=list)
+
+    def __enter__(self) -> "PrefillCapture":
+        for k in self.layers:
+            self._handles.append(self.blocks[k].register_forward_hook(self._block_hook(k)))
+        self._handles.append(self.projector.register_forward_pre_hook(self._projector_hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def arm(self, vision_positions, query_positions, attention_mask, multimodal: bool, pool) -> None:
+        """Target the next prefill; `pool` turns the projector's input into one vector per sample."""
+        self._targets = _Targets(vision_positions, query_positions, attention_mask, multimodal)
+        self._pool = pool
+        self._captured = {}
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        """The captured vectors ([B, D] float32 on the CPU), keyed as in the HDF5 file."""
+        expected = {VISION_ONLY} | {layer_key("query_token_representation", k) for k in self.layers}
+        missing = expected - set(self._captured)
+        if missing:
+            raise RuntimeError(f"the prefill step did not reach {sorted(missing)}")
+        captured, self._captured, self._targets = self._captured, {}, None
+        return captured
+
+    def _block_hook(self, layer: int):
+        def hook(module, args, output):
+            targets = self._targets
+            key = layer_key("query_token_representation", layer)
+            if targets is None or key in self._captured:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output  # [B, L, D]
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            self._store(key, hidden[rows, targets.query_positions.to(hidden.device)])
+            self._store(
+                layer_key("vision_token_representation", layer), hidden[rows, targets.vision_positions.to(hidden.device)]
+            )
+            if targets.multimodal:
+                mask = targets.attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+                mean = (hidden * mask).sum(dim=1, dtype=torch.float32) / mask.sum(dim=1, dtype=torch.float32)
+                self._store(layer_key("multimodal_representation", layer), mean)
+            return None
+
+        return hook
+
+    def _projector_hook(self, module, args):
+        if self._targets is None or VISION_ONLY in self._captured:
+            return None
+        self._store(VISION_ONLY, self._pool(args[0]))
+        return None
+
+    def _store(self, key: str, value: torch.Tensor) -> None:
+        self._captured[key] = value.detach().to(device="cpu", dtype=torch.float32)

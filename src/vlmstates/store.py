@@ -1,0 +1,307 @@
+"""The HDF5 schema: the one module that knows how embeddings are laid out on disk.
+
+Columnar layout, row i = sample i:
+  strings   question_id, image_id, question, ground_truth_answer, answer, status, error
+  ints      vision_token_position, query_token_position, num_prompt_tokens, num_image_tokens
+  vectors   vision_only_representation [N, Dv]
+            {vision_token,query_token,multimodal}_representation/layer_k [N, D]
+File attributes describe the model and the exact semantics of every vector.
+Failed samples keep their row (status "failed", the error text) with NaN vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+
+STRING_COLUMNS = ("question_id", "image_id", "question", "ground_truth_answer", "answer", "status", "error")
+INT_COLUMNS = ("vision_token_position", "query_token_position", "num_prompt_tokens", "num_image_tokens")
+VISION_ONLY = "vision_only_representation"
+LAYERED_REPRESENTATIONS = (
+    "vision_token_representation",
+    "query_token_representation",
+    "multimodal_representation",
+)
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+# Attributes that must agree between shards of one merged file.
+SHARD_INVARIANT_ATTRS = (
+    "model",
+    "revision",
+    "family",
+    "layers",
+    "num_decoder_layers",
+    "hidden_size",
+    "vision_hidden_size",
+    "dtype",
+    "max_new_tokens",
+    "prompt_template",
+    "config_hash",
+    "schema_version",
+)
+
+SEMANTICS = {
+    "query_token_position": "index of the last prompt token (the generation prompt's last token) in the sample's own prompt, padding excluded",
+    "vision_token_position": "index of the last image-placeholder token (the model config's image token id) in the sample's own prompt, padding excluded",
+    "layer_k": "output of decoder block k (0-based); equals output_hidden_states[k+1] for k < n-1, the last block's output before the final norm",
+    "vision_only_representation": "input of the vision-to-language projector, mean-pooled over the sample's image patches",
+    "multimodal_representation": "mean over all non-pad prompt tokens of decoder block k's output",
+    "answer": "greedy decoding from the same generate() call whose prefill the vectors were captured from; special tokens skipped",
+}
+
+_STRING_DTYPE = h5py.string_dtype("utf-8")
+_LAYER_KEY = re.compile(r"^layer_(\d+)$")
+
+
+def layer_key(representation: str, layer: int) -> str:
+    return f"{representation}/layer_{layer}"
+
+
+@dataclass
+class SampleResult:
+    """Everything recorded for one question; vectors keyed as in the file (see `layer_key`)."""
+
+    question_id: str
+    image_id: str
+    question: str
+    ground_truth_answer: str
+    answer: str = ""
+    status: str = STATUS_OK
+    error: str = ""
+    vision_token_position: int = -1
+    query_token_position: int = -1
+    num_prompt_tokens: int = 0
+    num_image_tokens: int = 0
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, question_id, image_id, question, ground_truth_answer, error: str) -> "SampleResult":
+        return cls(question_id, image_id, question, ground_truth_answer, status=STATUS_FAILED, error=error)
+
+
+def _atomic_target(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _to_attr(value):
+    if isinstance(value, (dict, list, tuple)) and not (
+        isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in value)
+    ):
+        return json.dumps(value)
+    if value is None:
+        return ""
+    return value
+
+
+def _from_attr(value):
+    if isinstance(value, np.ndarray):
+        return [int(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def write_embeddings(
+    path: str | Path,
+    results: Sequence[SampleResult],
+    vector_dims: dict[str, int],
+    attrs: dict,
+) -> Path:
+    """Write `results` in dataset order; `vector_dims` names every vector dataset and its width.
+
+    Written under a temporary name and renamed, so a killed writer never leaves a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_target(path)
+    n = len(results)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for column in STRING_COLUMNS:
+                f.create_dataset(column, data=[str(getattr(r, column)) for r in results], dtype=_STRING_DTYPE)
+            for column in INT_COLUMNS:
+                f.create_dataset(column, data=np.array([getattr(r, column) for r in results], dtype=np.int64))
+            for key, dim in vector_dims.items():
+                data = np.full((n, dim), np.nan, dtype=np.float32)
+                for i, r in enumerate(results):
+                    if key in r.vectors:
+                        data[i] = r.vectors[key]
+                f.create_dataset(key, data=data)
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["semantics"] = json.dumps(SEMANTICS)
+            for name, value in attrs.items():
+                f.attrs[name] = _to_attr(value)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@dataclass
+class Embeddings:
+    """A columnar embeddings file read back: scalar columns as a table, vectors loaded on demand."""
+
+    path: Path
+    table: pd.DataFrame
+    attrs: dict
+    vector_dims: dict[str, int]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.attrs.get("layers", []))
+
+    def representation_keys(self) -> list[str]:
+        """Vector dataset names: the vision-only one first, then each representation by layer."""
+        return sorted(self.vector_dims, key=_representation_sort_key)
+
+    def load(self, key: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            data = f[key]
+            return data[()] if rows is None else data[rows]
+
+
+def _representation_sort_key(key: str):
+    if key == VISION_ONLY:
+        return (0, "", -1)
+    representation, _, layer = key.partition("/")
+    return (1 + LAYERED_REPRESENTATIONS.index(representation), representation, int(layer.split("_")[1]))
+
+
+def _vector_dims(f: h5py.File) -> dict[str, int]:
+    dims = {}
+    if VISION_ONLY in f:
+        dims[VISION_ONLY] = int(f[VISION_ONLY].shape[1])
+    for representation in LAYERED_REPRESENTATIONS:
+        if representation in f:
+            for name, data in f[representation].items():
+                if _LAYER_KEY.match(name):
+                    dims[f"{representation}/{name}"] = int(data.shape[1])
+    return dims
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        missing = [c for c in STRING_COLUMNS + INT_COLUMNS if c not in f]
+        if missing:
+            raise ValueError(f"{path}: not an embeddings file of this schema (missing {', '.join(missing)})")
+        table = pd.DataFrame({c: f[c].asstr()[()] for c in STRING_COLUMNS})
+        for c in INT_COLUMNS:
+            table[c] = f[c][()]
+        attrs = {name: _from_attr(value) for name, value in f.attrs.items()}
+        dims = _vector_dims(f)
+    return Embeddings(path=path, table=table, attrs=attrs, vector_dims=dims)
+
+
+class MergeError(ValueError):
+    """A shard cannot be merged; the message names the shard and the problem."""
+
+
+def merge_shards(shard_paths: Sequence[str | Path], expected_question_ids: Sequence[str], out_path: str | Path) -> Path:
+    """Concatenate shards in order after checking they cover `expected_question_ids` exactly once, in order."""
+    shards = []
+    for shard in map(Path, shard_paths):
+        try:
+            shards.append(read_embeddings(shard))
+        except (OSError, ValueError, KeyError) as error:
+            raise MergeError(f"shard {shard} is unreadable: {error}") from error
+    if not shards:
+        raise MergeError("no shards to merge")
+    reference = shards[0]
+    for shard in shards:
+        _check_shard_agrees(shard, reference)
+        _check_shard_vectors(shard)
+    _check_coverage(shards, list(expected_question_ids))
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_target(out_path)
+    try:
+        with h5py.File(tmp, "w") as out:
+            for column in STRING_COLUMNS:
+                values = np.concatenate([s.table[column].to_numpy(dtype=object) for s in shards])
+                out.create_dataset(column, data=values.tolist(), dtype=_STRING_DTYPE)
+            for column in INT_COLUMNS:
+                out.create_dataset(column, data=np.concatenate([s.table[column].to_numpy(np.int64) for s in shards]))
+            for key in reference.representation_keys():
+                out.create_dataset(key, data=np.concatenate([s.load(key) for s in shards]))
+            for name, value in reference.attrs.items():
+                out.attrs[name] = _to_attr(value)
+            out.attrs["num_shards"] = len(shards)
+            out.attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
+            for name in ("device", "created"):
+                out.attrs[f"shard_{name}s"] = json.dumps([str(s.attrs.get(name, "")) for s in shards])
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def _check_shard_agrees(shard: Embeddings, reference: Embeddings) -> None:
+    for name in SHARD_INVARIANT_ATTRS:
+        if shard.attrs.get(name) != reference.attrs.get(name):
+            raise MergeError(
+                f"shard {shard.path}: attribute {name!r} is {shard.attrs.get(name)!r} "
+                f"but {reference.path} has {reference.attrs.get(name)!r}"
+            )
+    if shard.vector_dims != reference.vector_dims:
+        raise MergeError(
+            f"shard {shard.path}: vectors {shard.vector_dims} differ from {reference.path}'s {reference.vector_dims}"
+        )
+
+
+def _check_shard_vectors(shard: Embeddings) -> None:
+    ok = (shard.table["status"] == STATUS_OK).to_numpy()
+    for key in shard.representation_keys():
+        data = shard.load(key)
+        if data.shape[0] != len(shard.table):
+            raise MergeError(f"shard {shard.path}: {key} has {data.shape[0]} rows, the table {len(shard.table)}")
+        bad = ok & ~np.isfinite(data).all(axis=1)
+        if bad.any():
+            first = shard.table["question_id"].to_numpy()[bad][:3].tolist()
+            raise MergeError(
+                f"shard {shard.path}: {key} has non-finite values in {int(bad.sum())} rows with status ok "
+                f"(question_id {', '.join(first)})"
+            )
+
+
+def _check_coverage(shards: Sequence[Embeddings], expected: list[str]) -> None:
+    found = [qid for s in shards for qid in s.table["question_id"]]
+    if found == expected:
+        return
+    owner = {}
+    for s in shards:
+        for qid in s.table["question_id"]:
+            if qid in owner:
+                raise MergeError(f"question_id {qid!r} appears twice: in {owner[qid]} and {s.path}")
+            owner[qid] = s.path
+    missing = [qid for qid in expected if qid not in owner]
+    if missing:
+        raise MergeError(f"{len(missing)} validated questions are in no shard (first: {', '.join(missing[:5])})")
+    unexpected = [qid for qid in found if qid not in set(expected)]
+    if unexpected:
+        raise MergeError(
+            f"question_ids not in the validated dataset: {', '.join(unexpected[:5])} (in {owner[unexpected[0]]})"
+        )
+    position = {qid: i for i, qid in enumerate(found)}
+    for a, b in zip(expected, expected[1:]):
+        if position[a] > position[b]:
+            raise MergeError(f"question {b!r} comes before {a!r} ({owner[b]}): shards are out of dataset order")
+
+
+def iter_layers(keys: Iterable[str], representation: str) -> list[int]:
+    prefix = representation + "/layer_"
+    return sorted(int(k[len(prefix):]) for k in keys if k.startswith(prefix))

@@ -1,0 +1,102 @@
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+# The package lives in src/; the DAG imports it through sys.path, and every job runs its command line
+# with PYTHONPATH set to it. Jobs use shell:, not script:, because script: would also put Snakemake's
+# own site-packages on sys.path, and a job must import only what its conda environment holds.
+PACKAGE_SRC = str(Path(workflow.basedir) / "src")
+if PACKAGE_SRC not in sys.path:
+    sys.path.insert(0, PACKAGE_SRC)
+VLMSTATES = f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -m vlmstates"
+
+from vlmstates.adapters import families, family_of_model_type
+from vlmstates.dataset import read_validated_table
+from vlmstates.settings import ModelSettings, model_type_of
+from vlmstates.shards import count_shards
+
+validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+
+VALIDATED_TABLE = "results/dataset/questions.csv"
+TINY_CHECKPOINTS = "resources/checkpoints/tiny-"
+
+
+def model_settings(name):
+    return ModelSettings.from_config(name, config["models"][name])
+
+
+def tiny_family(model_ref):
+    """The family of a tiny checkpoint that rule tiny_checkpoint builds, or None."""
+    if model_ref.startswith(TINY_CHECKPOINTS):
+        family = model_ref.removeprefix(TINY_CHECKPOINTS)
+        return family if family in families() else None
+    return None
+
+
+def resolve_family(name):
+    """Read from the checkpoint's config.json; fails here, before any job, naming the key."""
+    settings = model_settings(name)
+    family = tiny_family(settings.model)
+    if family and not Path(settings.model).exists():
+        return family
+    model_type = model_type_of(settings.model, settings.revision)
+    return family_of_model_type(model_type, f"models.{name}.model ({settings.model})")
+
+
+MODEL_FAMILIES = {name: resolve_family(name) for name in config["models"]}
+
+
+wildcard_constraints:
+    model="|".join(map(re.escape, MODEL_FAMILIES)),
+    shard=r"\d{4}",
+    family="|".join(families()),
+
+
+def validation_options():
+    dataset = config["dataset"]
+    options = ["--lenient"] if dataset["validation"] == "lenient" else []
+    if dataset["limit"]:
+        options.append(f"--limit {dataset['limit']}")
+    return " ".join(options)
+
+
+def model_checkpoint(wildcards):
+    """The local checkpoint folder when the workflow builds it, so extraction waits for it."""
+    model_ref = config["models"][wildcards.model]["model"]
+    return [model_ref] if tiny_family(model_ref) else []
+
+
+def family_environment(wildcards):
+    return f"../../envs/{MODEL_FAMILIES[wildcards.model]}.yaml"
+
+
+def settings_json(wildcards):
+    entry = dict(config["models"][wildcards.model])
+    return json.dumps({"name": wildcards.model, **entry})
+
+
+def shard_ids():
+    table = checkpoints.validate_dataset.get().output.table
+    rows = len(read_validated_table(table))
+    return [f"{k:04d}" for k in range(count_shards(rows, config["extraction"]["shard_size"]))]
+
+
+def model_shards(wildcards):
+    return expand(
+        "results/{model}/shards/shard_{shard}.h5", model=wildcards.model, shard=shard_ids()
+    )
+
+
+def all_targets():
+    targets = []
+    for model in MODEL_FAMILIES:
+        targets += [
+            f"results/{model}/embeddings.h5",
+            f"results/{model}/inspection/summary.html",
+            f"results/{model}/inspection/norms.png",
+        ]
+    return targets

@@ -1,0 +1,19 @@
+checkpoint validate_dataset:
+    input:
+        csv=config["dataset"]["csv"],
+        images=config["dataset"]["images"],
+    output:
+        table=VALIDATED_TABLE,
+    # The reports are logs so that they survive a failed (strict) validation.
+    log:
+        main="logs/validate_dataset.log",
+        json="results/dataset/validation.json",
+        markdown="results/dataset/validation.md",
+    params:
+        cli=VLMSTATES,
+        options=validation_options(),
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{params.cli} validate {input.csv:q} {input.images:q} --table {output.table:q}"
+        " --report-json {log.json:q} --report-md {log.markdown:q} {params.options} > {log.main:q} 2>&1"

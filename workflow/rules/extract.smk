@@ -1,0 +1,41 @@
+rule extract_shard:
+    input:
+        table=VALIDATED_TABLE,
+        checkpoint=model_checkpoint,
+    output:
+        "results/{model}/shards/shard_{shard}.h5",
+    log:
+        "logs/extract/{model}/shard_{shard}.log",
+    benchmark:
+        "benchmarks/extract/{model}/shard_{shard}.tsv"
+    params:
+        cli=VLMSTATES,
+        settings=settings_json,
+        images=config["dataset"]["images"],
+        shard_size=config["extraction"]["shard_size"],
+        max_failed_share=config["extraction"]["max_failed_share"],
+    resources:
+        gpu=1,
+    conda:
+        family_environment
+    shell:
+        "{params.cli} extract-shard"
+        " --settings {params.settings:q} --table {input.table:q} --images {params.images:q}"
+        " --shard {wildcards.shard} --shard-size {params.shard_size}"
+        " --max-failed-share {params.max_failed_share} --out {output:q} > {log:q} 2>&1"
+
+
+rule merge_shards:
+    input:
+        table=VALIDATED_TABLE,
+        shards=model_shards,
+    output:
+        "results/{model}/embeddings.h5",
+    log:
+        "logs/merge/{model}.log",
+    params:
+        cli=VLMSTATES,
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{params.cli} merge --table {input.table:q} --out {output:q} {input.shards:q} > {log:q} 2>&1"

@@ -1,0 +1,28 @@
+rule inspect_embeddings:
+    input:
+        "results/{model}/embeddings.h5",
+    output:
+        summary=report(
+            "results/{model}/inspection/summary.html",
+            caption="../report/inspection.rst",
+            category="Embeddings",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "summary"},
+        ),
+        norms=report(
+            "results/{model}/inspection/norms.png",
+            caption="../report/norms.rst",
+            category="Embeddings",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "vector norms"},
+        ),
+        json="results/{model}/inspection/summary.json",
+    log:
+        "logs/inspect/{model}.log",
+    params:
+        cli=VLMSTATES,
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{params.cli} inspect {input:q} --html {output.summary:q} --png {output.norms:q}"
+        " --json {output.json:q} > {log:q} 2>&1"

@@ -1,0 +1,25 @@
+rule demo_dataset:
+    output:
+        csv="resources/demo/questions.csv",
+        images=directory("resources/demo/images"),
+    log:
+        "logs/demo_dataset.log",
+    params:
+        cli=VLMSTATES,
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{params.cli} demo resources/demo > {log:q} 2>&1"
+
+
+rule tiny_checkpoint:
+    output:
+        directory("resources/checkpoints/tiny-{family}"),
+    log:
+        "logs/tiny_checkpoint/{family}.log",
+    params:
+        cli=VLMSTATES,
+    conda:
+        "../../envs/{family}.yaml"
+    shell:
+        "{params.cli} tiny {wildcards.family} {output:q} > {log:q} 2>&1"
