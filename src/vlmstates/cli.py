@@ -18,10 +18,11 @@ from importlib import import_module
 
 
 def _validate(args) -> None:
-    from .dataset import validate_dataset, write_validation_outputs
+    from .dataset import validate_and_write
 
-    result = validate_dataset(args.csv, args.images, strict=not args.lenient, limit=args.limit)
-    write_validation_outputs(result, args.table, args.report_json, args.report_md)
+    result = validate_and_write(
+        args.csv, args.images, args.table, args.report_json, args.report_md, strict=not args.lenient, limit=args.limit
+    )
     print(f"{len(result.table)} questions kept; table {args.table}, report {args.report_md}")
 
 

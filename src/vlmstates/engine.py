@@ -147,7 +147,7 @@ class Extractor:
             "device": str(self.loaded.device),
             "attn_implementation": self.loaded.attn_implementation,
             "transformers_version": transformers.__version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "python_version": platform.python_version(),
             "package_version": __version__,
             "config_hash": s.config_hash(),

@@ -101,6 +101,8 @@ def _to_attr(value):
         return json.dumps(value)
     if value is None:
         return ""
+    if isinstance(value, str):
+        return str(value)  # str subclasses (torch's version string) have no HDF5 type
     return value
 
 

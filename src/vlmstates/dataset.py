@@ -1,0 +1,816 @@
+"""Validation and normalisation of a user-supplied VQA dataset.
+
+A dataset is a CSV file with the columns ``question_id``, ``image_id``,
+``question`` and ``answer`` (aliases: ``image_name`` -> ``image_id``,
+``gt_answer`` -> ``answer``) plus a folder of images.  ``image_id`` is a path
+relative to that folder (subfolders allowed; the file extension may be left out).
+
+Typical use (e.g. from a workflow script)::
+
+    result = validate_dataset(csv_path, images_dir, strict=True, limit=None)
+    write_validation_outputs(result, table_path, report_json, report_md)
+
+or, equivalently and also writing the reports when the file cannot be read at
+all, :func:`validate_and_write`.
+
+Row numbers in all messages are 1-based *data* row numbers: the header is not
+counted, blank lines are skipped, and a question spanning several lines (quoted
+newline) is one row.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import os
+import tempfile
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "COLUMN_ALIASES",
+    "SUPPORTED_IMAGE_EXTENSIONS",
+    "SUPPORTED_IMAGE_FORMATS",
+    "ROW_CONVENTION",
+    "DatasetError",
+    "ImagePathError",
+    "ImageLoadError",
+    "Problem",
+    "ValidationResult",
+    "resolve_image_path",
+    "load_image",
+    "validate_dataset",
+    "write_validation_outputs",
+    "validate_and_write",
+    "read_validated_table",
+]
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("question_id", "image_id", "question", "answer")
+COLUMN_ALIASES: dict[str, str] = {"image_name": "image_id", "gt_answer": "answer"}
+
+#: Lower-case file extensions (with the dot, as ``Path.suffix`` gives them).
+SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+)
+#: PIL format names accepted for image content (MPO = multi-picture JPEG from cameras).
+SUPPORTED_IMAGE_FORMATS: frozenset[str] = frozenset(
+    {"JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF"}
+)
+
+ROW_CONVENTION = (
+    "row numbers are 1-based data rows: the header is not counted, blank lines are "
+    "skipped, and a quoted multi-line question counts as one row"
+)
+
+_SEVERITIES = ("error", "warning")
+_MD_MAX_PROBLEMS = 500
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class DatasetError(Exception):
+    """A dataset cannot be used as given.
+
+    ``problems`` lists the problems behind the error (may be empty) and
+    ``result`` holds the partial :class:`ValidationResult` when one exists, so a
+    caller can still write the reports.
+    """
+
+    def __init__(self, message: str, *, problems: Iterable["Problem"] = (),
+                 result: "ValidationResult | None" = None):
+        super().__init__(message)
+        self.problems = list(problems)
+        self.result = result
+
+
+class ImagePathError(DatasetError, ValueError):
+    """An ``image_id`` does not name a usable image file; ``kind`` says why.
+
+    Also a ``ValueError``, so callers catching ``(ImageLoadError, ValueError)`` per
+    sample handle it too.
+    """
+
+    def __init__(self, message: str, *, kind: str, image_id: str = "",
+                 path: Path | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.image_id = image_id
+        self.path = path
+
+
+class ImageLoadError(ValueError):
+    """An image file exists but cannot be decoded into an RGB image."""
+
+    def __init__(self, path: os.PathLike | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot load image '{self.path}': {reason}")
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Problem:
+    row: int | None          # 1-based data row number (None: the file/header as a whole)
+    question_id: str | None
+    column: str | None
+    kind: str
+    message: str
+    severity: str = "error"  # 'error' | 'warning'
+
+    def __post_init__(self) -> None:
+        if self.severity not in _SEVERITIES:
+            raise ValueError(f"severity must be one of {_SEVERITIES}, got {self.severity!r}")
+
+
+@dataclass
+class ValidationResult:
+    table: pd.DataFrame
+    problems: list[Problem]
+    rows_read: int          # data rows in the CSV
+    rows_validated: int     # rows looked at (first `limit` rows, or all)
+    rows_kept: int          # rows in `table`
+    rows_dropped: int       # validated rows with at least one error (not in `table`)
+    strict: bool
+    limit: int | None = None
+    csv_path: str = ""
+    images_dir: str = ""
+    columns: list[str] = field(default_factory=list)
+    renamed_columns: dict[str, str] = field(default_factory=dict)
+    images_checked: int = 0
+    fatal: bool = False     # the file could not be read as a dataset at all
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        """True when the table may be written (no fatal problem; strict: no error)."""
+        if self.fatal:
+            return False
+        return not (self.strict and self.errors)
+
+    def counts(self) -> dict:
+        return {
+            "rows_read": self.rows_read,
+            "rows_validated": self.rows_validated,
+            "rows_not_validated_due_to_limit": self.rows_read - self.rows_validated,
+            "rows_kept": self.rows_kept,
+            "rows_dropped": self.rows_dropped,
+            "images_checked": self.images_checked,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+        }
+
+
+# --------------------------------------------------------------------------- CSV reading
+
+
+def _row_label(row: int | None, question_id: str | None) -> str:
+    if row is None:
+        return "file"
+    if question_id:
+        return f"data row {row} (1-based, header excluded; question_id '{question_id}')"
+    return f"data row {row} (1-based, header excluded)"
+
+
+def _decode_csv_bytes(raw: bytes, csv_path: Path) -> str:
+    base = 0
+    if raw.startswith(codecs.BOM_UTF8):
+        base = len(codecs.BOM_UTF8)
+    try:
+        return raw[base:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = base + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        line_start = raw.rfind(b"\n", 0, offset) + 1
+        column = offset - line_start + 1
+        bad = raw[offset:offset + max(1, min(exc.end - exc.start, 4))]
+        context = raw[line_start:offset].decode("utf-8", errors="replace")[-40:]
+        hint = "the file is probably Latin-1/Windows-1252; re-save it as UTF-8"
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            hint = "the file looks like UTF-16; re-save it as UTF-8"
+        raise DatasetError(
+            f"CSV file '{csv_path}' is not valid UTF-8: byte 0x{bad.hex()} at byte offset "
+            f"{offset} (line {line}, column {column}, after {context!r}); {hint}"
+        ) from None
+
+
+def _read_csv_records(csv_path: Path) -> tuple[list[str], list[tuple[int, int, list[str]]]]:
+    """Return (header, [(data_row_number, end_line, fields), ...]); raises DatasetError."""
+    try:
+        raw = csv_path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"CSV file '{csv_path}' not found") from None
+    except IsADirectoryError:
+        raise DatasetError(f"CSV path '{csv_path}' is a directory, not a file") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read CSV file '{csv_path}': {exc}") from None
+    text = _decode_csv_bytes(raw, csv_path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    records: list[tuple[int, int, list[str]]] = []
+    try:
+        for fields in reader:
+            if not fields:  # blank line
+                continue
+            if header is None:
+                header = fields
+                continue
+            records.append((len(records) + 1, reader.line_num, fields))
+    except csv.Error as exc:
+        raise DatasetError(
+            f"CSV file '{csv_path}' is malformed near line {reader.line_num}: {exc}"
+        ) from None
+    if header is None:
+        raise DatasetError(f"CSV file '{csv_path}' is empty (no header row)")
+    return header, records
+
+
+def _normalise_header(header: list[str], csv_path: Path) -> tuple[list[str], dict[str, str], list[Problem]]:
+    """Strip names, name empty ones, apply aliases; raise DatasetError on fatal problems."""
+    warnings: list[Problem] = []
+    names: list[str] = []
+    for i, name in enumerate(header, start=1):
+        name = name.strip()
+        if not name:
+            name = f"unnamed_{i}"
+            warnings.append(Problem(None, None, name, "unnamed_column",
+                                    f"column {i} of '{csv_path.name}' has no header name; "
+                                    f"carried through as '{name}'", "warning"))
+        names.append(name)
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dupes:
+        msg = (f"CSV file '{csv_path}' has duplicate column name(s): "
+               + ", ".join(repr(d) for d in dupes))
+        raise DatasetError(msg, problems=[Problem(None, None, dupes[0], "duplicate_column", msg)])
+    renamed: dict[str, str] = {}
+    for alias, target in COLUMN_ALIASES.items():
+        if alias in names and target in names:
+            msg = (f"CSV file '{csv_path}' has both column '{alias}' and column '{target}'; "
+                   f"'{alias}' is an alias of '{target}', keep only one of them")
+            raise DatasetError(msg, problems=[Problem(None, None, alias, "conflicting_columns", msg)])
+        if alias in names:
+            names[names.index(alias)] = target
+            renamed[alias] = target
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        found = ", ".join(repr(h.strip()) for h in header) or "(none)"
+        msg = (f"CSV file '{csv_path}' is missing required column(s) "
+               + ", ".join(repr(m) for m in missing)
+               + f"; columns found: {found}"
+               + f" (required: {', '.join(REQUIRED_COLUMNS)}; aliases: "
+               + ", ".join(f"{a} -> {t}" for a, t in COLUMN_ALIASES.items()) + ")")
+        raise DatasetError(msg, problems=[Problem(None, None, m, "missing_column", msg) for m in missing])
+    return names, renamed, warnings
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _split_parts(image_id: str) -> list[str]:
+    return [p for p in image_id.replace("\\", "/").split("/")]
+
+
+def _is_absolute_id(image_id: str) -> bool:
+    return (PurePosixPath(image_id).is_absolute() or PureWindowsPath(image_id).is_absolute()
+            or image_id.startswith(("/", "\\")) or bool(PureWindowsPath(image_id).drive))
+
+
+def resolve_image_path(images_dir: os.PathLike | str, image_id: str) -> Path:
+    """Return the image file for ``image_id`` inside ``images_dir``.
+
+    ``image_id`` is a path relative to ``images_dir`` (subfolders allowed).  When the
+    path does not exist and has no supported extension, ``image_id + ext`` is tried for
+    each supported extension (lower and upper case).  Raises :class:`ImagePathError`
+    (a :class:`DatasetError`) with ``kind`` one of ``empty_image_id``,
+    ``path_traversal``, ``missing_image``, ``not_a_file``, ``ambiguous_image``,
+    ``unsupported_format``.  The returned path is ``images_dir / image_id[+ext]``
+    (symlinks not resolved); its real location is guaranteed to lie inside
+    ``images_dir``.
+    """
+    images_dir = Path(images_dir)
+    if not image_id or not image_id.strip():
+        raise ImagePathError("image_id is empty", kind="empty_image_id", image_id=image_id)
+    if _is_absolute_id(image_id):
+        raise ImagePathError(
+            f"image_id '{image_id}' is an absolute path; image ids must be relative to "
+            f"the images folder '{images_dir}'", kind="path_traversal", image_id=image_id)
+    if ".." in _split_parts(image_id):
+        raise ImagePathError(
+            f"image_id '{image_id}' contains '..'; image ids must stay inside the images "
+            f"folder '{images_dir}'", kind="path_traversal", image_id=image_id)
+
+    candidate = images_dir / image_id
+    if not candidate.exists() and candidate.suffix.lower() not in SUPPORTED_IMAGE_EXTENSIONS:
+        found: list[Path] = []
+        seen: set[tuple[int, int]] = set()
+        for ext in SUPPORTED_IMAGE_EXTENSIONS:
+            for e in (ext, ext.upper()):
+                p = candidate.parent / (candidate.name + e)
+                if p.is_file():
+                    st = p.stat()
+                    key = (st.st_dev, st.st_ino)
+                    if key not in seen:
+                        seen.add(key)
+                        found.append(p)
+        if len(found) > 1:
+            raise ImagePathError(
+                f"image_id '{image_id}' has no extension and matches several files in "
+                f"'{images_dir}': " + ", ".join(p.name for p in found),
+                kind="ambiguous_image", image_id=image_id)
+        if found:
+            candidate = found[0]
+
+    if not candidate.exists():
+        if candidate.is_symlink():
+            raise ImagePathError(
+                f"image '{image_id}' is a broken symbolic link in '{images_dir}'",
+                kind="missing_image", image_id=image_id, path=candidate)
+        raise ImagePathError(
+            f"image '{image_id}' not found in images folder '{images_dir}'",
+            kind="missing_image", image_id=image_id, path=candidate)
+
+    try:
+        root = images_dir.resolve(strict=True)
+        real = candidate.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # symlink loop etc.
+        raise ImagePathError(f"cannot resolve image '{image_id}': {exc}",
+                             kind="missing_image", image_id=image_id, path=candidate) from None
+    if not real.is_relative_to(root):
+        raise ImagePathError(
+            f"image_id '{image_id}' resolves to '{real}', outside the images folder "
+            f"'{root}' (symbolic link?)", kind="path_traversal", image_id=image_id,
+            path=candidate)
+    if real.is_dir():
+        raise ImagePathError(
+            f"image_id '{image_id}' names a directory, not an image file",
+            kind="not_a_file", image_id=image_id, path=candidate)
+    if not real.is_file():
+        raise ImagePathError(
+            f"image_id '{image_id}' is not a regular file", kind="not_a_file",
+            image_id=image_id, path=candidate)
+    if candidate.suffix.lower() not in SUPPORTED_IMAGE_EXTENSIONS:
+        raise ImagePathError(
+            f"image '{image_id}' has unsupported extension '{candidate.suffix or '(none)'}'; "
+            f"supported: {', '.join(SUPPORTED_IMAGE_EXTENSIONS)}",
+            kind="unsupported_format", image_id=image_id, path=candidate)
+    return candidate
+
+
+def _sixteen_bit_to_8(arr: np.ndarray) -> np.ndarray:
+    arr = arr.astype(np.int64)
+    return ((arr * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im)
+        if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+            lo, hi = float(arr.min()), float(arr.max())
+            arr8 = np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        else:
+            arr8 = _sixteen_bit_to_8(arr)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo >= 0.0 and hi <= 1.0:
+            arr8 = np.round(arr * 255.0)
+        elif hi > lo:
+            arr8 = np.round((arr - lo) * (255.0 / (hi - lo)))
+        else:
+            arr8 = np.zeros_like(arr)
+        return Image.fromarray(arr8.astype(np.uint8), mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _open_rgb(path: Path) -> tuple[Image.Image, str | None]:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot stat file: {exc}") from None
+    if path.is_dir():
+        raise ImageLoadError(path, "is a directory, not an image file")
+    if size == 0:
+        raise ImageLoadError(path, "file is empty (0 bytes)")
+    try:
+        with Image.open(path) as src:
+            fmt = src.format
+            if getattr(src, "n_frames", 1) > 1:
+                src.seek(0)
+            src.load()
+            try:
+                img = ImageOps.exif_transpose(src)
+            except Exception:  # corrupt EXIF block: use the pixels as stored
+                img = src.copy()
+            rgb = _to_rgb(img)
+            if rgb is src:
+                rgb = src.copy()
+            rgb.load()
+    except ImageLoadError:
+        raise
+    except MemoryError:
+        raise ImageLoadError(path, "out of memory while decoding") from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        reason = str(exc) or type(exc).__name__
+        raise ImageLoadError(path, f"{type(exc).__name__}: {reason}") from exc
+    if rgb.mode != "RGB":  # defensive; _to_rgb always converts
+        raise ImageLoadError(path, f"could not convert mode {rgb.mode} to RGB")
+    return rgb, fmt
+
+
+def load_image(path: os.PathLike | str) -> Image.Image:
+    """Open ``path`` as a fully loaded RGB image (independent of the file).
+
+    EXIF orientation is applied; CMYK/YCbCr/grayscale are converted; 16-bit images are
+    scaled to 8 bit (65535 -> 255); transparency (RGBA, LA, palette/tRNS) is composited
+    onto white; animated images give their first frame.  Raises :class:`ImageLoadError`.
+    """
+    return _open_rgb(Path(path))[0]
+
+
+def _check_image_file(path: Path) -> tuple[str, str] | None:
+    """Return None when the image is usable, else (kind, reason)."""
+    try:
+        img, fmt = _open_rgb(path)
+    except ImageLoadError as exc:
+        return "unreadable_image", exc.reason
+    w, h = img.size
+    img.close()
+    if fmt is not None and fmt not in SUPPORTED_IMAGE_FORMATS:
+        return "unsupported_format", f"image content is {fmt}, which is not a supported format"
+    if w < 1 or h < 1:
+        return "unreadable_image", f"image has size {w}x{h}"
+    return None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _empty_table(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=str) for c in columns}, columns=columns)
+
+
+def _fatal(exc: DatasetError, *, csv_path: Path, images_dir: Path, strict: bool,
+           limit: int | None, columns: list[str] | None = None,
+           problems: list[Problem] | None = None) -> DatasetError:
+    probs = list(problems or []) + (exc.problems or [Problem(None, None, None, "unreadable_csv", str(exc))])
+    result = ValidationResult(
+        table=_empty_table(columns or list(REQUIRED_COLUMNS)), problems=probs,
+        rows_read=0, rows_validated=0, rows_kept=0, rows_dropped=0, strict=strict,
+        limit=limit, csv_path=str(csv_path), images_dir=str(images_dir),
+        columns=columns or [], fatal=True)
+    exc.problems = probs
+    exc.result = result
+    return exc
+
+
+def validate_dataset(csv_path: os.PathLike | str, images_dir: os.PathLike | str, *,
+                     strict: bool = True, limit: int | None = None,
+                     workers: int | None = None) -> ValidationResult:
+    """Validate a VQA CSV and its images folder.
+
+    Fatal problems (file unreadable or not UTF-8, malformed CSV, missing or conflicting
+    columns, images folder missing) raise :class:`DatasetError`; its ``result`` attribute
+    holds a ``fatal`` :class:`ValidationResult` for the reports.  Row-level problems are
+    returned in ``result.problems``.  ``table`` holds the validated rows without errors
+    (in both modes); in strict mode :func:`write_validation_outputs` refuses to write it
+    when there is any error.  ``limit`` validates and keeps only the first ``limit``
+    data rows.  ``workers`` threads decode images (default: up to 8).
+    """
+    csv_path = Path(csv_path)
+    images_dir = Path(images_dir)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    ctx = dict(csv_path=csv_path, images_dir=images_dir, strict=strict, limit=limit)
+
+    try:
+        header, records = _read_csv_records(csv_path)
+    except DatasetError as exc:
+        raise _fatal(exc, **ctx) from None
+    try:
+        names, renamed, problems = _normalise_header(header, csv_path)
+    except DatasetError as exc:
+        raise _fatal(exc, **ctx) from None
+    if not images_dir.is_dir():
+        msg = (f"images folder '{images_dir}' "
+               + ("is not a directory" if images_dir.exists() else "does not exist"))
+        raise _fatal(DatasetError(msg, problems=[Problem(None, None, None, "images_dir_missing", msg)]),
+                     columns=names, problems=problems, **ctx) from None
+
+    extra = [n for n in names if n not in REQUIRED_COLUMNS]
+    out_columns = list(REQUIRED_COLUMNS) + extra
+    rows_read = len(records)
+    if limit is not None:
+        records = records[:limit]
+
+    row_errors: dict[int, list[Problem]] = defaultdict(list)
+    all_row_problems: list[Problem] = []
+
+    def add(p: Problem) -> None:
+        all_row_problems.append(p)
+        if p.severity == "error":
+            row_errors[p.row].append(p)
+
+    parsed: list[tuple[int, dict[str, str]]] = []
+    qid_rows: dict[str, list[int]] = defaultdict(list)
+    for rownum, end_line, fields in records:
+        values = dict(zip(names, fields))
+        qid = values.get("question_id", "")
+        if len(fields) != len(names):
+            add(Problem(rownum, qid or None, None, "malformed_row",
+                        f"{_row_label(rownum, qid)} has {len(fields)} fields but the header "
+                        f"has {len(names)} (row ends at line {end_line} of the file; "
+                        f"unbalanced quote or unquoted comma?)"))
+            continue
+        parsed.append((rownum, values))
+        if qid.strip():
+            qid_rows[qid].append(rownum)
+
+    for rownum, values in parsed:
+        qid = values["question_id"]
+        label = _row_label(rownum, qid)
+        if not qid.strip():
+            add(Problem(rownum, None, "question_id", "empty_question_id",
+                        f"{label}: question_id is empty"))
+        elif len(qid_rows[qid]) > 1:
+            others = [r for r in qid_rows[qid] if r != rownum]
+            add(Problem(rownum, qid, "question_id", "duplicate_question_id",
+                        f"{label}: question_id '{qid}' is duplicated; also in data row(s) "
+                        + ", ".join(map(str, others))))
+        if not values["question"].strip():
+            add(Problem(rownum, qid or None, "question", "empty_question",
+                        f"{label}: question is empty"))
+        if not values["answer"].strip():
+            add(Problem(rownum, qid or None, "answer", "empty_answer",
+                        f"{label}: answer is empty; the row is kept but left unjudged by the labels",
+                        "warning"))
+        if not values["image_id"].strip():
+            add(Problem(rownum, qid or None, "image_id", "empty_image_id",
+                        f"{label}: image_id is empty"))
+
+    # Resolve each distinct image_id once, then decode each distinct file once.
+    id_result: dict[str, Path | ImagePathError] = {}
+    for _, values in parsed:
+        iid = values["image_id"]
+        if iid.strip() and iid not in id_result:
+            try:
+                id_result[iid] = resolve_image_path(images_dir, iid)
+            except ImagePathError as exc:
+                id_result[iid] = exc
+    files: dict[Path, Path] = {}  # real path -> first path seen
+    for res in id_result.values():
+        if isinstance(res, Path):
+            files.setdefault(res.resolve(), res)
+    n_workers = workers or min(8, os.cpu_count() or 1)
+    real_paths = list(files)
+    if n_workers > 1 and len(real_paths) > 1:
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            checks = list(pool.map(_check_image_file, real_paths))
+    else:
+        checks = [_check_image_file(p) for p in real_paths]
+    file_check = dict(zip(real_paths, checks))
+
+    for rownum, values in parsed:
+        iid = values["image_id"]
+        if not iid.strip():
+            continue
+        qid = values["question_id"]
+        label = _row_label(rownum, qid)
+        res = id_result[iid]
+        if isinstance(res, ImagePathError):
+            add(Problem(rownum, qid or None, "image_id", res.kind, f"{label}: {res}"))
+            continue
+        bad = file_check[res.resolve()]
+        if bad is not None:
+            kind, reason = bad
+            add(Problem(rownum, qid or None, "image_id", kind,
+                        f"{label}: image '{iid}' ({res}) cannot be used: {reason}"))
+
+    kept = [values for rownum, values in parsed if rownum not in row_errors]
+    table = (pd.DataFrame({c: [v[c] for v in kept] for c in out_columns},
+                          columns=out_columns, dtype=str)
+             if kept else _empty_table(out_columns))
+    all_row_problems.sort(key=lambda p: (p.row or 0, 0 if p.severity == "error" else 1))
+    return ValidationResult(
+        table=table.reset_index(drop=True),
+        problems=problems + all_row_problems,
+        rows_read=rows_read,
+        rows_validated=len(records),
+        rows_kept=len(kept),
+        rows_dropped=len(records) - len(kept),
+        strict=strict,
+        limit=limit,
+        csv_path=str(csv_path),
+        images_dir=str(images_dir),
+        columns=out_columns,
+        renamed_columns=renamed,
+        images_checked=len(real_paths),
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _atomic_write(path: Path, writer) -> None:
+    """Call ``writer(fileobj)`` on a temp file next to ``path``, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; use the usual umask-based mode
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _report_dict(result: ValidationResult) -> dict:
+    by_kind = Counter(p.kind for p in result.problems)
+    return {
+        "ok": result.ok,
+        "fatal": result.fatal,
+        "csv_path": result.csv_path,
+        "images_dir": result.images_dir,
+        "settings": {"strict": result.strict, "limit": result.limit},
+        "counts": result.counts(),
+        "columns": result.columns,
+        "renamed_columns": result.renamed_columns,
+        "row_number_convention": ROW_CONVENTION,
+        "problem_counts_by_kind": dict(sorted(by_kind.items())),
+        "problems": [asdict(p) for p in result.problems],
+    }
+
+
+def _md_cell(value) -> str:
+    if value is None:
+        return ""
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _report_markdown(result: ValidationResult) -> str:
+    c = result.counts()
+    if result.fatal:
+        status = "FAILED: the dataset could not be read"
+    elif result.strict and result.errors:
+        status = "FAILED (strict mode): fix the errors below or use lenient mode to drop those rows"
+    elif result.errors:
+        status = f"OK (lenient mode): {result.rows_dropped} row(s) with errors dropped"
+    else:
+        status = "OK"
+    lines = [
+        "# Dataset validation report",
+        "",
+        f"**Status:** {status}",
+        "",
+        "| Item | Value |",
+        "|---|---|",
+        f"| CSV | `{_md_cell(result.csv_path)}` |",
+        f"| Images folder | `{_md_cell(result.images_dir)}` |",
+        f"| Mode | {'strict' if result.strict else 'lenient'} |",
+        f"| Limit | {result.limit if result.limit is not None else 'none'} |",
+        f"| Rows read | {c['rows_read']} |",
+        f"| Rows validated | {c['rows_validated']} |",
+        f"| Rows kept | {c['rows_kept']} |",
+        f"| Rows dropped | {c['rows_dropped']} |",
+        f"| Distinct image files checked | {c['images_checked']} |",
+        f"| Errors | {c['errors']} |",
+        f"| Warnings | {c['warnings']} |",
+    ]
+    if result.renamed_columns:
+        lines.append("| Renamed columns | "
+                     + ", ".join(f"`{a}` → `{t}`" for a, t in result.renamed_columns.items()) + " |")
+    lines += ["", f"Note: {ROW_CONVENTION}.", ""]
+    if result.problems:
+        by_kind = Counter((p.severity, p.kind) for p in result.problems)
+        lines += ["## Problems by kind", "", "| Severity | Kind | Count |", "|---|---|---|"]
+        lines += [f"| {s} | {k} | {n} |" for (s, k), n in sorted(by_kind.items())]
+        lines += ["", "## Problems", "",
+                  "| Severity | Data row | question_id | Column | Kind | Message |",
+                  "|---|---|---|---|---|---|"]
+        for p in result.problems[:_MD_MAX_PROBLEMS]:
+            lines.append("| " + " | ".join(_md_cell(x) for x in (
+                p.severity, p.row, p.question_id, p.column, p.kind, p.message)) + " |")
+        if len(result.problems) > _MD_MAX_PROBLEMS:
+            lines += ["", f"… and {len(result.problems) - _MD_MAX_PROBLEMS} more problem(s); "
+                          "the JSON report lists them all."]
+    else:
+        lines.append("No problems found.")
+    return "\n".join(lines) + "\n"
+
+
+def _failure_message(result: ValidationResult, report_md_path: Path, report_json_path: Path) -> str:
+    errors = result.errors
+    if result.fatal:
+        head = f"dataset '{result.csv_path}' cannot be used"
+    else:
+        head = (f"dataset validation failed in strict mode: {len(errors)} error(s) in "
+                f"{result.rows_dropped} of {result.rows_validated} validated row(s) of "
+                f"'{result.csv_path}'")
+    shown = []
+    for p in errors[:5]:
+        shown.append(f"  - {p.kind}: {p.message}")
+    more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+    tail = (f"\nFull report: {report_md_path} (JSON: {report_json_path}). {ROW_CONVENTION[0].upper()}"
+            f"{ROW_CONVENTION[1:]}.")
+    if not result.fatal:
+        tail += " Set strict mode off (lenient) to drop these rows instead."
+    return head + ":\n" + "\n".join(shown) + more + tail
+
+
+def write_validation_outputs(result: ValidationResult, table_path: os.PathLike | str,
+                             report_json_path: os.PathLike | str,
+                             report_md_path: os.PathLike | str) -> None:
+    """Write the normalised table and the JSON and Markdown reports (each atomically).
+
+    When the result is fatal, or strict with errors, only the reports are written, a
+    stale table at ``table_path`` is removed, and :class:`DatasetError` is raised.
+    """
+    table_path, report_json_path, report_md_path = map(Path, (table_path, report_json_path, report_md_path))
+    report = _report_dict(result)
+    _atomic_write(report_json_path,
+                  lambda fh: fh.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
+    _atomic_write(report_md_path, lambda fh: fh.write(_report_markdown(result)))
+    if not result.ok:
+        try:
+            table_path.unlink()
+        except FileNotFoundError:
+            pass
+        raise DatasetError(_failure_message(result, report_md_path, report_json_path),
+                           problems=result.errors, result=result)
+    table = result.table.astype(str)
+    _atomic_write(table_path, lambda fh: table.to_csv(fh, index=False, lineterminator="\n"))
+
+
+def validate_and_write(csv_path: os.PathLike | str, images_dir: os.PathLike | str,
+                       table_path: os.PathLike | str, report_json_path: os.PathLike | str,
+                       report_md_path: os.PathLike | str, *, strict: bool = True,
+                       limit: int | None = None) -> ValidationResult:
+    """:func:`validate_dataset` + :func:`write_validation_outputs`; the reports are
+    written even when the CSV cannot be read at all.  Raises :class:`DatasetError`."""
+    try:
+        result = validate_dataset(csv_path, images_dir, strict=strict, limit=limit)
+    except DatasetError as exc:
+        if exc.result is None:
+            raise
+        result = exc.result
+    write_validation_outputs(result, table_path, report_json_path, report_md_path)
+    return result
+
+
+def read_validated_table(path: os.PathLike | str) -> pd.DataFrame:
+    """Read a table written by :func:`write_validation_outputs` (all columns str)."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
+                         encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"validated table '{path}' not found; run the validation step first") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"validated table '{path}' cannot be read: {exc}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DatasetError(f"validated table '{path}' lacks column(s) {', '.join(missing)}")
+    return df
