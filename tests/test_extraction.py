@@ -80,6 +80,18 @@ def test_positions_are_the_last_image_token_and_the_last_prompt_token(extracted)
         assert result.query_token_position == len(ids) - 1 == result.num_prompt_tokens - 1
 
 
+def test_prompt_tokens_equal_the_processors_own_chat_template_route(extracted):
+    """One user turn, the image then the text, generation prompt added; no special token doubled."""
+    _, extractor, questions, images, _ = extracted
+    processor = extractor.loaded.processor
+    for question in questions[:3]:
+        image = load_image(resolve_image_path(images, question.image_id))
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question.question}]}]
+        expected = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+        expected_ids = list(np.asarray(expected["input_ids"]).reshape(-1))
+        assert single_inputs(extractor, question, images).input_ids[0].tolist() == expected_ids
+
+
 def test_vectors_equal_unbatched_output_hidden_states(extracted):
     family, extractor, questions, images, results = extracted
     model = extractor.loaded.model

@@ -82,12 +82,17 @@ def settings_json(wildcards):
 def shard_ids():
     table = checkpoints.validate_dataset.get().output.table
     rows = len(read_validated_table(table))
-    return [f"{k:04d}" for k in range(count_shards(rows, config["extraction"]["shard_size"]))]
+    return [
+        f"{k:04d}"
+        for k in range(count_shards(rows, config["extraction"]["shard_size"]))
+    ]
 
 
 def model_shards(wildcards):
     return expand(
-        "results/{model}/shards/shard_{shard}.h5", model=wildcards.model, shard=shard_ids()
+        "results/{model}/shards/shard_{shard}.h5",
+        model=wildcards.model,
+        shard=shard_ids(),
     )
 
 

@@ -9,11 +9,11 @@ checkpoint validate_dataset:
         main="logs/validate_dataset.log",
         json="results/dataset/validation.json",
         markdown="results/dataset/validation.md",
+    conda:
+        "../../envs/core.yaml"
     params:
         cli=VLMSTATES,
         options=validation_options(),
-    conda:
-        "../../envs/core.yaml"
     shell:
         "{params.cli} validate {input.csv:q} {input.images:q} --table {output.table:q}"
         " --report-json {log.json:q} --report-md {log.markdown:q} {params.options} > {log.main:q} 2>&1"

@@ -8,16 +8,16 @@ rule extract_shard:
         "logs/extract/{model}/shard_{shard}.log",
     benchmark:
         "benchmarks/extract/{model}/shard_{shard}.tsv"
+    conda:
+        family_environment
+    resources:
+        gpu=1,
     params:
         cli=VLMSTATES,
         settings=settings_json,
         images=config["dataset"]["images"],
         shard_size=config["extraction"]["shard_size"],
         max_failed_share=config["extraction"]["max_failed_share"],
-    resources:
-        gpu=1,
-    conda:
-        family_environment
     shell:
         "{params.cli} extract-shard"
         " --settings {params.settings:q} --table {input.table:q} --images {params.images:q}"
@@ -33,9 +33,9 @@ rule merge_shards:
         "results/{model}/embeddings.h5",
     log:
         "logs/merge/{model}.log",
-    params:
-        cli=VLMSTATES,
     conda:
         "../../envs/core.yaml"
+    params:
+        cli=VLMSTATES,
     shell:
         "{params.cli} merge --table {input.table:q} --out {output:q} {input.shards:q} > {log:q} 2>&1"

@@ -19,10 +19,10 @@ rule inspect_embeddings:
         json="results/{model}/inspection/summary.json",
     log:
         "logs/inspect/{model}.log",
-    params:
-        cli=VLMSTATES,
     conda:
         "../../envs/core.yaml"
+    params:
+        cli=VLMSTATES,
     shell:
         "{params.cli} inspect {input:q} --html {output.summary:q} --png {output.norms:q}"
         " --json {output.json:q} > {log:q} 2>&1"

@@ -4,10 +4,10 @@ rule demo_dataset:
         images=directory("resources/demo/images"),
     log:
         "logs/demo_dataset.log",
-    params:
-        cli=VLMSTATES,
     conda:
         "../../envs/core.yaml"
+    params:
+        cli=VLMSTATES,
     shell:
         "{params.cli} demo resources/demo > {log:q} 2>&1"
 
@@ -17,9 +17,9 @@ rule tiny_checkpoint:
         directory("resources/checkpoints/tiny-{family}"),
     log:
         "logs/tiny_checkpoint/{family}.log",
-    params:
-        cli=VLMSTATES,
     conda:
         "../../envs/{family}.yaml"
+    params:
+        cli=VLMSTATES,
     shell:
         "{params.cli} tiny {wildcards.family} {output:q} > {log:q} 2>&1"

@@ -64,8 +64,14 @@ class Adapter:
 
     def build_batch(self, loaded: LoadedModel, texts: list[str], images: list[Image.Image]) -> Batch:
         prompts = [self.chat_prompt(loaded, t) for t in texts]
+        # The chat template already renders every special token (Gemma's <bos> too), so the
+        # tokenizer must not add its own, as transformers' apply_chat_template(tokenize=True) does.
         encoded = loaded.processor(
-            text=prompts, images=self.processor_images(images), padding=True, return_tensors="pt"
+            text=prompts,
+            images=self.processor_images(images),
+            padding=True,
+            add_special_tokens=False,
+            return_tensors="pt",
         )
         inputs = {k: v.to(loaded.device) if torch.is_tensor(v) else v for k, v in encoded.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():

@@ -100,7 +100,11 @@ def build_processor():
     )
     geometry = dict(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE)
     image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **geometry)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **geometry)
+    # cap_pixels_per_frame=True: the reference (qwen-vl-utils) behaviour, and it
+    # silences transformers' warning about the default changing.
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, cap_pixels_per_frame=True, **geometry
+    )
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -1,0 +1,104 @@
+"""The HDF5 schema: round trip, and merges that refuse anything incomplete or inconsistent."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from vlmstates.store import (
+    STATUS_FAILED,
+    VISION_ONLY,
+    MergeError,
+    SampleResult,
+    layer_key,
+    merge_shards,
+    read_embeddings,
+    write_embeddings,
+)
+
+LAYERS = (0, 2)
+DIMS = {VISION_ONLY: 3} | {layer_key(r, k): 4 for r in ("vision_token_representation", "query_token_representation") for k in LAYERS}
+ATTRS = {"model": "m", "family": "f", "layers": list(LAYERS), "config_hash": "abc", "dtype": "float32"}
+
+
+def make_results(ids, seed=0, failed=()):
+    rng = np.random.default_rng(seed)
+    results = []
+    for qid in ids:
+        if qid in failed:
+            results.append(SampleResult.failed(qid, f"img_{qid}.png", f"q {qid}?", "yes", "image: broken"))
+            continue
+        vectors = {key: rng.standard_normal(dim).astype(np.float32) for key, dim in DIMS.items()}
+        results.append(SampleResult(qid, f"img_{qid}.png", f"q {qid}?", "yes", answer="no", vision_token_position=3,
+                                    query_token_position=9, num_prompt_tokens=10, num_image_tokens=4, vectors=vectors))
+    return results
+
+
+def write_shards(tmp_path, groups, attrs=ATTRS):
+    paths = []
+    for i, ids in enumerate(groups):
+        paths.append(write_embeddings(tmp_path / f"shard_{i}.h5", make_results(ids, seed=i), DIMS, attrs))
+    return paths
+
+
+def test_round_trip_keeps_strings_ids_and_vectors(tmp_path):
+    ids = ["001", "002", "010"]
+    results = make_results(ids, failed={"002"})
+    emb = read_embeddings(write_embeddings(tmp_path / "x.h5", results, DIMS, ATTRS))
+    assert emb.table["question_id"].tolist() == ids
+    assert emb.table["status"].tolist() == ["ok", STATUS_FAILED, "ok"]
+    assert emb.table["error"][1] == "image: broken"
+    assert emb.layers == list(LAYERS)
+    assert emb.representation_keys()[0] == VISION_ONLY
+    data = emb.load(layer_key("query_token_representation", 2))
+    np.testing.assert_array_equal(data[0], results[0].vectors[layer_key("query_token_representation", 2)])
+    assert np.isnan(data[1]).all()  # a failed sample keeps its row, with NaN vectors
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_merge_concatenates_in_dataset_order(tmp_path):
+    paths = write_shards(tmp_path, [["a", "b"], ["c"]])
+    merged = read_embeddings(merge_shards(paths, ["a", "b", "c"], tmp_path / "all.h5"))
+    assert merged.table["question_id"].tolist() == ["a", "b", "c"]
+    expected = np.concatenate([read_embeddings(p).load(VISION_ONLY) for p in paths])
+    np.testing.assert_array_equal(merged.load(VISION_ONLY), expected)
+    assert merged.attrs["num_shards"] == 2
+
+
+@pytest.mark.parametrize(
+    "groups, expected, message",
+    [
+        ([["a", "b"]], ["a", "b", "c"], "in no shard"),
+        ([["a", "b"], ["b", "c"]], ["a", "b", "c"], "appears twice"),
+        ([["b", "c"], ["a"]], ["a", "b", "c"], "out of dataset order"),
+        ([["a", "b", "x"]], ["a", "b"], "not in the validated dataset"),
+    ],
+)
+def test_merge_refuses_incomplete_coverage(tmp_path, groups, expected, message):
+    with pytest.raises(MergeError, match=message):
+        merge_shards(write_shards(tmp_path, groups), expected, tmp_path / "all.h5")
+    assert not (tmp_path / "all.h5").exists()
+
+
+def test_merge_refuses_disagreeing_layers(tmp_path):
+    first = write_shards(tmp_path, [["a"]])
+    other = write_embeddings(tmp_path / "other.h5", make_results(["b"]), DIMS, ATTRS | {"layers": [0, 1]})
+    with pytest.raises(MergeError, match=r"other\.h5: attribute 'layers'"):
+        merge_shards(first + [other], ["a", "b"], tmp_path / "all.h5")
+
+
+def test_merge_refuses_non_finite_vectors_of_ok_rows(tmp_path):
+    path = write_shards(tmp_path, [["a", "b"]])[0]
+    with h5py.File(path, "r+") as f:
+        f[VISION_ONLY][1, 0] = np.inf
+    with pytest.raises(MergeError, match="non-finite values in 1 rows with status ok .question_id b"):
+        merge_shards([path], ["a", "b"], tmp_path / "all.h5")
+
+
+def test_merge_refuses_truncated_shard(tmp_path):
+    paths = write_shards(tmp_path, [["a"], ["b"]])
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 3])
+    with pytest.raises(MergeError, match=r"shard_1\.h5 is unreadable"):
+        merge_shards(paths, ["a", "b"], tmp_path / "all.h5")
