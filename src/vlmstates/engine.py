@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .adapters import adapter_for_family, family_of_model_type
-from .adapters.base import Batch, LoadedModel
+from .adapters.base import LoadedModel
 from .capture import PrefillCapture
 from .dataset import ImageLoadError, load_image, resolve_image_path
 from .settings import ModelSettings, check_layers, default_layers, model_type_of
@@ -63,42 +63,6 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     dtype = select_dtype(settings.dtype, device)
     attn = select_attention(settings.attn_implementation, device)
     return adapter_for_family(family).load(settings, device, dtype, attn)
-
-
-@dataclass(frozen=True)
-class Positions:
-    """Per-row token positions; `*_padded` index the padded batch, the others the sample's own prompt."""
-
-    vision_padded: torch.Tensor
-    query_padded: torch.Tensor
-    vision: list[int]
-    query: list[int]
-    num_prompt_tokens: list[int]
-    num_image_tokens: list[int]
-
-
-def find_positions(batch: Batch, image_token_id: int) -> Positions:
-    """Last image-placeholder token and last prompt token of each row, read off input_ids."""
-    ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu().bool()
-    length = ids.shape[1]
-    columns = torch.arange(length)
-    is_image = (ids == image_token_id) & mask
-    if not is_image.any(dim=1).all():
-        rows = (~is_image.any(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(f"no image token (id {image_token_id}) in the prompt of batch row(s) {rows}")
-    vision_padded = torch.where(is_image, columns, -1).max(dim=1).values
-    query_padded = torch.where(mask, columns, -1).max(dim=1).values
-    padding = length - mask.sum(dim=1)  # left padding: a row's own tokens start here
-    if not (query_padded == length - 1).all():
-        raise ValueError("the batch is not left-padded: the last prompt token is not the last column")
-    return Positions(
-        vision_padded=vision_padded,
-        query_padded=query_padded,
-        vision=(vision_padded - padding).tolist(),
-        query=(query_padded - padding).tolist(),
-        num_prompt_tokens=mask.sum(dim=1).tolist(),
-        num_image_tokens=is_image.sum(dim=1).tolist(),
-    )
 
 
 class Extractor:
@@ -201,7 +165,7 @@ class Extractor:
     def _run_batch(self, questions: list[Question], images: list) -> list[SampleResult]:
         texts = [self.settings.format_prompt(q.question) for q in questions]
         batch = self.adapter.build_batch(self.loaded, texts, images)
-        positions = find_positions(batch, self.image_token_id)
+        positions = self.adapter.find_positions(self.loaded, batch)
         limit = self.adapter.max_prompt_tokens(self.loaded.model)
         too_long = [n for n in positions.num_prompt_tokens if limit and n > limit]
         if too_long:

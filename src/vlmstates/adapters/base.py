@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from ..positions import Positions, find_positions
 from ..settings import ModelSettings
 
 
@@ -83,6 +84,10 @@ class Adapter:
         return None
 
     # -- positions and modules -------------------------------------------------------------------
+    def find_positions(self, loaded: LoadedModel, batch: Batch) -> Positions:
+        """Last image-placeholder token (the config's image token id) and last prompt token per row."""
+        return find_positions(batch.input_ids, batch.attention_mask, self.image_token_id(loaded.model))
+
     def image_token_id(self, model: torch.nn.Module) -> int:
         return int(model.config.image_token_id)
 
