@@ -7,8 +7,6 @@ and an unbatched generate().
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -135,8 +133,7 @@ def test_answers_equal_unbatched_generate(extracted):
 
 def test_batch_of_four_equals_batch_of_one(extracted):
     family, extractor, questions, images, results = extracted
-    one_at_a_time = replace(extractor.loaded, settings=replace(extractor.settings, batch_size=1))
-    singles = Extractor(one_at_a_time, progress=False).extract(questions, images)
+    singles = Extractor(extractor.loaded, progress=False, batch_size=1).extract(questions, images)
     for batched, single in zip(results, singles):
         assert batched.answer == single.answer
         assert batched.vision_token_position == single.vision_token_position

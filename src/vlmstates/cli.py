@@ -27,12 +27,26 @@ def _validate(args) -> None:
 
 
 def _extract_shard(args) -> None:
+    from .gpu_lease import lease_gpu
+
+    lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
     from .settings import ModelSettings
     from .shards import extract_shard
 
     entry = json.loads(args.settings)
     settings = ModelSettings.from_config(entry.pop("name"), entry)
-    extract_shard(settings, args.table, args.images, int(args.shard), args.shard_size, args.out, args.max_failed_share)
+    extract_shard(
+        settings,
+        args.table,
+        args.images,
+        int(args.shard),
+        args.shard_size,
+        args.out,
+        max_failed_share=args.max_failed_share,
+        progress_dir=args.progress_dir,
+        save_every=args.save_every,
+        attempt=args.attempt,
+    )
 
 
 def _merge(args) -> None:
@@ -84,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, required=True)
     p.add_argument("--max-failed-share", type=float, default=0.05)
     p.add_argument("--out", required=True)
+    p.add_argument("--progress-dir", help="where finished samples are saved to resume from (default: OUT.progress/)")
+    p.add_argument("--save-every", type=int, default=64, help="save progress every N finished samples")
+    p.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number: the batch size halves per retry")
     p.set_defaults(func=_extract_shard)
 
     p = commands.add_parser("merge", help="merge shards into one embeddings file")

@@ -6,7 +6,7 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -16,6 +16,7 @@ from .adapters import adapter_for_family, family_of_model_type
 from .adapters.base import LoadedModel
 from .capture import PrefillCapture
 from .dataset import ImageLoadError, load_image, resolve_image_path
+from .failpoints import failpoint
 from .settings import ModelSettings, check_layers, default_layers, model_type_of
 from .store import LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, layer_key
 
@@ -68,8 +69,9 @@ def load_model(settings: ModelSettings) -> LoadedModel:
 class Extractor:
     """A loaded model with its hooks; turns questions into `SampleResult`s in the order given."""
 
-    def __init__(self, loaded: LoadedModel, progress: bool = True):
+    def __init__(self, loaded: LoadedModel, progress: bool = True, batch_size: int | None = None):
         self.loaded = loaded
+        self.batch_size = batch_size or loaded.settings.batch_size
         self.adapter = loaded.adapter
         self.settings = loaded.settings
         model = loaded.model
@@ -118,37 +120,62 @@ class Extractor:
         }
 
     # -- extraction ------------------------------------------------------------------------------
-    def extract(self, questions: Sequence[Question], images_dir: Path) -> list[SampleResult]:
+    def extract(
+        self,
+        questions: Sequence[Question],
+        images_dir: Path,
+        finished: dict[str, SampleResult] | None = None,
+        on_batch: Callable[[list[SampleResult]], None] | None = None,
+    ) -> list[SampleResult]:
+        """Results in the order of `questions`.
+
+        Batches are formed the same way whether or not a run resumes, so a resumed shard equals an
+        uninterrupted one: a batch whose samples are all in `finished` is taken from there, the others
+        are computed and handed to `on_batch` (which saves progress).
+        """
+        finished = finished or {}
         results: list[SampleResult | None] = [None] * len(questions)
         bar = tqdm(total=len(questions), unit="sample", file=sys.stderr, disable=not self.progress, mininterval=5)
+        computed = 0
         with self.capture, torch.inference_mode():
-            for indices, images in self._batches(questions, images_dir, results, bar):
-                for i, result in zip(indices, self._run_isolating_failures([questions[i] for i in indices], images)):
+            for indices, images in self._batches(questions, images_dir):
+                done = [finished.get(questions[i].question_id) for i in indices]
+                if all(done):
+                    batch_results = done
+                else:
+                    batch_results = self._run_isolating_failures([questions[i] for i in indices], images)
+                    computed += 1
+                    if on_batch:
+                        on_batch(batch_results)
+                    failpoint(f"batch:{computed}")
+                for i, result in zip(indices, batch_results):
                     results[i] = result
                 bar.update(len(indices))
         bar.close()
         return results
 
-    def _batches(self, questions, images_dir, results, bar) -> Iterator[tuple[list[int], list]]:
-        """Batches of loadable samples, each of one adapter group; unloadable images fail here."""
+    def _batches(self, questions, images_dir) -> Iterator[tuple[list[int], list]]:
+        """Batches of samples of one adapter group each, in order of their first sample."""
         pending: dict[object, tuple[list[int], list]] = {}
         for i, q in enumerate(questions):
             try:
                 image = load_image(resolve_image_path(images_dir, q.image_id))
             except (ImageLoadError, ValueError, OSError) as error:
-                results[i] = SampleResult.failed(q.question_id, q.image_id, q.question, q.answer, f"image: {error}")
-                bar.update(1)
+                yield [i], [error]  # recorded as failed by _run_isolating_failures, never batched
                 continue
             group = self.adapter.batch_group(self.loaded, image)
             indices, images = pending.setdefault(group, ([], []))
             indices.append(i)
             images.append(image)
-            if len(indices) == self.settings.batch_size:
+            if len(indices) == self.batch_size:
                 yield pending.pop(group)
         yield from pending.values()
 
     def _run_isolating_failures(self, questions: list[Question], images: list) -> list[SampleResult]:
         """Run a batch; if it raises, split it until the failing sample stands alone and record it."""
+        if isinstance(images[0], Exception):
+            q = questions[0]
+            return [SampleResult.failed(q.question_id, q.image_id, q.question, q.answer, f"image: {images[0]}")]
         try:
             return self._run_batch(questions, images)
         except Exception as error:  # any per-sample fault: out of memory, processor, model

@@ -22,6 +22,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from .failpoints import failpoint
+
 SCHEMA_VERSION = 1
 
 STRING_COLUMNS = ("question_id", "image_id", "question", "ground_truth_answer", "answer", "status", "error")
@@ -146,6 +148,7 @@ def write_embeddings(
             f.attrs["semantics"] = json.dumps(SEMANTICS)
             for name, value in attrs.items():
                 f.attrs[name] = _to_attr(value)
+        failpoint(f"rename:{path.name}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -206,6 +209,18 @@ def read_embeddings(path: str | Path) -> Embeddings:
         attrs = {name: _from_attr(value) for name, value in f.attrs.items()}
         dims = _vector_dims(f)
     return Embeddings(path=path, table=table, attrs=attrs, vector_dims=dims)
+
+
+def read_results(path: str | Path) -> list[SampleResult]:
+    """The rows of a file as `SampleResult`s, vectors included (to resume from saved progress)."""
+    emb = read_embeddings(path)
+    vectors = {key: emb.load(key) for key in emb.representation_keys()}
+    results = []
+    for i, row in enumerate(emb.table.itertuples(index=False)):
+        values = {c: getattr(row, c) for c in STRING_COLUMNS} | {c: int(getattr(row, c)) for c in INT_COLUMNS}
+        ok = values["status"] == STATUS_OK
+        results.append(SampleResult(**values, vectors={k: v[i] for k, v in vectors.items()} if ok else {}))
+    return results
 
 
 class MergeError(ValueError):

@@ -22,7 +22,8 @@ rule extract_shard:
         "{params.cli} extract-shard"
         " --settings {params.settings:q} --table {input.table:q} --images {params.images:q}"
         " --shard {wildcards.shard} --shard-size {params.shard_size}"
-        " --max-failed-share {params.max_failed_share} --out {output:q} > {log:q} 2>&1"
+        " --max-failed-share {params.max_failed_share} --save-every {params.save_every}"
+        " --attempt {resources.attempt} --out {output:q} > {log:q} 2>&1"
 
 
 rule merge_shards:

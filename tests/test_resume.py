@@ -1,0 +1,209 @@
+"""Nothing lost: kill -9 at several points of a shard, resume, and compare with an uninterrupted run.
+
+The extraction job is run as the workflow runs it (`python -m vlmstates extract-shard`); the failpoints of
+vlmstates.failpoints make it SIGKILL itself at a named point, as a crash or a pre-empted job would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO
+from vlmstates.gpu_lease import lease_gpu
+from vlmstates.store import STATUS_FAILED, STATUS_OK, read_embeddings, read_results
+
+SHARD_SIZE = 16
+
+
+def run_shard(checkpoint, demo, out, *, failpoint=None, save_every=4, layers=None, images=None, max_failed_share=0.05):
+    table, demo_images = demo
+    settings = {"name": "tiny", "model": str(checkpoint), "batch_size": 4, "max_new_tokens": 4}
+    if layers:
+        settings["layers"] = layers
+    env = {k: v for k, v in os.environ.items() if k != "VLMSTATES_FAILPOINT"}
+    if failpoint:
+        env["VLMSTATES_FAILPOINT"] = failpoint
+    command = [
+        sys.executable, "-m", "vlmstates", "extract-shard", "--settings", json.dumps(settings),
+        "--table", str(table), "--images", str(images or demo_images), "--shard", "0000",
+        "--shard-size", str(SHARD_SIZE), "--save-every", str(save_every), "--out", str(out),
+        "--max-failed-share", str(max_failed_share),
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def assert_identical(path, reference):
+    got, expected = read_results(path), read_results(reference)
+    assert [r.question_id for r in got] == [r.question_id for r in expected]
+    for a, b in zip(got, expected):
+        assert (a.answer, a.status, a.vision_token_position, a.query_token_position) == (
+            b.answer, b.status, b.vision_token_position, b.query_token_position)
+        assert a.vectors.keys() == b.vectors.keys()
+        for key in a.vectors:
+            assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)  # bit-identical
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_checkpoint):
+    return tiny_checkpoint("qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def reference(qwen, demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "shard_0000.h5"
+    result = run_shard(qwen, demo, out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize(
+    "failpoint, save_every, resumed",
+    [
+        ("batch:1", 8, 0),  # killed before the first save
+        ("batch:3", 8, 8),  # between saves: one part saved, one batch lost
+        ("rename:part_0001.h5", 4, 4),  # during a save: the second part's temporary file is left behind
+        ("rename:shard_0000.h5", 4, 16),  # during the final rename: everything is in the progress parts
+    ],
+)
+def test_killed_shard_resumes_to_the_uninterrupted_result(qwen, demo, reference, tmp_path, failpoint, save_every, resumed):
+    out = tmp_path / "shard_0000.h5"
+    killed = run_shard(qwen, demo, out, failpoint=failpoint, save_every=save_every)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()  # never a partial output that looks complete
+    rerun = run_shard(qwen, demo, out, save_every=save_every)
+    assert rerun.returncode == 0, rerun.stderr
+    if resumed:
+        assert f"resuming: {resumed} samples already done" in rerun.stderr
+    else:
+        assert "resuming" not in rerun.stderr
+    assert_identical(out, reference)
+    assert not out.with_suffix(".progress").exists()  # progress is removed once the shard is written
+
+
+def test_progress_from_another_config_is_not_reused(qwen, demo, tmp_path):
+    out = tmp_path / "shard_0000.h5"
+    assert run_shard(qwen, demo, out, failpoint="batch:3").returncode == -signal.SIGKILL
+    rerun = run_shard(qwen, demo, out, layers=[0, 1])
+    assert rerun.returncode == 0, rerun.stderr
+    assert "different ['config_hash']" in rerun.stderr and "starting the shard over" in rerun.stderr
+    assert "resuming" not in rerun.stderr
+    assert read_embeddings(out).layers == [0, 1]
+
+
+def copy_demo_images(demo, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(demo[1], images)
+    return images
+
+
+def test_image_corrupted_after_validation_is_recorded_and_the_shard_goes_on(qwen, demo, tmp_path):
+    images = copy_demo_images(demo, tmp_path)
+    first_image = sorted(images.glob("*.png"))[0]
+    first_image.write_bytes(b"not an image any more")
+    out = tmp_path / "shard_0000.h5"
+    result = run_shard(qwen, demo, out, images=images, max_failed_share=0.5)
+    assert result.returncode == 0, result.stderr
+    emb = read_embeddings(out)
+    failed = emb.table[emb.table["status"] == STATUS_FAILED]
+    assert len(failed) >= 1 and (failed["image_id"] == first_image.name).all()
+    assert failed["error"].str.contains(first_image.name).all()
+    assert (emb.table["status"] == STATUS_OK).sum() == SHARD_SIZE - len(failed)
+
+
+def test_too_many_failures_fail_the_job_naming_them_after_saving_progress(qwen, demo, tmp_path):
+    images = copy_demo_images(demo, tmp_path)
+    for image in sorted(images.glob("*.png"))[:3]:
+        image.write_bytes(b"")
+    out = tmp_path / "shard_0000.h5"
+    result = run_shard(qwen, demo, out, images=images)
+    assert result.returncode == 1
+    assert "samples failed (more than 5%)" in result.stderr and "image:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert list(out.with_suffix(".progress").glob("part_*.h5"))  # what was done is kept
+
+
+# -- GPU leases (simulated device counts: no GPU needed) -----------------------------------------
+
+LEASE_AND_HOLD = """
+import sys, time
+from vlmstates.gpu_lease import lease_gpu
+env = {}
+print(lease_gpu(num_gpus=int(sys.argv[1]), lock_dir=sys.argv[2], env=env, poll_seconds=0.1), flush=True)
+time.sleep(60)
+"""
+
+
+def start_holder(num_gpus, lock_dir):
+    process = subprocess.Popen([sys.executable, "-c", LEASE_AND_HOLD, str(num_gpus), str(lock_dir)], stdout=subprocess.PIPE, text=True)
+    return process, process.stdout.readline().strip()
+
+
+def test_concurrent_jobs_lease_distinct_gpus_and_a_dead_job_frees_its_gpu(tmp_path):
+    first, gpu_a = start_holder(2, tmp_path)
+    second, gpu_b = start_holder(2, tmp_path)
+    try:
+        assert {gpu_a, gpu_b} == {"0", "1"}
+        third = subprocess.Popen([sys.executable, "-c", LEASE_AND_HOLD, "2", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert third.poll() is None  # all GPUs leased: it waits
+        first.send_signal(signal.SIGKILL)  # however a job dies, its lease is released
+        assert third.stdout.readline().strip() == gpu_a
+        third.kill()
+    finally:
+        for process in (first, second):
+            process.kill()
+
+
+def test_a_scheduler_set_device_is_kept(tmp_path):
+    env = {"CUDA_VISIBLE_DEVICES": "3"}
+    assert lease_gpu(num_gpus=8, lock_dir=tmp_path, env=env) == "3"
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and not list(tmp_path.iterdir())
+
+
+def test_no_gpu_means_no_lease(tmp_path):
+    env = {}
+    assert lease_gpu(num_gpus=0, lock_dir=tmp_path, env=env) is None and "CUDA_VISIBLE_DEVICES" not in env
+
+
+# -- the whole snakemake process killed --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_snakemake_reruns_with_rerun_incomplete(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["models"] = {"tiny-qwen2_5_vl": config["models"]["tiny-qwen2_5_vl"]}
+    config["extraction"].update(shard_size=8, save_every=4)
+    config["dataset"]["limit"] = 16
+
+    def workdir(name):
+        path = tmp_path / name
+        (path / "config").mkdir(parents=True)
+        (path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+        return path
+
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1"]
+    reference, killed = workdir("reference"), workdir("killed")
+    subprocess.run(command + ["-d", str(reference)], check=True, capture_output=True, timeout=900)
+    process = subprocess.Popen(command + ["-d", str(killed)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = killed / "results" / "tiny-qwen2_5_vl" / "shards"
+    deadline = time.time() + 600
+    while not list(shards.glob("shard_0000.progress/part_*.h5")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # snakemake and its running job, as a lost node would
+    process.wait()
+    rerun = subprocess.run(command + ["-d", str(killed), "--rerun-incomplete"], capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    merged = killed / "results" / "tiny-qwen2_5_vl" / "embeddings.h5"
+    assert_identical(merged, reference / "results" / "tiny-qwen2_5_vl" / "embeddings.h5")

@@ -1,0 +1,103 @@
+# Hallucination labels and HALP probes, per model, and a summary across models beside the paper's numbers.
+# Conventions from common.smk: config["models"] (name -> settings), results/{model}/embeddings.h5,
+# config["labels"] (method, file) and config["probes"] (vlmstates.probes.ProbeSettings fields).
+
+
+def labels_config():
+    return {"method": "halp", "file": None, **config.get("labels", {})}
+
+
+def label_inputs(wildcards):
+    """The embeddings, plus the user's labels file for method `file` ({model} in its path is filled in)."""
+    inputs = {"embeddings": f"results/{wildcards.model}/embeddings.h5"}
+    settings = labels_config()
+    if settings["method"] == "file":
+        if not settings["file"]:
+            raise ValueError("labels.method is 'file' but labels.file is not set")
+        inputs["labels_file"] = settings["file"].replace("{model}", wildcards.model)
+    return inputs
+
+
+rule label:
+    input:
+        unpack(label_inputs),
+    output:
+        labels="results/{model}/labels.csv",
+        summary="results/{model}/labels.summary.json",
+    log:
+        "logs/label/{model}.log",
+    conda:
+        "../../envs/probes.yaml"
+    params:
+        method=lambda wildcards: labels_config()["method"],
+    script:
+        "../../scripts/label.py"
+
+
+rule probe:
+    input:
+        embeddings="results/{model}/embeddings.h5",
+        labels="results/{model}/labels.csv",
+    output:
+        metrics=report(
+            "results/{model}/probes/metrics.csv",
+            caption="../report/probe_metrics.rst",
+            category="Probes",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "metrics table"},
+        ),
+        json="results/{model}/probes/metrics.json",
+        splits="results/{model}/probes/splits.csv",
+        heatmap=report(
+            "results/{model}/probes/heatmap.png",
+            caption="../report/probe_heatmap.rst",
+            category="Probes",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "AUROC heatmap"},
+        ),
+        by_layer=report(
+            "results/{model}/probes/auroc_by_layer.png",
+            caption="../report/probe_auroc_by_layer.rst",
+            category="Probes",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "AUROC by layer"},
+        ),
+    log:
+        "logs/probe/{model}.log",
+    conda:
+        "../../envs/probes.yaml"
+    threads: 4
+    params:
+        settings=config.get("probes", {}),
+    script:
+        "../../scripts/probe.py"
+
+
+rule probe_summary:
+    input:
+        metrics=expand(
+            "results/{model}/probes/metrics.csv", model=list(config["models"])
+        ),
+    output:
+        table=report(
+            "results/summary/probes.csv",
+            caption="../report/probe_summary_table.rst",
+            category="Probes",
+            subcategory="Summary",
+            labels={"model": "all", "figure": "summary table"},
+        ),
+        plot=report(
+            "results/summary/probes.png",
+            caption="../report/probe_summary_plot.rst",
+            category="Probes",
+            subcategory="Summary",
+            labels={"model": "all", "figure": "summary plot"},
+        ),
+    log:
+        "logs/probe_summary.log",
+    conda:
+        "../../envs/probes.yaml"
+    params:
+        models=list(config["models"]),
+    script:
+        "../../scripts/probe_summary.py"
