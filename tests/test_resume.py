@@ -203,6 +203,8 @@ def test_killed_snakemake_reruns_with_rerun_incomplete(tmp_path):
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)  # snakemake and its running job, as a lost node would
     process.wait()
+    # a killed snakemake leaves its lock behind: unlock, then rerun what was incomplete
+    subprocess.run(command + ["-d", str(killed), "--unlock"], check=True, capture_output=True, timeout=300)
     rerun = subprocess.run(command + ["-d", str(killed), "--rerun-incomplete"], capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     merged = killed / "results" / "tiny-qwen2_5_vl" / "embeddings.h5"

@@ -12,12 +12,15 @@ rule extract_shard:
         family_environment
     resources:
         gpu=1,
+        # the batch size halves with each retry (--retries), e.g. after running out of GPU memory
+        attempt=lambda wildcards, attempt: attempt,
     params:
         cli=VLMSTATES,
         settings=settings_json,
         images=config["dataset"]["images"],
         shard_size=config["extraction"]["shard_size"],
         max_failed_share=config["extraction"]["max_failed_share"],
+        save_every=config["extraction"]["save_every"],
     shell:
         "{params.cli} extract-shard"
         " --settings {params.settings:q} --table {input.table:q} --images {params.images:q}"
