@@ -96,6 +96,17 @@ def model_shards(wildcards):
     )
 
 
+def label_inputs(wildcards):
+    """The embeddings, plus the user's labels file for method `file` ({model} in its path is filled in)."""
+    inputs = {"embeddings": f"results/{wildcards.model}/embeddings.h5"}
+    settings = config["labels"]
+    if settings["method"] == "file":
+        if not settings["file"]:
+            raise ValueError("labels.method is 'file' but labels.file is not set")
+        inputs["labels_file"] = settings["file"].replace("{model}", wildcards.model)
+    return inputs
+
+
 def all_targets():
     targets = []
     for model in MODEL_FAMILIES:
@@ -103,5 +114,6 @@ def all_targets():
             f"results/{model}/embeddings.h5",
             f"results/{model}/inspection/summary.html",
             f"results/{model}/inspection/norms.png",
+            f"results/{model}/probes/metrics.csv",
         ]
-    return targets
+    return targets + ["results/summary/probes.csv"]

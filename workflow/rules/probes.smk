@@ -3,21 +3,6 @@
 # config["labels"] (method, file) and config["probes"] (vlmstates.probes.ProbeSettings fields).
 
 
-def labels_config():
-    return {"method": "halp", "file": None, **config.get("labels", {})}
-
-
-def label_inputs(wildcards):
-    """The embeddings, plus the user's labels file for method `file` ({model} in its path is filled in)."""
-    inputs = {"embeddings": f"results/{wildcards.model}/embeddings.h5"}
-    settings = labels_config()
-    if settings["method"] == "file":
-        if not settings["file"]:
-            raise ValueError("labels.method is 'file' but labels.file is not set")
-        inputs["labels_file"] = settings["file"].replace("{model}", wildcards.model)
-    return inputs
-
-
 rule label:
     input:
         unpack(label_inputs),
@@ -29,7 +14,7 @@ rule label:
     conda:
         "../../envs/probes.yaml"
     params:
-        method=lambda wildcards: labels_config()["method"],
+        method=config["labels"]["method"],
     script:
         "../../scripts/label.py"
 

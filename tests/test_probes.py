@@ -1,0 +1,284 @@
+"""Probes on synthetic embeddings with a planted signal in one layer (CPU, seconds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from vlmstates import probes as P
+from vlmstates.labels import label_embeddings
+from vlmstates.store import SampleResult, write_embeddings
+
+torch = pytest.importorskip("torch")
+
+SIGNAL_KEY = "query_token_representation/layer_1"
+LAYERS = (0, 1, 2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny MLPs run fastest on one thread, and the tests must not take the machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_embeddings(path, n_images=200, per_image=4, dim=8, rate=0.3, seed=0, signal=2.0, failed=()):
+    """Questions grouped 4 per image; hallucinated ones (answer 'no' to a 'yes' question) get a shift
+    in the first features of SIGNAL_KEY only. Returns the labels."""
+    rng = np.random.default_rng(seed)
+    dims = {"vision_only_representation": dim}
+    for representation in ("vision_token_representation", "query_token_representation"):
+        for layer in LAYERS:
+            dims[f"{representation}/layer_{layer}"] = dim
+    results, y = [], []
+    for i in range(n_images * per_image):
+        qid, image = f"q{i:04d}", f"img{i // per_image:03d}"
+        if i in failed:
+            results.append(SampleResult.failed(qid, image, "Is there a cat?", "yes", "out of memory"))
+            y.append(0)
+            continue
+        hallucinated = bool(rng.random() < rate)
+        vectors = {key: rng.normal(size=d).astype(np.float32) for key, d in dims.items()}
+        if hallucinated:
+            vectors[SIGNAL_KEY][:3] += signal
+        results.append(
+            SampleResult(
+                qid, image, "Is there a cat?", "yes", answer="No." if hallucinated else "Yes.", vectors=vectors
+            )
+        )
+        y.append(int(hallucinated))
+    write_embeddings(path, results, dims, {"model": "Qwen/Qwen2.5-VL-7B-Instruct", "layers": list(LAYERS)})
+    return np.array(y)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    make_embeddings(root / "embeddings.h5", failed=(5,))
+    label_embeddings(root / "embeddings.h5", root / "labels.csv", "yesno")
+    return root
+
+
+FAST = dict(mlp_max_epochs=4, bootstrap=200, mlp_hidden=[64, 32, 16])
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_grouped_split_keeps_images_together_and_stratifies():
+    rng = np.random.default_rng(1)
+    groups = np.repeat([f"img{i}" for i in range(300)], rng.integers(1, 6, size=300))
+    y = (rng.random(len(groups)) < 0.15).astype(int)
+    part = P.grouped_assignment(y, groups, [0.7, 0.1, 0.2], seed=0)
+    owners = pd.DataFrame({"g": groups, "p": part}).groupby("g")["p"].nunique()
+    assert (owners == 1).all(), "an image appears in two splits"
+    for k, target in enumerate([0.7, 0.1, 0.2]):
+        assert np.mean(part == k) == pytest.approx(target, abs=0.02)
+        assert y[part == k].mean() == pytest.approx(y.mean(), abs=0.03)
+
+
+@pytest.mark.parametrize("split", ["grouped", "kfold"])
+def test_no_image_in_two_splits(planted, tmp_path, split):
+    settings = P.ProbeSettings(split=split, folds=3, probes=["logreg"], representations=["VF"], **FAST)
+    P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
+    splits = pd.read_csv(tmp_path / "splits.csv", dtype=str)
+    for _, fold in splits.groupby("fold"):
+        assert (fold.groupby("image_id")["split"].nunique() == 1).all()
+        assert fold["question_id"].is_unique
+    if split == "kfold":
+        tests = splits[splits["split"] == "test"]
+        assert tests["question_id"].is_unique and len(tests) == 799  # every usable question tested once
+        assert (tests.groupby("image_id")["fold"].nunique() == 1).all()
+
+
+def test_halp_split_is_random_by_question():
+    y = np.array([0, 1] * 50)
+    groups = np.repeat(np.arange(25), 4)
+    (fold,) = P.make_folds(y, groups, P.ProbeSettings(split="halp"))
+    assert len(fold.val) == 0 and len(fold.test) == 20 and len(fold.train) == 80
+    split_of = np.empty(100, dtype=object)
+    split_of[fold.train], split_of[fold.test] = "train", "test"
+    assert pd.Series(split_of).groupby(groups).nunique().max() == 2  # images do straddle the split
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_bootstrap_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(size=300) + y, 1)  # many ties
+    order = np.argsort(scores, kind="stable")
+    s = scores[order]
+    new = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(new)
+    group = np.cumsum(new) - 1
+    ends = np.r_[starts[1:] - 1, len(s) - 1]
+    weights = np.ones((1, len(s)))
+    value = P._weighted_auroc(y[order].astype(float), starts[group], ends[group], weights)[0]
+    assert value == pytest.approx(roc_auc_score(y, scores))
+    assert P.auroc(y, scores) == pytest.approx(roc_auc_score(y, scores))
+    low, high = P.bootstrap_auroc(y, scores, 500, 0.95, seed=0)
+    assert low < roc_auc_score(y, scores) < high and high - low < 0.2
+
+
+def test_bootstrap_undefined_for_one_class():
+    assert all(math.isnan(v) for v in P.bootstrap_auroc(np.ones(10), np.arange(10.0), 100, 0.95, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The planted signal
+
+
+def test_planted_layer_found_and_controls_near_chance(planted, tmp_path):
+    settings = P.ProbeSettings(probes=["logreg"], **FAST)
+    metrics = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
+    assert len(metrics) == 7 and (metrics["status"] == "ok").all()
+    signal = metrics["key"] == SIGNAL_KEY
+    assert metrics.loc[signal, "auroc"].item() > 0.9
+    assert metrics.loc[signal, "auroc_ci_low"].item() > 0.8
+    assert (metrics.loc[~signal, "auroc"] - 0.5).abs().max() < 0.15
+    assert (metrics["control_auroc"] - 0.5).abs().max() < 0.15
+    row = metrics[signal].iloc[0]
+    assert row["n_train"] + row["n_val"] + row["n_test"] == 799  # one failed extraction left out
+    assert row["n_test"] == pytest.approx(160, abs=12) and row["n_val"] == pytest.approx(80, abs=12)
+    assert 0.2 < row["pos_rate_test"] < 0.4 and row["selected"].startswith("C=")
+    for name in ("metrics.csv", "metrics.json", "splits.csv", "heatmap.png", "auroc_by_layer.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    document = json.loads((tmp_path / "metrics.json").read_text())
+    assert document["n_usable"] == 799 and document["n_failed"] == 1 and len(document["metrics"]) == 7
+    assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mlp_probe_finds_the_planted_layer(planted, tmp_path):
+    settings = P.ProbeSettings(probes=["mlp"], representations=["QT"], layers=[0, 1], **FAST)
+    metrics = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
+    by_key = metrics.set_index("key")
+    assert by_key.loc[SIGNAL_KEY, "auroc"] > 0.9
+    assert abs(by_key.loc["query_token_representation/layer_0", "auroc"] - 0.5) < 0.15
+    assert abs(by_key.loc[SIGNAL_KEY, "control_auroc"] - 0.5) < 0.15
+    assert by_key.loc[SIGNAL_KEY, "selected"].startswith("epoch=")
+    assert by_key.loc[SIGNAL_KEY, "device"] == "cpu"
+
+
+def test_mlp_is_reproducible(planted, tmp_path):
+    settings = P.ProbeSettings(probes=["mlp"], representations=["QT"], layers=[1], shuffled_control=False, **FAST)
+    first = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "a", settings)
+    second = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "b", settings)
+    assert first["auroc"].tolist() == second["auroc"].tolist()
+
+
+def test_kfold_and_halp_splits_find_the_signal(planted, tmp_path):
+    for split in ("kfold", "halp"):
+        settings = P.ProbeSettings(split=split, folds=3, probes=["logreg"], representations=["QT"], layers=[1], **FAST)
+        metrics = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / split, settings)
+        row = metrics.iloc[0]
+        assert row["auroc"] > 0.9, split
+        if split == "kfold":
+            assert row["n_test"] == 799 and np.isfinite(row["auroc_fold_std"]) and row["selected"].count("|") == 2
+        else:
+            assert row["n_val"] == 0 and row["selected"] == "C=1" and math.isnan(row["val_auroc"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Too little data: NaN with a reason, never a crash
+
+
+def test_tiny_dataset_is_handled(tmp_path):
+    make_embeddings(tmp_path / "embeddings.h5", n_images=9, per_image=4, rate=0.1, seed=3)
+    label_embeddings(tmp_path / "embeddings.h5", tmp_path / "labels.csv", "yesno")
+    settings = P.ProbeSettings(probes=["logreg", "mlp"], representations=["VF", "QT"], layers=[1], **FAST)
+    metrics = P.run_probes(tmp_path / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", settings)
+    assert len(metrics) == 4
+    for row in metrics.itertuples():
+        assert (row.status == "ok" and np.isfinite(row.auroc)) or (math.isnan(row.auroc) and row.reason)
+    assert (tmp_path / "out" / "heatmap.png").exists()
+
+
+def test_one_class_everywhere(tmp_path):
+    make_embeddings(tmp_path / "embeddings.h5", n_images=5, rate=0.0)
+    label_embeddings(tmp_path / "embeddings.h5", tmp_path / "labels.csv", "yesno")
+    settings = P.ProbeSettings(probes=["logreg"], representations=["VF"], **FAST)
+    metrics = P.run_probes(tmp_path / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", settings)
+    assert metrics["status"].tolist() == ["skipped"]
+    assert "0 hallucinated" in metrics["reason"].item()
+
+
+def test_labels_from_another_file_are_rejected(planted, tmp_path):
+    labels = pd.read_csv(planted / "labels.csv", dtype=str, keep_default_na=False)
+    labels.loc[0, "question_id"] = "elsewhere"
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(ValueError, match="not in"):
+        P.run_probes(planted / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", P.ProbeSettings())
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings, summary, command line
+
+
+def test_settings_validation():
+    assert P.ProbeSettings.from_mapping({"split": "kfold", "folds": 3}).folds == 3
+    with pytest.raises(ValueError, match="unknown probe setting"):
+        P.ProbeSettings.from_mapping({"epochs": 3})
+    with pytest.raises(ValueError, match="sum to 1"):
+        P.ProbeSettings.from_mapping({"train_fraction": 0.5})
+    with pytest.raises(ValueError, match="split"):
+        P.ProbeSettings.from_mapping({"split": "random"})
+
+
+def test_published_reference_data():
+    published = P.published_auroc()
+    qt = published[published["representation"] == "QT"].set_index("model")["auroc"]
+    assert qt.to_dict() == {"Gemma-3-12B": 0.935, "Molmo-7B": 0.919, "Qwen2.5-VL-7B": 0.915, "Phi-4": 0.903}
+    assert published.loc[published["representation"] != "QT", "auroc"].isna().all()
+    assert published["citation"].str.contains("EACL 2026").all()
+
+
+def test_summary_places_published_numbers_beside_ours(planted, tmp_path):
+    settings = P.ProbeSettings(probes=["logreg"], representations=["VF", "QT"], **FAST)
+    P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "qwen", settings)
+    summary = P.summarise_models(
+        {"qwen25vl-7b": tmp_path / "qwen" / "metrics.csv"}, tmp_path / "summary.csv", tmp_path / "summary.png"
+    )
+    ours = summary[summary["source"] == "ours"].set_index("representation")
+    assert ours.loc["QT", "layer"] == 1 and ours.loc["QT", "layer_selected_by"] == "validation AUROC"
+    assert ours.loc["QT", "paper_model"] == "Qwen2.5-VL-7B" and ours.loc["QT", "published_auroc"] == 0.915
+    assert math.isnan(ours.loc["VF", "published_auroc"])
+    assert (summary["source"] == "published").sum() == len(P.published_auroc())
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_cli(planted, tmp_path):
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command")
+    P.add_cli(subparsers)
+    args = parser.parse_args(
+        [
+            "probe", str(planted / "embeddings.h5"), str(planted / "labels.csv"), "-o", str(tmp_path / "p"),
+            "--probes", "logreg", "--representations", "QT", "--layers", "1", "--bootstrap", "50", "--no-control",
+        ]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    metrics = pd.read_csv(tmp_path / "p" / "metrics.csv")
+    assert metrics["control_auroc"].isna().all() and metrics["auroc"].item() > 0.9
+    args = parser.parse_args(
+        [
+            "probe-summary",
+            f"m={tmp_path / 'p' / 'metrics.csv'}",
+            "-o",
+            str(tmp_path / "s.csv"),
+            "--plot",
+            str(tmp_path / "s.png"),
+        ]
+    )
+    assert args.func(args) == 0 and (tmp_path / "s.png").exists()
