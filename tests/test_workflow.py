@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -61,6 +62,14 @@ def test_demo_run_merges_every_question_in_order(demo_run):
         summary = json.loads((demo_run / "results" / model / "inspection" / "summary.json").read_text())
         assert summary["samples"] == len(table) and summary["failed"] == 0
         assert (demo_run / "results" / model / "inspection" / "norms.png").stat().st_size > 0
+        labels = pd.read_csv(demo_run / "results" / model / "labels.csv", dtype=str, keep_default_na=False)
+        assert labels["question_id"].tolist() == table["question_id"].tolist()
+        metrics = pd.read_csv(demo_run / "results" / model / "probes" / "metrics.csv")
+        assert set(metrics["representation"]) >= {"VF", "VT", "QT"}
+        # random tiny models answer wrongly, so a probe may have one class only: then it says why
+        assert (metrics["auroc"].notna() | metrics["reason"].fillna("").str.len().gt(0)).all()
+    summary = pd.read_csv(demo_run / "results" / "summary" / "probes.csv")
+    assert (summary["source"] == "published").any()
 
 
 @pytest.mark.slow

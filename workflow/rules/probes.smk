@@ -51,7 +51,7 @@ rule probe:
         "logs/probe/{model}.log",
     conda:
         "../../envs/probes.yaml"
-    threads: 4
+    threads: 1
     params:
         settings=config.get("probes", {}),
     script:

@@ -33,6 +33,7 @@ __all__ = ["TINY_FAMILIES", "build_tiny_checkpoint", "atomic_output_dir"]
 _FAMILY_MODULES: dict[str, str] = {
     "qwen2_5_vl": ".qwen2_5_vl",
     "gemma3": ".gemma3",
+    "phi4_multimodal": ".phi4_multimodal",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
