@@ -16,7 +16,7 @@ VLMSTATES = f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -m vlmstates"
 
 from vlmstates.adapters import families, family_of_model_type
 from vlmstates.dataset import read_validated_table
-from vlmstates.settings import ModelSettings, model_type_of
+from vlmstates.settings import ConfigError, ModelSettings, model_type_of
 from vlmstates.shards import count_shards
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
@@ -43,8 +43,12 @@ def resolve_family(name):
     family = tiny_family(settings.model)
     if family and not Path(settings.model).exists():
         return family
-    model_type = model_type_of(settings.model, settings.revision)
-    return family_of_model_type(model_type, f"models.{name}.model ({settings.model})")
+    where = f"models.{name}.model ({settings.model})"
+    try:
+        model_type = model_type_of(settings.model, settings.revision)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from error
+    return family_of_model_type(model_type, where)
 
 
 MODEL_FAMILIES = {name: resolve_family(name) for name in config["models"]}
