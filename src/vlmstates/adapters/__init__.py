@@ -14,6 +14,7 @@ from ..settings import ConfigError
 _FAMILIES = {
     "qwen2_5_vl": ("qwen2_5_vl:Qwen25VLAdapter", ("qwen2_5_vl",)),
     "gemma3": ("gemma3:Gemma3Adapter", ("gemma3",)),
+    "molmo": ("molmo:MolmoAdapter", ("molmo",)),
     # "phi4mm": the hub main branch's remote-code config; the adapter loads the native revision instead
     "phi4_multimodal": ("phi4_multimodal:Phi4MultimodalAdapter", ("phi4_multimodal", "phi4mm")),
 }
