@@ -12,6 +12,9 @@ rule extract_shard:
         family_environment
     resources:
         gpu=1,
+        # requests of a cluster job (profiles/slurm); a site may override them per model there
+        mem_mb=extraction_memory_mb,
+        runtime=extraction_runtime,
         # the batch size halves with each retry (--retries), e.g. after running out of GPU memory
         attempt=lambda wildcards, attempt: attempt,
     params:
