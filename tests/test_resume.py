@@ -179,33 +179,61 @@ def test_no_gpu_means_no_lease(tmp_path):
 # -- the whole snakemake process killed --------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_killed_snakemake_reruns_with_rerun_incomplete(tmp_path):
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1"]
+MODEL = "tiny-qwen2_5_vl"
+MERGED = f"results/{MODEL}/embeddings.h5"
+
+
+def small_workdir(path):
+    """A working directory whose config runs the demo's first 16 questions on one model, in two shards."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["models"] = {"tiny-qwen2_5_vl": config["models"]["tiny-qwen2_5_vl"]}
+    config["models"] = {MODEL: config["models"][MODEL]}
     config["extraction"].update(shard_size=8, save_every=4)
     config["dataset"]["limit"] = 16
+    (path / "config").mkdir(parents=True)
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return path
 
-    def workdir(name):
-        path = tmp_path / name
-        (path / "config").mkdir(parents=True)
-        (path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-        return path
 
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1"]
-    reference, killed = workdir("reference"), workdir("killed")
-    subprocess.run(command + ["-d", str(reference)], check=True, capture_output=True, timeout=900)
-    process = subprocess.Popen(command + ["-d", str(killed)], start_new_session=True,
+@pytest.fixture(scope="module")
+def workflow_reference(tmp_path_factory):
+    """An uninterrupted run of the workflow up to the merged file."""
+    reference = small_workdir(tmp_path_factory.mktemp("workflow") / "reference")
+    subprocess.run(SNAKEMAKE + ["-d", str(reference), MERGED], check=True, capture_output=True, timeout=900)
+    return reference
+
+
+@pytest.mark.slow
+def test_killed_snakemake_reruns_with_rerun_incomplete(workflow_reference, tmp_path):
+    killed = small_workdir(tmp_path / "killed")
+    process = subprocess.Popen(SNAKEMAKE + ["-d", str(killed), MERGED], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = killed / "results" / "tiny-qwen2_5_vl" / "shards"
+    shards = killed / "results" / MODEL / "shards"
     deadline = time.time() + 600
     while not list(shards.glob("shard_0000.progress/part_*.h5")) and time.time() < deadline:
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)  # snakemake and its running job, as a lost node would
     process.wait()
     # a killed snakemake leaves its lock behind: unlock, then rerun what was incomplete
-    subprocess.run(command + ["-d", str(killed), "--unlock"], check=True, capture_output=True, timeout=300)
-    rerun = subprocess.run(command + ["-d", str(killed), "--rerun-incomplete"], capture_output=True, text=True, timeout=900)
+    subprocess.run(SNAKEMAKE + ["-d", str(killed), "--unlock"], check=True, capture_output=True, timeout=300)
+    rerun = subprocess.run(SNAKEMAKE + ["-d", str(killed), "--rerun-incomplete", MERGED], capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    merged = killed / "results" / "tiny-qwen2_5_vl" / "embeddings.h5"
-    assert_identical(merged, reference / "results" / "tiny-qwen2_5_vl" / "embeddings.h5")
+    assert_identical(killed / MERGED, workflow_reference / MERGED)
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_is_refused_and_deleting_it_repairs_the_run(workflow_reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(workflow_reference, run)
+    shard = run / "results" / MODEL / "shards" / "shard_0001.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a partial copy, a full disk
+    refused = subprocess.run(SNAKEMAKE + ["-d", str(run), MERGED], capture_output=True, text=True, timeout=900)
+    log = (run / "logs" / "merge" / f"{MODEL}.log").read_text()
+    assert refused.returncode != 0 and "shard_0001.h5" in log and "unreadable" in log, log
+    assert not (run / MERGED).exists()  # no partial result that looks complete
+    shard.unlink()
+    repaired = subprocess.run(SNAKEMAKE + ["-d", str(run), MERGED], capture_output=True, text=True, timeout=900)
+    assert repaired.returncode == 0, repaired.stderr[-3000:]
+    assert "rule extract_shard" in repaired.stdout + repaired.stderr
+    assert (repaired.stdout + repaired.stderr).count("rule extract_shard") == 1  # shard 0001 alone
+    assert_identical(run / MERGED, workflow_reference / MERGED)
