@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TINY_FAMILIES", "build_tiny_checkpoint", "atomic_output_dir"]
+__all__ = ["TINY_FAMILIES", "build_tiny_checkpoint", "atomic_output_dir", "seeded_model", "generation_config", "save_checkpoint"]
 
 #: family name -> module (relative to this package) exposing ``build(out_dir, seed)``.
 #: Add a family by adding a module and an entry here (e.g. "phi4_multimodal").
@@ -52,6 +52,35 @@ def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike[str], seed: in
         )
     module = importlib.import_module(module_name, __name__)
     return module.build(Path(out_dir), int(seed))
+
+
+def seeded_model(model_class, config, seed: int):
+    """``model_class(config)`` in fp32 eval mode, initialised from ``seed`` without touching the global RNG."""
+    import torch
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return model_class(config).to(torch.float32).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def generation_config(bos_token_id: int, pad_token_id: int, eos_token_ids: list[int]):
+    """Greedy-decoding settings as the real checkpoints' generation_config.json gives them."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=bos_token_id, pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids))
+
+
+def save_checkpoint(model, processor, out_dir: Path, extra=None) -> Path:
+    """Save model and processor into ``out_dir`` atomically; ``extra(folder)`` writes more files last."""
+    with atomic_output_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)
 
 
 @contextlib.contextmanager

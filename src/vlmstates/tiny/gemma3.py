@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic_output_dir
+from . import generation_config, save_checkpoint, seeded_model
 from .tokenizer import build_tokenizer
 
 FAMILY = "gemma3"
@@ -182,45 +182,22 @@ def build_config(tokenizer):
     )
 
 
-def build_generation_config(config):
-    from transformers import GenerationConfig
-
-    text = config.text_config
-    return GenerationConfig(
-        bos_token_id=text.bos_token_id,
-        pad_token_id=text.pad_token_id,
-        eos_token_id=list(text.eos_token_id),
-    )
-
-
 def build(out_dir: Path, seed: int = 0) -> Path:
     """Build the tiny Gemma 3 checkpoint into ``out_dir`` (replaced if present)."""
     from transformers import Gemma3ForConditionalGeneration
 
     processor = build_processor()
     config = build_config(processor.tokenizer)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = Gemma3ForConditionalGeneration(config).to(torch.float32).eval()
-        # transformers initialises the projection to zeros (a trained checkpoint
-        # never has that), which would make the text blind to the image.
-        # Give it random weights, scaled so that the projected image tokens
-        # (unit-RMS normed vision features times this matrix) have the spread of
-        # the text embeddings (initializer_range times the sqrt(hidden) scale).
-        projector = model.model.multi_modal_projector
-        std = (
-            config.text_config.initializer_range
-            * config.text_config.hidden_size**0.5
-            / config.vision_config.hidden_size**0.5
-        )
-        with torch.no_grad():
-            projector.mm_input_projection_weight.normal_(mean=0.0, std=std)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config = build_generation_config(config)
-
-    with atomic_output_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return Path(out_dir)
+    model = seeded_model(Gemma3ForConditionalGeneration, config, seed)
+    # transformers initialises the projection to zeros (a trained checkpoint never has that), which would
+    # make the text blind to the image. Give it random weights, scaled so that the projected image tokens
+    # (unit-RMS normed vision features times this matrix) have the spread of the text embeddings
+    # (initializer_range times the sqrt(hidden) scale).
+    text = config.text_config
+    std = text.initializer_range * text.hidden_size**0.5 / config.vision_config.hidden_size**0.5
+    generator = torch.Generator().manual_seed(seed)
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+    model.generation_config = generation_config(text.bos_token_id, text.pad_token_id, text.eos_token_id)
+    return save_checkpoint(model, processor, out_dir)

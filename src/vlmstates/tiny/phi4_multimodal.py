@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic_output_dir
+from . import generation_config, save_checkpoint, seeded_model
 from .tokenizer import build_tokenizer
 
 FAMILY = "phi4_multimodal"
@@ -187,17 +187,6 @@ def build_config(tokenizer):
     )
 
 
-def build_generation_config(config):
-    from transformers import GenerationConfig
-
-    # As the real generation_config.json: stop on <|endoftext|> or <|end|>.
-    return GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        pad_token_id=config.pad_token_id,
-        eos_token_id=list(config.eos_token_id),
-    )
-
-
 def _randomise_image_separators(model, generator: torch.Generator) -> None:
     # transformers initialises the learned separators (the row-end "sub" and the
     # global/HD boundary "global" extensors) to zeros; a trained checkpoint never
@@ -236,19 +225,11 @@ def build(out_dir: Path, seed: int = 0, vision_lora: bool = False) -> Path:
 
     processor = build_processor()
     config = build_config(processor.tokenizer)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = Phi4MultimodalForCausalLM(config).to(torch.float32).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = seeded_model(Phi4MultimodalForCausalLM, config, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     _randomise_image_separators(model, generator)
-    model.generation_config = build_generation_config(config)
-
-    with atomic_output_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if vision_lora:  # last: peft injects its layers into the model
-            _write_vision_lora(model, tmp, generator)
-    return Path(out_dir)
+    # As the real generation_config.json: stop on <|endoftext|> or <|end|>.
+    model.generation_config = generation_config(config.bos_token_id, config.pad_token_id, config.eos_token_id)
+    # the LoRA last: peft injects its layers into the model
+    write_lora = (lambda folder: _write_vision_lora(model, folder, generator)) if vision_lora else None
+    return save_checkpoint(model, processor, out_dir, extra=write_lora)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from . import atomic_output_dir
+from . import generation_config, save_checkpoint, seeded_model
 from .tokenizer import build_tokenizer
 
 FAMILY = "qwen2_5_vl"
@@ -168,33 +166,14 @@ def build_config(tokenizer):
     )
 
 
-def build_generation_config(config):
-    from transformers import GenerationConfig
-
-    text = config.text_config
-    # As the real generation_config.json: stop on <|im_end|> or <|endoftext|>.
-    return GenerationConfig(
-        bos_token_id=text.bos_token_id,
-        pad_token_id=text.pad_token_id,
-        eos_token_id=[text.eos_token_id, text.pad_token_id],
-    )
-
-
 def build(out_dir: Path, seed: int = 0) -> Path:
     """Build the tiny Qwen2.5-VL checkpoint into ``out_dir`` (replaced if present)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     processor = build_processor()
     config = build_config(processor.tokenizer)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config = build_generation_config(config)
-
-    with atomic_output_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return Path(out_dir)
+    model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed)
+    text = config.text_config
+    # As the real generation_config.json: stop on <|im_end|> or <|endoftext|>.
+    model.generation_config = generation_config(text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id])
+    return save_checkpoint(model, processor, out_dir)
