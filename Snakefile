@@ -11,6 +11,7 @@ include: "workflow/rules/resources.smk"
 include: "workflow/rules/dataset.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/inspect.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/probes.smk"
 
 

@@ -3,7 +3,10 @@
   vlmstates validate CSV IMAGES      check and normalise a VQA table
   vlmstates extract-shard ...        one extraction job (what the workflow runs)
   vlmstates merge --table T ...      merge shards into one embeddings file
-  vlmstates inspect FILE             print structure and summary of an embeddings file
+  vlmstates inspect FILE             print structure and summary of an embeddings file (either layout)
+  vlmstates export FILE OUT_DIR      write an embeddings file in the seed scripts' per-question layout
+  vlmstates extract --vqa-dataset ...  the workflow's steps for one model, with the seed scripts' flags
+  vlmstates predict --model M ...    answer one image (vqa, caption or ocr)
   vlmstates demo OUT                 generate the bundled demo VQA set
   vlmstates tiny FAMILY OUT          build a tiny random checkpoint of a real architecture
 """
@@ -64,6 +67,50 @@ def _inspect(args) -> None:
         write_inspection_report(args.file, args.html, args.png, args.json)
 
 
+def _export(args) -> None:
+    from .seed_layout import export_seed_layout
+
+    parts = export_seed_layout(args.embeddings, args.out_dir, args.prefix, args.part_size)
+    print(f"{len(parts)} part files in {parts[0].parent}, from {parts[0].name}")
+
+
+def _extract(args) -> None:
+    from .extract_command import run_extract
+
+    outputs = run_extract(
+        args.vqa_dataset,
+        args.images_dir,
+        args.output_dir,
+        args.model,
+        cache_dir=args.cache_dir,
+        checkpoint_interval=args.checkpoint_interval,
+        test=args.test,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"embeddings: {outputs.embeddings}")
+    print(f"seed layout: {len(outputs.seed_parts)} part files in {outputs.seed_parts[0].parent}")
+
+
+def _predict(args) -> None:
+    from .predict import predict
+
+    prediction = predict(
+        args.model,
+        args.image,
+        task=args.task,
+        question=args.question,
+        prompt=args.prompt,
+        device=args.device,
+        max_new_tokens=args.max_new_tokens,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(prediction.as_dict(), indent=2) if args.format == "json" else prediction.answer)
+
+
 def _demo(args) -> None:
     from .demo import write_demo_dataset
 
@@ -117,6 +164,41 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", help="summary as JSON")
     p.set_defaults(func=_inspect)
 
+    p = commands.add_parser("export", help="write an embeddings file in the seed scripts' per-question layout")
+    p.add_argument("embeddings", help="a merged embeddings file, e.g. results/<model>/embeddings.h5")
+    p.add_argument("out_dir", help="folder for the {prefix}_embeddings_part_NNN.h5 files")
+    p.add_argument("--prefix", help="file name prefix (default: from the model id, e.g. qwen2_5_vl_7b_instruct)")
+    p.add_argument("--part-size", type=int, default=1000, help="questions per file (the seeds' checkpoint interval)")
+    p.set_defaults(func=_export)
+
+    p = commands.add_parser("extract", help="validate, extract every shard (resuming) and merge, with the seeds' flags")
+    p.add_argument("--vqa-dataset", required=True, help="the VQA table (CSV)")
+    p.add_argument("--images-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="results-style folder: dataset/, <model>/shards/, ...")
+    p.add_argument("--model", required=True, help="hub id or local checkpoint folder")
+    p.add_argument("--cache-dir", help="Hugging Face hub cache folder (sets HF_HUB_CACHE)")
+    p.add_argument("--checkpoint-interval", type=int, default=1000,
+                   help="questions per seed-layout file, and progress saved every N samples")
+    p.add_argument("--test", action="store_true", help="only the first 3 questions, as a quick check")
+    p.add_argument("--shard-size", type=int, default=500, help="questions per shard (the workflow's default)")
+    p.add_argument("--batch-size", type=int, help="samples per generate() call (default: the models config's)")
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the models config's, 200)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the checkpoint's own code run (Molmo)")
+    p.set_defaults(func=_extract)
+
+    p = commands.add_parser("predict", help="answer one image through the extraction engine")
+    p.add_argument("--model", required=True, help="hub id or local checkpoint folder")
+    p.add_argument("--image", required=True)
+    p.add_argument("--task", choices=["vqa", "caption", "ocr"], default="vqa")
+    p.add_argument("--question", help="the question (task vqa, or a --prompt with {question})")
+    p.add_argument("--prompt", help="prompt template replacing the task's preset; {question} is replaced")
+    p.add_argument("--format", choices=["txt", "json"], default="txt")
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the checkpoint's own code run (Molmo)")
+    p.set_defaults(func=_predict)
+
     p = commands.add_parser("demo", help="generate the demo VQA set (questions.csv and images/)")
     p.add_argument("out")
     p.set_defaults(func=_demo)
@@ -148,11 +230,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     from .dataset import DatasetError
+    from .inspection import UnreadableFile
+    from .predict import PredictError
+    from .seed_layout import SeedLayoutError
     from .settings import ConfigError
     from .shards import ShardFailed
     from .store import MergeError
 
-    return (ConfigError, DatasetError, MergeError, ShardFailed)
+    return (ConfigError, DatasetError, MergeError, ShardFailed, SeedLayoutError, PredictError, UnreadableFile)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Inspection of an embeddings file: a printed summary, and the per-model report of the workflow."""
+"""Inspection of an embeddings file: a printed summary, and the per-model report of the workflow.
+
+Reads both layouts: our columnar file (store.py) and the seed scripts' per-question parts (seed_layout.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,24 @@ from pathlib import Path
 
 import numpy as np
 
+from .seed_layout import is_seed_layout, read_seed_layout
 from .store import STATUS_FAILED, STATUS_OK, Embeddings, read_embeddings
+
+
+class UnreadableFile(ValueError):
+    """The path is neither an embeddings file nor seed-layout parts; the message names it."""
+
+
+def open_embeddings(path: str | Path) -> Embeddings:
+    """A columnar embeddings file, or seed-layout parts (one part file or a folder of them)."""
+    if not Path(path).exists():
+        raise UnreadableFile(f"{path}: no such file or folder")
+    if is_seed_layout(path):
+        return read_seed_layout(path)
+    try:
+        return read_embeddings(path)
+    except (OSError, ValueError) as error:
+        raise UnreadableFile(f"{path}: not an embeddings file or seed-layout part ({error})") from error
 
 
 def summarise(emb: Embeddings) -> dict:
@@ -43,6 +63,7 @@ def summarise(emb: Embeddings) -> dict:
 
 
 def _stats(values: np.ndarray) -> dict:
+    values = values[values >= 0]  # -1: not recorded (the seed layout has no positions or token counts)
     if not len(values):
         return {}
     return {"min": int(values.min()), "median": float(np.median(values)), "max": int(values.max())}
@@ -50,11 +71,14 @@ def _stats(values: np.ndarray) -> dict:
 
 def describe(path: str | Path) -> str:
     """Structure and summary as text (the seed scripts' inspect_h5.py)."""
-    summary = summarise(read_embeddings(path))
+    summary = summarise(open_embeddings(path))
     lines = [f"{summary['file']}: {summary['samples']} samples, {summary['ok']} ok, {summary['failed']} failed"]
     lines.append("attributes:")
     lines += [f"  {k}: {v}" for k, v in summary["attributes"].items()]
-    lines.append(f"prompt tokens: {summary['prompt_tokens']}; image tokens: {summary['image_tokens']}")
+    lines.append(
+        f"prompt tokens: {summary['prompt_tokens'] or 'not recorded'}; "
+        f"image tokens: {summary['image_tokens'] or 'not recorded'}"
+    )
     lines.append("vectors (over ok samples):")
     for key, v in summary["vectors"].items():
         lines.append(
@@ -66,7 +90,7 @@ def describe(path: str | Path) -> str:
 
 
 def write_inspection_report(embeddings_path, summary_html, norms_png, summary_json) -> None:
-    emb = read_embeddings(embeddings_path)
+    emb = open_embeddings(embeddings_path)
     summary = summarise(emb)
     _atomic_write_text(summary_json, json.dumps(summary, indent=2, default=str))
     _atomic_write_text(summary_html, _html(summary))

@@ -8,15 +8,22 @@ from snakemake.utils import validate
 
 # The package lives in src/; the DAG imports it through sys.path, and every job runs its command line
 # with PYTHONPATH set to it. Jobs use shell:, not script:, because script: would also put Snakemake's
-# own site-packages on sys.path, and a job must import only what its conda environment holds.
+# own site-packages on sys.path, and a job must import only what its conda environment holds
+# (PYTHONPATH is replaced, not extended, and -s leaves out the user's ~/.local site-packages).
 PACKAGE_SRC = str(Path(workflow.basedir) / "src")
 if PACKAGE_SRC not in sys.path:
     sys.path.insert(0, PACKAGE_SRC)
-VLMSTATES = f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -m vlmstates"
+VLMSTATES = f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates"
 
 from vlmstates.adapters import families, family_of_model_type
 from vlmstates.dataset import read_validated_table
-from vlmstates.settings import ConfigError, ModelSettings, model_type_of
+from vlmstates import job_resources
+from vlmstates.settings import (
+    ConfigError,
+    ModelSettings,
+    model_type_of,
+    read_checkpoint_config,
+)
 from vlmstates.shards import count_shards
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
@@ -83,6 +90,44 @@ def settings_json(wildcards):
     return json.dumps({"name": wildcards.model, **entry})
 
 
+def extraction_footprint(name):
+    """(weights in bytes, vectors per question, hidden size) of a model, for its jobs' requests."""
+    settings = model_settings(name)
+    layers = len(settings.layers) if settings.layers else 5  # default_layers gives five
+    vectors = job_resources.vectors_per_question(
+        layers, settings.multimodal_representation
+    )
+    if tiny_family(settings.model) and not Path(settings.model).exists():
+        return 0, vectors, 64  # a tiny checkpoint, still to be built, weighs a few MB
+    weights = job_resources.checkpoint_bytes(settings.model, settings.revision)
+    hidden = job_resources.hidden_size_of(
+        read_checkpoint_config(settings.model, settings.revision)
+    )
+    return weights, vectors, hidden
+
+
+EXTRACTION_FOOTPRINTS = {name: extraction_footprint(name) for name in MODEL_FAMILIES}
+
+
+def extraction_memory_mb(wildcards, attempt):
+    """Host memory from the model's size and the shard size, doubled and tripled on retries."""
+    weights, vectors, hidden = EXTRACTION_FOOTPRINTS[wildcards.model]
+    shard_size = config["extraction"]["shard_size"]
+    return attempt * job_resources.extraction_memory_mb(
+        weights, shard_size, vectors, hidden
+    )
+
+
+def extraction_runtime(wildcards, attempt):
+    """Time limit (minutes) from the model's size and the shard size, longer on retries."""
+    weights = EXTRACTION_FOOTPRINTS[wildcards.model][0]
+    entry = model_settings(wildcards.model)
+    batch = entry.batch_size if isinstance(entry.batch_size, int) else 8
+    return attempt * job_resources.extraction_runtime_minutes(
+        weights, config["extraction"]["shard_size"], entry.max_new_tokens, batch
+    )
+
+
 def shard_ids():
     table = checkpoints.validate_dataset.get().output.table
     rows = len(read_validated_table(table))
@@ -120,4 +165,6 @@ def all_targets():
             f"results/{model}/inspection/norms.png",
             f"results/{model}/probes/metrics.csv",
         ]
+        if config["export"]["seed_layout"]:
+            targets.append(f"results/{model}/seed_layout")
     return targets + ["results/summary/probes.csv"]
