@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from vlmstates import labels as L
+from vlmstates.demo import write_demo_dataset
 from vlmstates.store import SampleResult, write_embeddings
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +236,30 @@ def test_file_method_errors_name_the_row(tmp_path, content, message):
     assert not (tmp_path / "labels.csv").exists()
 
 
+def test_file_method_can_skip_questions_not_in_the_embeddings(tmp_path, caplog):
+    """The workflow's dataset.limit leaves out questions that a labels file may still name."""
+    h5 = _write(tmp_path / "embeddings.h5", ROWS)
+    supplied = tmp_path / "human.csv"
+    supplied.write_text("question_id,hallucinated\nq1,true\nq9,false\nq10,true\n")
+    summary = L.label_embeddings(h5, tmp_path / "labels.csv", "file", supplied, ignore_unknown=True)
+    assert summary["n_judged"] == 1 and summary["n_hallucinated"] == 1
+    assert "2 rows name questions not in the embeddings file" in caplog.text and "q9, q10" in caplog.text
+    supplied.write_text("question_id,hallucinated\nq9,false\nq9,true\n")
+    with pytest.raises(ValueError, match="repeats line 2"):  # still checked
+        L.label_embeddings(h5, tmp_path / "labels.csv", "file", supplied, ignore_unknown=True)
+
+
+def test_demo_stand_in_labels(tmp_path):
+    """The demo's labels are those of an always-"yes" answerer: true where the truth is "no"."""
+    questions = pd.read_csv(write_demo_dataset(tmp_path, n_images=8), dtype=str, keep_default_na=False)
+    labels = pd.read_csv(tmp_path / "labels.csv", dtype=str, keep_default_na=False)
+    assert list(labels.columns) == ["question_id", "hallucinated"]
+    assert labels["question_id"].tolist() == questions["question_id"].tolist()
+    expected = questions["answer"].map({"no": "true", "yes": "false"}).fillna("")
+    assert labels["hallucinated"].tolist() == expected.tolist()
+    assert (labels["hallucinated"] == "true").sum() == (labels["hallucinated"] == "false").sum() == 4
+
+
 def test_file_method_needs_a_file(tmp_path):
     h5 = _write(tmp_path / "embeddings.h5", ROWS)
     with pytest.raises(ValueError, match="needs a labels file"):
@@ -249,3 +274,10 @@ def test_cli(tmp_path, capsys):
     assert args.func(args) == 0
     assert (tmp_path / "labels.csv").exists() and (tmp_path / "labels.summary.json").exists()
     assert "judged by exact" in capsys.readouterr().out
+    # as the workflow calls it: every path given, an empty --labels-file for the text rules
+    args = parser.parse_args(
+        ["label", str(h5), "--method", "yesno", "--labels-file", "", "-o", str(tmp_path / "l.csv"),
+         "--summary", str(tmp_path / "s.json")]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["labels_file"] is None

@@ -100,6 +100,22 @@ def test_no_image_in_two_splits(planted, tmp_path, split):
         assert (tests.groupby("image_id")["fold"].nunique() == 1).all()
 
 
+@pytest.mark.parametrize("split", ["grouped", "kfold", "halp"])
+def test_shuffled_control_keeps_class_counts_per_split(split):
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(40), 2)
+    y = (rng.random(80) < 0.3).astype(int)
+    folds = P.make_folds(y, groups, P.ProbeSettings(split=split, folds=4))
+    shuffled = P.shuffled_labels(y, folds, seed=1)
+    assert not np.array_equal(shuffled, y)
+    for fold in folds:
+        parts = [fold.train, fold.val, fold.test]
+        if split == "kfold":  # test folds keep their counts, so does each fold's rest (train and val together)
+            parts = [np.r_[fold.train, fold.val], fold.test]
+        for part in parts:
+            assert shuffled[part].sum() == y[part].sum(), split
+
+
 def test_halp_split_is_random_by_question():
     y = np.array([0, 1] * 50)
     groups = np.repeat(np.arange(25), 4)
@@ -265,7 +281,8 @@ def test_cli(planted, tmp_path):
     args = parser.parse_args(
         [
             "probe", str(planted / "embeddings.h5"), str(planted / "labels.csv"), "-o", str(tmp_path / "p"),
-            "--probes", "logreg", "--representations", "QT", "--layers", "1", "--bootstrap", "50", "--no-control",
+            "--settings-json", json.dumps({"probes": ["logreg"], "representations": ["QT"], "layers": [1]}),
+            "--bootstrap", "50", "--no-control", "--threads", "1",
         ]
     )  # fmt: skip
     assert args.func(args) == 0

@@ -4,6 +4,14 @@ Everything is derived from ``random.Random(seed)``, so the same arguments give t
 images and questions byte for byte.  Shapes in one scene have distinct kinds and distinct
 colours and sit in distinct rows *and* columns of a 3x3 grid, so "the red circle", "the
 square" and every left/right/above/below relation are unambiguous.
+
+Stand-in labels.  The demo's models have random weights, so their answers cannot be judged in any
+meaningful way (the ``halp`` rule calls every one hallucinated, leaving the probes a single class).
+``labels.csv`` therefore labels the *questions* instead: ``hallucinated`` is what a model that always
+answers "yes" would get, i.e. true where the ground truth is "no", false where it is "yes", and empty
+(unjudged) for the questions that are not yes/no.  Both classes are guaranteed (half the yes/no
+answers are "yes"), and since the label depends on the image, a random model's states carry no
+signal about it: the demo's probe AUROCs should sit near chance.  They are not hallucination labels.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 __all__ = ["COLORS", "SHAPES", "Shape", "Scene", "make_scene", "render_scene",
-           "relation_holds", "write_demo_dataset"]
+           "relation_holds", "stand_in_label", "write_demo_dataset"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -126,6 +134,19 @@ def _relational_question(scene: Scene, want: str, rng: random.Random) -> tuple[s
     return f"Is the {a.name} {rel} the {b.name}?", answer
 
 
+def stand_in_label(answer: str) -> str:
+    """The demo's stand-in label of a question: was an always-"yes" answer wrong? ("" if not yes/no)."""
+    return {"no": "true", "yes": "false"}.get(answer, "")
+
+
+def _csv_bytes(header: list[str], rows) -> bytes:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return text.getvalue().encode("utf-8")
+
+
 def _atomic_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -144,8 +165,9 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 
 def write_demo_dataset(out_dir: os.PathLike | str, n_images: int = 24, seed: int = 0) -> Path:
-    """Write ``out_dir/images/scene_NNN.png``, ``out_dir/scenes.json`` (the geometry) and,
-    last, ``out_dir/questions.csv``; return the CSV path.
+    """Write ``out_dir/images/scene_NNN.png``, ``out_dir/scenes.json`` (the geometry), the
+    stand-in labels ``out_dir/labels.csv`` (see the module's docstring) and, last,
+    ``out_dir/questions.csv``; return the CSV path.
 
     Each image gets one yes/no relational question (exactly half "yes" overall, up to
     one for odd counts); every second image also gets a "How many shapes are there?"
@@ -188,10 +210,8 @@ def write_demo_dataset(out_dir: os.PathLike | str, n_images: int = 24, seed: int
     _atomic_bytes(out_dir / "scenes.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
     qwidth = max(4, len(str(len(rows))))
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["question_id", "image_id", "question", "answer"])
-    for n, (image_id, question, answer) in enumerate(rows, start=1):
-        writer.writerow([f"q{n:0{qwidth}d}", image_id, question, answer])
-    _atomic_bytes(csv_path, text.getvalue().encode("utf-8"))
+    questions = [(f"q{n:0{qwidth}d}", *row) for n, row in enumerate(rows, start=1)]
+    labels = [(qid, stand_in_label(answer)) for qid, _, _, answer in questions]
+    _atomic_bytes(out_dir / "labels.csv", _csv_bytes(["question_id", "hallucinated"], labels))
+    _atomic_bytes(csv_path, _csv_bytes(["question_id", "image_id", "question", "answer"], questions))
     return csv_path

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -71,6 +72,8 @@ _NUMBER_WORDS = {
 }
 _NUMBER = re.compile(r"\d+(?:\.\d+)?|\b(?:" + "|".join(_NUMBER_WORDS) + r")\b")
 _WORD = re.compile(r"\b\w+\b")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -226,11 +229,13 @@ _FILE_VALUES = {
 }  # fmt: skip
 
 
-def read_labels_file(path: str | Path, known_question_ids) -> dict[str, str]:
+def read_labels_file(path: str | Path, known_question_ids, ignore_unknown: bool = False) -> dict[str, str]:
     """question_id -> TRUE/FALSE/UNJUDGED from a CSV with columns question_id, hallucinated.
 
     Errors name the file and the line (line 1 is the header): a missing column, an empty or
     duplicated question_id, one not in the embeddings file, or a value that is not a boolean.
+    With `ignore_unknown`, rows of questions not in the embeddings file (e.g. cut by dataset.limit)
+    are skipped with a warning instead.
     """
     path = Path(path)
     try:
@@ -246,14 +251,15 @@ def read_labels_file(path: str | Path, known_question_ids) -> dict[str, str]:
     known = set(known_question_ids)
     labels: dict[str, str] = {}
     first_line: dict[str, int] = {}
+    unknown: list[str] = []
     for i, (qid, value) in enumerate(zip(table["question_id"], table["hallucinated"])):
         line = i + 2
         qid = qid.strip()
         if not qid:
             raise ValueError(f"labels file {path}, line {line}: empty question_id")
-        if qid in labels:
+        if qid in first_line:
             raise ValueError(f"labels file {path}, line {line}: question_id {qid!r} repeats line {first_line[qid]}")
-        if qid not in known:
+        if qid not in known and not ignore_unknown:
             raise ValueError(f"labels file {path}, line {line}: question_id {qid!r} is not in the embeddings file")
         key = value.strip().lower()
         if key not in _FILE_VALUES:
@@ -261,8 +267,16 @@ def read_labels_file(path: str | Path, known_question_ids) -> dict[str, str]:
                 f"labels file {path}, line {line} (question_id {qid!r}): hallucinated is {value!r}; "
                 "expected true/false (also 1/0, yes/no) or empty"
             )
-        labels[qid] = _FILE_VALUES[key]
         first_line[qid] = line
+        if qid in known:
+            labels[qid] = _FILE_VALUES[key]
+        else:
+            unknown.append(qid)
+    if unknown:
+        log.warning(
+            "labels file %s: %d rows name questions not in the embeddings file, ignored (first: %s)",
+            path, len(unknown), ", ".join(unknown[:3]),
+        )
     return labels
 
 
@@ -286,14 +300,16 @@ def summary_path(out_csv: str | Path) -> Path:
     return out_csv.with_name(out_csv.stem + ".summary.json")
 
 
-def label_table(table: pd.DataFrame, method: str, labels_file: str | Path | None = None) -> pd.DataFrame:
+def label_table(
+    table: pd.DataFrame, method: str, labels_file: str | Path | None = None, ignore_unknown: bool = False
+) -> pd.DataFrame:
     """Labels for an embeddings table (as `read_embeddings(...).table`), in its row order."""
     if method not in METHODS:
         raise ValueError(f"unknown label method {method!r}: choose one of {', '.join(METHODS)}")
     if method == "file":
         if not labels_file:
             raise ValueError("label method 'file' needs a labels file (CSV with question_id, hallucinated)")
-        supplied = read_labels_file(labels_file, table["question_id"])
+        supplied = read_labels_file(labels_file, table["question_id"], ignore_unknown)
 
     rows = []
     for record in table.itertuples(index=False):
@@ -337,17 +353,20 @@ def label_embeddings(
     out_csv: str | Path,
     method: str = "halp",
     labels_file: str | Path | None = None,
+    summary_json: str | Path | None = None,
+    ignore_unknown: bool = False,
 ) -> dict:
-    """Label every question of an embeddings file; write `out_csv` and its JSON summary; return the summary."""
+    """Label every question of an embeddings file; write `out_csv` and its JSON summary (by default
+    beside it, see `summary_path`); return the summary."""
     embeddings = read_embeddings(embeddings_path)
-    labels = label_table(embeddings.table, method, labels_file)
+    labels = label_table(embeddings.table, method, labels_file, ignore_unknown)
     summary = summarise_labels(labels, method)
     summary["embeddings"] = str(embeddings_path)
     summary["model"] = str(embeddings.attrs.get("model", ""))
     summary["labels_file"] = str(labels_file) if labels_file else None
     out_csv = Path(out_csv)
     _atomic_write_text(out_csv, labels.to_csv(index=False))
-    _atomic_write_text(summary_path(out_csv), json.dumps(summary, indent=2) + "\n")
+    _atomic_write_text(Path(summary_json or summary_path(out_csv)), json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -366,7 +385,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
 
 def _run_cli(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(args.embeddings).with_name("labels.csv")
-    summary = label_embeddings(args.embeddings, out, args.method, args.labels_file)
+    summary = label_embeddings(args.embeddings, out, args.method, args.labels_file, args.summary, args.ignore_unknown)
     rate = summary["positive_rate"]
     print(
         f"{out}: {summary['n_judged']} of {summary['n_total']} judged by {args.method}, "
@@ -391,7 +410,16 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "--labels-file", metavar="CSV", help="for --method file: CSV with columns question_id, hallucinated"
     )
     parser.add_argument(
+        "--ignore-unknown",
+        action="store_true",
+        help="for --method file: skip (with a warning) rows of questions not in the embeddings file, "
+        "e.g. ones cut by dataset.limit; without it they are an error",
+    )
+    parser.add_argument(
         "-o", "--output", metavar="LABELS.csv", help="output CSV (default: labels.csv beside the embeddings)"
+    )
+    parser.add_argument(
+        "--summary", metavar="JSON", help="summary of the labels (default: LABELS.summary.json beside the output)"
     )
     parser.set_defaults(func=_run_cli)
     return parser

@@ -13,7 +13,8 @@ Splits (one split per run, shared by every representation and layer):
   halp     the paper's protocol: random 80/20 by question, no validation (default C, last epoch)
 
 Per probe: test AUROC with a bootstrap interval, accuracy at p=0.5, positive rates and n per split,
-and a shuffled-label control (the same pipeline on permuted labels; it should sit near 0.5).
+and a shuffled-label control (the same pipeline on labels permuted within each split, so every split keeps
+its class counts and the control is defined wherever the probe is; it should sit near 0.5).
 """
 
 from __future__ import annotations
@@ -231,6 +232,21 @@ def make_folds(y: np.ndarray, groups: np.ndarray, settings: ProbeSettings) -> li
             train, val = rest, np.array([], dtype=int)
         folds.append(Fold(train, val, index[fold_of == k]))
     return folds
+
+
+def shuffled_labels(y: np.ndarray, folds: list[Fold], seed: int) -> np.ndarray:
+    """`y` permuted within each split (single split: train, val, test; k-fold: each test fold).
+
+    Keeping the class counts per split means a control never loses a class that the real labels have
+    in that split, which a global permutation can do on small test sets.
+    """
+    y = np.asarray(y)
+    shuffled = y.copy()
+    rng = np.random.default_rng(seed)
+    parts = [folds[0].train, folds[0].val, folds[0].test] if len(folds) == 1 else [f.test for f in folds]
+    for part in parts:
+        shuffled[part] = y[rng.permutation(part)]
+    return shuffled
 
 
 def split_table(folds: list[Fold], question_ids, image_ids, y) -> pd.DataFrame:
@@ -594,7 +610,7 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
     model_name = str(embeddings.attrs.get("model", ""))
     device = resolve_device(settings.device) if "mlp" in settings.probes else "cpu"
     folds = make_folds(y, groups, settings)
-    shuffled = np.random.default_rng(settings.seed + 1).permutation(y)
+    shuffled = shuffled_labels(y, folds, settings.seed + 1)
 
     keys = []
     for key in embeddings.representation_keys():
@@ -960,6 +976,12 @@ def plot_summary(summary: pd.DataFrame, path, citation: str = "") -> None:
 
 def _settings_from_args(args: argparse.Namespace) -> ProbeSettings:
     mapping = {}
+    if args.settings and args.settings_json:
+        raise ValueError("give probe settings as --settings FILE or --settings-json TEXT, not both")
+    if args.settings_json:
+        mapping = json.loads(args.settings_json)
+        if not isinstance(mapping, dict):
+            raise ValueError(f"--settings-json must be a JSON object, not {args.settings_json!r}")
     if args.settings:
         text = Path(args.settings).read_text()
         if args.settings.endswith((".yaml", ".yml")):
@@ -1023,6 +1045,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("labels", metavar="LABELS.csv", help="labels as written by `label`")
     parser.add_argument("-o", "--output", metavar="DIR", help="output folder (default: probes/ beside the embeddings)")
     parser.add_argument("--settings", metavar="FILE", help="JSON or YAML mapping of probe settings (flags override)")
+    parser.add_argument("--settings-json", metavar="TEXT", help="the same mapping given inline as a JSON object")
     parser.add_argument("--split", choices=SPLITS)
     parser.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--folds", type=int)

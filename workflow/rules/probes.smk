@@ -1,6 +1,7 @@
 # Hallucination labels and HALP probes, per model, and a summary across models beside the paper's numbers.
 # Conventions from common.smk: config["models"] (name -> settings), results/{model}/embeddings.h5,
 # config["labels"] (method, file) and config["probes"] (vlmstates.probes.ProbeSettings fields).
+# Every job runs the package's command line (shell:, never script:; see common.smk).
 
 
 rule label:
@@ -14,9 +15,19 @@ rule label:
     conda:
         "../../envs/probes.yaml"
     params:
+        cli=VLMSTATES,
         method=config["labels"]["method"],
-    script:
-        "../../scripts/label.py"
+        labels_file=lambda wildcards, input: input.get("labels_file", ""),
+        # a labels file may name questions that dataset.limit or lenient validation left out
+        ignore_unknown=(
+            "--ignore-unknown"
+            if config["dataset"]["limit"]
+            or config["dataset"]["validation"] == "lenient"
+            else ""
+        ),
+    shell:
+        "{params.cli} label {input.embeddings:q} --method {params.method} --labels-file {params.labels_file:q}"
+        " {params.ignore_unknown} --output {output.labels:q} --summary {output.summary:q} > {log:q} 2>&1"
 
 
 rule probe:
@@ -53,9 +64,12 @@ rule probe:
         "../../envs/probes.yaml"
     threads: 1
     params:
-        settings=config.get("probes", {}),
-    script:
-        "../../scripts/probe.py"
+        cli=VLMSTATES,
+        settings=json.dumps(config["probes"]),
+        out_dir=lambda wildcards, output: Path(output.metrics).parent,
+    shell:
+        "{params.cli} probe {input.embeddings:q} {input.labels:q} --output {params.out_dir:q}"
+        " --settings-json {params.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule probe_summary:
@@ -83,6 +97,8 @@ rule probe_summary:
     conda:
         "../../envs/probes.yaml"
     params:
-        models=list(config["models"]),
-    script:
-        "../../scripts/probe_summary.py"
+        cli=VLMSTATES,
+    shell:
+        # a model's name is read off its path, results/{model}/probes/metrics.csv
+        "{params.cli} probe-summary {input.metrics:q} --output {output.table:q} --plot {output.plot:q}"
+        " > {log:q} 2>&1"
