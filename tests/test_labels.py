@@ -281,3 +281,16 @@ def test_cli(tmp_path, capsys):
     )  # fmt: skip
     assert args.func(args) == 0
     assert json.loads((tmp_path / "s.json").read_text())["labels_file"] is None
+
+
+def test_a_bad_labels_file_is_one_line_naming_file_and_line(tmp_path, capsys):
+    from vlmstates.cli import main
+
+    h5 = _write(tmp_path / "embeddings.h5", ROWS)
+    labels = tmp_path / "mine.csv"
+    labels.write_text("question_id,hallucinated\nnot-a-question,true\n")
+    code = main(["label", str(h5), "--method", "file", "--labels-file", str(labels), "-o", str(tmp_path / "l.csv")])
+    error = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in error
+    assert f"labels file {labels}, line 2: question_id 'not-a-question'" in error
+    assert not (tmp_path / "l.csv").exists()

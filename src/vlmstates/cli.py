@@ -237,7 +237,13 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from .shards import ShardFailed
     from .store import MergeError
 
-    return (ConfigError, DatasetError, MergeError, ShardFailed, SeedLayoutError, PredictError, UnreadableFile)
+    errors = [ConfigError, DatasetError, MergeError, ShardFailed, SeedLayoutError, PredictError, UnreadableFile]
+    for module, name in (("labels", "LabelError"), ("probes", "ProbeError")):
+        try:
+            errors.append(getattr(import_module(f".{module}", __package__), name))
+        except ImportError:  # the probe extras are optional in a model's extraction environment
+            pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

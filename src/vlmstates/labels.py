@@ -33,6 +33,11 @@ import pandas as pd
 
 from vlmstates.store import STATUS_OK, read_embeddings
 
+
+class LabelError(ValueError):
+    """A labels input or option cannot be used; the message names the file, line or option."""
+
+
 METHODS = ("halp", "yesno", "exact", "file")
 LABEL_COLUMNS = ("question_id", "image_id", "answer", "ground_truth_answer", "hallucinated", "decided_by")
 
@@ -212,7 +217,7 @@ _RULES = {"halp": judge_halp, "yesno": judge_yesno, "exact": judge_exact}
 def judge(method: str, answer: str, ground_truth: str) -> Judgement:
     """One row by a text rule (`halp`, `yesno`, `exact`); an empty ground truth is left unjudged."""
     if method not in _RULES:
-        raise ValueError(f"unknown label method {method!r}: choose one of {', '.join(_RULES)}")
+        raise LabelError(f"unknown label method {method!r}: choose one of {', '.join(_RULES)}")
     if not str(ground_truth).strip():
         return Judgement(UNJUDGED, UNJUDGED_EMPTY_GT)
     return _RULES[method](str(answer), str(ground_truth))
@@ -241,11 +246,11 @@ def read_labels_file(path: str | Path, known_question_ids, ignore_unknown: bool 
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise ValueError(f"labels file {path}: cannot be read as CSV ({error})") from error
+        raise LabelError(f"labels file {path}: cannot be read as CSV ({error})") from error
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in ("question_id", "hallucinated") if c not in table.columns]
     if missing:
-        raise ValueError(
+        raise LabelError(
             f"labels file {path}: missing column(s) {', '.join(missing)} (found: {', '.join(table.columns)})"
         )
     known = set(known_question_ids)
@@ -256,14 +261,14 @@ def read_labels_file(path: str | Path, known_question_ids, ignore_unknown: bool 
         line = i + 2
         qid = qid.strip()
         if not qid:
-            raise ValueError(f"labels file {path}, line {line}: empty question_id")
+            raise LabelError(f"labels file {path}, line {line}: empty question_id")
         if qid in first_line:
-            raise ValueError(f"labels file {path}, line {line}: question_id {qid!r} repeats line {first_line[qid]}")
+            raise LabelError(f"labels file {path}, line {line}: question_id {qid!r} repeats line {first_line[qid]}")
         if qid not in known and not ignore_unknown:
-            raise ValueError(f"labels file {path}, line {line}: question_id {qid!r} is not in the embeddings file")
+            raise LabelError(f"labels file {path}, line {line}: question_id {qid!r} is not in the embeddings file")
         key = value.strip().lower()
         if key not in _FILE_VALUES:
-            raise ValueError(
+            raise LabelError(
                 f"labels file {path}, line {line} (question_id {qid!r}): hallucinated is {value!r}; "
                 "expected true/false (also 1/0, yes/no) or empty"
             )
@@ -305,10 +310,10 @@ def label_table(
 ) -> pd.DataFrame:
     """Labels for an embeddings table (as `read_embeddings(...).table`), in its row order."""
     if method not in METHODS:
-        raise ValueError(f"unknown label method {method!r}: choose one of {', '.join(METHODS)}")
+        raise LabelError(f"unknown label method {method!r}: choose one of {', '.join(METHODS)}")
     if method == "file":
         if not labels_file:
-            raise ValueError("label method 'file' needs a labels file (CSV with question_id, hallucinated)")
+            raise LabelError("label method 'file' needs a labels file (CSV with question_id, hallucinated)")
         supplied = read_labels_file(labels_file, table["question_id"], ignore_unknown)
 
     rows = []
@@ -375,7 +380,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in ("question_id", "hallucinated") if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: not a labels file (missing {', '.join(missing)})")
+        raise LabelError(f"{path}: not a labels file (missing {', '.join(missing)})")
     return table
 
 

@@ -40,6 +40,11 @@ from sklearn.model_selection import train_test_split
 from vlmstates.labels import FALSE, TRUE, read_labels
 from vlmstates.store import STATUS_OK, VISION_ONLY, read_embeddings
 
+
+class ProbeError(ValueError):
+    """Probe settings or inputs cannot be used; the message names the setting or option."""
+
+
 SPLITS = ("grouped", "halp", "kfold")
 PROBES = ("logreg", "mlp")
 REPRESENTATION_CODES = {
@@ -99,7 +104,7 @@ class ProbeSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(mapping) - known)
         if unknown:
-            raise ValueError(f"unknown probe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ProbeError(f"unknown probe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         settings = cls(**mapping)
         settings.validate()
         return settings
@@ -136,7 +141,7 @@ class ProbeSettings:
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             problems.append(f"device must be auto, cpu or cuda[:N], not {self.device!r}")
         if problems:
-            raise ValueError("invalid probe settings: " + "; ".join(problems))
+            raise ProbeError("invalid probe settings: " + "; ".join(problems))
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -568,12 +573,12 @@ def load_probe_data(embeddings_path, labels_csv):
     table = embeddings.table
     labels = read_labels(labels_csv)
     if labels["question_id"].duplicated().any():
-        raise ValueError(
+        raise ProbeError(
             f"{labels_csv}: question_id {labels['question_id'][labels['question_id'].duplicated()].iloc[0]!r} repeats"
         )
     unknown = sorted(set(labels["question_id"]) - set(table["question_id"]))
     if unknown:
-        raise ValueError(
+        raise ProbeError(
             f"{labels_csv}: {len(unknown)} question_ids are not in {embeddings_path} "
             f"(first: {', '.join(unknown[:3])}); were the labels made from another file?"
         )
@@ -977,11 +982,11 @@ def plot_summary(summary: pd.DataFrame, path, citation: str = "") -> None:
 def _settings_from_args(args: argparse.Namespace) -> ProbeSettings:
     mapping = {}
     if args.settings and args.settings_json:
-        raise ValueError("give probe settings as --settings FILE or --settings-json TEXT, not both")
+        raise ProbeError("give probe settings as --settings FILE or --settings-json TEXT, not both")
     if args.settings_json:
         mapping = json.loads(args.settings_json)
         if not isinstance(mapping, dict):
-            raise ValueError(f"--settings-json must be a JSON object, not {args.settings_json!r}")
+            raise ProbeError(f"--settings-json must be a JSON object, not {args.settings_json!r}")
     if args.settings:
         text = Path(args.settings).read_text()
         if args.settings.endswith((".yaml", ".yml")):
