@@ -7,6 +7,9 @@
   vlmstates export FILE OUT_DIR      write an embeddings file in the seed scripts' per-question layout
   vlmstates extract --vqa-dataset ...  the workflow's steps for one model, with the seed scripts' flags
   vlmstates predict --model M ...    answer one image (vqa, caption or ocr)
+  vlmstates label FILE ...           hallucination labels of a model's answers (halp, yesno, exact, file)
+  vlmstates probe FILE LABELS ...    probes per representation and layer: AUROC with intervals and a control
+  vlmstates probe-summary ...        every model's best probes beside the HALP paper's published AUROCs
   vlmstates demo OUT                 generate the bundled demo VQA set
   vlmstates tiny FAMILY OUT          build a tiny random checkpoint of a real architecture
 """
