@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
+
+from .atomic import atomic_path
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -75,10 +76,6 @@ ROW_CONVENTION = (
 _SEVERITIES = ("error", "warning")
 _MD_MAX_PROBLEMS = 500
 
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 
 
 # --------------------------------------------------------------------------- errors
@@ -647,24 +644,10 @@ def validate_dataset(csv_path: os.PathLike | str, images_dir: os.PathLike | str,
 # --------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: Path, writer) -> None:
-    """Call ``writer(fileobj)`` on a temp file next to ``path``, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; use the usual umask-based mode
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            writer(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def _write_atomic(path: Path, writer) -> None:
+    """Call ``writer(fileobj)`` on a temporary sibling of ``path``, then rename it into place."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        writer(fh)
 
 
 def _report_dict(result: ValidationResult) -> dict:
@@ -770,9 +753,9 @@ def write_validation_outputs(result: ValidationResult, table_path: os.PathLike |
     """
     table_path, report_json_path, report_md_path = map(Path, (table_path, report_json_path, report_md_path))
     report = _report_dict(result)
-    _atomic_write(report_json_path,
+    _write_atomic(report_json_path,
                   lambda fh: fh.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
-    _atomic_write(report_md_path, lambda fh: fh.write(_report_markdown(result)))
+    _write_atomic(report_md_path, lambda fh: fh.write(_report_markdown(result)))
     if not result.ok:
         try:
             table_path.unlink()
@@ -781,7 +764,7 @@ def write_validation_outputs(result: ValidationResult, table_path: os.PathLike |
         raise DatasetError(_failure_message(result, report_md_path, report_json_path),
                            problems=result.errors, result=result)
     table = result.table.astype(str)
-    _atomic_write(table_path, lambda fh: table.to_csv(fh, index=False, lineterminator="\n"))
+    _write_atomic(table_path, lambda fh: table.to_csv(fh, index=False, lineterminator="\n"))
 
 
 def validate_and_write(csv_path: os.PathLike | str, images_dir: os.PathLike | str,

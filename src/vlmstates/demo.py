@@ -21,11 +21,12 @@ import io
 import json
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .atomic import write_bytes_atomic
 
 __all__ = ["COLORS", "SHAPES", "Shape", "Scene", "make_scene", "render_scene",
            "relation_holds", "stand_in_label", "write_demo_dataset"]
@@ -45,10 +46,6 @@ RELATIONS: dict[str, tuple[str, str]] = {
     "y": ("above", "below"),
 }
 
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 
 
 @dataclass(frozen=True)
@@ -147,23 +144,6 @@ def _csv_bytes(header: list[str], rows) -> bytes:
     return text.getvalue().encode("utf-8")
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; use the usual umask-based mode
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_demo_dataset(out_dir: os.PathLike | str, n_images: int = 24, seed: int = 0) -> Path:
     """Write ``out_dir/images/scene_NNN.png``, ``out_dir/scenes.json`` (the geometry), the
     stand-in labels ``out_dir/labels.csv`` (see the module's docstring) and, last,
@@ -203,15 +183,15 @@ def write_demo_dataset(out_dir: os.PathLike | str, n_images: int = 24, seed: int
     for scene in scenes:
         buf = io.BytesIO()
         render_scene(scene).save(buf, format="PNG")
-        _atomic_bytes(images_dir / scene.image_id, buf.getvalue())
+        write_bytes_atomic(images_dir / scene.image_id, buf.getvalue())
 
     meta = {"seed": seed, "n_images": n_images, "colors": COLORS,
             "scenes": [asdict(s) for s in scenes]}
-    _atomic_bytes(out_dir / "scenes.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    write_bytes_atomic(out_dir / "scenes.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
     qwidth = max(4, len(str(len(rows))))
     questions = [(f"q{n:0{qwidth}d}", *row) for n, row in enumerate(rows, start=1)]
     labels = [(qid, stand_in_label(answer)) for qid, _, _, answer in questions]
-    _atomic_bytes(out_dir / "labels.csv", _csv_bytes(["question_id", "hallucinated"], labels))
-    _atomic_bytes(csv_path, _csv_bytes(["question_id", "image_id", "question", "answer"], questions))
+    write_bytes_atomic(out_dir / "labels.csv", _csv_bytes(["question_id", "hallucinated"], labels))
+    write_bytes_atomic(csv_path, _csv_bytes(["question_id", "image_id", "question", "answer"], questions))
     return csv_path

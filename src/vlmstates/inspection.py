@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path, write_text_atomic
 from .seed_layout import is_seed_layout, read_seed_layout
 from .store import STATUS_FAILED, STATUS_OK, Embeddings, read_embeddings
 
@@ -92,16 +92,11 @@ def describe(path: str | Path) -> str:
 def write_inspection_report(embeddings_path, summary_html, norms_png, summary_json) -> None:
     emb = open_embeddings(embeddings_path)
     summary = summarise(emb)
-    _atomic_write_text(summary_json, json.dumps(summary, indent=2, default=str))
-    _atomic_write_text(summary_html, _html(summary))
+    write_text_atomic(summary_json, json.dumps(summary, indent=2, default=str))
+    write_text_atomic(summary_html, _html(summary))
     _plot_norms(emb, norms_png)
 
 
-def _atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _html(summary: dict) -> str:
@@ -154,8 +149,6 @@ def _plot_norms(emb: Embeddings, out_png) -> None:
         ax.set_ylabel("L2 norm")
     fig.suptitle(f"{emb.attrs.get('model', '')}: vector norms ({int(ok.sum())} samples)", fontsize=9)
     fig.tight_layout()
-    path = Path(out_png)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -23,7 +23,6 @@ import argparse
 import difflib
 import json
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlmstates.atomic import write_text_atomic
 from vlmstates.store import STATUS_OK, read_embeddings
 
 
@@ -289,14 +289,7 @@ def read_labels_file(path: str | Path, known_question_ids, ignore_unknown: bool 
 # Whole files
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
 
 
 def summary_path(out_csv: str | Path) -> Path:
@@ -370,8 +363,8 @@ def label_embeddings(
     summary["model"] = str(embeddings.attrs.get("model", ""))
     summary["labels_file"] = str(labels_file) if labels_file else None
     out_csv = Path(out_csv)
-    _atomic_write_text(out_csv, labels.to_csv(index=False))
-    _atomic_write_text(Path(summary_json or summary_path(out_csv)), json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_csv, labels.to_csv(index=False))
+    write_text_atomic(Path(summary_json or summary_path(out_csv)), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

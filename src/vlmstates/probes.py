@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +36,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
+from vlmstates.atomic import atomic_path
 from vlmstates.labels import FALSE, TRUE, read_labels
 from vlmstates.store import STATUS_OK, VISION_ONLY, read_embeddings
 
@@ -558,13 +558,8 @@ def _json_ready(value):
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_probe_data(embeddings_path, labels_csv):

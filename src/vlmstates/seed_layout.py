@@ -20,7 +20,6 @@ order. A file whose samples all failed is still written, with no groups.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_path
 from .store import (
     INT_COLUMNS,
     LAYERED_REPRESENTATIONS,
@@ -134,18 +134,13 @@ def _write_part(path: Path, emb: Embeddings, rows: list[int], number: int, num_p
     span = slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
     vectors = {key: emb.load(key, span) for key in emb.representation_keys()}
     failed = []
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            for position, row in enumerate(table.itertuples(index=False)):
-                if row.status == STATUS_OK:
-                    _write_question(f.create_group(row.question_id), row, {k: v[position] for k, v in vectors.items()})
-                else:
-                    failed.append(_failure_entry(row, position))
-            _write_part_attrs(f, emb, number, num_parts, num_samples=len(rows) - len(failed), failed=failed)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        for position, row in enumerate(table.itertuples(index=False)):
+            if row.status == STATUS_OK:
+                _write_question(f.create_group(row.question_id), row, {k: v[position] for k, v in vectors.items()})
+            else:
+                failed.append(_failure_entry(row, position))
+        _write_part_attrs(f, emb, number, num_parts, num_samples=len(rows) - len(failed), failed=failed)
     return path
 
 

@@ -12,7 +12,6 @@ Failed samples keep their row (status "failed", the error text) with NaN vectors
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .failpoints import failpoint
+from .atomic import atomic_path
 
 SCHEMA_VERSION = 1
 
@@ -92,10 +91,6 @@ class SampleResult:
         return cls(question_id, image_id, question, ground_truth_answer, status=STATUS_FAILED, error=error)
 
 
-def _atomic_target(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _to_attr(value):
     if isinstance(value, (dict, list, tuple)) and not (
         isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in value)
@@ -128,31 +123,23 @@ def write_embeddings(
 
     Written under a temporary name and renamed, so a killed writer never leaves a truncated file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
     n = len(results)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for column in STRING_COLUMNS:
-                f.create_dataset(column, data=[str(getattr(r, column)) for r in results], dtype=_STRING_DTYPE)
-            for column in INT_COLUMNS:
-                f.create_dataset(column, data=np.array([getattr(r, column) for r in results], dtype=np.int64))
-            for key, dim in vector_dims.items():
-                data = np.full((n, dim), np.nan, dtype=np.float32)
-                for i, r in enumerate(results):
-                    if key in r.vectors:
-                        data[i] = r.vectors[key]
-                f.create_dataset(key, data=data)
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["semantics"] = json.dumps(SEMANTICS)
-            for name, value in attrs.items():
-                f.attrs[name] = _to_attr(value)
-        failpoint(f"rename:{path.name}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for column in STRING_COLUMNS:
+            f.create_dataset(column, data=[str(getattr(r, column)) for r in results], dtype=_STRING_DTYPE)
+        for column in INT_COLUMNS:
+            f.create_dataset(column, data=np.array([getattr(r, column) for r in results], dtype=np.int64))
+        for key, dim in vector_dims.items():
+            data = np.full((n, dim), np.nan, dtype=np.float32)
+            for i, r in enumerate(results):
+                if key in r.vectors:
+                    data[i] = r.vectors[key]
+            f.create_dataset(key, data=data)
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["semantics"] = json.dumps(SEMANTICS)
+        for name, value in attrs.items():
+            f.attrs[name] = _to_attr(value)
+    return Path(path)
 
 
 @dataclass
@@ -243,28 +230,21 @@ def merge_shards(shard_paths: Sequence[str | Path], expected_question_ids: Seque
         _check_shard_vectors(shard)
     _check_coverage(shards, list(expected_question_ids))
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(out_path)
-    try:
-        with h5py.File(tmp, "w") as out:
-            for column in STRING_COLUMNS:
-                values = np.concatenate([s.table[column].to_numpy(dtype=object) for s in shards])
-                out.create_dataset(column, data=values.tolist(), dtype=_STRING_DTYPE)
-            for column in INT_COLUMNS:
-                out.create_dataset(column, data=np.concatenate([s.table[column].to_numpy(np.int64) for s in shards]))
-            for key in reference.representation_keys():
-                out.create_dataset(key, data=np.concatenate([s.load(key) for s in shards]))
-            for name, value in reference.attrs.items():
-                out.attrs[name] = _to_attr(value)
-            out.attrs["num_shards"] = len(shards)
-            out.attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
-            for name in ("device", "created"):
-                out.attrs[f"shard_{name}s"] = json.dumps([str(s.attrs.get(name, "")) for s in shards])
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
+        for column in STRING_COLUMNS:
+            values = np.concatenate([s.table[column].to_numpy(dtype=object) for s in shards])
+            out.create_dataset(column, data=values.tolist(), dtype=_STRING_DTYPE)
+        for column in INT_COLUMNS:
+            out.create_dataset(column, data=np.concatenate([s.table[column].to_numpy(np.int64) for s in shards]))
+        for key in reference.representation_keys():
+            out.create_dataset(key, data=np.concatenate([s.load(key) for s in shards]))
+        for name, value in reference.attrs.items():
+            out.attrs[name] = _to_attr(value)
+        out.attrs["num_shards"] = len(shards)
+        out.attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
+        for name in ("device", "created"):
+            out.attrs[f"shard_{name}s"] = json.dumps([str(s.attrs.get(name, "")) for s in shards])
+    return Path(out_path)
 
 
 def _check_shard_agrees(shard: Embeddings, reference: Embeddings) -> None:
