@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from conftest import NATIVE_FAMILIES
+from oracle import assert_decoder_vectors_match, rel_error
 from vlmstates.dataset import load_image, read_validated_table, resolve_image_path
 from vlmstates.engine import Extractor, load_model
 from vlmstates.settings import ModelSettings
 from vlmstates.shards import questions_of
-from vlmstates.store import STATUS_OK, layer_key
+from vlmstates.store import STATUS_OK
 
 N_SAMPLES = 8
 
@@ -29,11 +30,6 @@ def independent_vision_features(family: str, model, inputs) -> torch.Tensor:
     if family == "gemma3":
         return model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state.mean(dim=1)[0]
     raise AssertionError(family)
-
-
-def rel_error(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 @pytest.fixture(scope="module", params=NATIVE_FAMILIES)
@@ -93,27 +89,11 @@ def test_prompt_tokens_equal_the_processors_own_chat_template_route(extracted):
 def test_vectors_equal_unbatched_output_hidden_states(extracted):
     family, extractor, questions, images, results = extracted
     model = extractor.loaded.model
-    last = extractor.num_layers - 1
-    norm = extractor.adapter.final_norm(model)
     with torch.inference_mode():
         for question, result in zip(questions, results):
             batch = single_inputs(extractor, question, images)
             hidden = model(**batch.inputs, output_hidden_states=True).hidden_states
-            assert len(hidden) == extractor.num_layers + 1
-            for k in extractor.layers:
-                for representation, position in (
-                    ("vision_token_representation", result.vision_token_position),
-                    ("query_token_representation", result.query_token_position),
-                ):
-                    captured = torch.from_numpy(result.vectors[layer_key(representation, k)])
-                    expected = hidden[k + 1][0, position]
-                    if k == last:  # hidden_states[n] has the final norm applied; the block output has not
-                        captured = norm(captured[None, None].to(model.dtype))[0, 0]
-                    assert rel_error(captured, expected) < 1e-4, (family, question.question_id, representation, k)
-                if k < last:
-                    mean = hidden[k + 1][0].mean(dim=0)
-                    got = result.vectors[layer_key("multimodal_representation", k)]
-                    assert rel_error(got, mean) < 1e-4
+            assert_decoder_vectors_match(extractor, result, hidden, (family, question.question_id))
             vision = independent_vision_features(family, model, batch.inputs)
             assert rel_error(result.vectors["vision_only_representation"], vision) < 1e-4
 

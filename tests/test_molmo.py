@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import replace
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from molmo_standin import build_standin_checkpoint
+from oracle import assert_decoder_vectors_match, rel_error
 from vlmstates.adapters import family_of_model_type
 from vlmstates.adapters.molmo import MolmoAdapter, left_pad_collate
 from vlmstates.dataset import load_image, read_validated_table, resolve_image_path
@@ -30,11 +30,6 @@ from vlmstates.store import STATUS_OK, VISION_ONLY, layer_key
 
 N_SAMPLES = 8
 MAX_NEW_TOKENS = 6
-
-
-def rel_error(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 def molmo_settings(folder, **entry) -> ModelSettings:
@@ -122,25 +117,10 @@ def test_positions_reject_a_row_without_image_tokens(extracted):
 def test_vectors_equal_unbatched_output_hidden_states(extracted):
     extractor, questions, images, results = extracted
     model = extractor.loaded.model
-    last = extractor.num_layers - 1
-    norm = extractor.adapter.final_norm(model)
     with torch.inference_mode():
         for question, result in zip(questions, results):
             hidden = model(**processed(extractor, question, images), output_hidden_states=True).hidden_states
-            assert len(hidden) == extractor.num_layers + 1
-            for k in extractor.layers:
-                for representation, position in (
-                    ("vision_token_representation", result.vision_token_position),
-                    ("query_token_representation", result.query_token_position),
-                ):
-                    captured = torch.from_numpy(result.vectors[layer_key(representation, k)])
-                    expected = hidden[k + 1][0, position]
-                    if k == last:  # hidden_states[n] is ln_f of the last block's output
-                        captured = norm(captured[None, None])[0, 0]
-                    assert rel_error(captured, expected) < 1e-4, (question.question_id, representation, k)
-                if k < last:
-                    got = result.vectors[layer_key("multimodal_representation", k)]
-                    assert rel_error(got, hidden[k + 1][0].mean(dim=0)) < 1e-4
+            assert_decoder_vectors_match(extractor, result, hidden, question.question_id)
 
 
 def test_vision_only_is_the_mean_of_the_projector_input_over_used_tokens(extracted):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from oracle import assert_decoder_vectors_match, rel_error
 from vlmstates.adapters import adapter_for_family, family_of_model_type
 from vlmstates.adapters.phi4_multimodal import Phi4MultimodalAdapter, crop_grid
 from vlmstates.dataset import load_image, read_validated_table, resolve_image_path
@@ -30,11 +31,6 @@ from vlmstates.tiny import phi4_multimodal as tiny_phi4
 FAMILY = "phi4_multimodal"
 N_SAMPLES = 4
 QUESTION = "Is the red circle left of the blue square?"
-
-
-def rel_error(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 def settings_for(path, **entry) -> ModelSettings:
@@ -254,27 +250,12 @@ def test_all_ok_and_positions(extracted):
 def test_vectors_equal_unbatched_output_hidden_states(extracted):
     variant, extractor, questions, images, results = extracted
     model = extractor.loaded.model
-    last = extractor.num_layers - 1
-    norm = extractor.adapter.final_norm(model)
     assert extractor.vector_dims()[VISION_ONLY] == model.config.vision_config.hidden_size
     with torch.inference_mode():
         for question, result in zip(questions, results):
             batch = single_batch(extractor, question, images)
             hidden = model(**batch.inputs, output_hidden_states=True).hidden_states
-            assert len(hidden) == extractor.num_layers + 1
-            for k in extractor.layers:
-                for representation, position in (
-                    ("vision_token_representation", result.vision_token_position),
-                    ("query_token_representation", result.query_token_position),
-                ):
-                    captured = torch.from_numpy(result.vectors[layer_key(representation, k)])
-                    expected = hidden[k + 1][0, position]
-                    if k == last:  # hidden_states[n] has the final norm applied; the block output has not
-                        captured = norm(captured[None, None].to(model.dtype))[0, 0]
-                    assert rel_error(captured, expected) < 1e-4, (variant, question.question_id, representation, k)
-                if k < last:
-                    got = result.vectors[layer_key("multimodal_representation", k)]
-                    assert rel_error(got, hidden[k + 1][0].mean(dim=0)) < 1e-4
+            assert_decoder_vectors_match(extractor, result, hidden, (variant, question.question_id))
             vision, rows = independent_projection_input_mean(model, batch.inputs)
             assert rows == result.num_image_tokens
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (variant, question.question_id)

@@ -1,0 +1,36 @@
+"""The independent check every family's tests share: captured vectors against transformers' own
+`output_hidden_states` from an unbatched forward of the same sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vlmstates.store import layer_key
+
+
+def rel_error(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def assert_decoder_vectors_match(extractor, result, hidden, label, tolerance: float = 1e-4) -> None:
+    """VT and QT of every recorded layer equal `hidden[k + 1]` at the result's positions, and the multimodal
+    mean (which the tests record) its mean over the prompt. `hidden[n]` has the final norm applied and the last
+    block's recorded output has not, so the norm is applied to the captured vector before comparing."""
+    model = extractor.loaded.model
+    last = extractor.num_layers - 1
+    norm = extractor.adapter.final_norm(model)
+    assert len(hidden) == extractor.num_layers + 1
+    for k in extractor.layers:
+        for representation, position in (
+            ("vision_token_representation", result.vision_token_position),
+            ("query_token_representation", result.query_token_position),
+        ):
+            captured = torch.from_numpy(result.vectors[layer_key(representation, k)])
+            if k == last:
+                captured = norm(captured[None, None].to(model.dtype))[0, 0]
+            assert rel_error(captured, hidden[k + 1][0, position]) < tolerance, (label, representation, k)
+        multimodal = layer_key("multimodal_representation", k)
+        if k < last:
+            assert rel_error(result.vectors[multimodal], hidden[k + 1][0].mean(dim=0)) < tolerance, (label, multimodal)
