@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
+#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.engine.AUTO_BATCH_START).
+AUTO_BATCH_SIZE = "auto"
+
+
 class ConfigError(ValueError):
     """A config value cannot be used; the message names the key."""
 
@@ -20,7 +24,7 @@ class ModelSettings:
     model: str
     revision: str | None = None
     dtype: str = "auto"
-    batch_size: int = 8
+    batch_size: int | str = 8  # or AUTO_BATCH_SIZE
     layers: tuple[int, ...] | None = None
     max_new_tokens: int = 200
     prompt: str = "{question}"
@@ -41,6 +45,9 @@ class ModelSettings:
         values = dict(entry)
         if values.get("layers") is not None:
             values["layers"] = tuple(int(k) for k in values["layers"])
+        size = values.get("batch_size", cls.batch_size)
+        if size != AUTO_BATCH_SIZE and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+            raise ConfigError(f"models.{name}.batch_size must be a positive integer or {AUTO_BATCH_SIZE}, not {size!r}")
         if "{question}" not in values.get("prompt", "{question}"):
             raise ConfigError(f"models.{name}.prompt must contain {{question}}")
         return cls(name=name, **values)

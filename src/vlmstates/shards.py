@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .dataset import read_validated_table
+from .settings import AUTO_BATCH_SIZE
 from .store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,12 @@ def questions_of(rows: pd.DataFrame) -> list:
     return [Question(r.question_id, r.image_id, r.question, r.answer) for r in rows.itertuples(index=False)]
 
 
-def batch_size_for_attempt(batch_size: int, attempt: int) -> int:
-    """Halve the batch size with each retry of a job (Snakemake's --retries), down to one."""
+def batch_size_for_attempt(batch_size: int | str, attempt: int) -> int | str:
+    """Halve the batch size with each retry of a job (Snakemake's --retries), down to one.
+
+    `auto` stays auto: each attempt probes the GPU's memory afresh."""
+    if batch_size == AUTO_BATCH_SIZE:
+        return batch_size
     return max(1, batch_size >> max(0, attempt - 1))
 
 
@@ -108,9 +113,9 @@ def extract_shard(
     batch_size = batch_size_for_attempt(settings.batch_size, attempt)
     extractor = Extractor(load_model(settings), batch_size=batch_size)
     log.info(
-        "model %s (%s) on %s, %s, layers %s, batch size %d; shard %d: %d questions",
+        "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model, extractor.adapter.family, extractor.loaded.device, extractor.loaded.dtype,
-        list(extractor.layers), batch_size, shard, len(rows),
+        extractor.loaded.attn_implementation, list(extractor.layers), extractor.batch_size, shard, len(rows),
     )
     questions = questions_of(rows)
     attrs = extractor.attributes() | {

@@ -40,6 +40,8 @@ class Batch:
 
 class Adapter:
     family: ClassVar[str]
+    #: Largest batch the family can run exactly; the engine caps the batch size there (None: no limit).
+    max_batch_size: ClassVar[int | None] = None
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
@@ -80,8 +82,20 @@ class Adapter:
         return Batch(inputs=inputs, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
 
     def batch_group(self, loaded: LoadedModel, image: Image.Image) -> object:
-        """Samples are only batched with others of the same group (e.g. equal crop counts)."""
+        """Samples are only batched with others of the same group (e.g. equal crop counts).
+
+        Called with `image.size` alone known when the engine plans batches from the image file headers
+        (see vlmstates.engine.ImageHeader), so a group may depend on the image's size, not its pixels.
+        """
         return None
+
+    def image_token_estimate(self, loaded: LoadedModel, width: int, height: int) -> int:
+        """Image tokens the processor puts in a prompt for an image of this size, where the processor can
+        tell without the pixels (transformers' `_get_num_multimodal_tokens`), else 0. Only orders batches."""
+        count = getattr(loaded.processor, "_get_num_multimodal_tokens", None)
+        if count is None:
+            return 0
+        return int(count(image_sizes=[(height, width)]).num_image_tokens[0])
 
     # -- positions and modules -------------------------------------------------------------------
     def find_positions(self, loaded: LoadedModel, batch: Batch) -> Positions:

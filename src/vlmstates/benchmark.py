@@ -1,0 +1,619 @@
+"""Throughput of the extraction engine, side by side with a HALP-style loop, on the same inputs.
+
+    python scripts/benchmark.py --models tiny --device cpu          # the tiny checkpoints (CI smoke run)
+    python scripts/benchmark.py --models full --device cuda --peak-tflops 989
+
+Models: the tiny checkpoints (`vlmstates.tiny`), or full-size architectures with random weights built from
+the real checkpoints' dimensions (FULL_SIZE below), initialised directly on the device in bf16, with the
+real processor classes and the tiny builders' local tokenizers (no download). Inputs: synthetic images of
+realistic sizes and HALP-like questions; every answer is exactly `--new-tokens` long (min = max), so
+random weights do not change the work.
+
+Measured in one run on the same inputs: the engine (`vlmstates.engine.Extractor`, its real code path) at
+each `--batch-sizes`, and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass
+with output_hidden_states and a projector hook, and a separate vision-tower pass. Each configuration runs
+`--repeats` times; the run with the median samples/s is reported.
+
+Prefill FLOPs are counted from the model: 2 x parameters x tokens, for the decoder blocks over the real
+(unpadded) prompt tokens and for the vision tower over the patch tokens it encoded; the LM head (one
+token per sample in prefill) and attention's sequence-quadratic terms are left out. The HALP-style loop
+is credited with the same useful FLOPs (one prefill per sample), so its TFLOP/s is useful work per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .adapters import adapter_for_family
+from .adapters.base import LoadedModel
+from .dataset import load_image, resolve_image_path
+from .engine import (
+    Extractor,
+    PrefillClock,
+    Question,
+    StageTimes,
+    load_model,
+    select_attention,
+    select_device,
+    select_dtype,
+)
+from .settings import ModelSettings, default_layers
+from .store import write_embeddings
+
+FAMILIES = ("qwen2_5_vl", "gemma3", "phi4_multimodal")
+
+
+# -- full-size architectures (dimensions from the checkpoints' public config.json) ------------------
+@dataclass(frozen=True)
+class FullSize:
+    checkpoint: str
+    text: dict
+    vision: dict
+    extra: dict = field(default_factory=dict)
+
+
+FULL_SIZE = {
+    "qwen2_5_vl": FullSize(
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        text=dict(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+            hidden_act="silu", use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+        ),
+        vision=dict(
+            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu", in_channels=3,
+        ),
+        extra=dict(min_pixels=3136, max_pixels=12845056, tie_word_embeddings=False),
+    ),
+    "gemma3": FullSize(
+        "google/gemma-3-12b-it",
+        text=dict(
+            vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+            max_position_embeddings=131072, sliding_window=1024, sliding_window_pattern=6, rms_norm_eps=1e-6,
+            hidden_activation="gelu_pytorch_tanh",
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        ),
+        vision=dict(
+            model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+            num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False,
+            hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+        ),
+        extra=dict(mm_tokens_per_image=256),
+    ),
+    "phi4_multimodal": FullSize(
+        "microsoft/Phi-4-multimodal-instruct",
+        text=dict(
+            vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+            num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
+            original_max_position_embeddings=4096, tie_word_embeddings=True,
+        ),
+        # SigLIP tower on 448-pixel crops; the audio encoder keeps transformers' defaults (the real sizes)
+        vision=dict(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+            image_size=448, patch_size=14, crop_size=448, feature_layer=-2,
+        ),
+        extra=dict(partial_rotary_factor=0.75, rope_theta=10000.0),
+    ),
+}
+
+
+def _phi4_rope(rotary_dim: int, theta: float, partial: float) -> dict:
+    # Long-RoPE factors change no shape and no FLOP count; these ramps stand in for the real lists.
+    n = rotary_dim // 2
+    ramp = [1.0 + i / (n - 1) for i in range(n)]
+    return {
+        "rope_type": "longrope", "rope_theta": theta, "partial_rotary_factor": partial,
+        "short_factor": ramp, "long_factor": [f * 4 for f in ramp],
+    }
+
+
+def _full_size_qwen(spec: FullSize):
+    from transformers import (
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+    )
+
+    from .tiny import qwen2_5_vl as tiny
+
+    small = tiny.build_processor()
+    geometry = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=spec.extra["min_pixels"], max_pixels=spec.extra["max_pixels"], **geometry
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=small.tokenizer, video_processor=small.video_processor,
+        chat_template=tiny.CHAT_TEMPLATE,
+    )
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
+    pad, eos = ids[tiny.PAD_TOKEN], ids[tiny.IM_END]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(spec.text, bos_token_id=pad, eos_token_id=eos, pad_token_id=pad),
+        vision_config=spec.vision,
+        image_token_id=ids[tiny.IMAGE_PAD], video_token_id=ids[tiny.VIDEO_PAD],
+        vision_start_token_id=ids[tiny.VISION_START], vision_end_token_id=ids[tiny.VISION_END],
+        bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=spec.extra["tie_word_embeddings"],
+    )
+    return Qwen2_5_VLForConditionalGeneration, config, processor
+
+
+def _full_size_gemma(spec: FullSize):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    from .tiny import gemma3 as tiny
+
+    small = tiny.build_processor()
+    size = spec.vision["image_size"]
+    image_processor = Gemma3ImageProcessor(
+        size={"height": size, "width": size}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        do_pan_and_scan=False,
+    )
+    tokens = spec.extra["mm_tokens_per_image"]
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=small.tokenizer, chat_template=tiny.CHAT_TEMPLATE,
+        image_seq_length=tokens,
+    )
+    tok = processor.tokenizer
+    tid = tok.convert_tokens_to_ids
+    pad, bos, eos = tid(tiny.PAD), tid(tiny.BOS), [tid(tiny.EOS), tid(tiny.END_OF_TURN)]
+    config = Gemma3Config(
+        text_config=dict(spec.text, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos),
+        vision_config=spec.vision, mm_tokens_per_image=tokens,
+        boi_token_index=tid(tiny.BOI), eoi_token_index=tid(tiny.EOI), image_token_index=tid(tiny.IMAGE_SOFT),
+        pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=True,
+    )
+    return Gemma3ForConditionalGeneration, config, processor
+
+
+def _full_size_phi4(spec: FullSize):
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    from .tiny import phi4_multimodal as tiny
+
+    processor = tiny.build_processor()  # the real image geometry: 448-pixel crops, up to 36 of them
+    tok = processor.tokenizer
+    tid = tok.convert_tokens_to_ids
+    eot, end = tid(tiny.ENDOFTEXT), tid(tiny.END)
+    text = spec.text
+    rotary_dim = int(text["hidden_size"] // text["num_attention_heads"] * spec.extra["partial_rotary_factor"])
+    config = Phi4MultimodalConfig(
+        **text,
+        rope_parameters=_phi4_rope(rotary_dim, spec.extra["rope_theta"], spec.extra["partial_rotary_factor"]),
+        vision_config=dict(spec.vision, image_token_id=tid(tiny.IMAGE)),
+        audio_config=dict(audio_token_id=tid(tiny.AUDIO)),
+        bos_token_id=eot, eos_token_id=[eot, end], pad_token_id=eot,
+    )
+    return Phi4MultimodalForCausalLM, config, processor
+
+
+_FULL_SIZE_BUILDERS = {"qwen2_5_vl": _full_size_qwen, "gemma3": _full_size_gemma, "phi4_multimodal": _full_size_phi4}
+
+
+def build_full_size(family: str, device: torch.device, dtype: torch.dtype, settings: ModelSettings) -> LoadedModel:
+    """A full-size architecture with random weights, created directly on `device` in `dtype`."""
+    from transformers import GenerationConfig
+
+    model_class, config, processor = _FULL_SIZE_BUILDERS[family](FULL_SIZE[family])
+    processor.tokenizer.padding_side = "left"
+    attn = select_attention(settings.attn_implementation, device)
+    with torch.device(device):
+        model = model_class._from_config(config, dtype=dtype, attn_implementation=attn)
+    model.eval()
+    text = config.get_text_config()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id, pad_token_id=text.pad_token_id, eos_token_id=text.eos_token_id
+    )
+    if family == "phi4_multimodal":  # what the adapter's load does to the checkpoint's model
+        from .adapters.phi4_multimodal import install_output_capturing_hooks, make_vision_attention_bidirectional
+
+        make_vision_attention_bidirectional(model)
+        install_output_capturing_hooks(model)
+    return LoadedModel(model, processor, adapter_for_family(family), settings, device, dtype, attn)
+
+
+# -- the vision tower of each family: FLOP counting and the HALP-style loop's vision pass -------------
+def vision_tower(family: str, model: torch.nn.Module) -> torch.nn.Module:
+    if family == "qwen2_5_vl":
+        return model.model.visual
+    if family == "gemma3":
+        return model.model.vision_tower
+    if family == "phi4_multimodal":
+        return model.model.embed_tokens_extend.image_embed.img_processor
+    raise ValueError(f"no vision tower known for {family}")
+
+
+def vision_pass(family: str, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The vision tower run on its own on one sample's inputs, as HALP's separate vision pass."""
+    tower = vision_tower(family, model)
+    if family == "qwen2_5_vl":
+        return tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).last_hidden_state
+    if family == "gemma3":
+        return tower(pixel_values=inputs["pixel_values"]).last_hidden_state
+    embed = model.model.embed_tokens_extend.image_embed
+    pixels = inputs["image_pixel_values"].flatten(0, 1).to(model.dtype)
+    return embed.get_img_features(pixels, attention_mask=inputs["image_attention_mask"].flatten(0, 1).bool())
+
+
+class VisionTokens:
+    """Counts the tokens the vision tower encodes while `active` (a forward hook reading output shapes)."""
+
+    def __init__(self, tower: torch.nn.Module):
+        self.tower, self.count, self.active = tower, 0, True
+
+    def __enter__(self) -> "VisionTokens":
+        self._handle = self.tower.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _hook(self, module, args, output) -> None:
+        if self.active:
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            self.count += hidden.shape[:-1].numel()
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+OBJECTS = ("dog", "cat", "car", "person", "bicycle", "umbrella", "cup", "chair", "clock", "bus", "bird", "laptop")
+RELATIONS = ("to the left of", "to the right of", "above", "below", "next to", "behind")
+TEMPLATES = (
+    "Is there a {a} in the image?",
+    "What color is the {a}?",
+    "How many {a}s are there in the picture?",
+    "Is the {a} {r} the {b}? Answer yes or no.",
+    "Look at the picture carefully. Is the statement 'the {a} is {r} the {b}' true or false?",
+    "Describe the {a} in this image in detail, including its color, its size and where it is relative to the {b}.",
+    "Please describe everything you can see in this image, paying attention to any {a} or {b} and how they are arranged.",
+)
+
+
+def synthetic_inputs(root: Path, n: int, sizes: list[tuple[int, int]], seed: int) -> list[Question]:
+    """`n` questions of HALP-like lengths (5 to 21 words), each with its own JPEG image, sizes in turn."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    questions = []
+    for i in range(n):
+        image_id = f"image_{i:04d}.jpg"
+        _synthetic_image(sizes[i % len(sizes)], rng).save(root / image_id, quality=90)
+        a, b = rng.sample(OBJECTS, 2)
+        text = rng.choice(TEMPLATES).format(a=a, b=b, r=rng.choice(RELATIONS))
+        questions.append(Question(f"q{i:04d}", image_id, text, "yes"))
+    return questions
+
+
+def _synthetic_image(size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """A background and a dozen filled shapes (sizes from 42x42 pixels up)."""
+    image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    for _ in range(12):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        box = (x0, y0, x0 + rng.randrange(20, width // 2), y0 + rng.randrange(20, height // 2))
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return image
+
+
+# -- measurement -------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    method: str
+    batch_size: int
+    seconds: float
+    samples: int
+    prompt_tokens: int
+    padded_tokens: int
+    vision_tokens: int
+    peak_memory_mb: float
+    breakdown_s: dict
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: torch's peak allocated memory; CPU: the process's peak RSS since the last reset."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, tower) -> Run:
+    timings = StageTimes()
+    extractor = Extractor(loaded, progress=False, batch_size=batch_size, min_new_tokens=new_tokens, timings=timings)
+    device = loaded.device
+    reset_peak_memory(device)
+    with VisionTokens(tower) as vision:
+        _sync(device)
+        start = time.perf_counter()
+        results = extractor.extract(questions, images_dir)
+        _sync(device)
+        extracted = time.perf_counter()
+    write_embeddings(out_dir / f"engine_{batch_size}.h5", results, extractor.vector_dims(), extractor.attributes())
+    end = time.perf_counter()
+    failed = [r.error for r in results if r.status != "ok"]
+    if failed:
+        raise RuntimeError(f"the engine failed {len(failed)} samples, first: {failed[0]}")
+    breakdown = dict(
+        preprocess=timings.prepare, preprocess_wait=timings.wait, prefill=timings.prefill,
+        decode=timings.decode, write=end - extracted,
+    )
+    return Run("engine", batch_size, end - start, len(questions), timings.prompt_tokens, timings.padded_tokens,
+               vision.count, peak_memory_mb(device), breakdown)
+
+
+def run_halp_loop(loaded, family, questions, images_dir, new_tokens, tower) -> Run:
+    """One sample at a time: generate, then a forward pass with output_hidden_states and a projector hook,
+    then the vision tower alone (HALP's reference code does these as separate passes)."""
+    adapter, model, device = loaded.adapter, loaded.model, loaded.device
+    layers = default_layers(len(adapter.decoder_blocks(model)))
+    times = dict(preprocess=0.0, preprocess_wait=0.0, prefill=0.0, decode=0.0, write=0.0)
+    prompt_tokens = 0
+    kept = []  # results stay in memory: the loop is not charged for writing them
+    reset_peak_memory(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), PrefillClock(model, device) as clock, VisionTokens(tower) as vision:
+        for q in questions:
+            t0 = time.perf_counter()
+            image = load_image(resolve_image_path(images_dir, q.image_id))
+            batch = adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question)], [image])
+            t1 = time.perf_counter()
+            clock.start()
+            vision.active = True  # count the tower's tokens once per sample: in generate's prefill
+            answer = adapter.generate(loaded, batch, new_tokens, new_tokens)[0]
+            vision.active = False
+            t2 = time.perf_counter()
+            kept.append((answer, _hooked_forward(adapter, loaded, batch, layers), vision_pass(family, model, batch.inputs).float().mean(0).cpu()))
+            _sync(device)
+            t3 = time.perf_counter()
+            prefill_end = clock.prefill_end or t2
+            times["preprocess"] += t1 - t0
+            times["prefill"] += (prefill_end - t1) + (t3 - t2)
+            times["decode"] += t2 - prefill_end
+            prompt_tokens += int(batch.attention_mask.sum())
+    seconds = time.perf_counter() - start
+    return Run("halp_loop", 1, seconds, len(questions), prompt_tokens, prompt_tokens, vision.count,
+               peak_memory_mb(device), times)
+
+
+def _hooked_forward(adapter, loaded, batch, layers) -> dict:
+    """Hidden states of the chosen layers at the last prompt token, and the projector's pooled input."""
+    captured = {}
+
+    def hook(module, args):
+        captured["projector"] = adapter.pool_projector_input(args[0], batch).cpu()
+
+    handle = adapter.projector(loaded.model).register_forward_pre_hook(hook)
+    try:
+        hidden = loaded.model(**batch.inputs, output_hidden_states=True).hidden_states
+    finally:
+        handle.remove()
+    return captured | {k: hidden[k + 1][0, -1].float().cpu() for k in layers}
+
+
+# -- one family --------------------------------------------------------------------------------------
+def load_benchmark_model(family, args, device, dtype, checkpoints: Path) -> tuple[LoadedModel, str]:
+    settings = dict(max_new_tokens=args.new_tokens, device=str(device), dtype=str(dtype).removeprefix("torch."))
+    if args.models == "full":
+        spec = FULL_SIZE[family]
+        name = f"random {spec.checkpoint}"
+        return build_full_size(family, device, dtype, ModelSettings(name=family, model=name, **settings)), name
+    from .tiny import build_tiny_checkpoint
+
+    path = checkpoints / f"tiny-{family}"
+    if not (path / "config.json").is_file():
+        build_tiny_checkpoint(family, path)
+    return load_model(ModelSettings(name=family, model=str(path), **settings)), f"tiny {family}"
+
+
+def summarise(runs: list[Run], lm_params: int, vision_params: int, peak_tflops: float | None) -> dict:
+    """The median run (by samples/s) of one configuration, with its derived figures."""
+    ordered = sorted(runs, key=lambda r: r.samples_per_s)
+    run = ordered[(len(ordered) - 1) // 2]
+    flop = 2 * (lm_params * run.prompt_tokens + vision_params * run.vision_tokens)
+    tflops = flop / run.breakdown_s["prefill"] / 1e12 if run.breakdown_s["prefill"] else None
+    return dict(
+        method=run.method,
+        batch_size=run.batch_size,
+        samples=run.samples,
+        repeats=len(runs),
+        samples_per_s=run.samples_per_s,
+        samples_per_s_runs=[r.samples_per_s for r in runs],
+        seconds=run.seconds,
+        prompt_tokens=run.prompt_tokens,
+        prompt_tokens_per_s=run.prompt_tokens / run.seconds,
+        padding_share=1 - run.prompt_tokens / run.padded_tokens if run.padded_tokens else 0.0,
+        vision_tokens=run.vision_tokens,
+        prefill_tflop=flop / 1e12,
+        prefill_tflops=tflops,
+        roofline_share=tflops / peak_tflops if tflops is not None and peak_tflops else None,
+        peak_memory_mb=run.peak_memory_mb,
+        breakdown_s=run.breakdown_s,
+    )
+
+
+def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
+    loaded, model_name = load_benchmark_model(family, args, device, dtype, workdir / "checkpoints")
+    tower = vision_tower(family, loaded.model)
+    lm_params = parameter_count(loaded.adapter.decoder_blocks(loaded.model))
+    vision_params = parameter_count(tower)
+    images_dir = workdir / "images"
+    questions = synthetic_inputs(images_dir, args.samples, args.image_sizes, args.seed)
+    halp_questions = questions[: args.halp_samples or len(questions)]
+    out_dir = workdir / "out" / family
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # warm-up (untimed): first calls allocate, pick kernels, fill caches
+    run_engine(loaded, questions[: max(args.batch_sizes)], images_dir, max(args.batch_sizes), args.new_tokens, out_dir, tower)
+    run_halp_loop(loaded, family, questions[:1], images_dir, args.new_tokens, tower)
+
+    runs: dict[tuple, list[Run]] = {}
+    for _ in range(args.repeats):
+        for size in args.batch_sizes:
+            runs.setdefault(("engine", size), []).append(
+                run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower)
+            )
+        runs.setdefault(("halp_loop", 1), []).append(
+            run_halp_loop(loaded, family, halp_questions, images_dir, args.new_tokens, tower)
+        )
+    results = [summarise(r, lm_params, vision_params, args.peak_tflops) for r in runs.values()]
+    loop = next(r for r in results if r["method"] == "halp_loop")
+    for r in results:
+        r["family"], r["model"] = family, model_name
+        r["speedup_vs_halp_loop"] = r["samples_per_s"] / loop["samples_per_s"]
+    return dict(
+        family=family, model=model_name, lm_params=lm_params, vision_params=vision_params,
+        attn_implementation=loaded.attn_implementation, results=results,
+    )
+
+
+# -- report ------------------------------------------------------------------------------------------
+COLUMNS = (
+    ("family", "{:<16}", "family"),
+    ("method", "{:<10}", "method"),
+    ("batch", "{:>5}", "batch_size"),
+    ("samples/s", "{:>9.2f}", "samples_per_s"),
+    ("vs loop", "{:>7.2f}", "speedup_vs_halp_loop"),
+    ("prompt tok/s", "{:>12.0f}", "prompt_tokens_per_s"),
+    ("pad", "{:>5.0%}", "padding_share"),
+    ("TFLOP/s", "{:>8.4f}", "prefill_tflops"),
+    ("roofline", "{:>8}", "roofline_share"),
+    ("peak MB", "{:>8.0f}", "peak_memory_mb"),
+)
+STAGES = ("preprocess", "preprocess_wait", "prefill", "decode", "write")
+
+
+def format_table(results: list[dict]) -> str:
+    header = [name for name, _, _ in COLUMNS] + [f"{s} s" for s in STAGES]
+    lines = [" | ".join(header)]
+    for r in results:
+        cells = []
+        for _, fmt, key in COLUMNS:
+            value = r[key]
+            if key == "roofline_share":
+                value = "-" if value is None else f"{value:.1%}"
+            elif value is None:
+                value, fmt = "-", "{:>8}"
+            cells.append(fmt.format(value))
+        cells += [f"{r['breakdown_s'][s]:.2f}" for s in STAGES]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    from . import __version__
+
+    return dict(
+        machine=dict(
+            platform=platform.platform(), processor=platform.processor() or platform.machine(),
+            cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+            gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        ),
+        versions=dict(
+            torch=str(torch.__version__), transformers=transformers.__version__,
+            python=platform.python_version(), vlmstates=__version__,
+            cuda=torch.version.cuda if device.type == "cuda" else None,
+        ),
+        device=str(device), dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    p.add_argument("--models", choices=("tiny", "full"), default="tiny",
+                   help="tiny checkpoints, or full-size architectures with random weights (FULL_SIZE)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="auto: bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--halp-samples", type=int, default=None, help="samples for the HALP-style loop (default: all)")
+    p.add_argument("--new-tokens", type=int, default=32, help="answer length, fixed (min = max new tokens)")
+    p.add_argument("--image-sizes", nargs="+", type=parse_size, default=[(640, 480), (1024, 768)])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for the roofline share")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None, help="for checkpoints, images and outputs (default: a temporary folder)")
+    p.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = select_device(args.device)
+    dtype = select_dtype(args.dtype, device)
+    with tempfile.TemporaryDirectory(prefix="vlmstates-bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        families = []
+        for family in args.families:
+            print(f"benchmarking {family} ({args.models}) on {device} ...", file=sys.stderr, flush=True)
+            families.append(benchmark_family(family, args, device, dtype, workdir))
+            if device.type == "cuda":  # the model is gone: give its memory back before the next one
+                gc.collect()
+                torch.cuda.empty_cache()
+    report = environment(device, dtype) | dict(
+        command=" ".join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        families=families,
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(format_table([r for f in families for r in f["results"]]))
+    print(f"written {args.json}", file=sys.stderr)
+    return report
