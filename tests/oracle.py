@@ -34,3 +34,18 @@ def assert_decoder_vectors_match(extractor, result, hidden, label, tolerance: fl
         multimodal = layer_key("multimodal_representation", k)
         if k < last:
             assert rel_error(result.vectors[multimodal], hidden[k + 1][0].mean(dim=0)) < tolerance, (label, multimodal)
+
+
+def assert_same_results(got, expected, exact: bool = False) -> None:
+    """Same rows in the same order, same answers and positions, and the same vectors: bit-identical when
+    `exact`, else within fp32 tolerance."""
+    assert [r.question_id for r in got] == [r.question_id for r in expected]
+    for a, b in zip(got, expected):
+        assert (a.status, a.answer, a.vision_token_position, a.query_token_position) == (
+            b.status, b.answer, b.vision_token_position, b.query_token_position)
+        assert a.vectors.keys() == b.vectors.keys()
+        for key in a.vectors:
+            if exact:
+                assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)
+            else:
+                assert rel_error(a.vectors[key], b.vectors[key]) < 1e-4, (a.question_id, key)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
+from oracle import assert_same_results
 from vlmstates import engine
 from vlmstates.adapters.qwen2_5_vl import Qwen25VLAdapter
 from vlmstates.benchmark import synthetic_inputs
@@ -27,24 +27,6 @@ MIXED_SIZES = {
     "phi4_multimodal": [(448, 448), (600, 300), (300, 200), (500, 500)],
 }
 N_SAMPLES = 10
-
-
-def rel_error(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-
-
-def assert_same_results(got, expected, exact=False):
-    assert [r.question_id for r in got] == [r.question_id for r in expected]
-    for a, b in zip(got, expected):
-        assert (a.status, a.answer, a.vision_token_position, a.query_token_position) == (
-            b.status, b.answer, b.vision_token_position, b.query_token_position)
-        assert a.vectors.keys() == b.vectors.keys()
-        for key in a.vectors:
-            if exact:
-                assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)
-            else:
-                assert rel_error(a.vectors[key], b.vectors[key]) < 1e-4, (a.question_id, key)
 
 
 @pytest.fixture(scope="module", params=list(MIXED_SIZES))

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import yaml
 
 from conftest import REPO
+from oracle import assert_same_results
 from vlmstates.gpu_lease import lease_gpu
 from vlmstates.store import STATUS_FAILED, STATUS_OK, read_embeddings, read_results
 
@@ -43,14 +43,7 @@ def run_shard(checkpoint, demo, out, *, failpoint=None, save_every=4, layers=Non
 
 
 def assert_identical(path, reference):
-    got, expected = read_results(path), read_results(reference)
-    assert [r.question_id for r in got] == [r.question_id for r in expected]
-    for a, b in zip(got, expected):
-        assert (a.answer, a.status, a.vision_token_position, a.query_token_position) == (
-            b.answer, b.status, b.vision_token_position, b.query_token_position)
-        assert a.vectors.keys() == b.vectors.keys()
-        for key in a.vectors:
-            assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)  # bit-identical
+    assert_same_results(read_results(path), read_results(reference), exact=True)
 
 
 @pytest.fixture(scope="module")
