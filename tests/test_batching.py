@@ -15,7 +15,7 @@ from oracle import assert_same_results
 from vlmstates import engine
 from vlmstates.adapters.qwen2_5_vl import Qwen25VLAdapter
 from vlmstates.benchmark import synthetic_inputs
-from vlmstates.engine import AUTO_BATCH_FIXED, Extractor, SortKey, load_model, plan_batches, read_image_header
+from vlmstates.engine import AUTO_BATCH_FIXED, Extractor, SortKey, load_model, plan_batches, read_image_size
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.shards import batch_size_for_attempt
 from vlmstates.store import STATUS_FAILED, STATUS_OK
@@ -84,7 +84,7 @@ def test_an_image_that_fails_to_decode_fails_alone_inside_its_batch(setup, tmp_p
         (tmp_path / q.image_id).write_bytes((images / q.image_id).read_bytes())
     broken = tmp_path / questions[1].image_id
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
-    assert read_image_header(tmp_path, questions[1].image_id) is not None  # the header reads, the pixels do not
+    assert read_image_size(tmp_path, questions[1].image_id) is not None  # the header reads, the pixels do not
     results = Extractor(loaded, progress=False, batch_size=4).extract(questions, tmp_path)
     assert results[1].status == STATUS_FAILED and results[1].error.startswith("image:")
     assert_same_results(results[:1] + results[2:], singles[:1] + singles[2:])

@@ -211,7 +211,7 @@ def test_crop_grid_is_the_image_processors(checkpoints, dynamic_hd):
         crop_h, crop_w = (out["image_sizes"][0] // 448).tolist()
         assert crop_grid(processor, width, height) == (crop_w, crop_h), (width, height, dynamic_hd)
         if dynamic_hd == 36:  # the live processor: the group is the number of HD crops it cuts
-            assert adapter.batch_group(loaded, image) == out["image_pixel_values"].shape[1] - 1 == crop_w * crop_h
+            assert adapter.batch_group(loaded, *image.size) == out["image_pixel_values"].shape[1] - 1 == crop_w * crop_h
 
 
 # -- prompt and positions ----------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_batch_of_four_equals_batch_of_one(extracted):
     # and both kinds of crops, filled (no padded patch: SDPA without a mask when alone) and padded
     loaded = extractor.loaded
     crops = [single_batch(extractor, q, images).inputs["image_attention_mask"][0, 1:] for q in questions]
-    assert {extractor.adapter.batch_group(loaded, load_image(resolve_image_path(images, q.image_id))) for q in questions} == {1}
+    assert {extractor.adapter.batch_group(loaded, *load_image(resolve_image_path(images, q.image_id)).size) for q in questions} == {1}
     assert {bool(mask.all()) for mask in crops} == {True, False}
     assert len({r.num_prompt_tokens for r in results}) > 1
     for batched, single in zip(results, singles):
@@ -299,13 +299,13 @@ def test_images_of_other_crop_counts_are_never_batched_together(checkpoints, tmp
 
     extractor = Extractor(load_model(settings_for(checkpoints["base"], batch_size=4)), progress=False)
     adapter, loaded = extractor.adapter, extractor.loaded
-    assert [adapter.batch_group(loaded, image) for image in images] == [1, 4, 1, 4]
+    assert [adapter.batch_group(loaded, *image.size) for image in images] == [1, 4, 1, 4]
 
     batches = []
     build_batch = adapter.build_batch
 
     def recording_build_batch(loaded_, texts, batch_images):
-        batches.append([adapter.batch_group(loaded_, image) for image in batch_images])
+        batches.append([adapter.batch_group(loaded_, *image.size) for image in batch_images])
         return build_batch(loaded_, texts, batch_images)
 
     monkeypatch.setattr(adapter, "build_batch", recording_build_batch)

@@ -97,25 +97,19 @@ def probes_memory(device: torch.device) -> bool:
 
 
 # -- batch planning ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImageHeader:
-    """An image's size (width, height) as decoded, read off its file header without decoding the pixels."""
-
-    size: tuple[int, int]
-
-
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-def read_image_header(images_dir: Path, image_id: str) -> ImageHeader | None:
-    """The header of a question's image; None if it cannot be read (its load then records the error)."""
+def read_image_size(images_dir: Path, image_id: str) -> tuple[int, int] | None:
+    """A question's image (width, height) as it will be decoded, read off the file's header without
+    decoding the pixels; None if it cannot be read (its load then records the error)."""
     try:
         with Image.open(resolve_image_path(images_dir, image_id)) as image:
             width, height = image.size
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # any unreadable file: load_image reports it properly when the sample runs
         return None
-    return ImageHeader((height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height))
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
 @dataclass(frozen=True)
@@ -361,12 +355,12 @@ class Extractor:
         encoded = self.loaded.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
         keys: list[SortKey | None] = []
         for q, ids in zip(questions, encoded):
-            header = read_image_header(images_dir, q.image_id)
-            if header is None:
+            size = read_image_size(images_dir, q.image_id)
+            if size is None:
                 keys.append(None)
                 continue
-            image_tokens = self.adapter.image_token_estimate(self.loaded, *header.size)
-            keys.append(SortKey(self.adapter.batch_group(self.loaded, header), len(ids) + image_tokens))
+            image_tokens = self.adapter.image_token_estimate(self.loaded, *size)
+            keys.append(SortKey(self.adapter.batch_group(self.loaded, *size), len(ids) + image_tokens))
         return keys
 
     def _plan(self, questions, images_dir, keys, finished) -> _Plan:
@@ -457,7 +451,7 @@ class Extractor:
 
     def _prepare(self, questions: list[Question], images: list, host: LoadedModel) -> _Ready:
         """The batch built by `host` (the model on the CPU, with a processor this thread may use)."""
-        if len(questions) > 1 and len({self.adapter.batch_group(host, image) for image in images}) > 1:
+        if len(questions) > 1 and len({self.adapter.batch_group(host, *image.size) for image in images}) > 1:
             # the plan grouped by file headers; should decoding disagree, the split runs them apart
             raise ValueError("the batch's decoded images fall into different batch groups")
         texts = [self.settings.format_prompt(q.question) for q in questions]

@@ -81,12 +81,9 @@ class Adapter:
             inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
         return Batch(inputs=inputs, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
 
-    def batch_group(self, loaded: LoadedModel, image: Image.Image) -> object:
-        """Samples are only batched with others of the same group (e.g. equal crop counts).
-
-        Called with `image.size` alone known when the engine plans batches from the image file headers
-        (see vlmstates.engine.ImageHeader), so a group may depend on the image's size, not its pixels.
-        """
+    def batch_group(self, loaded: LoadedModel, width: int, height: int) -> object:
+        """Samples are only batched with others of the same group (e.g. equal crop counts). The engine
+        plans batches from the image files' headers, before decoding, so a group depends on the size alone."""
         return None
 
     def image_token_estimate(self, loaded: LoadedModel, width: int, height: int) -> int:

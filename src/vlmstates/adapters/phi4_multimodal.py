@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from PIL import Image
 
 from ..settings import ConfigError, ModelSettings, read_checkpoint_config
 from .base import Adapter, Batch, LoadedModel
@@ -209,9 +208,9 @@ class Phi4MultimodalAdapter(Adapter):
         messages = [{"role": "user", "content": processor.image_token + text}]
         return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def batch_group(self, loaded: LoadedModel, image: Image.Image) -> int:
+    def batch_group(self, loaded: LoadedModel, width: int, height: int) -> int:
         """The image's number of HD crops (the global image not counted)."""
-        columns, rows = crop_grid(loaded.processor.image_processor, *image.size)
+        columns, rows = crop_grid(loaded.processor.image_processor, width, height)
         return columns * rows
 
     # -- positions and modules -------------------------------------------------------------------
