@@ -32,7 +32,7 @@ from dataclasses import replace
 
 import torch
 
-from ..positions import Positions
+from ..positions import Positions, positions_in_left_padded_batch
 from ..settings import ConfigError
 from .base import Adapter, Batch, LoadedModel
 
@@ -153,25 +153,13 @@ class MolmoAdapter(Adapter):
     # -- positions and modules -------------------------------------------------------------------
     def find_positions(self, loaded: LoadedModel, batch: Batch) -> Positions:
         """Vision token: the last image patch token (largest image_input_idx); query: last prompt token."""
-        mask = batch.attention_mask.cpu().bool()
-        rows, length = mask.shape
+        rows = batch.attention_mask.shape[0]
         index = batch.inputs["image_input_idx"].cpu().reshape(rows, -1).long()
         vision_padded = index.max(dim=1).values
         if (vision_padded < 0).any():
             bad = (vision_padded < 0).nonzero().flatten().tolist()
             raise ValueError(f"no image patch token (image_input_idx all -1) in batch row(s) {bad}")
-        if not mask[:, -1].all():
-            raise ValueError("the batch is not left-padded: the last prompt token is not the last column")
-        query_padded = torch.full((rows,), length - 1, dtype=torch.long)
-        padding = length - mask.sum(dim=1)
-        return Positions(
-            vision_padded=vision_padded,
-            query_padded=query_padded,
-            vision=(vision_padded - padding).tolist(),
-            query=(query_padded - padding).tolist(),
-            num_prompt_tokens=mask.sum(dim=1).tolist(),
-            num_image_tokens=(index >= 0).sum(dim=1).tolist(),
-        )
+        return positions_in_left_padded_batch(vision_padded, batch.attention_mask, (index >= 0).sum(dim=1))
 
     def image_token_id(self, model) -> int:
         """The `<im_patch>` id (recorded only; positions come from image_input_idx), -1 if unknown."""
