@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import vlmstates.extract_command as extract_command
+from vlmstates import engine
+from vlmstates.engine import load_model
 from vlmstates.cli import main
 from vlmstates.dataset import validate_and_write
 from vlmstates.seed_layout import read_seed_layout
@@ -90,6 +92,18 @@ def test_rerun_extracts_only_unfinished_shards(qwen, demo, tmp_path, monkeypatch
     after = read_results(tmp_path / qwen.name / "embeddings.h5")
     assert [r.answer for r in after] == [r.answer for r in before]
     np.testing.assert_array_equal(after[2].vectors[VISION_ONLY], before[2].vectors[VISION_ONLY])
+
+
+def test_the_model_is_loaded_once_for_all_shards(qwen, demo, tmp_path, monkeypatch):
+    loads = []
+
+    def counting_load_model(settings):
+        loads.append(settings.model)
+        return load_model(settings)
+
+    monkeypatch.setattr(engine, "load_model", counting_load_model)
+    assert extract(qwen, demo, tmp_path) == 0
+    assert len(list((tmp_path / qwen.name / "shards").glob("shard_*.h5"))) == 2 and loads == [str(qwen)]
 
 
 def test_a_shard_of_other_settings_or_questions_is_not_finished(tmp_path):

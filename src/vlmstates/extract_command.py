@@ -104,19 +104,26 @@ def _extract_shards(
     settings: ModelSettings, table: Path, images_dir, folder: Path, shard_size: int, save_every: int
 ) -> list[Path]:
     questions = read_validated_table(table)
-    shards = []
+    shards, extractor = [], None
     for shard in range(count_shards(len(questions), shard_size)):
         path = folder / f"shard_{shard:04d}.h5"
         expected = shard_rows(questions, shard, shard_size)["question_id"].tolist()
         if shard_is_finished(path, settings, expected):
             log.info("shard %d is done (%s); skipped", shard, path)
         else:
+            extractor = extractor or _extractor(settings)  # loaded once, for the first unfinished shard
             extract_shard(
                 settings, table, images_dir, shard, shard_size, path,
-                max_failed_share=MAX_FAILED_SHARE, save_every=save_every,
+                max_failed_share=MAX_FAILED_SHARE, save_every=save_every, extractor=extractor,
             )
         shards.append(path)
     return shards
+
+
+def _extractor(settings: ModelSettings):
+    from .engine import Extractor, load_model  # torch is imported only once there is work
+
+    return Extractor(load_model(settings))
 
 
 def shard_is_finished(path: Path, settings: ModelSettings, question_ids: list[str]) -> bool:

@@ -106,12 +106,15 @@ def extract_shard(
     progress_dir: str | Path | None = None,
     save_every: int = 64,
     attempt: int = 1,
+    extractor=None,
 ) -> Path:
-    from .engine import Extractor, load_model  # torch is imported only by jobs that extract
+    """Extract one shard; `extractor` (an `engine.Extractor` of these settings) saves reloading the model
+    when one process runs several shards, else the model is loaded here."""
+    if extractor is None:
+        from .engine import Extractor, load_model  # torch is imported only by jobs that extract
 
+        extractor = Extractor(load_model(settings), batch_size=batch_size_for_attempt(settings.batch_size, attempt))
     rows = shard_rows(read_validated_table(table_path), shard, shard_size)
-    batch_size = batch_size_for_attempt(settings.batch_size, attempt)
-    extractor = Extractor(load_model(settings), batch_size=batch_size)
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model, extractor.adapter.family, extractor.loaded.device, extractor.loaded.dtype,
