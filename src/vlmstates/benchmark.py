@@ -222,35 +222,9 @@ def build_full_size(family: str, device: torch.device, dtype: torch.dtype, setti
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id, pad_token_id=text.pad_token_id, eos_token_id=text.eos_token_id
     )
-    if family == "phi4_multimodal":  # what the adapter's load does to the checkpoint's model
-        from .adapters.phi4_multimodal import install_output_capturing_hooks, make_vision_attention_bidirectional
-
-        make_vision_attention_bidirectional(model)
-        install_output_capturing_hooks(model)
-    return LoadedModel(model, processor, adapter_for_family(family), settings, device, dtype, attn)
-
-
-# -- the vision tower of each family: FLOP counting and the HALP-style loop's vision pass -------------
-def vision_tower(family: str, model: torch.nn.Module) -> torch.nn.Module:
-    if family == "qwen2_5_vl":
-        return model.model.visual
-    if family == "gemma3":
-        return model.model.vision_tower
-    if family == "phi4_multimodal":
-        return model.model.embed_tokens_extend.image_embed.img_processor
-    raise ValueError(f"no vision tower known for {family}")
-
-
-def vision_pass(family: str, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """The vision tower run on its own on one sample's inputs, as HALP's separate vision pass."""
-    tower = vision_tower(family, model)
-    if family == "qwen2_5_vl":
-        return tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).last_hidden_state
-    if family == "gemma3":
-        return tower(pixel_values=inputs["pixel_values"]).last_hidden_state
-    embed = model.model.embed_tokens_extend.image_embed
-    pixels = inputs["image_pixel_values"].flatten(0, 1).to(model.dtype)
-    return embed.get_img_features(pixels, attention_mask=inputs["image_attention_mask"].flatten(0, 1).bool())
+    adapter = adapter_for_family(family)
+    adapter.prepare_model(model)  # what the adapter's load does to a checkpoint's model
+    return LoadedModel(model, processor, adapter, settings, device, dtype, attn)
 
 
 class VisionTokens:
@@ -389,7 +363,7 @@ def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, t
                vision.count, peak_memory_mb(device), breakdown)
 
 
-def run_halp_loop(loaded, family, questions, images_dir, new_tokens, tower) -> Run:
+def run_halp_loop(loaded, questions, images_dir, new_tokens, tower) -> Run:
     """One sample at a time: generate, then a forward pass with output_hidden_states and a projector hook,
     then the vision tower alone (HALP's reference code does these as separate passes)."""
     adapter, model, device = loaded.adapter, loaded.model, loaded.device
@@ -411,7 +385,7 @@ def run_halp_loop(loaded, family, questions, images_dir, new_tokens, tower) -> R
             answer = adapter.generate(loaded, batch, new_tokens, new_tokens)[0]
             vision.active = False
             t2 = time.perf_counter()
-            kept.append((answer, _hooked_forward(adapter, loaded, batch, layers), vision_pass(family, model, batch.inputs).float().mean(0).cpu()))
+            kept.append((answer, _hooked_forward(adapter, loaded, batch, layers), adapter.vision_features(model, batch.inputs).float().mean(0).cpu()))
             _sync(device)
             t3 = time.perf_counter()
             prefill_end = clock.prefill_end or t2
@@ -482,7 +456,7 @@ def summarise(runs: list[Run], lm_params: int, vision_params: int, peak_tflops: 
 
 def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
     loaded, model_name = load_benchmark_model(family, args, device, dtype, workdir / "checkpoints")
-    tower = vision_tower(family, loaded.model)
+    tower = loaded.adapter.vision_tower(loaded.model)
     lm_params = parameter_count(loaded.adapter.decoder_blocks(loaded.model))
     vision_params = parameter_count(tower)
     images_dir = workdir / "images"
@@ -493,7 +467,7 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
 
     # warm-up (untimed): first calls allocate, pick kernels, fill caches
     run_engine(loaded, questions[: max(args.batch_sizes)], images_dir, max(args.batch_sizes), args.new_tokens, out_dir, tower)
-    run_halp_loop(loaded, family, questions[:1], images_dir, args.new_tokens, tower)
+    run_halp_loop(loaded, questions[:1], images_dir, args.new_tokens, tower)
 
     runs: dict[tuple, list[Run]] = {}
     for _ in range(args.repeats):
@@ -502,7 +476,7 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
                 run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower)
             )
         runs.setdefault(("halp_loop", 1), []).append(
-            run_halp_loop(loaded, family, halp_questions, images_dir, args.new_tokens, tower)
+            run_halp_loop(loaded, halp_questions, images_dir, args.new_tokens, tower)
         )
     results = [summarise(r, lm_params, vision_params, args.peak_tflops) for r in runs.values()]
     loop = next(r for r in results if r["method"] == "halp_loop")

@@ -53,8 +53,12 @@ class Adapter:
         model = AutoModelForImageTextToText.from_pretrained(
             settings.model, dtype=dtype, attn_implementation=attn, **common
         )
+        self.prepare_model(model)
         model.to(device).eval()
         return LoadedModel(model, processor, self, settings, device, dtype, attn)
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """What the family's model needs once its weights are in, before it runs (none by default)."""
 
     # -- batches ---------------------------------------------------------------------------------
     def chat_prompt(self, loaded: LoadedModel, text: str) -> str:
@@ -109,6 +113,15 @@ class Adapter:
         return model.model.language_model.norm
 
     def projector(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The vision encoder, before the projector."""
+        raise NotImplementedError
+
+    def vision_features(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """The vision encoder run on its own on one sample's inputs ([tokens, D]): the separate vision
+        pass of a HALP-style loop, which the benchmark compares the engine with."""
         raise NotImplementedError
 
     def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:

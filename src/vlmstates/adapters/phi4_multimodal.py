@@ -197,10 +197,13 @@ class Phi4MultimodalAdapter(Adapter):
                 adapter_kwargs={"subfolder": VISION_LORA_SUBFOLDER, "revision": revision},
             )
             model.set_adapter(VISION_ADAPTER_NAME)
-        make_vision_attention_bidirectional(model)
-        install_output_capturing_hooks(model)
+        self.prepare_model(model)
         model.to(device).eval()
         return LoadedModel(model, processor, self, settings, device, dtype, attn)
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        make_vision_attention_bidirectional(model)
+        install_output_capturing_hooks(model)
 
     # -- batches ---------------------------------------------------------------------------------
     def chat_prompt(self, loaded: LoadedModel, text: str) -> str:
@@ -222,6 +225,14 @@ class Phi4MultimodalAdapter(Adapter):
 
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model.norm
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.model.embed_tokens_extend.image_embed.img_processor
+
+    def vision_features(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        pixels = inputs["image_pixel_values"].flatten(0, 1).to(model.dtype)
+        mask = inputs["image_attention_mask"].flatten(0, 1).bool()
+        return model.model.embed_tokens_extend.image_embed.get_img_features(pixels, attention_mask=mask)
 
     def projector(self, model: torch.nn.Module) -> torch.nn.Module:
         return install_projection_probe(model.model.embed_tokens_extend.image_embed)

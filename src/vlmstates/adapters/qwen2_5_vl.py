@@ -13,6 +13,12 @@ class Qwen25VLAdapter(Adapter):
     def projector(self, model):
         return model.model.visual.merger
 
+    def vision_tower(self, model):
+        return model.model.visual
+
+    def vision_features(self, model, inputs):
+        return model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).last_hidden_state
+
     def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:
         # The merger sees all images' patches concatenated ([sum of t*h*w, Dv]), each image's block
         # contiguous (window attention only reorders within an image), so split by patch counts.
