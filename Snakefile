@@ -3,7 +3,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The bundled demo's config, unless the run names its own with --configfile: a user's config then stands
+# alone instead of being merged into the demo's (its models, data and labels file). --config alone still
+# changes single demo keys.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -28,7 +28,15 @@ from vlmstates.shards import count_shards
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
-VALIDATED_TABLE = "results/dataset/questions.csv"
+RESULTS = config["results"].rstrip("/") or "."
+
+
+def results_path(path):
+    """A path under the results folder (config key `results`)."""
+    return f"{RESULTS}/{path}"
+
+
+VALIDATED_TABLE = results_path("dataset/questions.csv")
 TINY_CHECKPOINTS = "resources/checkpoints/tiny-"
 
 
@@ -139,7 +147,7 @@ def shard_ids():
 
 def model_shards(wildcards):
     return expand(
-        "results/{model}/shards/shard_{shard}.h5",
+        results_path("{model}/shards/shard_{shard}.h5"),
         model=wildcards.model,
         shard=shard_ids(),
     )
@@ -147,7 +155,7 @@ def model_shards(wildcards):
 
 def label_inputs(wildcards):
     """The embeddings, plus the user's labels file for method `file` ({model} in its path is filled in)."""
-    inputs = {"embeddings": f"results/{wildcards.model}/embeddings.h5"}
+    inputs = {"embeddings": results_path(f"{wildcards.model}/embeddings.h5")}
     settings = config["labels"]
     if settings["method"] == "file":
         if not settings["file"]:
@@ -160,11 +168,11 @@ def all_targets():
     targets = []
     for model in MODEL_FAMILIES:
         targets += [
-            f"results/{model}/embeddings.h5",
-            f"results/{model}/inspection/summary.html",
-            f"results/{model}/inspection/norms.png",
-            f"results/{model}/probes/metrics.csv",
+            results_path(f"{model}/embeddings.h5"),
+            results_path(f"{model}/inspection/summary.html"),
+            results_path(f"{model}/inspection/norms.png"),
+            results_path(f"{model}/probes/metrics.csv"),
         ]
         if config["export"]["seed_layout"]:
-            targets.append(f"results/{model}/seed_layout")
-    return targets + ["results/summary/probes.csv"]
+            targets.append(results_path(f"{model}/seed_layout"))
+    return targets + [results_path("summary/probes.csv")]

@@ -7,8 +7,8 @@ checkpoint validate_dataset:
     # The reports are logs so that they survive a failed (strict) validation.
     log:
         main="logs/validate_dataset.log",
-        json="results/dataset/validation.json",
-        markdown="results/dataset/validation.md",
+        json=results_path("dataset/validation.json"),
+        markdown=results_path("dataset/validation.md"),
     conda:
         "../../envs/core.yaml"
     params:

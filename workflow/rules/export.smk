@@ -4,9 +4,9 @@
 
 rule export_seed_layout:
     input:
-        "results/{model}/embeddings.h5",
+        results_path("{model}/embeddings.h5"),
     output:
-        directory("results/{model}/seed_layout"),
+        directory(results_path("{model}/seed_layout")),
     log:
         "logs/export/{model}.log",
     conda:

@@ -3,7 +3,7 @@ rule extract_shard:
         table=VALIDATED_TABLE,
         checkpoint=model_checkpoint,
     output:
-        "results/{model}/shards/shard_{shard}.h5",
+        results_path("{model}/shards/shard_{shard}.h5"),
     log:
         "logs/extract/{model}/shard_{shard}.log",
     benchmark:
@@ -37,7 +37,7 @@ rule merge_shards:
         table=VALIDATED_TABLE,
         shards=model_shards,
     output:
-        "results/{model}/embeddings.h5",
+        results_path("{model}/embeddings.h5"),
     log:
         "logs/merge/{model}.log",
     conda:

@@ -1,22 +1,22 @@
 rule inspect_embeddings:
     input:
-        "results/{model}/embeddings.h5",
+        results_path("{model}/embeddings.h5"),
     output:
         summary=report(
-            "results/{model}/inspection/summary.html",
+            results_path("{model}/inspection/summary.html"),
             caption="../report/inspection.rst",
             category="Embeddings",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "summary"},
         ),
         norms=report(
-            "results/{model}/inspection/norms.png",
+            results_path("{model}/inspection/norms.png"),
             caption="../report/norms.rst",
             category="Embeddings",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "vector norms"},
         ),
-        json="results/{model}/inspection/summary.json",
+        json=results_path("{model}/inspection/summary.json"),
     log:
         "logs/inspect/{model}.log",
     conda:

@@ -1,5 +1,5 @@
 # Hallucination labels and HALP probes, per model, and a summary across models beside the paper's numbers.
-# Conventions from common.smk: config["models"] (name -> settings), results/{model}/embeddings.h5,
+# Conventions from common.smk: config["models"] (name -> settings), results_path("{model}/embeddings.h5"),
 # config["labels"] (method, file) and config["probes"] (vlmstates.probes.ProbeSettings fields).
 # Every job runs the package's command line (shell:, never script:; see common.smk).
 
@@ -8,8 +8,8 @@ rule label:
     input:
         unpack(label_inputs),
     output:
-        labels="results/{model}/labels.csv",
-        summary="results/{model}/labels.summary.json",
+        labels=results_path("{model}/labels.csv"),
+        summary=results_path("{model}/labels.summary.json"),
     log:
         "logs/label/{model}.log",
     conda:
@@ -17,7 +17,12 @@ rule label:
     params:
         cli=VLMSTATES,
         method=config["labels"]["method"],
-        labels_file=lambda wildcards, input: input.get("labels_file", ""),
+        # only method `file` reads a labels file; the other methods judge the answers themselves
+        labels_file=lambda wildcards, input: (
+            f"--labels-file {shlex.quote(input.labels_file)}"
+            if "labels_file" in input.keys()
+            else ""
+        ),
         # a labels file may name questions that dataset.limit or lenient validation left out
         ignore_unknown=(
             "--ignore-unknown"
@@ -26,33 +31,33 @@ rule label:
             else ""
         ),
     shell:
-        "{params.cli} label {input.embeddings:q} --method {params.method} --labels-file {params.labels_file:q}"
+        "{params.cli} label {input.embeddings:q} --method {params.method} {params.labels_file}"
         " {params.ignore_unknown} --output {output.labels:q} --summary {output.summary:q} > {log:q} 2>&1"
 
 
 rule probe:
     input:
-        embeddings="results/{model}/embeddings.h5",
-        labels="results/{model}/labels.csv",
+        embeddings=results_path("{model}/embeddings.h5"),
+        labels=results_path("{model}/labels.csv"),
     output:
         metrics=report(
-            "results/{model}/probes/metrics.csv",
+            results_path("{model}/probes/metrics.csv"),
             caption="../report/probe_metrics.rst",
             category="Probes",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "metrics table"},
         ),
-        json="results/{model}/probes/metrics.json",
-        splits="results/{model}/probes/splits.csv",
+        json=results_path("{model}/probes/metrics.json"),
+        splits=results_path("{model}/probes/splits.csv"),
         heatmap=report(
-            "results/{model}/probes/heatmap.png",
+            results_path("{model}/probes/heatmap.png"),
             caption="../report/probe_heatmap.rst",
             category="Probes",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "AUROC heatmap"},
         ),
         by_layer=report(
-            "results/{model}/probes/auroc_by_layer.png",
+            results_path("{model}/probes/auroc_by_layer.png"),
             caption="../report/probe_auroc_by_layer.rst",
             category="Probes",
             subcategory="{model}",
@@ -75,18 +80,18 @@ rule probe:
 rule probe_summary:
     input:
         metrics=expand(
-            "results/{model}/probes/metrics.csv", model=list(config["models"])
+            results_path("{model}/probes/metrics.csv"), model=list(config["models"])
         ),
     output:
         table=report(
-            "results/summary/probes.csv",
+            results_path("summary/probes.csv"),
             caption="../report/probe_summary_table.rst",
             category="Probes",
             subcategory="Summary",
             labels={"model": "all", "figure": "summary table"},
         ),
         plot=report(
-            "results/summary/probes.png",
+            results_path("summary/probes.png"),
             caption="../report/probe_summary_plot.rst",
             category="Probes",
             subcategory="Summary",
@@ -99,6 +104,6 @@ rule probe_summary:
     params:
         cli=VLMSTATES,
     shell:
-        # a model's name is read off its path, results/{model}/probes/metrics.csv
+        # a model's name is read off its path, <results>/{model}/probes/metrics.csv
         "{params.cli} probe-summary {input.metrics:q} --output {output.table:q} --plot {output.plot:q}"
         " > {log:q} 2>&1"
