@@ -72,6 +72,53 @@ def test_shared_packages_have_the_same_version_everywhere():
     assert differ == {}
 
 
+# ------------------------------------------------------------------ constraints.txt: what the README installs
+CONSTRAINTS = REPO / "constraints.txt"
+# The environments whose pins the README's install must reproduce: every one but Molmo's, whose
+# transformers 4.48.3 cannot share a Python environment with the native families' 5.x.
+INSTALLED_WITH_README = [path for path in ENV_FILES if path.stem != "molmo"]
+
+
+def constraint_pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            assert str(requirement.specifier).startswith("=="), f"constraints.txt: {line} is not an exact pin"
+            pins[normalise(requirement.name)] = str(requirement.specifier)[2:]
+    return pins
+
+
+@pytest.mark.parametrize("path", INSTALLED_WITH_README, ids=lambda p: p.stem)
+def test_constraints_hold_every_pin_of_the_environment(path):
+    """One source of truth: the README's `-c constraints.txt` installs what the job environments pin."""
+    pins = constraint_pins()
+    differ = {name: (version, pins.get(name)) for name, version in pip_pins(path).items() if pins.get(name) != version}
+    assert differ == {}, f"{path.name} pins (left) that constraints.txt lacks or pins otherwise (right)"
+
+
+def test_every_pinned_library_of_constraints_comes_from_an_environment():
+    """constraints.txt adds only the workflow and test tools, which no job environment holds."""
+    from_envs = set().union(*(pip_pins(path) for path in INSTALLED_WITH_README))
+    assert set(constraint_pins()) - from_envs == {"snakemake", "snakefmt", "pytest", "ruff"}
+
+
+def test_the_running_environment_has_exactly_the_pinned_versions():
+    """What the tests run against is what the environments pin; a local build label (torch's +cpu) is the
+    same release. Fails on an install made without `-c constraints.txt`, which takes the newest releases."""
+    from packaging.version import Version
+
+    installed = {}
+    for name in constraint_pins():
+        try:
+            installed[name] = Version(metadata.version(name)).public
+        except metadata.PackageNotFoundError:
+            installed[name] = None
+    differ = {name: (version, installed[name]) for name, version in constraint_pins().items() if installed[name] != version}
+    assert differ == {}, "pinned (left) and installed (right) versions differ: pip install -e '.[test]' -c constraints.txt"
+
+
 def covering_env_files() -> list[Path]:
     """The environments whose pins no other one contains: if these resolve, every environment does (a
     subset of exact pins is satisfied by the same install)."""
@@ -206,3 +253,14 @@ def test_jobs_run_in_their_own_environments(family, core_demo):
     report = root / f"{family}_inspection"
     run_in_environment("core", root, "inspect", str(merged), "--html", f"{report}.html", "--png", f"{report}.png", "--json", f"{report}.json")
     assert json.loads(Path(f"{report}.json").read_text())["ok"] == 3
+
+
+def test_the_readme_installs_with_the_constraints_ci_installs_with():
+    """The README's two commands at the top and CI's install take the same pins (constraints.txt)."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"^    (pip install .*)$", readme, re.M)[:2]
+    assert [c.split(" && ")[0] for c in commands] == [
+        'pip install -e ".[workflow]" -c constraints.txt',
+        'pip install -e ".[test]" -c constraints.txt',
+    ], commands
+    assert 'pip install -q -e ".[test]" -c constraints.txt' in (REPO / ".ci" / "run").read_text()
