@@ -19,8 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from importlib import import_module
+
+from . import __version__
 
 
 def _validate(args) -> None:
@@ -128,6 +134,7 @@ def _tiny(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmstates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("validate", help="check and normalise a VQA table")
@@ -221,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status is 0, 1 for a refused step, 128 + N when signal N stopped it."""
+    try:
+        try:
+            with _terminate_as_interrupt():
+                return _run(argv)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated); the step saved what it could
+            signum = getattr(interrupt, "signum", signal.SIGINT)
+            print(f"vlmstates: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+            return 128 + signum
+        finally:
+            sys.stdout.flush()  # so that a reader gone early shows up here, not at interpreter exit
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _run(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
@@ -229,6 +252,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmstates {args.command}: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler cancelling or pre-empting the job), raised like Ctrl-C's KeyboardInterrupt so
+    that the same code saves progress and removes temporary files on either."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises Terminated while a command runs (Python's default would end the process on the
+    spot); the previous handler comes back after, for callers of main() such as the tests. Python lets
+    only the main thread set handlers: called from another thread, main() leaves SIGTERM alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed it (`vlmstates inspect FILE | head -1`): end quietly, as a tool killed
+    by SIGPIPE would, with its status 141 (so `set -o pipefail` still sees that output was cut short).
+
+    stdout is pointed at /dev/null first: the interpreter flushes it once more on exit, and that flush
+    would raise again (the recipe of Python's signal module documentation, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
