@@ -7,6 +7,9 @@ and an unbatched generate().
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +23,7 @@ from vlmstates.shards import questions_of
 from vlmstates.store import STATUS_OK
 
 N_SAMPLES = 8
+QUESTION = "Is the red circle left of the blue square?"
 
 
 def independent_vision_features(family: str, model, inputs) -> torch.Tensor:
@@ -120,3 +124,72 @@ def test_batch_of_four_equals_batch_of_one(extracted):
         assert batched.query_token_position == single.query_token_position
         for key, value in single.vectors.items():
             assert rel_error(batched.vectors[key], value) < 1e-4, (family, batched.question_id, key)
+
+
+# -- legacy image-processor names ----------------------------------------------------------------
+
+
+def legacy_layout(checkpoint, out, image_processor_type: str):
+    """A copy of a tiny checkpoint laid out as transformers 4.x saved it (the image processor's settings
+    in preprocessor_config.json, as on the hub), naming `image_processor_type`."""
+    shutil.copytree(checkpoint, out)
+    processor = json.loads((out / "processor_config.json").read_text())
+    image_processor = processor.pop("image_processor")
+    image_processor.update(image_processor_type=image_processor_type, processor_class=processor["processor_class"])
+    (out / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2))
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    return out
+
+
+def cpu_settings(path) -> ModelSettings:
+    return ModelSettings.from_config("legacy", {"model": str(path), "device": "cpu", "dtype": "float32"})
+
+
+def noise_image(width: int, height: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_legacy_image_processor_name_loads_with_the_familys_processor(tiny_checkpoint, tmp_path):
+    from transformers import AutoProcessor
+
+    original = tiny_checkpoint("qwen2_5_vl")
+    legacy = legacy_layout(original, tmp_path / "legacy", "Qwen2_5_VLImageProcessor")
+    with pytest.raises(ValueError, match="Unrecognized image processor"):  # what a plain load does
+        AutoProcessor.from_pretrained(legacy)
+    fixed, reference = load_model(cpu_settings(legacy)), load_model(cpu_settings(original))
+    assert type(fixed.processor) is not type(reference.processor)  # the pinned subclass, for this load only
+    assert isinstance(fixed.processor, type(reference.processor))
+    assert type(fixed.processor.image_processor) is type(reference.processor.image_processor)
+    assert fixed.processor.tokenizer.padding_side == "left"
+    # the file's settings were read (640x480 hits the tiny pixel budget, the others do not)
+    for seed, (width, height) in enumerate([(96, 64), (64, 128), (640, 480)]):
+        image = noise_image(width, height, seed)
+        got = fixed.adapter.build_batch(fixed, [QUESTION], [image]).inputs
+        expected = reference.adapter.build_batch(reference, [QUESTION], [image]).inputs
+        assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"]), (width, height)
+        assert torch.equal(got["pixel_values"], expected["pixel_values"]), (width, height)
+        assert torch.equal(got["input_ids"], expected["input_ids"]), (width, height)
+    with pytest.raises(ValueError, match="Unrecognized image processor"):  # nothing global was changed
+        AutoProcessor.from_pretrained(legacy)
+
+
+def test_unknown_image_processor_name_stops_naming_the_file_the_field_and_the_fix(tiny_checkpoint, tmp_path):
+    from transformers import AutoProcessor
+
+    from vlmstates.settings import ConfigError
+
+    unknown = legacy_layout(tiny_checkpoint("qwen2_5_vl"), tmp_path / "unknown", "Qwen25VisionProcessor")
+    with pytest.raises(ConfigError) as error:
+        load_model(cpu_settings(unknown))
+    message = str(error.value)
+    for part in ("models.legacy", str(unknown / "preprocessor_config.json"), "image_processor_type", "'Qwen25VisionProcessor'"):
+        assert part in message, (part, message)
+    fix = '"image_processor_type": "Qwen2VLImageProcessor"'
+    assert fix in message
+    # the fix as the message gives it makes the checkpoint load
+    config_file = unknown / "preprocessor_config.json"
+    config_file.write_text(config_file.read_text().replace('"image_processor_type": "Qwen25VisionProcessor"', fix))
+    assert type(AutoProcessor.from_pretrained(unknown).image_processor).__name__ == "Qwen2VLImageProcessor"

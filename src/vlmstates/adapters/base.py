@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..positions import Positions, find_positions
 from ..settings import ModelSettings
+from .processors import load_processor
 
 
 @dataclass
@@ -42,20 +43,30 @@ class Adapter:
     family: ClassVar[str]
     #: Largest batch the family can run exactly; the engine caps the batch size there (None: no limit).
     max_batch_size: ClassVar[int | None] = None
+    #: Legacy ``image_processor_type`` names of the family's checkpoints -> the transformers class they
+    #: now are (see vlmstates.adapters.processors); an unknown name stops the load with the fix.
+    legacy_image_processors: ClassVar[dict[str, str]] = {}
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
-        processor = AutoProcessor.from_pretrained(settings.model, **common)
-        processor.tokenizer.padding_side = "left"
+        processor = self.load_processor(settings, settings.revision)
         model = AutoModelForImageTextToText.from_pretrained(
             settings.model, dtype=dtype, attn_implementation=attn, **common
         )
         self.prepare_model(model)
         model.to(device).eval()
         return LoadedModel(model, processor, self, settings, device, dtype, attn)
+
+    def load_processor(self, settings: ModelSettings, revision: str | None):
+        """The checkpoint's processor (legacy image-processor names mapped), left-padding its tokenizer."""
+        processor = load_processor(
+            settings.model, revision, settings.trust_remote_code, self.legacy_image_processors, f"models.{settings.name}"
+        )
+        processor.tokenizer.padding_side = "left"
+        return processor
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """What the family's model needs once its weights are in, before it runs (none by default)."""

@@ -170,7 +170,7 @@ class Phi4MultimodalAdapter(Adapter):
         return True
 
     def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
-        from transformers import AutoProcessor, Phi4MultimodalForCausalLM
+        from transformers import Phi4MultimodalForCausalLM
 
         want_lora = self.use_vision_lora(settings)
         revision = self.revision(settings)
@@ -187,8 +187,7 @@ class Phi4MultimodalAdapter(Adapter):
                 f"models.{settings.name}.options.vision_lora is true, but {settings.model} has no {VISION_LORA_SUBFOLDER}/"
             )
         common = dict(revision=revision, trust_remote_code=settings.trust_remote_code)
-        processor = AutoProcessor.from_pretrained(settings.model, **common)
-        processor.tokenizer.padding_side = "left"
+        processor = self.load_processor(settings, revision)
         model = Phi4MultimodalForCausalLM.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
         if use_lora:
             model.load_adapter(

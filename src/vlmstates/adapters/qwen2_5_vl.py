@@ -9,6 +9,9 @@ from .base import Adapter, Batch
 
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
+    # A name some Qwen2.5-VL fine-tunes carry in preprocessor_config.json; transformers has no such
+    # class, and the Qwen2.5-VL processor uses Qwen2-VL's image processor (as the hub checkpoint says).
+    legacy_image_processors = {"Qwen2_5_VLImageProcessor": "Qwen2VLImageProcessor"}
 
     def projector(self, model):
         return model.model.visual.merger
