@@ -4,8 +4,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
-
 # The package lives in src/; the DAG imports it through sys.path, and every job runs its command line
 # with PYTHONPATH set to it. Jobs use shell:, not script:, because script: would also put Snakemake's
 # own site-packages on sys.path, and a job must import only what its conda environment holds
@@ -16,6 +14,7 @@ if PACKAGE_SRC not in sys.path:
 VLMSTATES = f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates"
 
 from vlmstates.adapters import families, family_of_model_type
+from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
 from vlmstates import job_resources
 from vlmstates.settings import (
@@ -26,7 +25,13 @@ from vlmstates.settings import (
 )
 from vlmstates.shards import count_shards
 
-validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+# Not snakemake.utils.validate: that prints the whole schema with an error; this names the key, says what is
+# wrong and suggests the key meant (vlmstates.config_check). Defaults are filled in the same way.
+check_config(
+    config,
+    Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
+    source=", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml",
+)
 
 RESULTS = config["results"].rstrip("/") or "."
 

@@ -1,0 +1,105 @@
+"""Config errors: one short line per bad key, with the key's dotted path and the key probably meant."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO
+from test_workflow import default_config, snakemake, workdir_with_config
+from vlmstates.config_check import check_config, fill_defaults, load_schema
+from vlmstates.settings import ConfigError
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def test_defaults_are_filled_in_for_sections_and_model_entries():
+    config = {"dataset": {"csv": "q.csv", "images": "img"}, "models": {"m": {"model": "x"}}}
+    check_config(config, SCHEMA)
+    assert config["results"] == "results"
+    assert config["extraction"]["save_every"] == 64 and config["labels"]["method"] == "halp"
+    assert config["models"]["m"]["batch_size"] == 8 and config["models"]["m"]["options"] == {}
+    assert config["probes"]["mlp_hidden"] == [512, 256, 128]
+
+
+def test_filled_defaults_are_copies_of_the_schema_values():
+    schema = load_schema(SCHEMA)
+    first, second = {"probes": {}}, {"probes": {}}
+    fill_defaults(first, schema)
+    first["probes"]["mlp_hidden"].append(1)
+    fill_defaults(second, schema)
+    assert second["probes"]["mlp_hidden"] == [512, 256, 128]
+
+
+def test_given_values_are_kept():
+    config = default_config()
+    check_config(config, SCHEMA)
+    assert config["labels"] == {"method": "file", "file": "resources/demo/labels.csv"}
+    assert config["extraction"]["shard_size"] == 16
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda c: c.update(reslts="out"), "`reslts`: unknown key; did you mean `results`?"),
+        (lambda c: c["labels"].update(metod="halp"), "`labels.metod`: unknown key; did you mean `method`?"),
+        (
+            lambda c: c["models"]["tiny-gemma3"].update(batchsize=2),
+            "`models.tiny-gemma3.batchsize`: unknown key; did you mean `batch_size`?",
+        ),
+        (lambda c: c["labels"].update(method="judge"), "`labels.method`: 'judge' is not one of: halp, yesno"),
+        (lambda c: c["extraction"].update(shard_size="big"), "`extraction.shard_size`: expected integer, got 'big'"),
+        (lambda c: c["dataset"].pop("csv"), "`dataset.csv`: required, but not set"),
+        (lambda c: c["models"]["tiny-gemma3"].update(batch_size=0), "`models.tiny-gemma3.batch_size`: 0 is none of"),
+        (lambda c: c.update(xyzzy=1), "`xyzzy`: unknown key; allowed: dataset, export, extraction, labels"),
+    ],
+)
+def test_each_problem_names_the_key_and_the_fix(change, expected):
+    config = default_config()
+    change(config)
+    with pytest.raises(ConfigError) as error:
+        check_config(config, SCHEMA, source="my.yaml")
+    message = str(error.value)
+    assert expected in message
+    assert "Fix it in my.yaml" in message
+    assert len(message.splitlines()) <= 4
+
+
+def test_many_problems_are_cut_short():
+    config = default_config()
+    config["models"]["tiny-gemma3"].update({f"typo{k}": k for k in range(20)})
+    with pytest.raises(ConfigError) as error:
+        check_config(config, SCHEMA)
+    assert "... and 15 more" in str(error.value) and len(str(error.value).splitlines()) < 10
+
+
+@pytest.mark.parametrize(
+    "where, change, expected",
+    [
+        ("top level", lambda c: c.update(reslts="out"), "`reslts`: unknown key; did you mean `results`?"),
+        (
+            "section",
+            lambda c: c["extraction"].update(shard_sise=4),
+            "`extraction.shard_sise`: unknown key; did you mean `shard_size`?",
+        ),
+        (
+            "model entry",
+            lambda c: c["models"]["tiny-qwen2_5_vl"].update(max_new_token=4),
+            "`models.tiny-qwen2_5_vl.max_new_token`: unknown key; did you mean `max_new_tokens`?",
+        ),
+    ],
+)
+def test_workflow_prints_a_short_config_error(tmp_path, where, change, expected):
+    config = default_config()
+    change(config)
+    user = tmp_path / "user.yaml"
+    user.write_text(yaml.safe_dump(config))
+    result = snakemake(workdir_with_config(tmp_path / "w", default_config()), "-n", "--configfile", str(user), check=False)
+    output = result.stdout + result.stderr  # Snakemake prints a Snakefile's error on stdout
+    assert result.returncode != 0
+    assert expected in output, output
+    assert f"Fix it in {user}" in output
+    assert len(output.splitlines()) < 15, output
+    assert not re.search(r"additionalProperties|\$schema|description:", output)  # no schema dump
