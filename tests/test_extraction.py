@@ -7,6 +7,7 @@ and an unbatched generate().
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -193,3 +194,122 @@ def test_unknown_image_processor_name_stops_naming_the_file_the_field_and_the_fi
     config_file = unknown / "preprocessor_config.json"
     config_file.write_text(config_file.read_text().replace('"image_processor_type": "Qwen25VisionProcessor"', fix))
     assert type(AutoProcessor.from_pretrained(unknown).image_processor).__name__ == "Qwen2VLImageProcessor"
+
+
+# -- generation settings -------------------------------------------------------------------------
+
+ANSWER_TOKENS = 12  # long enough for the tiny model to repeat itself, so a repetition penalty shows
+
+
+def hand_greedy(model, tokenizer, inputs, steps: int, eos_ids, repetition_penalty: float) -> str:
+    """Greedy decoding by hand, for a batch of one: a full forward per step, argmax of the last logits,
+    after the repetition penalty as its definition says (every token of the sequence so far, the prompt's
+    too: positive logits divided by it, negative ones multiplied)."""
+    ids = inputs["input_ids"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    prompt_length = ids.shape[1]
+    for _ in range(steps):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **extra).logits[0, -1]
+        seen = ids[0].unique()
+        penalised = logits[seen]
+        logits[seen] = torch.where(penalised < 0, penalised * repetition_penalty, penalised / repetition_penalty)
+        token = int(logits.argmax())
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        if "mm_token_type_ids" in extra:  # Qwen's per-token modality (0: text) grows with the sequence
+            extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, 1))
+        if token in eos_ids:
+            break
+    return tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True).strip()
+
+
+class GenerateSpy:
+    """Records the generation_config each generate() call of a model is given."""
+
+    def __init__(self, model, monkeypatch):
+        self.configs = []
+        original = model.generate
+
+        def spy(*args, **kwargs):
+            self.configs.append(copy.deepcopy(kwargs.get("generation_config")))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, "generate", spy)
+
+
+@pytest.fixture(scope="module")
+def qwen_generation(tiny_checkpoint, demo):
+    """The tiny Qwen2.5-VL (its real generation_config.json settings), with and without an override."""
+    table, images = demo
+    path = tiny_checkpoint("qwen2_5_vl")
+    questions = questions_of(read_validated_table(table).head(4))
+    loaded = {}
+    for variant, generation in (("checkpoint", {}), ("plain", {"repetition_penalty": 1.0})):
+        entry = {"model": str(path), "batch_size": 4, "max_new_tokens": ANSWER_TOKENS, "device": "cpu", "generation": generation}
+        loaded[variant] = load_model(ModelSettings.from_config("qwen", entry))
+    return path, questions, images, loaded
+
+
+def test_the_checkpoints_generation_settings_are_recorded(qwen_generation, monkeypatch, tmp_path):
+    from vlmstates.store import merge_shards, read_embeddings, write_embeddings
+
+    path, questions, images, loaded = qwen_generation
+    on_disk = json.loads((path / "generation_config.json").read_text())
+    assert on_disk["repetition_penalty"] == 1.05 and on_disk["do_sample"] is True  # the real model's facts
+    extractor = Extractor(loaded["checkpoint"], progress=False)
+    spy = GenerateSpy(loaded["checkpoint"].model, monkeypatch)
+    results = extractor.extract(questions, images)
+    recorded = extractor.attributes()["generation_config"]
+    assert recorded["repetition_penalty"] == on_disk["repetition_penalty"]
+    assert recorded["eos_token_id"] == on_disk["eos_token_id"]
+    assert (recorded["do_sample"], recorded["num_beams"]) == (False, 1)  # greedy, whatever the file says
+    assert (recorded["max_new_tokens"], recorded["min_new_tokens"]) == (ANSWER_TOKENS, 0)
+    assert "temperature" not in recorded  # greedy decoding does not read it
+    # the record is what generate() was given
+    assert spy.configs and all(c.repetition_penalty == 1.05 and c.do_sample is False for c in spy.configs)
+    # written, read back and merged with the file
+    shard = write_embeddings(tmp_path / "shard.h5", results, extractor.vector_dims(), extractor.attributes())
+    assert read_embeddings(shard).generation_config == recorded
+    merged = merge_shards([shard], [q.question_id for q in questions], tmp_path / "merged.h5")
+    assert read_embeddings(merged).generation_config == recorded
+
+
+def test_a_generation_override_is_what_generate_runs_with(qwen_generation, monkeypatch):
+    _, questions, images, loaded = qwen_generation
+    answers, recorded = {}, {}
+    for variant, lm in loaded.items():
+        extractor = Extractor(lm, progress=False)
+        spy = GenerateSpy(lm.model, monkeypatch)
+        answers[variant] = [r.answer for r in extractor.extract(questions, images)]
+        recorded[variant] = extractor.attributes()["generation_config"]
+        assert {c.repetition_penalty for c in spy.configs} == {recorded[variant]["repetition_penalty"]}
+    assert (recorded["checkpoint"]["repetition_penalty"], recorded["plain"]["repetition_penalty"]) == (1.05, 1.0)
+    assert loaded["plain"].settings.config_hash() != loaded["checkpoint"].settings.config_hash()
+    # each answer is greedy decoding done by hand with the recorded penalty
+    lm = loaded["plain"]
+    tokenizer = lm.processor.tokenizer
+    eos = set(recorded["plain"]["eos_token_id"])
+    with torch.inference_mode():
+        for k, question in enumerate(questions):
+            inputs = single_inputs(Extractor(lm, progress=False, prefetch=0), question, images).inputs
+            for variant in loaded:
+                expected = hand_greedy(lm.model, tokenizer, inputs, ANSWER_TOKENS, eos, recorded[variant]["repetition_penalty"])
+                assert answers[variant][k] == expected, (variant, question.question_id)
+    assert answers["plain"] != answers["checkpoint"]  # the penalty matters here, so the check can fail
+
+
+@pytest.mark.parametrize(
+    "generation, message",
+    [
+        ({"repetition_penality": 1.0}, r"models\.qwen\.generation\.repetition_penality is not a GenerationConfig field \(did you mean repetition_penalty"),
+        ({"do_sample": True}, r"models\.qwen\.generation\.do_sample cannot be set: answers are greedy"),
+        ({"max_new_tokens": 5}, r"models\.qwen\.generation\.max_new_tokens cannot be set: set models\.<name>\.max_new_tokens"),
+        ({"repetition_penalty": None}, r"models\.qwen\.generation\.repetition_penalty is null"),
+        ([1.0], r"models\.qwen\.generation must be a mapping"),
+    ],
+)
+def test_bad_generation_settings_are_refused_naming_the_key(tiny_checkpoint, generation, message):
+    from vlmstates.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        settings = ModelSettings.from_config("qwen", {"model": str(tiny_checkpoint("qwen2_5_vl")), "generation": generation})
+        load_model(settings)

@@ -102,3 +102,16 @@ def test_merge_refuses_truncated_shard(tmp_path):
     paths[1].write_bytes(data[: len(data) // 3])
     with pytest.raises(MergeError, match=r"shard_1\.h5 is unreadable"):
         merge_shards(paths, ["a", "b"], tmp_path / "all.h5")
+
+
+def test_merge_keeps_the_generation_settings_and_refuses_disagreeing_ones(tmp_path):
+    plain = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 8}
+    penalised = plain | {"repetition_penalty": 1.05}
+    first = write_embeddings(tmp_path / "a.h5", make_results(["a"]), DIMS, ATTRS | {"generation_config": plain})
+    second = write_embeddings(tmp_path / "b.h5", make_results(["b"], seed=1), DIMS, ATTRS | {"generation_config": plain})
+    merged = read_embeddings(merge_shards([first, second], ["a", "b"], tmp_path / "all.h5"))
+    assert merged.generation_config == plain
+    other = write_embeddings(tmp_path / "c.h5", make_results(["b"], seed=1), DIMS, ATTRS | {"generation_config": penalised})
+    with pytest.raises(MergeError, match=r"c\.h5: attribute 'generation_config'"):
+        merge_shards([first, other], ["a", "b"], tmp_path / "all2.h5")
+    assert read_embeddings(write_embeddings(tmp_path / "old.h5", make_results(["a"]), DIMS, ATTRS)).generation_config is None

@@ -33,8 +33,8 @@ from .capture import PrefillCapture
 from .dataset import ImageLoadError, load_image, resolve_image_path
 from .failpoints import failpoint
 from .positions import Positions
-from .settings import AUTO_BATCH_SIZE, ModelSettings, check_layers, default_layers, model_type_of
-from .store import LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, layer_key
+from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, check_layers, default_layers, model_type_of
+from .store import GENERATION_CONFIG_ATTR, LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, layer_key
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     device = select_device(settings.device)
     dtype = select_dtype(settings.dtype, device)
     attn = select_attention(settings.attn_implementation, device)
+    check_generation_fields(settings)  # before the weights load: a typo fails in seconds
     return adapter_for_family(family).load(settings, device, dtype, attn)
 
 
@@ -285,6 +286,9 @@ class Extractor:
             "image_token_id": self.image_token_id,
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "max_new_tokens": s.max_new_tokens,
+            # what the answer's generate() runs with: the checkpoint's generation_config.json, the
+            # config's `generation` over it, the engine's fixed fields (GENERATION_CONFIG_ATTR)
+            GENERATION_CONFIG_ATTR: self.adapter.effective_generation(self.loaded, s.max_new_tokens, self.min_new_tokens),
             "prompt_template": s.prompt,
             "multimodal_representation": s.multimodal_representation,
             "trust_remote_code": s.trust_remote_code,

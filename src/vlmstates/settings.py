@@ -11,6 +11,21 @@ from pathlib import Path
 #: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.engine.AUTO_BATCH_START).
 AUTO_BATCH_SIZE = "auto"
 
+#: GenerationConfig fields the engine sets itself, so `generation` may not: why, per field.
+ENGINE_GENERATION_FIELDS = {
+    "do_sample": "answers are greedy",
+    "num_beams": "answers are greedy, and the captured prefill has one row per sample",
+    "num_return_sequences": "one answer per sample",
+    "max_new_tokens": "set models.<name>.max_new_tokens",
+    "min_new_tokens": "the engine fixes it (0, or the benchmark's answer length)",
+    "pad_token_id": "the batch is padded with the tokenizer's pad token",
+    "return_dict_in_generate": "the engine reads the generated token ids",
+    "output_scores": "the engine reads the generated token ids",
+    "output_logits": "the engine reads the generated token ids",
+    "output_attentions": "the vectors are captured by hooks",
+    "output_hidden_states": "the vectors are captured by hooks",
+}
+
 
 class ConfigError(ValueError):
     """A config value cannot be used; the message names the key."""
@@ -33,6 +48,9 @@ class ModelSettings:
     device: str = "auto"
     attn_implementation: str = "auto"
     options: dict = field(default_factory=dict)
+    #: GenerationConfig fields over the checkpoint's generation_config.json for the answer (e.g.
+    #: {repetition_penalty: 1.0} for plain greedy); empty keeps the checkpoint's settings.
+    generation: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, name: str, entry: dict) -> "ModelSettings":
@@ -50,6 +68,7 @@ class ModelSettings:
             raise ConfigError(f"models.{name}.batch_size must be a positive integer or {AUTO_BATCH_SIZE}, not {size!r}")
         if "{question}" not in values.get("prompt", "{question}"):
             raise ConfigError(f"models.{name}.prompt must contain {{question}}")
+        values["generation"] = check_generation_entry(name, values.get("generation", {}))
         return cls(name=name, **values)
 
     def identity(self) -> dict:
@@ -64,6 +83,45 @@ class ModelSettings:
 
     def format_prompt(self, question: str) -> str:
         return self.prompt.replace("{question}", question)
+
+
+def check_generation_entry(name: str, generation) -> dict:
+    """The `generation` mapping, checked without transformers (the workflow reads configs without it):
+    a mapping, no field the engine sets itself, no null (which generate() would replace by the
+    checkpoint's value). Whether each key is a GenerationConfig field is checked at load
+    (`check_generation_fields`)."""
+    key = f"models.{name}.generation"
+    if generation is None:
+        return {}
+    if not isinstance(generation, dict):
+        raise ConfigError(f"{key} must be a mapping of GenerationConfig fields to values, not {generation!r}")
+    for field_name, value in generation.items():
+        if field_name in ENGINE_GENERATION_FIELDS:
+            raise ConfigError(f"{key}.{field_name} cannot be set: {ENGINE_GENERATION_FIELDS[field_name]}")
+        if value is None:
+            raise ConfigError(
+                f"{key}.{field_name} is null, which generate() fills in from the checkpoint's generation_config.json; "
+                f"give the value to use (e.g. repetition_penalty: 1.0 for none)"
+            )
+    return dict(generation)
+
+
+def check_generation_fields(settings: ModelSettings) -> None:
+    """Every `generation` key is a GenerationConfig field of the installed transformers (ConfigError naming
+    models.<name>.generation.<key> otherwise)."""
+    import difflib
+
+    from transformers import GenerationConfig
+
+    known = {k for k in GenerationConfig().to_dict() if not k.startswith("_") and k != "transformers_version"}
+    for field_name in settings.generation:
+        if field_name not in known:
+            close = difflib.get_close_matches(field_name, sorted(known), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(
+                f"models.{settings.name}.generation.{field_name} is not a GenerationConfig field{hint}; "
+                f"the fields are those of transformers' GenerationConfig, e.g. repetition_penalty, no_repeat_ngram_size"
+            )
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:

@@ -36,6 +36,9 @@ LAYERED_REPRESENTATIONS = (
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
+#: File attribute: the answer's effective generation settings (JSON of GenerationConfig fields).
+GENERATION_CONFIG_ATTR = "generation_config"
+
 # Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
     "model",
@@ -47,6 +50,7 @@ SHARD_INVARIANT_ATTRS = (
     "vision_hidden_size",
     "dtype",
     "max_new_tokens",
+    GENERATION_CONFIG_ATTR,
     "prompt_template",
     "config_hash",
     "schema_version",
@@ -58,7 +62,7 @@ SEMANTICS = {
     "layer_k": "output of decoder block k (0-based); equals output_hidden_states[k+1] for k < n-1, the last block's output before the final norm",
     "vision_only_representation": "input of the vision-to-language projector, mean-pooled over the sample's image patches",
     "multimodal_representation": "mean over all non-pad prompt tokens of decoder block k's output",
-    "answer": "greedy decoding from the same generate() call whose prefill the vectors were captured from; special tokens skipped",
+    "answer": "greedy decoding from the same generate() call whose prefill the vectors were captured from, with the settings of attribute generation_config (the checkpoint's generation_config.json, the config's generation overrides, do_sample false, one beam; sampling-only fields, which greedy decoding ignores, left out); special tokens skipped",
 }
 
 _STRING_DTYPE = h5py.string_dtype("utf-8")
@@ -154,6 +158,12 @@ class Embeddings:
     @property
     def layers(self) -> list[int]:
         return list(self.attrs.get("layers", []))
+
+    @property
+    def generation_config(self) -> dict | None:
+        """The answer's effective generation settings (None in files written before they were recorded)."""
+        value = self.attrs.get(GENERATION_CONFIG_ATTR)
+        return json.loads(value) if value else None
 
     def representation_keys(self) -> list[str]:
         """Vector dataset names: the vision-only one first, then each representation by layer."""

@@ -8,6 +8,8 @@ native transformers image-text-to-text models; a family overrides what differs.
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -150,15 +152,64 @@ class Adapter:
         return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
     # -- generation ------------------------------------------------------------------------------
+    def answer_generation_config(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0):
+        """The GenerationConfig the answer's generate() is given: the checkpoint's generation_config.json
+        (its authors' settings, e.g. Qwen2.5-VL's repetition_penalty 1.05), the config's `generation`
+        fields over it, then what the engine fixes: greedy, one sequence per sample (the captured prefill
+        has one row per sample), its length limits, the tokenizer's pad token."""
+        config = copy.deepcopy(loaded.model.generation_config)
+        config.update(**loaded.settings.generation)
+        config.update(
+            do_sample=False,
+            num_beams=1,
+            num_return_sequences=1,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            pad_token_id=loaded.processor.tokenizer.pad_token_id,
+        )
+        return config
+
+    def effective_generation(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0) -> dict:
+        """The settings generate() runs the answer with, for the file's attributes (`recorded_generation`)."""
+        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens)
+        prepare = getattr(loaded.model, "_prepare_generation_config", None)
+        # what generate() does first with a given config: unset fields from the model's, then transformers'
+        # defaults (which give the values of the greedy fields nobody set)
+        filled = prepare(config)[0] if prepare is not None else config
+        return recorded_generation(config, filled)
+
     def generate(self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
         """Greedy answers, one call: the engine's hooks capture its prefill step."""
         tokenizer = loaded.processor.tokenizer
-        sequences = loaded.model.generate(
-            **batch.inputs,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens)
+        sequences = loaded.model.generate(**batch.inputs, generation_config=config)
         new_tokens = sequences[:, batch.input_ids.shape[1] :]
         return [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+#: Fields only sampling reads: greedy decoding ignores them, so the record leaves them out.
+SAMPLING_ONLY_FIELDS = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
+#: Fields that decide a greedy answer, recorded even where nobody set them (with transformers' default).
+GREEDY_FIELDS = (
+    "do_sample", "num_beams", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "min_new_tokens",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+def _set_fields(config) -> dict:
+    values = json.loads(config.to_json_string(use_diff=False, ignore_metadata=True))
+    return {k: v for k, v in values.items() if v is not None and not k.startswith("_")}
+
+
+def recorded_generation(config, filled=None) -> dict:
+    """A GenerationConfig as the file records it, sorted: every field it sets (the checkpoint's, the
+    config's, the engine's) and the greedy fields' values from `filled` (the config as generate() completes
+    it), without transformers' metadata and, for greedy decoding, without the sampling-only fields."""
+    values = _set_fields(config)
+    defaults = _set_fields(filled) if filled is not None else {}
+    for name in GREEDY_FIELDS:
+        if name not in values and name in defaults:
+            values[name] = defaults[name]
+    if not values.get("do_sample"):
+        values = {k: v for k, v in values.items() if k not in SAMPLING_ONLY_FIELDS}
+    return dict(sorted(values.items()))

@@ -34,7 +34,7 @@ import torch
 
 from ..positions import Positions, positions_in_left_padded_batch
 from ..settings import ConfigError
-from .base import Adapter, Batch, LoadedModel
+from .base import Adapter, Batch, LoadedModel, recorded_generation
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +212,27 @@ class MolmoAdapter(Adapter):
         return getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", None)
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
+    def answer_generation_config(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0):
+        """What generate_from_batch is given: the config's `generation` fields, then the engine's (greedy,
+        Molmo's stop string, the length limits)."""
         from transformers import GenerationConfig
 
+        config = GenerationConfig(**loaded.settings.generation)
+        config.update(max_new_tokens=max_new_tokens, stop_strings=STOP_STRING, do_sample=False, use_cache=True)
+        if min_new_tokens:
+            config.update(min_new_tokens=min_new_tokens)
+        return config
+
+    def effective_generation(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0) -> dict:
+        """The config handed to the remote code's generate_from_batch, as recorded (what that code and
+        its transformers then fill in is theirs)."""
+        return recorded_generation(self.answer_generation_config(loaded, max_new_tokens, min_new_tokens))
+
+    def generate(self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
         if batch.input_ids.shape[0] > self.max_batch_size:
             raise ValueError("Molmo runs one sample per batch (see vlmstates.adapters.molmo)")
-        options = dict(max_new_tokens=max_new_tokens, stop_strings=STOP_STRING, do_sample=False, use_cache=True)
-        if min_new_tokens:
-            options["min_new_tokens"] = min_new_tokens
         tokenizer = loaded.processor.tokenizer
-        sequences = loaded.model.generate_from_batch(batch.inputs, GenerationConfig(**options), tokenizer=tokenizer)
+        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens)
+        sequences = loaded.model.generate_from_batch(batch.inputs, config, tokenizer=tokenizer)
         new_tokens = sequences[:, batch.input_ids.shape[1] :]
         return [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

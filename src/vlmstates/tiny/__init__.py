@@ -66,11 +66,14 @@ def seeded_model(model_class, config, seed: int):
         torch.random.set_rng_state(generator_state)
 
 
-def generation_config(bos_token_id: int, pad_token_id: int, eos_token_ids: list[int]):
-    """Greedy-decoding settings as the real checkpoints' generation_config.json gives them."""
+def generation_config(bos_token_id: int, pad_token_id: int, eos_token_ids: list[int], **settings):
+    """The generation_config.json of a real checkpoint: its special token ids, and ``settings``, the other
+    fields its authors set (e.g. Qwen2.5-VL's repetition_penalty)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(bos_token_id=bos_token_id, pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids))
+    return GenerationConfig(
+        bos_token_id=bos_token_id, pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids), **settings
+    )
 
 
 def save_checkpoint(model, processor, out_dir: Path, extra=None) -> Path:

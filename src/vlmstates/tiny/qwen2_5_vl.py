@@ -39,6 +39,10 @@ FACTOR = PATCH_SIZE * MERGE_SIZE
 MIN_PIXELS = 4 * FACTOR * FACTOR
 MAX_PIXELS = 32 * FACTOR * FACTOR
 
+#: The fields of Qwen/Qwen2.5-VL-*-Instruct's generation_config.json besides the token ids: sampling with
+#: a near-zero temperature, and a repetition penalty.
+REAL_GENERATION_SETTINGS = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 1e-06}
+
 TEXT_HIDDEN = 64
 TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
@@ -174,6 +178,9 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     config = build_config(processor.tokenizer)
     model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed)
     text = config.text_config
-    # As the real generation_config.json: stop on <|im_end|> or <|endoftext|>.
-    model.generation_config = generation_config(text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id])
+    # As the real generation_config.json: stop on <|im_end|> or <|endoftext|>, and its authors' decoding
+    # settings, of which generate(do_sample=False) still applies the repetition penalty.
+    model.generation_config = generation_config(
+        text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id], **REAL_GENERATION_SETTINGS
+    )
     return save_checkpoint(model, processor, out_dir)
