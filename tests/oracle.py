@@ -49,3 +49,32 @@ def assert_same_results(got, expected, exact: bool = False) -> None:
                 assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)
             else:
                 assert rel_error(a.vectors[key], b.vectors[key]) < 1e-4, (a.question_id, key)
+
+
+def fold_in_lora(model: torch.nn.Module, adapter_dir) -> int:
+    """Add a saved peft LoRA to `model`'s weights by its definition, W + (lora_alpha / r) B A, read from
+    the adapter's files (not through peft, which the code under test uses). Returns the modules changed."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    # the plain LoRA of that definition; other variants scale or combine differently
+    assert config["peft_type"] == "LORA" and not config["use_dora"] and not config["use_rslora"]
+    assert not config["rank_pattern"] and not config["alpha_pattern"] and not config["fan_in_fan_out"]
+    scale = config["lora_alpha"] / config["r"]
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    modules = dict(model.named_modules())
+    prefix, a_suffix = "base_model.model.", ".lora_A.weight"
+    changed = 0
+    with torch.no_grad():
+        for key, a in weights.items():
+            if not key.endswith(a_suffix):
+                continue
+            b = weights[key.removesuffix(a_suffix) + ".lora_B.weight"]
+            weight = modules[key.removeprefix(prefix).removesuffix(a_suffix)].weight
+            weight += (scale * (b.double() @ a.double())).to(weight.dtype)
+            changed += 1
+    return changed

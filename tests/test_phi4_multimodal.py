@@ -1,9 +1,10 @@
 """Phi-4-multimodal: loading, positions, captured vectors against independent computations, batching.
 
-On the tiny checkpoint of the native architecture (tests/conftest.py builds it; the variant with a vision
-LoRA is built here). The oracle is an unbatched fp32 forward with output_hidden_states=True, and for the
-vision-only vector the image embedding's vision tower run on its own with the projection's input
-rebuilt from its parts. The tiny decoder switches its long-RoPE factors at 1024 positions (the real one
+On the tiny checkpoint of the native architecture as built by default (tests/conftest.py), with its vision
+LoRA in vision-lora/ as the real checkpoint ships one, and the same weights without it (built here). The
+oracle is an unbatched fp32 forward with output_hidden_states=True of a model loaded independently, the
+LoRA folded into its weights by hand (not through peft), and for the vision-only vector the image
+embedding's vision tower run on its own with the projection's input rebuilt from its parts. The tiny decoder switches its long-RoPE factors at 1024 positions (the real one
 at 4096), which a 4-crop image passes: that is what makes mixed crop counts change vectors here.
 """
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from oracle import assert_decoder_vectors_match, rel_error
+from oracle import assert_decoder_vectors_match, fold_in_lora, rel_error
 from vlmstates.adapters import adapter_for_family, family_of_model_type
 from vlmstates.adapters.phi4_multimodal import Phi4MultimodalAdapter, crop_grid
 from vlmstates.dataset import load_image, read_validated_table, resolve_image_path
@@ -54,9 +55,28 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint without and with a vision LoRA (same base weights)."""
-    with_lora = tiny_phi4.build(tmp_path_factory.mktemp("phi4") / "tiny-phi4-lora", seed=0, vision_lora=True)
-    return {"base": tiny_checkpoint(FAMILY), "vision_lora": with_lora}
+    """The tiny checkpoint as built by default (`vlmstates tiny`, the workflow), with its vision LoRA as the
+    real one ships it, and the same base weights without the LoRA."""
+    base = tiny_phi4.build(tmp_path_factory.mktemp("phi4") / "tiny-phi4-base", seed=0, vision_lora=False)
+    return {"base": base, "vision_lora": tiny_checkpoint(FAMILY)}
+
+
+@pytest.fixture(scope="module")
+def reference_models(checkpoints):
+    """Independent fp32 models for the oracle: loaded afresh through transformers alone, the LoRA variant
+    with the adapter folded into its weights by hand (tests/oracle.py), not through peft. Eager attention
+    is bidirectional in the vision tower, as the adapter makes every kernel."""
+    from transformers import Phi4MultimodalForCausalLM
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+    models = {}
+    for variant, path in checkpoints.items():
+        model = Phi4MultimodalForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+        maybe_install_capturing_hooks(model.model)  # transformers 5.23's hook bug (see the adapter)
+        if variant == "vision_lora":
+            assert fold_in_lora(model, path / "vision-lora") == 4 * model.config.num_hidden_layers
+        models[variant] = model
+    return models
 
 
 @pytest.fixture(scope="module", params=["base", "vision_lora"])
@@ -141,13 +161,15 @@ def test_tiny_checkpoint_is_small_real_and_reproducible(checkpoints, tmp_path):
     text = "Naïve café: 漢字, emoji 🙂, tabs\tand\nnewlines — 12345."
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     # same seed, same weights; the LoRA checkpoint shares them
-    again = tiny_phi4.build(tmp_path / "again", seed=0)
+    again = tiny_phi4.build(tmp_path / "again", seed=0)  # the default build ships the vision LoRA
     first, second = load_file(path / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     lora_base = load_file(checkpoints["vision_lora"] / "model.safetensors")
     assert all(torch.equal(first[k], lora_base[k]) for k in first)
     lora = load_file(checkpoints["vision_lora"] / "vision-lora" / "adapter_model.safetensors")
     assert lora and all(".layers." in k and ("lora_A" in k or "lora_B" in k) for k in lora)
+    lora_again = load_file(again / "vision-lora" / "adapter_model.safetensors")
+    assert lora.keys() == lora_again.keys() and all(torch.equal(lora[k], lora_again[k]) for k in lora)
 
 
 # -- registry, revision, options ---------------------------------------------------------------
@@ -247,9 +269,11 @@ def test_all_ok_and_positions(extracted):
 # -- the oracle --------------------------------------------------------------------------------
 
 
-def test_vectors_equal_unbatched_output_hidden_states(extracted):
+def test_vectors_equal_unbatched_output_hidden_states(extracted, reference_models):
+    """Against the independent model of the variant: with the LoRA folded in by hand for the checkpoint
+    that has one, so vectors computed without the LoRA active would not match."""
     variant, extractor, questions, images, results = extracted
-    model = extractor.loaded.model
+    model = reference_models[variant]
     assert extractor.vector_dims()[VISION_ONLY] == model.config.vision_config.hidden_size
     with torch.inference_mode():
         for question, result in zip(questions, results):
@@ -259,6 +283,21 @@ def test_vectors_equal_unbatched_output_hidden_states(extracted):
             vision, rows = independent_projection_input_mean(model, batch.inputs)
             assert rows == result.num_image_tokens
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (variant, question.question_id)
+
+
+
+def test_the_lora_changes_the_reference(extracted, reference_models):
+    """The LoRA moves the decoder's states well beyond the oracle's tolerance, so the oracle above tells an
+    active LoRA from a missing one; its vision tower (decoder-only LoRA) is untouched."""
+    _, extractor, questions, images, _ = extracted
+    batch = single_batch(extractor, questions[0], images)
+    with torch.inference_mode():
+        states = {v: m(**batch.inputs, output_hidden_states=True).hidden_states for v, m in reference_models.items()}
+        towers = {v: independent_projection_input_mean(m, batch.inputs)[0] for v, m in reference_models.items()}
+    assert rel_error(states["vision_lora"][0], states["base"][0]) < 1e-6  # same embeddings in
+    for k in range(1, len(states["base"])):
+        assert rel_error(states["vision_lora"][k], states["base"][k]) > 1e-2, k
+    assert rel_error(towers["vision_lora"], towers["base"]) < 1e-6
 
 
 def test_batch_of_four_equals_batch_of_one(extracted):

@@ -12,8 +12,9 @@ part of the HD crops (plus one per row), so the count depends on the image size
 and aspect ratio.  The image processor hard-codes the 256 + 16 of the global
 image, which is why the vision grid keeps its real 32x32 patches.
 
-Optionally a vision LoRA (peft, on the decoder's attention and MLP projections)
-is written to ``vision-lora/``, as the real checkpoint ships one there.
+By default a vision LoRA (peft, on the decoder's attention and MLP projections)
+is written to ``vision-lora/``, as the real checkpoint ships one there (and the
+adapter loads and activates it); ``vision_lora=False`` leaves it out.
 
 The decoder's long-RoPE switches to its long factors once a batch holds a
 position beyond ``original_max_position_embeddings``; the real model does that at
@@ -216,10 +217,11 @@ def _write_vision_lora(model, out_dir: Path, generator: torch.Generator) -> None
     peft_model.save_pretrained(out_dir / VISION_LORA_SUBFOLDER)
 
 
-def build(out_dir: Path, seed: int = 0, vision_lora: bool = False) -> Path:
+def build(out_dir: Path, seed: int = 0, vision_lora: bool = True) -> Path:
     """Build the tiny Phi-4-multimodal checkpoint into ``out_dir`` (replaced if present).
 
-    With ``vision_lora`` a random LoRA adapter is written to ``out_dir/vision-lora``.
+    With ``vision_lora`` (the default, as the real checkpoint) a random LoRA adapter is written to
+    ``out_dir/vision-lora``; the base weights are the same either way.
     """
     from transformers import Phi4MultimodalForCausalLM
 
