@@ -55,7 +55,8 @@ def make_embeddings(path, n_images=200, per_image=4, dim=8, rate=0.3, seed=0, si
             )
         )
         y.append(int(hallucinated))
-    write_embeddings(path, results, dims, {"model": "Qwen/Qwen2.5-VL-7B-Instruct", "layers": list(LAYERS)})
+    attrs = {"model": "Qwen/Qwen2.5-VL-7B-Instruct", "family": "qwen2_5_vl", "layers": list(LAYERS)}
+    write_embeddings(path, results, dims, attrs)
     return np.array(y)
 
 
@@ -264,7 +265,7 @@ def test_summary_places_published_numbers_beside_ours(planted, tmp_path):
     settings = P.ProbeSettings(probes=["logreg"], representations=["VF", "QT"], **FAST)
     P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "qwen", settings)
     summary = P.summarise_models(
-        {"qwen25vl-7b": tmp_path / "qwen" / "metrics.csv"}, tmp_path / "summary.csv", tmp_path / "summary.png"
+        {"model_a": tmp_path / "qwen" / "metrics.csv"}, tmp_path / "summary.csv", tmp_path / "summary.png"
     )
     ours = summary[summary["source"] == "ours"].set_index("representation")
     assert ours.loc["QT", "layer"] == 1 and ours.loc["QT", "layer_selected_by"] == "validation AUROC"

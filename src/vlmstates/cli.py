@@ -73,7 +73,16 @@ def _inspect(args) -> None:
 
     print(describe(args.file))
     if args.html:
-        write_inspection_report(args.file, args.html, args.png, args.json)
+        write_inspection_report(
+            args.file,
+            args.html,
+            args.png,
+            args.json,
+            name=args.name,
+            validation_json=args.validation,
+            labels_csv=args.labels,
+            labels_summary_json=args.labels_summary,
+        )
 
 
 def _export(args) -> None:
@@ -172,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--html", help="summary page")
     report.add_argument("--png", help="plot of vector norms per layer")
     report.add_argument("--json", help="summary as JSON")
+    page = p.add_argument_group("more on the summary page (each optional)")
+    page.add_argument("--name", help="the model's name in titles (default: the file's folder, results/<model>/)")
+    page.add_argument("--validation", metavar="JSON", help="dataset validation report (validate's --report-json)")
+    page.add_argument("--labels", metavar="CSV", help="labels of the answers, for example answers with their label")
+    page.add_argument("--labels-summary", metavar="JSON", help="label summary (label's --summary)")
     p.set_defaults(func=_inspect)
 
     p = commands.add_parser("export", help="write an embeddings file in the seed scripts' per-question layout")

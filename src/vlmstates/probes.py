@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -37,7 +38,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from vlmstates.atomic import atomic_path
+from vlmstates.inspection import model_name
 from vlmstates.labels import FALSE, TRUE, read_labels
+from vlmstates.report_pages import table_page
 from vlmstates.store import STATUS_OK, VISION_ONLY, read_embeddings
 
 
@@ -55,7 +58,7 @@ REPRESENTATION_CODES = {
 }
 CODE_ORDER = ("VF", "VT", "QT", "MM")
 SPLIT_NAMES = ("train", "val", "test")
-OUTPUT_FILES = ("metrics.csv", "metrics.json", "splits.csv", "heatmap.png", "auroc_by_layer.png")
+OUTPUT_FILES = ("metrics.csv", "metrics.html", "metrics.json", "splits.csv", "heatmap.png", "auroc_by_layer.png")
 
 METRIC_COLUMNS = (
     "model", "representation", "layer", "key", "dim", "probe", "split",
@@ -599,8 +602,8 @@ def load_probe_data(embeddings_path, labels_csv):
 
 
 def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | None = None) -> pd.DataFrame:
-    """Probe every representation/layer; write metrics.csv, metrics.json, splits.csv, heatmap.png and
-    auroc_by_layer.png into `out_dir`; return the metrics table."""
+    """Probe every representation/layer; write the OUTPUT_FILES (metrics.csv and its page metrics.html,
+    metrics.json, splits.csv, heatmap.png, auroc_by_layer.png) into `out_dir`; return the metrics table."""
     settings = settings or ProbeSettings()
     settings.validate()
     out_dir = Path(out_dir)
@@ -665,6 +668,7 @@ def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows
     _atomic_write(out_dir / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
     document = {
         "model": str(embeddings.attrs.get("model", "")),
+        "family": str(embeddings.attrs.get("family", "")),  # what probe-summary matches the paper's models by
         "embeddings": str(embeddings.path),
         "labels": str(labels_csv),
         "settings": asdict(settings),
@@ -678,9 +682,13 @@ def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows
         ],
     }
     _atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(_json_ready(document), indent=2) + "\n"))
-    title = f"{document['model'] or embeddings.path.parent.name}: split {settings.split}, n_test {document['splits']['n_test']}"
+    # the workflow's name of the model (results/<model>/), which the report groups by; not the checkpoint path
+    name = model_name(embeddings)
+    title = f"{name}: split {settings.split}, n_test {document['splits']['n_test']}"
     _atomic_write(out_dir / "heatmap.png", lambda p: plot_heatmap(metrics, p, title))
     _atomic_write(out_dir / "auroc_by_layer.png", lambda p: plot_by_layer(metrics, p, title))
+    note = f"checkpoint {document['model']}; {title}; labels {labels_csv}"
+    _atomic_write(out_dir / "metrics.html", lambda p: write_table_html(metrics, p, f"{name}: probe metrics", note))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,49 +704,79 @@ def _pyplot():
     return plt
 
 
-def plot_heatmap(metrics: pd.DataFrame, path, title: str = "") -> None:
+# AUROC colours: the whole 0-1 range, diverging at chance (0.5), so below-chance cells stand apart from
+# chance and from good ones; cells without an AUROC are grey with a dash.
+AUROC_CMAP = "RdBu_r"
+MAX_LABELLED_COLUMNS = 24  # beyond this many layers, only every k-th column is labelled
+
+
+def write_table_html(frame: pd.DataFrame, path, title: str, note: str = "") -> None:
+    """A table as a page of its own: the report shows HTML, while it only offers a CSV for download."""
+    Path(path).write_text(table_page(frame, title, note), encoding="utf-8")
+
+
+def _save(fig, path) -> None:
+    plt = _pyplot()
+    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _auroc_grid(rows: pd.DataFrame, codes: list[str], columns: list[str]) -> np.ndarray:
+    grid = np.full((len(codes), max(len(columns), 1)), np.nan)
+    for row in rows.itertuples(index=False):
+        column = "VF" if pd.isna(row.layer) else str(int(row.layer))
+        if row.representation in codes and column in columns:
+            grid[codes.index(row.representation), columns.index(column)] = row.auroc
+    return grid
+
+
+def _label_cells(ax, grid: np.ndarray) -> None:
+    for (i, j), value in np.ndenumerate(grid):
+        text, colour = ("–", "#555555") if not np.isfinite(value) else (f"{value:.2f}", "black")
+        if np.isfinite(value) and not 0.2 <= value <= 0.8:  # the colour map's dark ends
+            colour = "white"
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+
+
+def heatmap_figure(metrics: pd.DataFrame, title: str = ""):
     """Test AUROC by representation (rows) and layer (columns), one panel per probe; VF in its own column."""
     plt = _pyplot()
     probes = [p for p in PROBES if p in set(metrics["probe"])] or ["none"]
     layers = sorted(int(v) for v in metrics["layer"].dropna().unique())
     codes = [c for c in CODE_ORDER if c in set(metrics["representation"])] or ["none"]
     columns = (["VF"] if "VF" in codes else []) + [str(layer) for layer in layers]
-    width = max(5.0, 0.32 * len(columns) + 2.5)
-    height = 1.0 + len(probes) * (0.5 * len(codes) + 0.8)
+    width = max(5.5, 0.34 * len(columns) + 3.0)
+    height = 1.2 + len(probes) * (0.45 * len(codes) + 0.9)
     fig, axes = plt.subplots(len(probes), 1, figsize=(width, height), squeeze=False, layout="constrained")
+    step = math.ceil(len(columns) / MAX_LABELLED_COLUMNS) if columns else 1
     image = None
     for ax, probe in zip(axes[:, 0], probes):
-        grid = np.full((len(codes), max(len(columns), 1)), np.nan)
-        for row in metrics[metrics["probe"] == probe].itertuples(index=False):
-            column = "VF" if pd.isna(row.layer) else str(int(row.layer))
-            if row.representation in codes and column in columns:
-                grid[codes.index(row.representation), columns.index(column)] = row.auroc
-        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0.4, vmax=1.0)
-        ax.set_facecolor("#dddddd")
+        grid = _auroc_grid(metrics[metrics["probe"] == probe], codes, columns)
+        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=AUROC_CMAP, vmin=0.0, vmax=1.0)
+        ax.set_facecolor("#bdbdbd")
         ax.set_yticks(range(len(codes)), codes)
-        ax.set_xticks(range(len(columns)), columns, fontsize=7 if len(columns) > 20 else 9)
+        shown = list(range(0, len(columns), step))
+        ax.set_xticks(shown, [columns[k] for k in shown], fontsize=8)
         ax.set_title(probe, fontsize=10)
-        if len(columns) <= 20:
-            for (i, j), value in np.ndenumerate(grid):
-                if np.isfinite(value):
-                    ax.text(
-                        j,
-                        i,
-                        f"{value:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if value < 0.75 else "black",
-                    )
+        if len(columns) <= MAX_LABELLED_COLUMNS:
+            _label_cells(ax, grid)
     axes[-1, 0].set_xlabel("decoder layer (VF: vision-only, no layer)")
     if image is not None:
-        fig.colorbar(image, ax=axes[:, 0].tolist(), label="test AUROC (grey: none)")
+        bar = fig.colorbar(image, ax=axes[:, 0].tolist(), label="test AUROC (0.5: chance)")
+        bar.set_ticks([0.0, 0.25, 0.5, 0.75, 1.0])
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    return fig
+
+
+def plot_heatmap(metrics: pd.DataFrame, path, title: str = "") -> None:
+    _save(heatmap_figure(metrics, title), path)
 
 
 def plot_by_layer(metrics: pd.DataFrame, path, title: str = "") -> None:
+    _save(by_layer_figure(metrics, title), path)
+
+
+def by_layer_figure(metrics: pd.DataFrame, title: str = ""):
     """AUROC by layer for VT and QT (and MM), with bootstrap bands, the shuffled control, and VF as a level."""
     plt = _pyplot()
     probes = [p for p in PROBES if p in set(metrics["probe"])] or ["none"]
@@ -775,17 +813,17 @@ def plot_by_layer(metrics: pd.DataFrame, path, title: str = "") -> None:
         if not vf.empty and np.isfinite(float(vf["auroc"].iloc[0])):
             ax.axhline(float(vf["auroc"].iloc[0]), color=colours["VF"], ls="--", label="VF (vision-only)")
         ax.axhline(0.5, color="black", lw=0.8)
-        ax.set_ylim(0.0, 1.0)
+        ax.set_ylim(-0.02, 1.02)  # so that lines at exactly 0 or 1 stay visible
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("decoder layer")
         ax.set_title(probe, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("test AUROC (band: bootstrap CI)")
-    if axes[0, 0].get_legend_handles_labels()[0]:
-        axes[0, -1].legend(fontsize=7, loc="lower right", ncol=2)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    if handles:  # below the panels: inside, it covers the lines it explains
+        fig.legend(handles, names, loc="outside lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,25 +833,47 @@ def plot_by_layer(metrics: pd.DataFrame, path, title: str = "") -> None:
 def published_auroc(path=None) -> pd.DataFrame:
     """The HALP paper's published AUROCs shipped with the package (empty auroc = not available)."""
     if path is not None:
-        table = pd.read_csv(path, comment="#", dtype={"match": str})
+        table = pd.read_csv(path, comment="#", dtype={"family": str})
     else:
         packaged = resources.files("vlmstates").joinpath("data/halp_published_auroc.csv")
         with resources.as_file(packaged) as real:
-            table = pd.read_csv(real, comment="#", dtype={"match": str})
+            table = pd.read_csv(real, comment="#", dtype={"family": str})
     table["auroc"] = pd.to_numeric(table["auroc"], errors="coerce")
     return table
 
 
-def _compact(name: str) -> str:
-    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+# a parameter count in a model name: the 7b of Qwen2.5-VL-7B-Instruct, the 12b of gemma-3-12b-it (not 2.5, not 8bit)
+_SIZE = re.compile(r"(?<![0-9.])(\d+(?:\.\d+)?)b(?![a-z0-9])")
 
 
-def _published_match(names: Sequence[str], published: pd.DataFrame) -> str | None:
-    compact = [_compact(name) for name in names if name]
-    for model, match in zip(published["model"], published["match"]):
-        if any(match in name for name in compact):
+def model_size(name) -> str | None:
+    """The size a model's name states ('7b'), or None; only the last path part counts (a hub id's name)."""
+    found = _SIZE.search(str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower())
+    return found.group(0) if found else None
+
+
+def published_model_for(family: str | None, checkpoint: str, published: pd.DataFrame) -> str | None:
+    """The paper's model that a probed model is compared with, or None.
+
+    The adapter family recorded in the embeddings decides (config names are the user's own and
+    checkpoint folders can be called anything); a checkpoint id that names a size other than the paper
+    model's is another model of the family (MolmoE-1B beside Molmo-7B) and is not compared.
+    """
+    if not family:
+        return None
+    size = model_size(checkpoint)
+    for model, row_family in dict.fromkeys(zip(published["model"], published["family"])):
+        if row_family == family and (size is None or model_size(model) in (None, size)):
             return model
     return None
+
+
+def _family_of(metrics_csv) -> str | None:
+    """The adapter family that `probe` recorded in metrics.json beside a metrics.csv (None if absent)."""
+    document = Path(metrics_csv).with_name("metrics.json")
+    if not document.exists():
+        return None
+    return json.loads(document.read_text()).get("family") or None
 
 
 def best_rows(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -832,7 +892,8 @@ def best_rows(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -> pd.DataFrame:
-    """One row per model x representation x probe (best layer), with the paper's number beside ours."""
+    """One row per model x representation x probe (best layer), with the paper's number beside ours;
+    writes `out_csv`, its page (`summary_html_path`) and the plot `out_png`."""
     published = published_auroc(published_csv)
     citation = published["citation"].iloc[0] if len(published) else ""
     rows = []
@@ -840,7 +901,8 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
     for name, path in metrics_csvs.items():
         metrics = pd.read_csv(path, dtype={"selected": str, "reason": str, "model": str})
         model_id = str(metrics["model"].dropna().iloc[0]) if metrics["model"].notna().any() else ""
-        paper_model = _published_match([name, model_id], published)
+        family = _family_of(path)
+        paper_model = published_model_for(family, model_id, published)
         if paper_model:
             matched.add(paper_model)
         for _, row in best_rows(metrics).iterrows():
@@ -855,6 +917,7 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
                     "source": "ours",
                     "model": name,
                     "model_id": model_id,
+                    "family": family or "",
                     "representation": row["representation"],
                     "probe": row["probe"],
                     "layer": row["layer"],
@@ -877,6 +940,7 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
             {
                 "source": "published",
                 "model": record.model,
+                "family": record.family,
                 "representation": record.representation,
                 "probe": record.probe,
                 "split": record.protocol,
@@ -888,7 +952,7 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
             }
         )
     columns = [
-        "source", "model", "model_id", "representation", "probe", "layer", "layer_selected_by", "split", "n_test",
+        "source", "model", "model_id", "family", "representation", "probe", "layer", "layer_selected_by", "split", "n_test",
         "auroc", "auroc_ci_low", "auroc_ci_high", "control_auroc", "paper_model", "published_auroc",
         "published_probe", "difference", "citation",
     ]  # fmt: skip
@@ -896,78 +960,94 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
     for column in ("layer", "n_test"):
         summary[column] = pd.to_numeric(summary[column], errors="coerce").astype("Int64")
     _atomic_write(Path(out_csv), lambda p: summary.to_csv(p, index=False))
+    note = f"best layer per model, representation and probe, beside {citation or 'the published numbers'}"
+    _atomic_write(summary_html_path(out_csv), lambda p: write_table_html(summary, p, "Probes across models", note))
     _atomic_write(Path(out_png), lambda p: plot_summary(summary, p, citation))
     return summary
 
 
+def summary_html_path(out_csv) -> Path:
+    """The page of the summary table: probes.csv -> probes.html, beside it."""
+    return Path(out_csv).with_suffix(".html")
+
+
+REPRESENTATION_COLOURS = {"VF": "tab:gray", "VT": "tab:blue", "QT": "tab:red", "MM": "tab:green"}
+
+
 def plot_summary(summary: pd.DataFrame, path, citation: str = "") -> None:
-    """Bars: our best-layer AUROC per model and representation (error bars: bootstrap CI); hatched: published."""
+    _save(summary_figure(summary, citation), path)
+
+
+def summary_groups(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    """The plot's groups as (our model or '', paper model or ''): our models in order, each with the paper's
+    model it is compared with, then the paper's models that none of ours matched."""
+    ours = summary[summary["source"] == "ours"]
+    paper_for = {model: paper or "" for model, paper in zip(ours["model"], ours["paper_model"].fillna(""))}
+    published = summary[(summary["source"] == "published") & summary["auroc"].notna()]
+    alone = [m for m in dict.fromkeys(published["model"]) if m not in set(paper_for.values())]
+    return list(paper_for.items()) + [("", model) for model in alone]
+
+
+def _group_label(model: str, paper_model: str) -> str:
+    if not model:
+        return f"{paper_model}\n(paper only)"
+    return f"{model}\nvs {paper_model}" if paper_model else model
+
+
+def _our_bar(ax, x: float, width: float, row: pd.Series, colour: str) -> None:
+    value, low, high = (float(row[k]) for k in ("auroc", "auroc_ci_low", "auroc_ci_high"))
+    error = [[max(value - low, 0)], [max(high - value, 0)]] if np.isfinite(low) and np.isfinite(high) else None
+    ax.bar(x, value, width=width * 0.9, color=colour, yerr=error, capsize=2, error_kw={"lw": 0.8})
+    # the number sits on the bar it belongs to, on white so that the error bar through it leaves it legible
+    box = {"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85}
+    ax.text(x, value + 0.02, f"{value:.2f}", ha="center", va="bottom", fontsize=7, rotation=90, bbox=box)
+
+
+def _published_mark(ax, x: float, width: float, value: float) -> None:
+    ax.hlines(value, x - width / 2, x + width / 2, colors="black", lw=2.5)
+    ax.text(x + width / 2, value, f" {value:.3f}", ha="left", va="center", fontsize=7)
+
+
+def summary_figure(summary: pd.DataFrame, citation: str = ""):
+    """Bars: our best-layer AUROC per model and representation (error bars: bootstrap CI), one panel per
+    probe; a black line on a bar's slot: the paper's published AUROC of the matched model."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
     ours = summary[summary["source"] == "ours"]
-    published = summary[(summary["source"] != "ours") & summary["auroc"].notna()]
+    published = summary[(summary["source"] == "published") & summary["auroc"].notna()]
     probes = [p for p in PROBES if p in set(ours["probe"])] or ["mlp"]
-    models = list(dict.fromkeys(ours["model"]))
-    paper_for = dict(zip(ours["model"], ours["paper_model"]))
-    models += [m for m in dict.fromkeys(published["model"]) if m not in set(paper_for.values())]
+    groups = summary_groups(summary)
     codes = [c for c in CODE_ORDER if c in set(ours["representation"]) | set(published["representation"])]
-    colours = {"VF": "tab:gray", "VT": "tab:blue", "QT": "tab:red", "MM": "tab:green"}
-    slots = len(codes) * 2
+    width = 0.8 / max(len(codes), 1)
     fig, axes = plt.subplots(
-        1,
-        len(probes),
-        figsize=(max(6, 1.6 * len(models) + 2) * len(probes), 4.5),
-        squeeze=False,
-        sharey=True,
-        layout="constrained",
-    )
-    for ax, probe in zip(axes[0], probes):
-        for i, model in enumerate(models):
-            paper_model = paper_for.get(model) or model
+        len(probes), 1, figsize=(max(7.0, 1.5 * len(groups) + 2.5), 1.0 + 3.0 * len(probes)),
+        squeeze=False, sharex=True, layout="constrained",
+    )  # fmt: skip
+    for ax, probe in zip(axes[:, 0], probes):
+        for i, (model, paper_model) in enumerate(groups):
             for j, code in enumerate(codes):
-                x = i + (2 * j - slots / 2 + 0.5) * 0.8 / slots
+                x = i + (j - (len(codes) - 1) / 2) * width
                 row = ours[(ours["model"] == model) & (ours["probe"] == probe) & (ours["representation"] == code)]
                 if len(row) and np.isfinite(float(row["auroc"].iloc[0])):
-                    value = float(row["auroc"].iloc[0])
-                    low, high = float(row["auroc_ci_low"].iloc[0]), float(row["auroc_ci_high"].iloc[0])
-                    error = (
-                        [[max(value - low, 0)], [max(high - value, 0)]]
-                        if np.isfinite(low) and np.isfinite(high)
-                        else None
-                    )
-                    ax.bar(
-                        x,
-                        value,
-                        width=0.8 / slots,
-                        color=colours[code],
-                        yerr=error,
-                        capsize=2,
-                        label=f"{code} (ours)" if i == 0 else None,
-                    )
+                    _our_bar(ax, x, width, row.iloc[0], REPRESENTATION_COLOURS[code])
                 ref = published[(published["model"] == paper_model) & (published["representation"] == code)]
                 if len(ref):
-                    label = f"{code} published ({ref['probe'].iloc[0]})"
-                    ax.bar(
-                        x + 0.8 / slots,
-                        float(ref["auroc"].iloc[0]),
-                        width=0.8 / slots,
-                        color="white",
-                        edgecolor=colours[code],
-                        hatch="//",
-                        label=label,
-                    )
-        ax.axhline(0.5, color="black", lw=0.8)
-        ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
-        ax.set_ylim(0.0, 1.0)
-        ax.set_title(probe, fontsize=10)
+                    _published_mark(ax, x, width, float(ref["auroc"].iloc[0]))
+        ax.axhline(0.5, color="black", lw=0.8, ls="--")
+        ax.set_ylim(0.0, 1.12)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_ylabel(f"{probe}: test AUROC", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        handles, names = ax.get_legend_handles_labels()
-        unique = dict(zip(names, handles))
-        if unique:
-            ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
-    axes[0, 0].set_ylabel("test AUROC, best layer")
-    fig.suptitle(f"Hallucination probes: ours vs published ({citation})", fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    axes[-1, 0].set_xticks(range(len(groups)), [_group_label(*g) for g in groups], fontsize=8)
+    axes[-1, 0].set_xlim(-0.6, len(groups) - 0.4)
+    handles = [Patch(color=REPRESENTATION_COLOURS[c], label=f"{c} (ours, best layer)") for c in codes]
+    handles += [Line2D([], [], color="black", lw=2.5, label="published (HALP paper, MLP)")]
+    handles += [Line2D([], [], color="black", lw=0.8, ls="--", label="chance")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=8, frameon=False)
+    fig.suptitle(f"Hallucination probes across models, beside {citation or 'the published numbers'}", fontsize=10)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 rule inspect_embeddings:
     input:
-        results_path("{model}/embeddings.h5"),
+        embeddings=results_path("{model}/embeddings.h5"),
+        # the page also shows what came before the vectors and after them: the dataset's validation (a log
+        # of validate_dataset, so it exists whenever the table does) and the answers' labels
+        validation=results_path("dataset/validation.json"),
+        labels=results_path("{model}/labels.csv"),
+        labels_summary=results_path("{model}/labels.summary.json"),
     output:
         summary=report(
             results_path("{model}/inspection/summary.html"),
@@ -24,5 +29,6 @@ rule inspect_embeddings:
     params:
         cli=VLMSTATES,
     shell:
-        "{params.cli} inspect {input:q} --html {output.summary:q} --png {output.norms:q}"
-        " --json {output.json:q} > {log:q} 2>&1"
+        "{params.cli} inspect {input.embeddings:q} --name {wildcards.model:q} --html {output.summary:q}"
+        " --png {output.norms:q} --json {output.json:q} --validation {input.validation:q}"
+        " --labels {input.labels:q} --labels-summary {input.labels_summary:q} > {log:q} 2>&1"

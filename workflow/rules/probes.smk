@@ -45,6 +45,14 @@ rule probe:
             caption="../report/probe_metrics.rst",
             category="Probes",
             subcategory="{model}",
+            labels={"model": "{model}", "figure": "metrics table (CSV)"},
+        ),
+        # the same table as a page: the report shows HTML, a CSV it only offers for download
+        metrics_html=report(
+            results_path("{model}/probes/metrics.html"),
+            caption="../report/probe_metrics.rst",
+            category="Probes",
+            subcategory="{model}",
             labels={"model": "{model}", "figure": "metrics table"},
         ),
         json=results_path("{model}/probes/metrics.json"),
@@ -85,6 +93,14 @@ rule probe_summary:
     output:
         table=report(
             results_path("summary/probes.csv"),
+            caption="../report/probe_summary_table.rst",
+            category="Probes",
+            subcategory="Summary",
+            labels={"model": "all", "figure": "summary table (CSV)"},
+        ),
+        # written beside the CSV by probe-summary (vlmstates.probes.summary_html_path)
+        table_html=report(
+            results_path("summary/probes.html"),
             caption="../report/probe_summary_table.rst",
             category="Probes",
             subcategory="Summary",
