@@ -23,6 +23,16 @@ include: "workflow/rules/probes.smk"
 report: "workflow/report/workflow.rst"
 
 
+# The closing lines on the terminal: per model questions ok and failed, rows dropped by validation, the
+# failed steps with their logs, and what to run next (vlmstates.run_summary).
+onsuccess:
+    print(run_summary(config, succeeded=True))
+
+
+onerror:
+    print(run_summary(config, succeeded=False, started=RUN_STARTED))
+
+
 rule all:
     default_target: True
     input:

@@ -2,6 +2,7 @@ import json
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 # The package lives in src/; the DAG imports it through sys.path, and every job runs its command line
@@ -12,6 +13,11 @@ PACKAGE_SRC = str(Path(workflow.basedir) / "src")
 if PACKAGE_SRC not in sys.path:
     sys.path.insert(0, PACKAGE_SRC)
 VLMSTATES = f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates"
+# An extraction job's command line, run so that an error a retry would repeat (a missing package, a bad
+# checkpoint) is not retried: vlmstates.retry_guard.
+VLMSTATES_NO_REPEAT = (
+    f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates.retry_guard"
+)
 
 from vlmstates.adapters import families, family_of_model_type
 from vlmstates.config_check import check_config
@@ -23,7 +29,11 @@ from vlmstates.settings import (
     model_type_of,
     read_checkpoint_config,
 )
+from vlmstates.run_summary import run_summary
 from vlmstates.shards import count_shards
+
+# Logs written from here on are this run's: run_summary tells this run's failed steps by them.
+RUN_STARTED = time.time()
 
 # Not snakemake.utils.validate: that prints the whole schema with an error; this names the key, says what is
 # wrong and suggests the key meant (vlmstates.config_check). Defaults are filled in the same way.
@@ -33,7 +43,7 @@ check_config(
     source=", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml",
 )
 
-RESULTS = config["results"].rstrip("/") or "."
+RESULTS = str(Path(config["results"]))  # "results/" -> "results", "" -> "."
 
 
 def results_path(path):

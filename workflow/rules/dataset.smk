@@ -9,6 +9,8 @@ checkpoint validate_dataset:
         main="logs/validate_dataset.log",
         json=results_path("dataset/validation.json"),
         markdown=results_path("dataset/validation.md"),
+    # a bad row stays bad: retrying (the profile's restart-times) would only print the same report twice
+    retries: 0
     conda:
         "../../envs/core.yaml"
     params:

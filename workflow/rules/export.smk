@@ -9,6 +9,7 @@ rule export_seed_layout:
         directory(results_path("{model}/seed_layout")),
     log:
         "logs/export/{model}.log",
+    retries: 0  # deterministic: a retry repeats the same error
     conda:
         "../../envs/core.yaml"
     params:

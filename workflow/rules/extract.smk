@@ -17,15 +17,18 @@ rule extract_shard:
         runtime=extraction_runtime,
         # the batch size halves with each retry (--retries), e.g. after running out of GPU memory
         attempt=lambda wildcards, attempt: attempt,
+    # retried (profile restart-times) for out of memory or time; an error that a retry would repeat
+    # leaves this marker (a copy of the log), and the retry then ends at once (vlmstates.retry_guard)
     params:
-        cli=VLMSTATES,
+        cli=VLMSTATES_NO_REPEAT,
+        marker="logs/extract/{model}/shard_{shard}.no-retry.log",
         settings=settings_json,
         images=config["dataset"]["images"],
         shard_size=config["extraction"]["shard_size"],
         max_failed_share=config["extraction"]["max_failed_share"],
         save_every=config["extraction"]["save_every"],
     shell:
-        "{params.cli} extract-shard"
+        "{params.cli} --attempt {resources.attempt} --log {log:q} --marker {params.marker:q} -- extract-shard"
         " --settings {params.settings:q} --table {input.table:q} --images {params.images:q}"
         " --shard {wildcards.shard} --shard-size {params.shard_size}"
         " --max-failed-share {params.max_failed_share} --save-every {params.save_every}"
@@ -40,6 +43,7 @@ rule merge_shards:
         results_path("{model}/embeddings.h5"),
     log:
         "logs/merge/{model}.log",
+    retries: 0  # deterministic: a retry repeats the same refusal
     conda:
         "../../envs/core.yaml"
     params:

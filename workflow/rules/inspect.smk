@@ -24,6 +24,7 @@ rule inspect_embeddings:
         json=results_path("{model}/inspection/summary.json"),
     log:
         "logs/inspect/{model}.log",
+    retries: 0  # deterministic: a retry repeats the same error
     conda:
         "../../envs/core.yaml"
     params:

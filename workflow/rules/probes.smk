@@ -12,6 +12,7 @@ rule label:
         summary=results_path("{model}/labels.summary.json"),
     log:
         "logs/label/{model}.log",
+    retries: 0  # deterministic: a retry repeats the same error
     conda:
         "../../envs/probes.yaml"
     params:
@@ -73,6 +74,7 @@ rule probe:
         ),
     log:
         "logs/probe/{model}.log",
+    retries: 0  # deterministic (seeded): a retry repeats the same error
     conda:
         "../../envs/probes.yaml"
     threads: 1
@@ -115,6 +117,7 @@ rule probe_summary:
         ),
     log:
         "logs/probe_summary.log",
+    retries: 0  # deterministic: a retry repeats the same error
     conda:
         "../../envs/probes.yaml"
     params:

@@ -6,6 +6,7 @@ rule demo_dataset:
         labels="resources/demo/labels.csv",
     log:
         "logs/demo_dataset.log",
+    retries: 0  # deterministic: a retry repeats the same error
     conda:
         "../../envs/core.yaml"
     params:
@@ -19,6 +20,7 @@ rule tiny_checkpoint:
         directory("resources/checkpoints/tiny-{family}"),
     log:
         "logs/tiny_checkpoint/{family}.log",
+    retries: 0  # deterministic: a retry repeats the same error
     conda:
         "../../envs/{family}.yaml"
     params:
