@@ -209,9 +209,11 @@ def test_tables_are_written_as_pages_too(tmp_path):
     metrics = {"tiny-qwen": write_metrics(tmp_path / "a" / "probes", "qwen2_5_vl", "org/ckpt")}
     P.summarise_models(metrics, tmp_path / "summary" / "probes.csv", tmp_path / "summary" / "probes.png")
     page = (tmp_path / "summary" / "probes.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<table>" in page
+    assert page.startswith("<!DOCTYPE html>") and "<table class=\"data\">" in page
     assert "tiny-qwen" in page and "Qwen2.5-VL-7B" in page and "0.915" in page
     assert "<td>nan</td>" not in page.lower()  # unknown values are empty cells
+    header = page[page.index("<tr>") : page.index("</tr>")]
+    assert header.index("<th>model</th>") < header.index("<th>auroc</th>") < header.index("<th>model_id</th>")
 
 
 def test_probe_run_writes_its_metrics_page(tmp_path):

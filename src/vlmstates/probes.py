@@ -688,7 +688,8 @@ def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows
     _atomic_write(out_dir / "heatmap.png", lambda p: plot_heatmap(metrics, p, title))
     _atomic_write(out_dir / "auroc_by_layer.png", lambda p: plot_by_layer(metrics, p, title))
     note = f"checkpoint {document['model']}; {title}; labels {labels_csv}"
-    _atomic_write(out_dir / "metrics.html", lambda p: write_table_html(metrics, p, f"{name}: probe metrics", note))
+    page_title = f"{name}: probe metrics"
+    _atomic_write(out_dir / "metrics.html", lambda p: write_table_html(metrics, p, page_title, note, METRICS_PAGE_COLUMNS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,9 +711,21 @@ AUROC_CMAP = "RdBu_r"
 MAX_LABELLED_COLUMNS = 24  # beyond this many layers, only every k-th column is labelled
 
 
-def write_table_html(frame: pd.DataFrame, path, title: str, note: str = "") -> None:
+# the columns a reader of a table page looks at first (the CSVs keep their own order); a metrics page
+# names its model in the title, and its `model` column is the checkpoint, so it goes last there
+METRICS_PAGE_COLUMNS = (
+    "representation", "layer", "probe", "auroc", "auroc_ci_low", "auroc_ci_high", "control_auroc", "n_test",
+    "pos_rate_test", "status", "reason",
+)  # fmt: skip
+SUMMARY_PAGE_COLUMNS = (
+    "source", "model", "representation", "probe", "layer", "auroc", "auroc_ci_low", "auroc_ci_high", "control_auroc",
+    "published_auroc", "paper_model", "difference", "n_test",
+)  # fmt: skip
+
+
+def write_table_html(frame: pd.DataFrame, path, title: str, note: str = "", first=()) -> None:
     """A table as a page of its own: the report shows HTML, while it only offers a CSV for download."""
-    Path(path).write_text(table_page(frame, title, note), encoding="utf-8")
+    Path(path).write_text(table_page(frame, title, note, first), encoding="utf-8")
 
 
 def _save(fig, path) -> None:
@@ -961,7 +974,8 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
         summary[column] = pd.to_numeric(summary[column], errors="coerce").astype("Int64")
     _atomic_write(Path(out_csv), lambda p: summary.to_csv(p, index=False))
     note = f"best layer per model, representation and probe, beside {citation or 'the published numbers'}"
-    _atomic_write(summary_html_path(out_csv), lambda p: write_table_html(summary, p, "Probes across models", note))
+    page = summary_html_path(out_csv)
+    _atomic_write(page, lambda p: write_table_html(summary, p, "Probes across models", note, SUMMARY_PAGE_COLUMNS))
     _atomic_write(Path(out_png), lambda p: plot_summary(summary, p, citation))
     return summary
 

@@ -16,7 +16,7 @@ STYLE = """body{font-family:system-ui,sans-serif;font-size:14px;margin:1.5em;col
 table{border-collapse:collapse;margin:.4em 0 1.2em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;
 vertical-align:top}th{background:#f0f0f0;position:sticky;top:0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}.note{color:#666}
-.bad{color:#b00020;font-weight:600}.good{color:#1b5e20;font-weight:600}"""
+.bad{color:#b00020;font-weight:600}.good{color:#1b5e20;font-weight:600}table.data td{white-space:nowrap}"""
 
 
 def esc(value) -> str:
@@ -41,16 +41,18 @@ def _format_float(value: float, digits: int) -> str:
     return "" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def table(header, rows, digits: int = 3) -> str:
+def table(header, rows, digits: int = 3, css_class: str = "") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(cell(v, digits) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    attribute = f' class="{css_class}"' if css_class else ""
+    return f"<table{attribute}><tr>{head}</tr>{body}</table>"
 
 
 def frame_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A data frame as a table, numbers right-aligned and rounded to `digits` decimals."""
+    """A data frame as a table, numbers right-aligned and rounded to `digits` decimals, one line per row
+    (a wide table scrolls sideways rather than wrapping every cell into a tall row)."""
     rows = frame.astype(object).where(frame.notna(), None).itertuples(index=False)
-    return table(list(frame.columns), rows, digits)
+    return table(list(frame.columns), rows, digits, css_class="data")
 
 
 def page(title: str, body: str) -> str:
@@ -60,7 +62,10 @@ def page(title: str, body: str) -> str:
     )
 
 
-def table_page(frame: pd.DataFrame, title: str, note: str = "") -> str:
-    """A whole table as one page: a heading, an optional note, the rows."""
+def table_page(frame: pd.DataFrame, title: str, note: str = "", first=()) -> str:
+    """A whole table as one page: a heading, an optional note, the rows; the columns named in `first`
+    (those present) lead, so that what a reader looks for is on screen without scrolling."""
+    leading = [c for c in first if c in frame.columns]
+    frame = frame[leading + [c for c in frame.columns if c not in leading]]
     intro = f'<p class="note">{esc(note)}</p>' if note else ""
     return page(title, f"<h1>{esc(title)}</h1>{intro}<p>{len(frame)} rows.</p>{frame_table(frame)}")
