@@ -103,3 +103,22 @@ def test_workflow_prints_a_short_config_error(tmp_path, where, change, expected)
     assert f"Fix it in {user}" in output
     assert len(output.splitlines()) < 15, output
     assert not re.search(r"additionalProperties|\$schema|description:", output)  # no schema dump
+
+
+def schema_keys(schema: dict, path: tuple = ()) -> list[tuple]:
+    """Every key the schema knows, as a path: sections, their keys and a model entry's keys."""
+    keys = []
+    for key, spec in schema.get("properties", {}).items():
+        keys.append((*path, key))
+        keys += schema_keys(spec, (*path, key))
+    if isinstance(schema.get("additionalProperties"), dict):
+        keys += schema_keys(schema["additionalProperties"], (*path, "<name>"))
+    return keys
+
+
+def test_every_schema_key_is_documented():
+    readme = (REPO / "config" / "README.md").read_text()
+    keys = schema_keys(load_schema(SCHEMA))
+    assert ("extraction", "save_every") in keys and ("models", "<name>", "batch_size") in keys
+    missing = [".".join(key) for key in keys if f"`{key[-1]}`" not in readme]
+    assert not missing, f"config/README.md does not describe: {', '.join(missing)}"
