@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -104,6 +105,31 @@ def test_the_model_is_loaded_once_for_all_shards(qwen, demo, tmp_path, monkeypat
     monkeypatch.setattr(engine, "load_model", counting_load_model)
     assert extract(qwen, demo, tmp_path) == 0
     assert len(list((tmp_path / qwen.name / "shards").glob("shard_*.h5"))) == 2 and loads == [str(qwen)]
+
+
+def test_a_line_per_saved_progress_part(qwen, demo, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    assert extract(qwen, demo, tmp_path) == 0
+    saved = [m.split(",")[0] for m in caplog.messages if "samples saved" in m]
+    # --checkpoint-interval 2: shard 0000's two samples make a part; shard 0001's one does not
+    assert saved == ["shard 0000: 2/2 samples saved (0 failed)"]
+
+
+def test_a_finished_shard_whose_output_was_removed_is_put_back_without_the_model(qwen, demo, tmp_path, monkeypatch):
+    assert extract(qwen, demo, tmp_path) == 0
+    shards = tmp_path / qwen.name / "shards"
+    before = read_results(shards / "shard_0001.h5")
+    # as an extraction job leaves it when Snakemake throws its output away (shards.py); merging removed it
+    (shards / "shard_0001.progress").mkdir()
+    (shards / "shard_0001.h5").rename(shards / "shard_0001.progress" / "finished.h5")
+
+    def no_model(settings):
+        raise AssertionError("the model was loaded, yet no shard needed it")
+
+    monkeypatch.setattr(engine, "load_model", no_model)
+    assert extract(qwen, demo, tmp_path) == 0
+    assert [r.answer for r in read_results(shards / "shard_0001.h5")] == [r.answer for r in before]
+    assert not (shards / "shard_0001.progress").exists()  # merged: removed
 
 
 def test_a_shard_of_other_settings_or_questions_is_not_finished(tmp_path):

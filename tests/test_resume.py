@@ -65,7 +65,8 @@ def reference(qwen, demo, tmp_path_factory):
         ("batch:1", 8, 0),  # killed before the first save
         ("batch:3", 8, 8),  # between saves: one part saved, one batch lost
         ("rename:part_0001.h5", 4, 4),  # during a save: the second part's temporary file is left behind
-        ("rename:shard_0000.h5", 4, 16),  # during the final rename: everything is in the progress parts
+        ("rename:finished.h5", 4, 16),  # writing the finished shard: everything is in the progress parts
+        ("rename:shard_0000.h5", 4, "put back"),  # placing the output: the finished shard is kept, nothing redone
     ],
 )
 def test_killed_shard_resumes_to_the_uninterrupted_result(qwen, demo, reference, tmp_path, failpoint, save_every, resumed):
@@ -75,12 +76,22 @@ def test_killed_shard_resumes_to_the_uninterrupted_result(qwen, demo, reference,
     assert not out.exists()  # never a partial output that looks complete
     rerun = run_shard(qwen, demo, out, save_every=save_every)
     assert rerun.returncode == 0, rerun.stderr
-    if resumed:
+    if resumed == "put back":
+        assert "nothing recomputed" in rerun.stderr and "attention, layers" not in rerun.stderr  # no model loaded
+    elif resumed:
         assert f"resuming: {resumed} samples already done" in rerun.stderr
     else:
         assert "resuming" not in rerun.stderr
     assert_identical(out, reference)
-    assert not out.with_suffix(".progress").exists()  # progress is removed once the shard is written
+    assert_only_the_finished_shard_is_kept(out)
+
+
+def assert_only_the_finished_shard_is_kept(out):
+    """Once the shard is written its parts are gone; the progress folder keeps the finished shard itself,
+    the same file as the output (a hard link), until the shards are merged."""
+    kept = list(out.with_suffix(".progress").iterdir())
+    assert [p.name for p in kept] == ["finished.h5"]
+    assert kept[0].samefile(out)
 
 
 def test_progress_from_another_config_is_not_reused(qwen, demo, tmp_path):

@@ -10,6 +10,7 @@ the same settings and questions, and continues an unfinished one from its saved 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 from .dataset import read_validated_table, validate_and_write
 from .seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
 from .settings import ConfigError, ModelSettings
-from .shards import count_shards, extract_shard, merge_model_shards, shard_rows
+from .shards import count_shards, extract_shard, merge_model_shards, progress_bar_wanted, shard_rows
 from .store import read_embeddings
 
 log = logging.getLogger(__name__)
@@ -104,17 +105,17 @@ def _extract_shards(
     settings: ModelSettings, table: Path, images_dir, folder: Path, shard_size: int, save_every: int
 ) -> list[Path]:
     questions = read_validated_table(table)
-    shards, extractor = [], None
+    extractor = functools.cache(lambda: _extractor(settings))  # loaded once, by the first shard with work
+    shards = []
     for shard in range(count_shards(len(questions), shard_size)):
         path = folder / f"shard_{shard:04d}.h5"
         expected = shard_rows(questions, shard, shard_size)["question_id"].tolist()
         if shard_is_finished(path, settings, expected):
             log.info("shard %d is done (%s); skipped", shard, path)
         else:
-            extractor = extractor or _extractor(settings)  # loaded once, for the first unfinished shard
             extract_shard(
                 settings, table, images_dir, shard, shard_size, path,
-                max_failed_share=MAX_FAILED_SHARE, save_every=save_every, extractor=extractor,
+                max_failed_share=MAX_FAILED_SHARE, save_every=save_every, get_extractor=extractor,
             )
         shards.append(path)
     return shards
@@ -123,7 +124,7 @@ def _extract_shards(
 def _extractor(settings: ModelSettings):
     from .engine import Extractor, load_model  # torch is imported only once there is work
 
-    return Extractor(load_model(settings))
+    return Extractor(load_model(settings), progress=progress_bar_wanted())
 
 
 def shard_is_finished(path: Path, settings: ModelSettings, question_ids: list[str]) -> bool:

@@ -2,7 +2,14 @@
 
 A job saves its finished samples every few batches as part files in a progress folder that is not a
 declared Snakemake output (Snakemake deletes the declared outputs of failed jobs); a rerun of the shard
-continues from them when they were written under the same settings.
+continues from them when they were written under the same settings. Ctrl-C and SIGTERM save the samples
+not yet saved before the job exits.
+
+The finished shard is written into the progress folder too, and the declared output is a second hard link
+to it. Snakemake throws away the output of a job it did not see finish (its own Ctrl-C waits for the
+running job but records it as incomplete, and --rerun-incomplete deletes the output): the rerun then
+links the output back from the progress folder without loading the model. Merging the shards, the step
+that consumes them, removes their progress folders.
 """
 
 from __future__ import annotations
@@ -10,19 +17,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
+from .atomic import atomic_path
 from .dataset import read_validated_table
 from .settings import AUTO_BATCH_SIZE
 from .store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
 
 log = logging.getLogger(__name__)
 
-# Attributes a progress part must share with the current run to be reused.
+# Attributes a progress part (or a finished shard kept in the progress folder) must share with the
+# current run to be reused.
 _RESUME_IDENTITY = ("config_hash", "shard", "shard_size", "shard_questions")
+FINISHED = "finished.h5"  # the finished shard in its progress folder, kept until the shards are merged
 
 
 class ShardFailed(RuntimeError):
@@ -54,32 +71,60 @@ def batch_size_for_attempt(batch_size: int | str, attempt: int) -> int | str:
     return max(1, batch_size >> max(0, attempt - 1))
 
 
-class Progress:
-    """Finished samples of one shard, saved as numbered part files (each written atomically)."""
+def progress_folder(out_path: str | Path) -> Path:
+    """Where a shard's progress is saved unless told otherwise: shard_NNNN.h5 -> shard_NNNN.progress/."""
+    return Path(out_path).with_suffix(".progress")
 
-    def __init__(self, folder: Path, identity: dict, vector_dims: dict[str, int], save_every: int):
+
+def resume_identity(settings, questions: list, shard: int, shard_size: int) -> dict:
+    """What saved progress must match to be reused; known before the model is loaded."""
+    return {
+        "config_hash": settings.config_hash(),
+        "shard": shard,
+        "shard_size": shard_size,
+        "shard_questions": hashlib.sha256("\n".join(q.question_id for q in questions).encode()).hexdigest()[:16],
+    }
+
+
+def _differences(attrs: dict, identity: dict) -> list[str]:
+    return [k for k in _RESUME_IDENTITY if attrs.get(k) != identity[k]]
+
+
+class Progress:
+    """Finished samples of one shard, saved as numbered part files (each written atomically); each save
+    logs a line with the count, the rate of this run and the time left."""
+
+    def __init__(self, folder: Path, identity: dict, vector_dims: dict[str, int], save_every: int, label: str, total: int):
         self.folder, self.identity, self.vector_dims, self.save_every = Path(folder), identity, vector_dims, save_every
+        self.label, self.total = label, total
         self._unsaved: list[SampleResult] = []
         self._parts = 0
+        self._saved: set[str] = set()  # question ids in the part files
+        self._failed: set[str] = set()  # failed in this run (not saved: a rerun tries them again)
+        self._computed = 0  # samples computed by this run, for its rate
+        self._started = time.monotonic()
 
     def load(self) -> dict[str, SampleResult]:
         parts = sorted(self.folder.glob("part_*.h5"))
         finished: dict[str, SampleResult] = {}
         for part in parts:
-            attrs = read_embeddings(part).attrs
-            different = [k for k in _RESUME_IDENTITY if attrs.get(k) != self.identity[k]]
+            different = _differences(read_embeddings(part).attrs, self.identity)
             if different:
                 log.warning("progress in %s was written with different %s; starting the shard over", self.folder, different)
                 self.clear()
                 return {}
             finished.update((r.question_id, r) for r in read_results(part))
         self._parts = len(parts)
+        self._saved = set(finished)
+        self._started = time.monotonic()  # the rate counts this run's samples, from here
         if finished:
             log.info("resuming: %d samples already done (%d progress parts)", len(finished), len(parts))
         return finished
 
     def add(self, results: list[SampleResult]) -> None:
         """Keep a batch's successful samples; failed ones are tried again when the shard resumes."""
+        self._computed += len(results)
+        self._failed.update(r.question_id for r in results if r.status == STATUS_FAILED)
         self._unsaved += [r for r in results if r.status != STATUS_FAILED]
         if len(self._unsaved) >= self.save_every:
             self.flush()
@@ -89,10 +134,101 @@ class Progress:
             return
         write_embeddings(self.folder / f"part_{self._parts:04d}.h5", self._unsaved, self.vector_dims, self.identity)
         self._parts += 1
+        self._saved.update(r.question_id for r in self._unsaved)
         self._unsaved = []
+        log.info(self.status())
+
+    def save_interrupted(self) -> None:
+        """On Ctrl-C or SIGTERM: save what is not saved yet, then say how to continue."""
+        with interrupts_deferred():
+            self.flush()
+        log.warning(
+            "%s: interrupted; %d/%d samples are saved in %s, and running the shard again continues from there",
+            self.label, len(self._saved), self.total, self.folder,
+        )
+
+    def status(self) -> str:
+        """e.g. `shard 0003: 128/500 samples saved (2 failed), 3.1 samples/s, ~2 min left`"""
+        line = f"{self.label}: {len(self._saved)}/{self.total} samples saved ({len(self._failed)} failed)"
+        elapsed = time.monotonic() - self._started
+        if self._computed and elapsed > 0:
+            rate = self._computed / elapsed
+            left = max(0, self.total - len(self._saved) - len(self._failed) - len(self._unsaved))
+            line += f", {rate:.1f} samples/s, ~{_duration(left / rate)} left"
+        return line
+
+    def keep_finished(self, results: list[SampleResult], attrs: dict) -> Path:
+        """Write the finished shard into the progress folder (all of it, failed samples too, so that a
+        recovered shard equals this one) and drop the parts it replaces."""
+        finished = write_embeddings(self.folder / FINISHED, results, self.vector_dims, attrs)
+        for path in self.folder.iterdir():
+            if path != finished:  # parts, and temporary files of a writer killed mid-save
+                path.unlink()
+        return finished
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C or SIGTERM arriving during a save is acted on once the save is done, so a second Ctrl-C
+    does not lose the samples the first one was saving. Python-level handlers, not a signal mask: the
+    kernel would hand a masked signal to another thread (torch's, the prefetcher) and Python would still
+    run the handler in the main thread."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    pending: list[int] = []
+    previous = {signum: signal.signal(signum, lambda received, frame: pending.append(received))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # handled now as it would have been: KeyboardInterrupt, or the CLI's
+
+
+def recover_finished(folder: Path, identity: dict, out_path: str | Path) -> bool:
+    """Put back the shard finished earlier into `folder` whose output was thrown away since; False when
+    there is none, or it was written under other settings or questions (then it is removed)."""
+    finished = Path(folder) / FINISHED
+    if not finished.exists():
+        return False
+    try:
+        different = _differences(read_embeddings(finished).attrs, identity)
+    except (OSError, ValueError) as error:
+        different = [f"an unreadable file ({error})"]
+    if different:
+        log.warning("finished shard %s does not fit (%s); extracting the shard again", finished, different)
+        finished.unlink()
+        return False
+    place_shard(finished, out_path)
+    log.info("shard %d was finished before and its output removed since; put back from %s, nothing recomputed",
+             identity["shard"], finished)
+    return True
+
+
+def place_shard(finished: Path, out_path: str | Path) -> Path:
+    """Give the finished shard its declared name as a second hard link (no copy, and the progress folder's
+    name survives the output's deletion), renamed into place; a copy where links are refused."""
+    with atomic_path(out_path) as tmp:
+        try:
+            os.link(finished, tmp)
+        except OSError:  # another filesystem (a --progress-dir elsewhere), or one without hard links
+            shutil.copyfile(finished, tmp)
+        os.utime(tmp)  # the output is new now, for Snakemake's comparison with its inputs' times
+    return Path(out_path)
 
 
 def extract_shard(
@@ -106,29 +242,54 @@ def extract_shard(
     progress_dir: str | Path | None = None,
     save_every: int = 64,
     attempt: int = 1,
-    extractor=None,
+    get_extractor: Callable[[], object] | None = None,
 ) -> Path:
-    """Extract one shard; `extractor` (an `engine.Extractor` of these settings) saves reloading the model
-    when one process runs several shards, else the model is loaded here."""
-    if extractor is None:
-        from .engine import Extractor, load_model  # torch is imported only by jobs that extract
+    """Extract one shard into `out_path`, continuing from its saved progress.
 
-        extractor = Extractor(load_model(settings), batch_size=batch_size_for_attempt(settings.batch_size, attempt))
-    rows = shard_rows(read_validated_table(table_path), shard, shard_size)
+    `get_extractor` returns an `engine.Extractor` of these settings, so that one process running several
+    shards loads the model once; it is called only when the shard has work. Without it the model is
+    loaded here."""
+    questions = questions_of(shard_rows(read_validated_table(table_path), shard, shard_size))
+    identity = resume_identity(settings, questions, shard, shard_size)
+    folder = Path(progress_dir) if progress_dir else progress_folder(out_path)
+    if recover_finished(folder, identity, out_path):
+        return Path(out_path)
+    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt)
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model, extractor.adapter.family, extractor.loaded.device, extractor.loaded.dtype,
-        extractor.loaded.attn_implementation, list(extractor.layers), extractor.batch_size, shard, len(rows),
+        extractor.loaded.attn_implementation, list(extractor.layers), extractor.batch_size, shard, len(questions),
     )
-    questions = questions_of(rows)
-    attrs = extractor.attributes() | {
-        "shard": shard,
-        "shard_size": shard_size,
-        "shard_questions": hashlib.sha256("\n".join(q.question_id for q in questions).encode()).hexdigest()[:16],
-    }
-    progress_dir = Path(progress_dir or Path(out_path).with_suffix(".progress"))
-    progress = Progress(progress_dir, attrs, extractor.vector_dims(), save_every)
-    results = extractor.extract(questions, Path(images_dir), finished=progress.load(), on_batch=progress.add)
+    attrs = extractor.attributes() | identity
+    progress = Progress(folder, attrs, extractor.vector_dims(), save_every, f"shard {shard:04d}", len(questions))
+    try:
+        results = extractor.extract(questions, Path(images_dir), finished=progress.load(), on_batch=progress.add)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI raises it
+        progress.save_interrupted()
+        raise
+    _check_failures(results, max_failed_share, progress)
+    attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
+    with interrupts_deferred():
+        place_shard(progress.keep_finished(results, attrs), out_path)
+    failed = sum(r.status == STATUS_FAILED for r in results)
+    log.info("%s: %d samples written to %s (%d failed)", progress.label, len(results), out_path, failed)
+    return Path(out_path)
+
+
+def _load_extractor(settings, attempt: int):
+    from .engine import Extractor, load_model  # torch is imported only by jobs that extract
+
+    batch_size = batch_size_for_attempt(settings.batch_size, attempt)
+    return Extractor(load_model(settings), batch_size=batch_size, progress=progress_bar_wanted())
+
+
+def progress_bar_wanted() -> bool:
+    """The engine's live bar on a terminal only: a job's log (stderr redirected to a file) gets Progress's
+    lines instead of the bar's carriage-return updates."""
+    return sys.stderr.isatty()
+
+
+def _check_failures(results: list[SampleResult], max_failed_share: float, progress: Progress) -> None:
     failed = [r for r in results if r.status == STATUS_FAILED]
     if failed and len(failed) > max_failed_share * len(results):
         progress.flush()  # keep what was done; the failed samples are tried again by the next run
@@ -136,12 +297,13 @@ def extract_shard(
         raise ShardFailed(
             f"{len(failed)} of {len(results)} samples failed (more than {max_failed_share:.0%}); first: {first}"
         )
-    attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
-    write_embeddings(out_path, results, extractor.vector_dims(), attrs)
-    progress.clear()
-    return Path(out_path)
 
 
 def merge_model_shards(table_path: str | Path, shard_paths: list[str | Path], out_path: str | Path) -> Path:
+    """Merge the shards in order; then their progress folders (the finished shards kept there) are no
+    longer needed and are removed."""
     expected = read_validated_table(table_path)["question_id"].tolist()
-    return merge_shards(shard_paths, expected, out_path)
+    merged = merge_shards(shard_paths, expected, out_path)
+    for shard in shard_paths:
+        shutil.rmtree(progress_folder(shard), ignore_errors=True)
+    return merged
