@@ -56,3 +56,13 @@ def test_help_into_a_closed_pipe_is_quiet():
     code, stderr = run_into_closed_pipe(["--help"], unbuffered=False)
     assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
     assert code in (0, 128 + signal.SIGPIPE)  # argparse itself ignores a failed write of the help
+
+
+def test_version_of_an_uninstalled_source_tree_is_pyprojects():
+    """As the workflow's jobs import the package: from src/ on PYTHONPATH, in an environment that does not
+    have it installed (-S leaves out site-packages, where this one's installation is recorded)."""
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    code = "import vlmstates; print(vlmstates.__version__)"
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.stdout.strip() == expected, result.stderr

@@ -1,9 +1,26 @@
 """Hidden-state embeddings of vision-language models for hallucination research."""
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-try:
-    # pyproject.toml holds the one version number; installing the package (also -e) records it
-    __version__ = version("vlmstates")
-except PackageNotFoundError:  # a source tree on sys.path, never installed: no version to report
-    __version__ = "0+unknown"
+
+def _version() -> str:
+    """pyproject.toml's version, the one place it is written.
+
+    Read from the file itself in a source tree: the workflow's jobs import the package from src/
+    (PYTHONPATH) in conda environments where it is not installed, and an editable install's recorded
+    version goes stale when pyproject.toml changes. Elsewhere, the version the installation recorded."""
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+        if project.get("name") == "vlmstates":
+            return project["version"]
+    try:
+        return version("vlmstates")
+    except PackageNotFoundError:  # neither a source tree nor installed
+        return "0+unknown"
+
+
+__version__ = _version()
