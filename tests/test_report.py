@@ -275,6 +275,7 @@ def test_inspection_page_shows_the_validation_summary(inspected):
     assert report["counts"]["rows_kept"] == 1 and report["counts"]["rows_dropped"] == 1
     assert "<td>rows kept</td><td class=\"n\">1</td>" in page
     assert "<td>rows dropped</td><td class=\"n\">1</td>" in page
+    assert 'class="warn">ok, 1 row(s) with errors dropped' in page
     problem = report["problems"][0]
     assert problem["kind"] in page and problem["message"].split("'")[0] in page
 

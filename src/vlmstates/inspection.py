@@ -205,7 +205,7 @@ def _section_validation(report: dict | None) -> str:
     if report is None:
         return ""
     counts = report.get("counts", {})
-    status = "fatal: the dataset could not be read" if report.get("fatal") else ("ok" if report.get("ok") else "failed")
+    status, state = _validation_status(report)
     mode = "strict" if report.get("settings", {}).get("strict") else "lenient"
     rows = [(key.replace("_", " "), value) for key, value in counts.items()]
     problems = report.get("problems", [])
@@ -216,7 +216,7 @@ def _section_validation(report: dict | None) -> str:
     by_kind = list(report.get("problem_counts_by_kind", {}).items())
     return (
         f"<h2>Dataset validation</h2><p>{esc(report.get('csv_path'))}, images {esc(report.get('images_dir'))}: "
-        f'<span class="{"good" if report.get("ok") else "bad"}">{esc(status)}</span> ({mode} mode).</p>'
+        f'<span class="{state}">{esc(status)}</span> ({mode} mode).</p>'
         + table(["count", "value"], rows)
         + (table(["problem kind", "count"], by_kind) if by_kind else "<p>No problems found.</p>")
         + (
@@ -226,6 +226,18 @@ def _section_validation(report: dict | None) -> str:
             else ""
         )
     )
+
+
+def _validation_status(report: dict) -> tuple[str, str]:
+    """The validation's outcome in words and its style; rows dropped in lenient mode are worth a warning."""
+    dropped = report.get("counts", {}).get("rows_dropped", 0)
+    if report.get("fatal"):
+        return "failed: the dataset could not be read", "bad"
+    if not report.get("ok"):
+        return "failed", "bad"
+    if dropped:
+        return f"ok, {dropped} row(s) with errors dropped", "warn"
+    return "ok", "good"
 
 
 def _section_labels(summary: dict | None) -> str:

@@ -16,7 +16,7 @@ STYLE = """body{font-family:system-ui,sans-serif;font-size:14px;margin:1.5em;col
 table{border-collapse:collapse;margin:.4em 0 1.2em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;
 vertical-align:top}th{background:#f0f0f0;position:sticky;top:0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}.note{color:#666}
-.bad{color:#b00020;font-weight:600}.good{color:#1b5e20;font-weight:600}table.data td{white-space:nowrap}"""
+.bad{color:#b00020;font-weight:600}.good{color:#1b5e20;font-weight:600}.warn{color:#b35c00;font-weight:600}table.data td{white-space:nowrap}"""
 
 
 def esc(value) -> str:
