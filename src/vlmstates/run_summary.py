@@ -10,6 +10,7 @@ whose output may since have been deleted on purpose to redo it).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -34,7 +35,13 @@ def dataset_line(results: Path) -> str | None:
     report = results / "dataset" / "validation.json"
     if not report.exists():
         return None
-    counts = json.loads(report.read_text()).get("counts", {})
+    document = json.loads(report.read_text())
+    counts = document.get("counts", {})
+    if not document.get("ok", True):  # strict validation refused the table: nothing was kept
+        return (
+            f"  dataset: validation failed with {counts.get('errors', '?')} error(s) in {counts.get('rows_read', '?')} "
+            f"rows read ({results / 'dataset' / 'validation.md'})"
+        )
     return (
         f"  dataset: {counts.get('rows_read', '?')} rows read, {counts.get('rows_kept', '?')} kept, "
         f"{counts.get('rows_dropped', '?')} dropped by validation ({results / 'dataset' / 'validation.md'})"
@@ -96,6 +103,21 @@ def failed_steps(config: dict, results: Path, started: float) -> list[Step]:
     ]
 
 
+# The line a failed log's excerpt starts at: the command's refusal (`vlmstates merge: ...`), the retry
+# guard's verdict, or a traceback's exception line (`OSError: ...`).
+ERROR_START = re.compile(r"^(vlmstates [\w-]+: |not retried: |[\w.]*(Error|Exception|Interrupt|Exit)\b)")
+EXCERPT_LINES = 4
+EXCERPT_WIDTH = 300
+
+
+def error_excerpt(log: Path) -> list[str]:
+    """The few lines of a failed job's log that say what went wrong (the profile does not print logs)."""
+    lines = [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    starts = [k for k, line in enumerate(lines) if ERROR_START.match(line)]
+    start = starts[-1] if starts else max(len(lines) - 1, 0)
+    return [f"      {line[:EXCERPT_WIDTH]}" for line in lines[start : start + EXCERPT_LINES]]
+
+
 def failure_lines(step: Step) -> list[str]:
     lines = [f"  {step.name}: {step.log}"]
     marker = step.log.with_name(step.log.stem + ".no-retry.log")  # vlmstates.retry_guard's marker
@@ -103,7 +125,7 @@ def failure_lines(step: Step) -> list[str]:
         lines[0] += f" (not retried: the same error would repeat; first attempt's log {marker})"
     if step.name == "validate_dataset":
         lines[0] += f", every problem in {step.output.parent / 'validation.md'}"
-    return lines
+    return lines + error_excerpt(step.log)
 
 
 def the_command(argv: list[str]) -> str:
