@@ -47,3 +47,14 @@ def test_dataset_line_tells_a_refused_table_from_dropped_rows(tmp_path):
 def test_the_command_to_run_again_quotes_its_arguments():
     argv = ["/venv/bin/snakemake", "--cores", "2", "--config", "labels={method: halp}"]
     assert the_command(argv) == "snakemake --cores 2 --config 'labels={method: halp}'"
+
+
+def test_an_unreadable_file_is_reported_not_raised(tmp_path, monkeypatch):
+    from vlmstates.run_summary import run_summary
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "m").mkdir(parents=True)
+    (tmp_path / "results" / "m" / "embeddings.h5").write_text("not hdf5")
+    config = {"results": "results", "models": {"m": {}}, "extraction": {"shard_size": 4}}
+    text = run_summary(config, succeeded=True, argv=["snakemake"])
+    assert "  m: could not be summarised (" in text and text.rstrip().endswith("--report report.html")

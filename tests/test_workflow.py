@@ -7,18 +7,22 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from conftest import REPO
+from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
 from vlmstates.engine import Extractor, load_model
 from vlmstates.probes import OUTPUT_FILES, ProbeSettings
+from vlmstates.run_summary import run_summary
 from vlmstates.settings import ModelSettings
 from vlmstates.shards import questions_of
 from vlmstates.store import STATUS_OK, read_embeddings
@@ -42,10 +46,14 @@ def default_config() -> dict:
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
+DEMO_OUTPUT = "snakemake-output.txt"  # what the demo run printed, kept for the tests of its closing lines
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = workdir_with_config(tmp_path_factory.mktemp("run"), default_config())
-    snakemake(workdir, "--cores", "2")
+    result = snakemake(workdir, "--cores", "2")
+    (workdir / DEMO_OUTPUT).write_text(result.stdout + result.stderr)
     return workdir
 
 
@@ -110,22 +118,6 @@ def test_demo_run_vectors_equal_an_in_process_extraction(demo_run):
             stored = emb.load(key)[rows]
             expected = np.stack([r.vectors[key] for r in results])
             np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5, err_msg=f"{model} {key}")
-
-
-@pytest.mark.slow
-def test_demo_run_report_and_partial_rerun(demo_run):
-    snakemake(demo_run, "--report", "report.html")
-    report = (demo_run / "report.html").read_text(errors="replace")
-    for name in ("norms.png", "summary.html", "heatmap.png", "auroc_by_layer.png", "probes.png"):
-        assert name in report, name
-    assert "Nothing to be done" in snakemake(demo_run, "-n").stdout + snakemake(demo_run, "-n").stderr
-    # a failed shard leaves no shard file and no merged file: a rerun extracts that shard alone
-    model = next(iter(default_config()["models"]))
-    (demo_run / "results" / model / "shards" / "shard_0001.h5").unlink()
-    (demo_run / "results" / model / "embeddings.h5").unlink()
-    dry = snakemake(demo_run, "-n", "--quiet", "rules")
-    counts = dict(line.split() for line in dry.stdout.splitlines() if len(line.split()) == 2)
-    assert counts["extract_shard"] == "1" and counts["merge_shards"] == "1", dry.stdout
 
 
 def _config_with_model(entry: dict) -> dict:
@@ -241,3 +233,138 @@ def test_lint_and_format_are_clean():
     snakefmt = shutil.which("snakefmt")
     fmt = subprocess.run([snakefmt, "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stderr
+
+
+# --- every label method, each run on the demo's extraction -------------------------------------------------
+
+SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
+# The methods run end to end below: every one the schema allows (file is the demo's own).
+LABEL_METHODS = ("file", "halp", "yesno", "exact")
+
+
+def with_defaults(config: dict) -> dict:
+    return check_config(config, SCHEMA_PATH)
+
+
+def test_label_methods_run_below_cover_the_schema_and_what_configs_choose():
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    assert set(schema["properties"]["labels"]["properties"]["method"]["enum"]) == set(LABEL_METHODS)
+    without_labels = {k: v for k, v in default_config().items() if k != "labels"}
+    seed = yaml.safe_load((REPO / "config" / "all-seed-models.yaml").read_text())
+    chosen = [with_defaults(config)["labels"]["method"] for config in (without_labels, seed, default_config())]
+    assert chosen == ["halp", "halp", "file"]  # the schema's default, the seed models' and the demo's choice
+    assert set(chosen) <= set(LABEL_METHODS)
+
+
+def label_outputs(workdir: Path) -> dict:
+    """model -> its labels table, labels summary and probe metrics, as a run left them."""
+    outputs = {}
+    for model in default_config()["models"]:
+        folder = workdir / "results" / model
+        outputs[model] = {
+            "labels": pd.read_csv(folder / "labels.csv", dtype=str, keep_default_na=False),
+            "summary": json.loads((folder / "labels.summary.json").read_text()),
+            "metrics": pd.read_csv(folder / "probes" / "metrics.csv", dtype={"reason": str}),
+            "log": (workdir / "logs" / "label" / f"{model}.log").read_text(),
+        }
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def label_method_runs(demo_run, tmp_path_factory):
+    """method -> (model -> outputs, probe summary). The demo's own run is method file; every other method
+    reruns a copy of it with `--config labels={method: ...}` alone: the labels and what follows them.
+    (--forcerun label with mtime triggers: code edited meanwhile must not rerun the extraction.)"""
+    runs = {"file": (label_outputs(demo_run), pd.read_csv(demo_run / "results" / "summary" / "probes.csv"))}
+    workdir = tmp_path_factory.mktemp("label_methods") / "run"
+    shutil.copytree(demo_run, workdir, symlinks=True)  # copy2: mtimes kept
+    for method in LABEL_METHODS[1:]:
+        override = f"labels={{method: {method}}}"
+        snakemake(workdir, "--cores", "2", "--config", override, "--forcerun", "label", "--rerun-triggers", "mtime")
+        runs[method] = (label_outputs(workdir), pd.read_csv(workdir / "results" / "summary" / "probes.csv"))
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", LABEL_METHODS)
+def test_every_label_method_runs_end_to_end(demo_run, label_method_runs, method):
+    """Labels, their summary and probes for every demo model; --config alone changed the demo config (all
+    three demo models ran). Random models' answers may give one class only: the probes are then skipped,
+    with the reason, and the run still completes."""
+    question_ids = read_validated_table(demo_run / "results" / "dataset" / "questions.csv")["question_id"].tolist()
+    outputs, summary = label_method_runs[method]
+    for model, out in outputs.items():
+        assert out["summary"]["method"] == method, model
+        assert out["labels"]["question_id"].tolist() == question_ids
+        assert set(out["labels"]["hallucinated"]) <= {"true", "false", ""}
+        counts = out["summary"]
+        assert counts["n_judged"] == counts["n_hallucinated"] + counts["n_not_hallucinated"] <= len(question_ids)
+        assert (counts.get("labels_file") is not None) == (method == "file")  # only method file reads one
+        metrics = out["metrics"]
+        assert len(metrics) and set(metrics["status"]) <= {"ok", "skipped"}, metrics["status"]
+        assert metrics.loc[metrics["status"] == "skipped", "reason"].str.len().gt(0).all()
+        if min(counts["n_hallucinated"], counts["n_not_hallucinated"]) < 2:
+            assert (metrics["status"] == "skipped").all(), (model, method)
+    assert set(summary.loc[summary["source"] == "ours", "model"]) <= set(outputs)
+    assert (summary["source"] == "published").any()
+
+
+# --- the run's closing lines ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_run_ends_with_the_run_summary(demo_run):
+    printed = (demo_run / DEMO_OUTPUT).read_text()
+    closing = printed[printed.rindex("vlmstates: finished") :]
+    rows = len(read_validated_table(demo_run / "results" / "dataset" / "questions.csv"))
+    assert f"dataset: {rows} rows read, {rows} kept, 0 dropped by validation" in closing
+    for model in default_config()["models"]:
+        assert f"{model}: {rows} questions ok, 0 failed -> results/{model}/embeddings.h5" in closing
+    assert "--report report.html" in closing
+
+
+@pytest.mark.slow
+def test_run_summary_of_the_demo_files(demo_run, tmp_path, monkeypatch):
+    """Counts from the merged files and the validation report; on failure the steps of this run that left
+    a log but no output, with the log's path."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    monkeypatch.chdir(workdir)
+    config = with_defaults(default_config())
+    model = next(iter(config["models"]))
+    # one sample failed: the summary counts the status column, not the table's length
+    embeddings = workdir / "results" / model / "embeddings.h5"
+    with h5py.File(embeddings, "r+") as f:
+        f["status"][0] = "failed"
+    done = run_summary(config, succeeded=True, argv=["snakemake", "--cores", "2"])
+    assert f"{model}: 35 questions ok, 1 failed -> results/{model}/embeddings.h5" in done
+    assert "Next, the report" in done and "snakemake --cores 2 --report report.html" in done
+    assert "Failed" not in done
+
+    started = time.time()
+    (workdir / "results" / model / "shards" / "shard_0001.h5").unlink()
+    embeddings.unlink()
+    (workdir / "logs" / "extract" / model / "shard_0001.log").write_text("killed\n")  # written in this run
+    failed = run_summary(config, succeeded=False, started=started, argv=["snakemake", "--cores", "2"])
+    assert f"extract_shard {model} shard_0001: logs/extract/{model}/shard_0001.log\n      killed\n" in failed
+    assert f"merge_shards {model}" not in failed  # its log is an earlier run's: it did not fail here
+    assert f"{model}: not merged yet" in failed
+    assert failed.rstrip().endswith("run the same command again (only what is missing runs): snakemake --cores 2")
+    assert len(failed.splitlines()) < 12
+
+
+@pytest.mark.slow
+def test_demo_run_report_and_partial_rerun(demo_run):
+    """Last in this file (tests run in file order): it deletes outputs of the shared demo run."""
+    snakemake(demo_run, "--report", "report.html")
+    report = (demo_run / "report.html").read_text(errors="replace")
+    for name in ("norms.png", "summary.html", "heatmap.png", "auroc_by_layer.png", "probes.png"):
+        assert name in report, name
+    assert "Nothing to be done" in snakemake(demo_run, "-n").stdout + snakemake(demo_run, "-n").stderr
+    # a failed shard leaves no shard file and no merged file: a rerun extracts that shard alone
+    model = next(iter(default_config()["models"]))
+    (demo_run / "results" / model / "shards" / "shard_0001.h5").unlink()
+    (demo_run / "results" / model / "embeddings.h5").unlink()
+    dry = snakemake(demo_run, "-n", "--quiet", "rules")
+    counts = dict(line.split() for line in dry.stdout.splitlines() if len(line.split()) == 2)
+    assert counts["extract_shard"] == "1" and counts["merge_shards"] == "1", dry.stdout

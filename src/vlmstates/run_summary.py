@@ -128,6 +128,14 @@ def failure_lines(step: Step) -> list[str]:
     return lines + error_excerpt(step.log)
 
 
+def never_raising(line_of, *args) -> str | None:
+    """A summary line, or what kept it from being read: the summary must never fail a finished run."""
+    try:
+        return line_of(*args)
+    except Exception as error:  # an unreadable file is reported, not raised, at the very end of a run
+        return f"  {' '.join(map(str, args[1:])) or 'dataset'}: could not be summarised ({type(error).__name__}: {error})"
+
+
 def the_command(argv: list[str]) -> str:
     """This run's command line, to run again (python -m snakemake shows as snakemake)."""
     return shlex.join(["snakemake", *argv[1:]])
@@ -137,16 +145,19 @@ def run_summary(config: dict, succeeded: bool, started: float = 0.0, argv: list[
     """The closing lines of a run; `started` is the run's start (epoch seconds), to tell its failures."""
     results = Path(config.get("results", "results"))
     lines = ["", f"vlmstates: {'finished' if succeeded else 'stopped with failures'}; results in {results}/"]
-    lines += [line for line in [dataset_line(results)] if line]
-    lines += [model_line(results, model) for model in config["models"]]
+    lines += [line for line in [never_raising(dataset_line, results)] if line]
+    lines += [never_raising(model_line, results, model) for model in config["models"]]
     command = the_command(argv if argv is not None else sys.argv)
     if succeeded:
         # the same command line, so that the report reads the same config
         lines.append(f"Next, the report (inspection pages, probe tables and plots in one file): {command} --report report.html")
         return "\n".join(lines)
-    failed = failed_steps(config, results, started)
-    if failed:
-        lines.append("Failed (log of each):")
-        lines += [line for step in failed for line in failure_lines(step)]
+    try:
+        failed = failed_steps(config, results, started)
+        if failed:
+            lines.append("Failed (log of each):")
+            lines += [line for step in failed for line in failure_lines(step)]
+    except Exception as error:  # as in never_raising: the logs are under logs/ either way
+        lines.append(f"Failed steps could not be listed ({type(error).__name__}: {error}); see logs/")
     lines.append(f"Next: fix the cause, then run the same command again (only what is missing runs): {command}")
     return "\n".join(lines)
