@@ -2,12 +2,16 @@
 
 The real Molmo checkpoints exist only as remote code with a hard-coded CLIP ViT-L/14-336, so no tiny
 checkpoint of them can be built. The stand-in is our own small implementation of the same interface
-(module paths, `processor.process` outputs, `generate_from_batch`), written into a local folder and loaded
-through transformers' real remote-code path (`trust_remote_code=True`, `auto_map`). These tests show the
-adapter reads that interface correctly: positions, captured vectors against an unbatched forward with
-output_hidden_states, the vision-only vector, answers, and the batch handling. They say nothing about
-whether the real remote code behaves as the stand-in does. The file runs under transformers 5.x (the
-project's default environment) and 4.48.3 (envs/molmo.yaml, see .ci/molmo-env.sh).
+(module paths, `processor.process` outputs, `generate_from_batch` over `GenerationMixin.generate`) and of
+the real code's behaviours that a trial against it showed (the failures of generate_from_batch on padded
+batches, no eos token, -100 indices, shifted image masks, ...), written into a local folder and loaded
+through transformers' real remote-code path (`trust_remote_code=True`, `auto_map`), in 7B-O's config
+layout and in MolmoE's (OLMo-style keys, mixture-of-experts blocks): every test that loads a checkpoint
+runs on both. These tests show the adapter reads that interface correctly: positions, captured vectors
+against an unbatched forward with output_hidden_states, the vision-only vector, answers against the
+model's own generate_from_batch at batch 1, and batches equal to batch 1. They say nothing about the
+numbers of the real model. The file runs under transformers 5.x (the project's default environment) and
+4.48.3 (envs/molmo.yaml, see .ci/molmo-env.sh).
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from __future__ import annotations
 from dataclasses import replace
 from types import SimpleNamespace
 
+
 import pytest
 import torch
 
 from molmo_standin import build_standin_checkpoint
-from oracle import assert_decoder_vectors_match, rel_error
+from oracle import assert_decoder_vectors_match, assert_same_results, rel_error
 from vlmstates.adapters import family_of_model_type
-from vlmstates.adapters.molmo import MolmoAdapter, left_pad_collate
+from vlmstates.adapters.molmo import STOP_STRING, MolmoAdapter, cut_at_stop_string, generation_inputs, left_pad_collate
 from vlmstates.dataset import load_image, read_validated_table, resolve_image_path
 from vlmstates.engine import Extractor, load_model
 from vlmstates.settings import ConfigError, ModelSettings
@@ -38,19 +43,28 @@ def molmo_settings(folder, **entry) -> ModelSettings:
     return ModelSettings.from_config("molmo_standin", values)
 
 
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    return build_standin_checkpoint(tmp_path_factory.mktemp("molmo") / "molmo_standin_checkpoint")
+@pytest.fixture(scope="module", params=["molmo", "molmoe"])
+def standin(request, tmp_path_factory):
+    """The stand-in checkpoint in 7B-O's config layout, then in MolmoE's."""
+    return build_standin_checkpoint(tmp_path_factory.mktemp("molmo") / f"{request.param}_standin_checkpoint", layout=request.param)
 
 
 @pytest.fixture(scope="module")
 def extracted(standin, demo):
-    """Extraction of the demo's first questions; the config asks for batches of 4, the adapter runs 1."""
+    """Extraction of the demo's first questions in batches of 4."""
     table, images = demo
     settings = molmo_settings(standin, batch_size=4, multimodal_representation=True)
     extractor = Extractor(load_model(settings), progress=False)
     questions = questions_of(read_validated_table(table).head(N_SAMPLES))
     return extractor, questions, images, extractor.extract(questions, images)
+
+
+@pytest.fixture(scope="module")
+def batch_one(extracted):
+    """The same questions one sample per batch, on the same loaded model."""
+    extractor, questions, images, _ = extracted
+    single = Extractor(replace(extractor.loaded, settings=replace(extractor.settings, batch_size=1)), progress=False)
+    return single.extract(questions, images)
 
 
 def processed(extractor, question, images) -> dict:
@@ -80,7 +94,7 @@ def test_loads_through_remote_code(extracted):
     # the classes come from the checkpoint folder's files, imported by transformers' remote-code loader
     assert type(loaded.model).__module__.startswith("transformers_modules.")
     assert type(loaded.processor).__module__.startswith("transformers_modules.")
-    assert loaded.settings.batch_size == 1
+    assert loaded.settings.batch_size == extractor.batch_size == 4
     assert extractor.image_token_id == loaded.processor.tokenizer.convert_tokens_to_ids("<im_patch>")
     dims = extractor.vector_dims()
     assert dims[VISION_ONLY] == 24 and dims[layer_key("query_token_representation", 0)] == 32
@@ -107,7 +121,7 @@ def test_positions_come_from_image_input_idx(extracted):
 def test_positions_reject_a_row_without_image_tokens(extracted):
     extractor, questions, images, _ = extracted
     sample = {k: v[0] for k, v in processed(extractor, questions[0], images).items()}
-    sample["image_input_idx"] = torch.full_like(sample["image_input_idx"], -1)
+    sample["image_input_idx"] = torch.full_like(sample["image_input_idx"], -100)
     batch = left_pad_collate([sample], torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="no image patch token"):
         extractor.adapter.find_positions(extractor.loaded, batch)
@@ -200,6 +214,7 @@ def test_left_pad_collate_shifts_image_input_idx(extracted):
         shifted = batch.inputs["image_input_idx"][row]
         n = crops[row]
         assert shifted[n:].eq(-1).all() and batch.inputs["images"][row, n:].eq(-1).all()
+        assert torch.equal(batch.inputs["image_masks"][row, :n], sample["image_masks"])  # as it came, shift kept
         original = sample["image_input_idx"]
         assert torch.equal(shifted[:n] >= 0, original >= 0)
         assert torch.equal(shifted[:n][original >= 0], original[original >= 0] + pad)
@@ -209,8 +224,8 @@ def test_left_pad_collate_shifts_image_input_idx(extracted):
 
 
 def test_left_padded_prefill_equals_unbatched(extracted):
-    """With image_input_idx shifted, a left-padded prefill matches each sample's own forward: only the
-    first answer token of generate_from_batch (taken at column valid-1) rules batching out."""
+    """With image_input_idx shifted, a left-padded prefill matches each sample's own forward (the first
+    answer token is another matter: see test_generate_from_batch_misreads_left_padding)."""
     extractor, questions, images, _ = extracted
     model = extractor.loaded.model
     samples = [{k: v[0] for k, v in processed(extractor, q, images).items()} for q in questions[:3]]
@@ -224,19 +239,176 @@ def test_left_padded_prefill_equals_unbatched(extracted):
                 assert rel_error(batched[k][row, pad:], single[k][0]) < 1e-4, (row, k)
 
 
-def test_a_larger_batch_runs_one_sample_at_a_time(extracted):
-    """Handed batches of 4 (as shards.py does from the config), results equal the one-sample run."""
-    extractor, questions, images, results = extracted
+def test_batches_equal_batch_one(extracted, batch_one):
+    """Batches of 4 (left-padded, through GenerationMixin.generate) give batch 1's answers and vectors."""
+    _, _, _, results = extracted
+    assert_same_results(results, batch_one)
+    for batched, single in zip(results, batch_one):
+        for key, value in single.vectors.items():
+            assert rel_error(batched.vectors[key], value) < 1e-5, (batched.question_id, key)
+
+
+def test_batches_are_padded_and_grouped_by_crop_count(extracted):
+    """The extraction ran real batches (several rows, left padding) and each batch held one crop count."""
+    extractor, questions, images, _ = extracted
     adapter, loaded = extractor.adapter, extractor.loaded
-    images_of = [load_image(resolve_image_path(images, q.image_id)) for q in questions[:2]]
-    with pytest.raises(ValueError, match="one sample per batch"):
-        adapter.build_batch(loaded, [q.question for q in questions[:2]], images_of)
-    four = Extractor(replace(loaded, settings=replace(loaded.settings, batch_size=4)), progress=False)
-    again = four.extract(questions, images)
-    for first, second in zip(results, again):
-        assert second.status == STATUS_OK and second.answer == first.answer
-        for key, value in first.vectors.items():
-            assert rel_error(second.vectors[key], value) < 1e-5, key
+    seen = []
+    build = adapter.build_batch
+
+    def spy(host, texts, batch_images):
+        batch = build(host, texts, batch_images)
+        seen.append((batch.inputs["images"].shape[1], [adapter.batch_group(host, *image.size) for image in batch_images], batch))
+        return batch
+
+    adapter.build_batch = spy
+    try:
+        Extractor(loaded, progress=False, prefetch=0).extract(questions, images)
+    finally:
+        del adapter.build_batch
+    assert max(batch.input_ids.shape[0] for *_, batch in seen) > 1
+    assert any(not batch.attention_mask.all() for *_, batch in seen), "no batch was padded"
+    for crops, groups, _ in seen:
+        assert groups == [crops] * len(groups)  # no padding crops: the group is the crop count
+    # the demo's images fall into several crop counts, so grouping was exercised
+    assert len({crops for crops, _, _ in seen}) > 1
+    for question in questions:
+        image = load_image(resolve_image_path(images, question.image_id))
+        assert adapter.batch_group(loaded, *image.size) == processed(extractor, question, images)["images"].shape[1]
+
+
+@pytest.fixture(scope="module")
+def early_stop(standin, demo):
+    """A model whose rows stop after different numbers of tokens: the stop token's output row is made a
+    multiple of the one of a token the first answers produce, so that rows producing it stop there."""
+    table, images = demo
+    loaded = load_model(molmo_settings(standin, batch_size=4, max_new_tokens=8))
+    questions = questions_of(read_validated_table(table).head(N_SAMPLES))
+    tokenizer = loaded.processor.tokenizer
+    plain = Extractor(replace(loaded, settings=replace(loaded.settings, batch_size=1)), progress=False).extract(questions[:1], images)
+    second = tokenizer.encode(plain[0].answer, add_special_tokens=False)[1:2] or [0]
+    head = loaded.model.model.transformer.ff_out.weight
+    with torch.no_grad():
+        head[tokenizer.convert_tokens_to_ids(STOP_STRING)] = 3.0 * head[second[0]]
+    return loaded, questions, images
+
+
+def test_rows_that_stop_early_are_cut_at_the_stop_string(early_stop):
+    """With no eos token a finished row keeps generating while others run: its answer must end where batch
+    1 stops. Some rows stop early here and some do not, in the same batches."""
+    loaded, questions, images = early_stop
+    one = Extractor(replace(loaded, settings=replace(loaded.settings, batch_size=1)), progress=False).extract(questions, images)
+    four = Extractor(loaded, progress=False).extract(questions, images)
+    assert_same_results(four, one)
+    tokenizer = loaded.processor.tokenizer
+    lengths = [len(tokenizer.encode(r.answer, add_special_tokens=False)) for r in one]
+    assert min(lengths) < 4 and max(lengths) >= 6, lengths
+
+
+def test_cut_at_stop_string_takes_the_first():
+    class Chars:  # a tokenizer of one character per id, the stop string being special
+        def decode(self, ids, skip_special_tokens=False):
+            text = "".join(chr(i) for i in ids)
+            return text.replace(STOP_STRING, "") if skip_special_tokens else text
+
+    ids = [ord(c) for c in "ab" + STOP_STRING + "cd" + STOP_STRING]
+    assert cut_at_stop_string(Chars(), ids) == "ab"
+    assert cut_at_stop_string(Chars(), [ord("x")]) == "x"
+
+
+# -- what the real remote code does (the stand-in must too) -----------------------------------------
+@pytest.fixture(scope="module")
+def padded(extracted):
+    """A left-padded batch of 3 samples of different lengths, and their prompts."""
+    extractor, questions, images, _ = extracted
+    samples = [{k: v[0] for k, v in processed(extractor, q, images).items()} for q in questions[:3]]
+    assert len({s["input_ids"].shape[0] for s in samples}) > 1
+    return extractor.loaded, samples, left_pad_collate(samples, torch.float32, torch.device("cpu"))
+
+
+def _config(**fields):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, stop_strings=STOP_STRING, use_cache=True, do_sample=False, **fields)
+
+
+def test_generate_from_batch_misreads_left_padding(padded):
+    """The real method takes a padded row's first answer token at column valid-1: wrong answers."""
+    loaded, samples, batch = padded
+    tokenizer = loaded.processor.tokenizer
+    with torch.inference_mode():
+        out = loaded.model.generate_from_batch(batch.inputs, _config(), tokenizer=tokenizer)
+        wrong = 0
+        for row, sample in enumerate(samples):
+            alone = loaded.model.generate_from_batch({k: v[None] for k, v in sample.items()}, _config(), tokenizer=tokenizer)
+            first = alone[0, sample["input_ids"].shape[0]]
+            wrong += int(out[row, batch.input_ids.shape[1]] != first)
+    assert wrong > 0
+
+
+def test_generate_from_batch_rejects_the_ways_around_it(padded):
+    """A prompt+max_new_tokens wide mask breaks the rotary embedding (positions from the whole mask), a
+    position_ids argument collides with its own, a prompt-wide mask is refused."""
+    loaded, _, batch = padded
+    tokenizer, model = loaded.processor.tokenizer, loaded.model
+    extra = generation_inputs(batch, MAX_NEW_TOKENS)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="shape"):
+            model.generate_from_batch(dict(batch.inputs, attention_mask=extra["attention_mask"]), _config(), tokenizer=tokenizer)
+        with pytest.raises(TypeError, match="position_ids"):
+            model.generate_from_batch(batch.inputs, _config(), tokenizer=tokenizer, position_ids=extra["position_ids"])
+        with pytest.raises((ValueError, AssertionError)):
+            model.generate_from_batch(dict(batch.inputs, attention_mask=batch.attention_mask), _config(), tokenizer=tokenizer)
+
+
+def test_generate_needs_the_full_width_mask(padded):
+    """Through generate, the mask stays as given while it decodes: a prompt-wide one fails at the first step."""
+    loaded, _, batch = padded
+    extra = dict(generation_inputs(batch, MAX_NEW_TOKENS), attention_mask=batch.attention_mask)
+    with torch.inference_mode(), pytest.raises(ValueError, match="attention_mask"):
+        loaded.model.generate(batch.input_ids, _config(), tokenizer=loaded.processor.tokenizer, **extra)
+
+
+def test_right_padding_fails_in_the_stop_string_criteria(padded):
+    """Right padding puts -1 ids at the end of the prompt, which StopStringCriteria looks up."""
+    loaded, samples, left = padded
+    input_ids = torch.full_like(left.input_ids, -1)
+    image_input_idx = left.inputs["image_input_idx"].clone()
+    for row, sample in enumerate(samples):  # each row from column 0, its indices unshifted
+        input_ids[row, : sample["input_ids"].shape[0]] = sample["input_ids"]
+        index = sample["image_input_idx"]
+        image_input_idx[row, : index.shape[0]] = torch.where(index >= 0, index, -1)
+    inputs = dict(left.inputs, input_ids=input_ids, image_input_idx=image_input_idx)
+    with torch.inference_mode(), pytest.raises(IndexError):
+        loaded.model.generate_from_batch(inputs, _config(), tokenizer=loaded.processor.tokenizer)
+
+
+def test_the_remote_code_quirks(extracted):
+    """No eos token anywhere, -100 for unused pooled patches, image masks one crop off the images, a tuple
+    from the vision backbone, a token embedding without .weight."""
+    extractor, questions, images, _ = extracted
+    model = extractor.loaded.model
+    assert getattr(model.config, "eos_token_id", None) is None and model.generation_config.eos_token_id is None
+    sample = processed(extractor, questions[0], images)
+    index = sample["image_input_idx"]
+    assert (index < 0).any() and set(index[index < 0].tolist()) == {-100}
+    masks = sample["image_masks"][0]
+    assert masks.shape[0] == sample["images"].shape[1] and bool(masks[-1].eq(1).all())
+    assert not hasattr(model.get_input_embeddings(), "weight")
+    with torch.inference_mode():
+        out = model.model.vision_backbone(sample["images"], sample["image_masks"])
+    assert isinstance(out, tuple)
+
+
+def test_molmoe_layout_has_olmo_keys_and_experts(extracted):
+    extractor, *_ = extracted
+    config = extractor.loaded.model.config
+    saved = config.to_dict()
+    if "d_model" not in saved:
+        pytest.skip("7B-O layout")
+    assert "hidden_size" not in saved and "num_hidden_layers" not in saved
+    assert (config.hidden_size, config.num_hidden_layers) == (saved["d_model"], saved["n_layers"])
+    assert saved["moe_num_experts"] > saved["moe_top_k"] > 1
+    assert any("experts" in name for name, _ in extractor.adapter.decoder_blocks(extractor.loaded.model).named_modules())
 
 
 # -- sizes -------------------------------------------------------------------------------------------

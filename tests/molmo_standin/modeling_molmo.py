@@ -1,23 +1,32 @@
 """Stand-in for Molmo's remote modeling code (tests only; written for this project, not allenai's code).
 
-It reproduces the interface the vlmstates Molmo adapter relies on, with tiny dimensions:
+It reproduces, with tiny dimensions, the interface the vlmstates Molmo adapter relies on and the
+behaviours of the real code (transformers 4.48.3) that punish a wrong use of it:
 
 * module paths: `model.model.transformer.{wte, blocks, ln_f, ff_out}` (ff_out is the LM head), and
-  `model.model.vision_backbone.{image_vit, image_pooling_2d, image_projector}`;
+  `model.model.vision_backbone.{image_vit, image_pooling_2d, image_projector}`; `wte` is a custom module
+  (a base and an extra table) without `.weight`;
 * the vision backbone's data flow: crops of patches `[B, crops, patches, pixels]` (a crop of all -1 is
-  batch padding and yields zero features), two ViT layers concatenated, 2x2 attention pooling with a
-  mean query, then `image_projector` applied to `[B, crops, pooled tokens, D]`;
+  batch padding: it still runs through the ViT and yields zero features), two ViT layers concatenated,
+  2x2 attention pooling with a mean query, then `image_projector` applied to `[B, crops, pooled tokens,
+  D]`; the backbone returns a tuple (features, class tokens);
 * the language model's inputs: `input_ids` padded with -1, the image features added to the embeddings at
-  `image_input_idx` (-1 = unused), position ids from the cumulative attention mask, each block returning
-  `(hidden, cache)`, `output_hidden_states` as [block inputs..., ln_f(last block output)];
-* `generate_from_batch(batch, GenerationConfig, tokenizer=...)` with Molmo's handling of its batch: with no
-  attention mask it derives one from `input_ids != -1`, positions from its cumulative sum, and takes the
-  first answer token's logits at column `valid_tokens - 1` of each row (right padding in mind). It then
-  runs a real greedy loop with a key/value cache (a prefill step, then one-token decode steps), stopping at
-  eos or a stop string.
+  `image_input_idx` (negative = unused), each block returning `(hidden, cache)`, `output_hidden_states`
+  as [block inputs..., ln_f(last block output)]. Without `position_ids`, positions are the cumulative sum
+  of the whole attention mask given, so a mask wider than the sequence fails in the rotary embedding;
+* `generate_from_batch(batch, GenerationConfig, tokenizer=...)`: with no attention mask it derives one
+  from `input_ids != -1` (widened by max_new_tokens), positions from its cumulative sum, and takes the
+  first answer token's logits at column `valid tokens - 1` of each row (right padding in mind), then
+  calls transformers' `GenerationMixin.generate`, passing its own `position_ids` (a caller's is a
+  TypeError). A given attention mask must span prompt + max_new_tokens, and then no positions are made.
+  Generation keeps that mask as it is, advances the positions by one per step and drops the images after
+  the prefill. The config has no eos token, so only a stop string ends a row, and a finished row keeps
+  generating while others run;
+* MolmoE's layout (`MolmoEConfig`: OLMo-style keys, `block_type: moe`): each block's MLP is a top-k
+  mixture of experts.
 
-Its own ViT replaces the hard-coded CLIP ViT-L/14-336 of the real code. Only torch and plain
-`PreTrainedModel` are used, so it loads under transformers 4.48 and 5.x alike.
+Its own ViT replaces the hard-coded CLIP ViT-L/14-336 of the real code. Only torch, `PreTrainedModel` and
+`GenerationMixin` are used, so it loads under transformers 4.48 and 5.x alike.
 """
 
 from __future__ import annotations
@@ -27,10 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_molmo import MolmoConfig
+from .configuration_molmo import MolmoConfig, MolmoEConfig
 
 
 @dataclass(frozen=True)
@@ -61,11 +70,64 @@ class VisionBackboneConfig:
 VISION = VisionBackboneConfig()
 
 
+@dataclass(frozen=True)
+class TextDims:
+    """The language model's sizes, whichever layout the config has (7B-O's flat keys, MolmoE's OLMo keys)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp_hidden: int  # per expert in a MoE block
+    experts: int  # 0: a dense MLP
+    top_k: int
+    eps: float
+    theta: float
+    qkv_bias: bool
+    embedding_size: int
+    std: float
+
+    @property
+    def projector_hidden(self) -> int:
+        return self.mlp_hidden * max(1, self.top_k)
+
+
+def text_dims(config) -> TextDims:
+    if hasattr(config, "d_model"):  # MolmoE: OLMo-style keys
+        moe = config.block_type == "moe"
+        return TextDims(
+            config.d_model, config.n_layers, config.n_heads, config.n_kv_heads or config.n_heads,
+            config.mlp_hidden_size, config.moe_num_experts if moe else 0, config.moe_top_k if moe else 0,
+            config.layer_norm_eps, config.rope_theta, config.include_bias,
+            config.embedding_size or config.vocab_size, config.init_std,
+        )
+    return TextDims(
+        config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+        config.num_key_value_heads or config.num_attention_heads, config.intermediate_size, 0, 0,
+        config.layer_norm_eps, config.rope_theta, config.qkv_bias,
+        config.embedding_size or config.vocab_size, config.initializer_range,
+    )
+
+
 def _min_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
 # -- language model --------------------------------------------------------------------------------
+class Embedding(nn.Module):
+    """A base table and a table of extra (special) tokens, looked up as one: no `.weight` to read."""
+
+    EXTRA = 8
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(size - self.EXTRA, dim))
+        self.new_embedding = nn.Parameter(torch.zeros(self.EXTRA, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, torch.cat((self.embedding, self.new_embedding), dim=0))
+
+
 class RMSLayerNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -85,33 +147,65 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float):
-    """q, k: [B, heads, T, head_dim]; position_ids: [B, T]."""
-    head_dim = q.shape[-1]
+    """q, k: [B, heads, T, head_dim]; position_ids: [B, T]. Positions of another length than T fail in
+    the reshape, as the real rotary embedding does with positions made from a too wide mask."""
+    batch, _, length, head_dim = q.shape
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=q.device, dtype=torch.float32) / head_dim))
-    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T, head_dim/2]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, T, head_dim]
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T', head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1).reshape(batch, 1, length, head_dim)
     cos, sin = angles.cos(), angles.sin()
     q32, k32 = q.float(), k.float()
     return (q32 * cos + _rotate_half(q32) * sin).to(q.dtype), (k32 * cos + _rotate_half(k32) * sin).to(k.dtype)
 
 
-class MolmoBlock(nn.Module):
-    """Pre-norm decoder block with a fused q/k/v projection, RoPE, grouped kv heads and a SwiGLU MLP."""
-
-    def __init__(self, config: MolmoConfig):
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.config = config
-        d = config.hidden_size
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.ff_proj = nn.Linear(dim, 2 * hidden, bias=False)
+        self.ff_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.ff_proj(x).chunk(2, dim=-1)
+        return self.ff_out(F.silu(gate) * value)
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-k routing per token (softmax over experts, the k largest kept as they are), every expert a SwiGLU.
+    All experts run on all tokens (tiny sizes): the routing weights select, so rows cannot mix."""
+
+    def __init__(self, dim: int, hidden: int, experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.router(x).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [B, T, k]
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=-2)  # [B, T, E, D]
+        picked = outputs.gather(-2, chosen[..., None].expand(*chosen.shape, x.shape[-1]))
+        return (picked * weights[..., None].to(x.dtype)).sum(dim=-2)
+
+
+class MolmoBlock(nn.Module):
+    """Pre-norm decoder block with a fused q/k/v projection, RoPE, grouped kv heads and a SwiGLU MLP (or a
+    mixture of them)."""
+
+    def __init__(self, dims: TextDims):
+        super().__init__()
+        self.theta = dims.theta
+        d = dims.hidden
+        self.n_heads, self.n_kv_heads = dims.heads, dims.kv_heads
         self.head_dim = d // self.n_heads
         self.fused_dims = (d, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
-        self.attn_norm = RMSLayerNorm(d, config.layer_norm_eps)
-        self.ff_norm = RMSLayerNorm(d, config.layer_norm_eps)
-        self.att_proj = nn.Linear(d, sum(self.fused_dims), bias=config.qkv_bias)
+        self.attn_norm = RMSLayerNorm(d, dims.eps)
+        self.ff_norm = RMSLayerNorm(d, dims.eps)
+        self.att_proj = nn.Linear(d, sum(self.fused_dims), bias=dims.qkv_bias)
         self.attn_out = nn.Linear(d, d, bias=False)
-        self.ff_proj = nn.Linear(d, 2 * config.intermediate_size, bias=False)
-        self.ff_out = nn.Linear(config.intermediate_size, d, bias=False)
+        if dims.experts:
+            self.mlp = MixtureOfExperts(d, dims.mlp_hidden, dims.experts, dims.top_k)
+        else:
+            self.mlp = SwiGLU(d, dims.mlp_hidden)
 
     def forward(self, x, attention_bias, position_ids, layer_past=None, use_cache=False):
         batch, length, _ = x.shape
@@ -119,7 +213,7 @@ class MolmoBlock(nn.Module):
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, k, position_ids, self.config.rope_theta)
+        q, k = _apply_rope(q, k, position_ids, self.theta)
         if layer_past is not None:
             k = torch.cat((layer_past[0], k), dim=-2)
             v = torch.cat((layer_past[1], v), dim=-2)
@@ -130,9 +224,7 @@ class MolmoBlock(nn.Module):
             v = v.repeat_interleave(repeat, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
         x = x + self.attn_out(att.transpose(1, 2).reshape(batch, length, -1))
-        value, gate = self.ff_proj(self.ff_norm(x)).chunk(2, dim=-1)
-        x = x + self.ff_out(F.silu(gate) * value)
-        return x, present
+        return x + self.mlp(self.ff_norm(x)), present
 
 
 # -- vision backbone -------------------------------------------------------------------------------
@@ -214,21 +306,26 @@ class MolmoVisionBackbone(nn.Module):
         self.image_vit = VisionTransformer(v)
         self.pad_embed = nn.Parameter(torch.zeros(2, stacked))
         self.image_pooling_2d = _Attention(stacked, v.image_emb_dim, v.image_num_heads)
-        self.image_projector = ImageProjectorMLP(v.image_emb_dim, config.intermediate_size, config.hidden_size)
+        dims = text_dims(config)
+        self.image_projector = ImageProjectorMLP(v.image_emb_dim, dims.projector_hidden, dims.hidden)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, crops, patches, pixels] -> [B, crops, patches, len(vit_layers) * D]."""
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, crops, patches, pixels] -> features [B, crops, patches, len(vit_layers) * D] and the
+        class token [B, crops, D]. Every crop runs through the ViT, batch-padding crops (all -1) too."""
         batch, crops, patches, pixels = images.shape
         flat = images.reshape(batch * crops, patches, pixels)
         real_crop = (flat != -1).all(dim=2).all(dim=1)[:, None, None]
         hidden = self.image_vit(flat.to(self.image_vit.patch_embedding.weight.dtype))
-        features = torch.cat([hidden[layer] for layer in self.v.vit_layers], dim=-1)[:, 1:]
-        return (features * real_crop).reshape(batch, crops, patches, -1)
+        features = torch.cat([hidden[layer] for layer in self.v.vit_layers], dim=-1)
+        cls_embed = hidden[-1][:, 0].reshape(batch, crops, -1)
+        return (features[:, 1:] * real_crop).reshape(batch, crops, patches, -1), cls_embed
 
-    def forward(self, images: torch.Tensor, image_masks: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, image_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image features [B, crops, tokens, d_model], class tokens [B, crops, D]): a tuple, as the real
+        backbone returns, so that a caller taking the output for the features fails."""
         v = self.v
         batch, crops = images.shape[:2]
-        features = self.encode_image(images)
+        features, cls_embed = self.encode_image(images)
         all_pad = (image_masks == 0).to(features.dtype)[..., None]
         partial_pad = ((image_masks < 1) & (image_masks != 0)).to(features.dtype)[..., None]
         features = features + self.pad_embed[0].to(features.dtype) * all_pad
@@ -239,7 +336,7 @@ class MolmoVisionBackbone(nn.Module):
         windows = windows.permute(0, 1, 2, 4, 3, 5, 6).reshape(-1, ph * pw, features.shape[-1])
         pooled = self.image_pooling_2d(windows.mean(dim=1, keepdim=True), windows)
         pooled = pooled.reshape(batch, crops, v.tokens_per_crop, -1)
-        return self.image_projector(pooled)  # [B, crops, tokens, d_model]
+        return self.image_projector(pooled), cls_embed
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -250,19 +347,38 @@ class MolmoOutput:
     hidden_states: tuple | None
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.cumsum(mask.long(), dim=-1) - 1, min=0)
+
+
 class Molmo(nn.Module):
-    def __init__(self, config: MolmoConfig):
+    def __init__(self, config):
         super().__init__()
         self.config = config
+        dims = text_dims(config)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.embedding_size or config.vocab_size, config.hidden_size),
-                blocks=nn.ModuleList(MolmoBlock(config) for _ in range(config.num_hidden_layers)),
-                ln_f=RMSLayerNorm(config.hidden_size, config.layer_norm_eps),
-                ff_out=nn.Linear(config.hidden_size, config.embedding_size or config.vocab_size, bias=False),
+                wte=Embedding(dims.embedding_size, dims.hidden),
+                blocks=nn.ModuleList(MolmoBlock(dims) for _ in range(dims.layers)),
+                ln_f=RMSLayerNorm(dims.hidden, dims.eps),
+                ff_out=nn.Linear(dims.hidden, dims.embedding_size, bias=False),
             )
         )
         self.vision_backbone = MolmoVisionBackbone(config)
+
+    def _add_image_features(self, x, images, image_masks, image_input_idx):
+        batch = x.shape[0]
+        features, _ = self.vision_backbone(images, image_masks)
+        crops, tokens = features.shape[1:3]
+        if image_input_idx.shape != (batch, crops, tokens):
+            raise ValueError(f"image_input_idx has shape {tuple(image_input_idx.shape)}, expected {(batch, crops, tokens)}")
+        features = features.reshape(batch, crops * tokens, -1)
+        index = image_input_idx.reshape(batch, crops * tokens).long()
+        valid = index >= 0
+        rows = torch.arange(batch, device=x.device)[:, None].expand_as(index)
+        x = x.clone()
+        x[rows[valid], index[valid]] += features[valid].to(x.dtype)
+        return x
 
     def forward(
         self,
@@ -282,22 +398,15 @@ class Molmo(nn.Module):
         past = 0 if past_key_values is None else past_key_values[0][0].shape[-2]
         if attention_mask is None:
             attention_mask = input_ids != -1 if past_key_values is None else input_ids.new_ones(batch, past + length)
+        if position_ids is None:  # from the whole mask given: one wider than the sequence fails in the rotary
+            position_ids = _positions(attention_mask)[:, past:]
+        if attention_mask.shape[1] < past + length:
+            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns for {past + length} tokens")
         mask = attention_mask[:, : past + length].bool()
-        if position_ids is None:
-            position_ids = torch.clamp(torch.cumsum(mask.long(), dim=-1) - 1, min=0)[:, past : past + length]
 
         x = self.transformer.wte(input_ids * (input_ids != -1))
         if images is not None:
-            features = self.vision_backbone(images, image_masks)
-            crops, tokens = features.shape[1:3]
-            if image_input_idx.shape != (batch, crops, tokens):
-                raise ValueError(f"image_input_idx has shape {tuple(image_input_idx.shape)}, expected {(batch, crops, tokens)}")
-            features = features.reshape(batch, crops * tokens, -1)
-            index = image_input_idx.reshape(batch, crops * tokens).long()
-            valid = index >= 0
-            rows = torch.arange(batch, device=x.device)[:, None].expand_as(index)
-            x = x.clone()
-            x[rows[valid], index[valid]] += features[valid].to(x.dtype)
+            x = self._add_image_features(x, images, image_masks, image_input_idx)
 
         causal = (torch.arange(length, device=x.device)[:, None] + past) >= torch.arange(past + length, device=x.device)
         allowed = causal[None, None] & mask[:, None, None, :]
@@ -324,24 +433,34 @@ class Molmo(nn.Module):
         return MolmoOutput(x, present, tuple(hidden_states) if output_hidden_states else None)
 
 
-class MolmoForCausalLM(PreTrainedModel):
+#: What only the prefill step takes; dropped from generation's arguments after it.
+PREFILL_ONLY = ("images", "image_masks", "image_input_idx", "append_last_valid_logits")
+
+
+class MolmoForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MolmoConfig
     base_model_prefix = "model"
     _no_split_modules = ["MolmoBlock"]
 
-    def __init__(self, config: MolmoConfig):
+    def __init__(self, config):
         super().__init__(config)
         self.model = Molmo(config)
         self.post_init()
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """The cache is the blocks' own (key, value) tuples, not a transformers Cache."""
+        return False
+
     def _init_weights(self, module):
-        std = self.config.initializer_range
+        std = text_dims(self.config).std
         if isinstance(module, nn.Linear):
             module.weight.data.normal_(0.0, std)
             if module.bias is not None:
                 module.bias.data.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, Embedding):
+            module.embedding.data.normal_(0.0, std)
+            module.new_embedding.data.normal_(0.0, std)
 
     def get_input_embeddings(self):
         return self.model.transformer.wte
@@ -384,9 +503,10 @@ class MolmoForCausalLM(PreTrainedModel):
             hidden_states=out.hidden_states,
         )
 
+    # -- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_from_batch(self, batch: dict, generation_config=None, **kwargs) -> torch.Tensor:
-        """Greedy answers for a processed batch: [B, prompt + new tokens], as the real method returns."""
+        """Greedy answers for a processed batch: [B, prompt + new tokens], through GenerationMixin.generate."""
         if generation_config is None or not generation_config.use_cache:
             raise ValueError("generate_from_batch needs a GenerationConfig with use_cache=True")
         input_ids = batch["input_ids"]
@@ -395,77 +515,54 @@ class MolmoForCausalLM(PreTrainedModel):
         if max_new_tokens is None:
             raise ValueError("generation_config.max_new_tokens must be set")
         attention_mask = batch.get("attention_mask")
-        position_ids = None
-        append_last_valid_logits = None
+        position_ids = last_valid = None
         if self.config.use_position_ids and attention_mask is None:
             valid = input_ids != -1
-            position_ids = torch.clamp(torch.cumsum(valid.long(), dim=-1) - 1, min=0)
-            append_last_valid_logits = valid.long().sum(dim=-1) - 1
+            position_ids = _positions(valid)
+            last_valid = valid.long().sum(dim=-1) - 1  # the answer's first token from here: right padding
             attention_mask = torch.cat((valid, valid.new_ones(batch_size, max_new_tokens)), dim=1)
-        expected = length + max_new_tokens if self.config.use_position_ids else length
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, expected):
-            raise ValueError(f"attention_mask must have shape {(batch_size, expected)}, got {tuple(attention_mask.shape)}")
-        return self._greedy(
+        width = length + max_new_tokens if self.config.use_position_ids else length
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, width):
+            raise ValueError(f"attention_mask must have shape {(batch_size, width)}, got {tuple(attention_mask.shape)}")
+        return self.generate(
             input_ids,
-            attention_mask,
-            position_ids,
-            append_last_valid_logits,
-            batch.get("images"),
-            batch.get("image_masks"),
-            batch.get("image_input_idx"),
             generation_config,
-            kwargs.get("tokenizer"),
+            attention_mask=attention_mask,
+            images=batch.get("images"),
+            image_masks=batch.get("image_masks"),
+            image_input_idx=batch.get("image_input_idx"),
+            position_ids=position_ids,
+            append_last_valid_logits=last_valid,
+            **kwargs,
         )
 
-    def _greedy(self, input_ids, attention_mask, position_ids, last_valid, images, image_masks, image_input_idx, config, tokenizer):
-        stop_strings = config.stop_strings or []
-        if isinstance(stop_strings, str):
-            stop_strings = [stop_strings]
-        if stop_strings and tokenizer is None:
-            raise ValueError("stop_strings need the tokenizer: pass tokenizer= to generate_from_batch")
-        eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        filler = min(eos_ids) if eos_ids else 0
-        min_new = config.min_new_tokens or 0
-
-        out = self(
-            input_ids,
-            attention_mask=attention_mask,
-            images=images,
-            image_masks=image_masks,
-            image_input_idx=image_input_idx,
-            position_ids=position_ids,
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
+        """The whole prompt with the images first, then the last token with the cache."""
+        first = past_key_values is None
+        inputs = dict(
+            input_ids=input_ids if first else input_ids[:, -1:],
+            attention_mask=kwargs.get("attention_mask"),
+            position_ids=kwargs.get("position_ids"),
+            past_key_values=past_key_values,
             use_cache=True,
             last_logits_only=True,
-            append_last_valid_logits=last_valid,
         )
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new_tokens: list[torch.Tensor] = []
-        for step in range(config.max_new_tokens):
-            logits = out.logits[:, -1].float()
-            if step < min_new and eos_ids:
-                logits[:, sorted(eos_ids)] = float("-inf")
-            token = torch.where(done, torch.full_like(done, filler, dtype=torch.long), logits.argmax(dim=-1))
-            new_tokens.append(token)
-            for row in range(token.shape[0]):
-                if done[row]:
-                    continue
-                if int(token[row]) in eos_ids:
-                    done[row] = True
-                elif stop_strings:
-                    text = tokenizer.decode(torch.stack(new_tokens, dim=1)[row].tolist())
-                    done[row] = any(s in text for s in stop_strings)
-            if bool(done.all()) or step == config.max_new_tokens - 1:
-                break
-            if position_ids is not None:
-                position_ids = position_ids[:, -1:] + 1
-            out = self(
-                token[:, None],
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-                last_logits_only=True,
-            )
-        generated = torch.stack(new_tokens, dim=1) if new_tokens else input_ids[:, :0]
-        return torch.cat((input_ids, generated), dim=1)
+        if first:
+            inputs.update({key: kwargs.get(key) for key in PREFILL_ONLY})
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """After transformers' update (the cache): the mask as given, positions one on, no images."""
+        mask, positions = model_kwargs.get("attention_mask"), model_kwargs.get("position_ids")
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["attention_mask"] = mask
+        model_kwargs["position_ids"] = None if positions is None else positions[:, -1:] + 1
+        for key in PREFILL_ONLY:
+            model_kwargs.pop(key, None)
+        return model_kwargs
+
+
+class MolmoEForCausalLM(MolmoForCausalLM):
+    """The same model for MolmoE's config layout (transformers' auto classes want the matching config_class)."""
+
+    config_class = MolmoEConfig

@@ -3,7 +3,10 @@
 `processor.process(images=[image], text=question)` returns, as the real one does, one sample's
 `input_ids` [L], `images` [crops, patches, pixels], `image_masks` [crops, patches] (the fraction of each
 patch covered by the image rather than by padding) and `image_input_idx` [crops, tokens per crop] (the
-positions of the image patch tokens in `input_ids`, -1 for pooled patches that are not used). Its own
+positions of the image patch tokens in `input_ids`, -100 for pooled patches that are not used, as the real
+processor marks them). Like the real processor's, `image_masks` is shifted by one crop against `images`:
+row k holds crop k+1's coverage and the last row is all ones; the model reads it as aligned, so the
+adapter must pass it on as it comes. Its own
 prompt: `<|endoftext|>`, the image tokens (`<im_start>`, rows of `<im_patch>` closed by `<im_col>`,
 `<im_end>`; a low-resolution global crop first, then a grid of up to 2x2 high-resolution crops whose
 overlapping first pooled row/column is dropped), then " User: {text} Assistant:".
@@ -22,6 +25,12 @@ from transformers import PreTrainedTokenizerFast, ProcessorMixin
 
 IM_START, IM_END, IM_PATCH, IM_COL, IMAGE_PROMPT = "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>"
 EXTRA_TOKENS = (IM_START, IM_END, IM_PATCH, IM_COL, IMAGE_PROMPT)
+UNUSED = -100  # image_input_idx of a pooled patch that enters no token
+
+
+def _shifted_by_one_crop(masks: np.ndarray) -> np.ndarray:
+    """Row k: crop k+1's coverage; the last row all ones (the real processor's offset, kept on purpose)."""
+    return np.concatenate((masks[1:], np.ones_like(masks[:1])), axis=0)
 
 
 class MolmoProcessor(ProcessorMixin):
@@ -104,7 +113,7 @@ class MolmoProcessor(ProcessorMixin):
 
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         tokens = [bos]
-        image_input_idx = np.full((1 + rows * cols, side * side), -1, dtype=np.int64)
+        image_input_idx = np.full((1 + rows * cols, side * side), UNUSED, dtype=np.int64)
         # low-resolution global crop
         tokens.append(ids[IM_START])
         for r in range(side):
@@ -129,6 +138,6 @@ class MolmoProcessor(ProcessorMixin):
         return {
             "input_ids": torch.tensor(tokens, dtype=torch.long),
             "images": torch.from_numpy(np.stack(crops_pixels)),
-            "image_masks": torch.from_numpy(np.stack(crops_masks)),
+            "image_masks": torch.from_numpy(_shifted_by_one_crop(np.stack(crops_masks))),
             "image_input_idx": torch.from_numpy(image_input_idx),
         }

@@ -1,4 +1,4 @@
-"""Molmo (allenai/Molmo-7B-O-0924, allenai/MolmoE-1B-0924): remote code only, one sample per batch.
+"""Molmo (allenai/Molmo-7B-O-0924, allenai/MolmoE-1B-0924): remote code only, batched exactly.
 
 There is no native transformers class: the checkpoint's own code is loaded with trust_remote_code, which
 the model's config entry must opt into. That code has its own interface, used here as it is:
@@ -6,31 +6,42 @@ the model's config entry must opt into. That code has its own interface, used he
 * `processor.process(images=[image], text=prompt)` builds Molmo's own prompt ("User: ... Assistant:")
   around the image tokens and returns one sample's `input_ids`, `images` [crops, patches, pixels],
   `image_masks` and `image_input_idx` [crops, tokens] (where the image patch tokens sit in `input_ids`,
-  -1 for unused pooled patches);
-* answers come from `model.generate_from_batch(batch, GenerationConfig(...), tokenizer=...)`;
+  negative for unused pooled patches: the real processor writes -100);
 * decoder blocks `model.model.transformer.blocks` (each returns `(hidden, cache)`), final norm
   `model.model.transformer.ln_f`, projector `model.model.vision_backbone.image_projector`, whose input is
-  [B, crops, tokens per crop, D].
+  [B, crops, tokens per crop, D]; the backbone returns a tuple and the token embedding has no `.weight`,
+  so nothing here reads either.
 
 Positions come from `image_input_idx` (the vision token is the last image patch token, its largest
 entry), never from a token id.
 
-Batch size 1: `generate_from_batch` marks padding with -1 in `input_ids` and, with no attention mask
-given, takes each row's first answer token from the logits at column `valid tokens - 1`, i.e. it assumes
-right padding. On a left-padded batch the prefill's hidden states are right (positions and mask come from
-the -1s), but every padded row would get its first answer token from the wrong column; an explicit
-attention mask bypasses that position and last-logit handling altogether (its width must be prompt plus
-max_new_tokens). So no left-padded batch can be made exact through this interface, and the adapter runs
-one sample at a time (`max_batch_size = 1`; a larger batch is refused in build_batch, which the engine's
-split-on-failure turns into single samples, and `batch_size` is lowered to 1 at load).
+Batches. The model card's `generate_from_batch` cannot run a left-padded batch exactly: with no attention
+mask it takes each row's first answer token at column `valid tokens - 1` (right padding in mind), a mask
+of width prompt + max_new_tokens makes it derive positions from that whole mask (the rotary embedding
+fails), and `position_ids` cannot be passed (it passes its own); right padding fails in transformers'
+StopStringCriteria, which looks up the -1 pad ids. `generate_from_batch` only wraps transformers'
+`GenerationMixin.generate`, so the adapter calls that directly with what `generate_from_batch` would
+build for an unpadded row: `input_ids` left-padded with -1, the attention mask `[valid | ones(max_new_tokens)]`
+(the remote code keeps it at that width while it decodes), `position_ids = clamp(cumsum(valid) - 1, 0)`,
+and the images, image masks and `image_input_idx` (shifted by each row's left padding, see
+`left_pad_collate`). Tried against the real remote code (4 rows of 2-3 crops, fp32): answers identical to
+batch 1, vectors within 5.7e-7. The real config has no eos token, so a row that has finished keeps
+generating until every row has, and each answer is cut at its first `<|endoftext|>` (as batch 1 stops
+there). For the same reason transformers ignores min_new_tokens; where one is asked for (benchmarks) the
+stop token is given as eos, which is what makes transformers honour it.
+
+Batch planning groups samples by crop count (`batch_group`): every crop of a padded batch, padding crops
+included, runs through the vision tower. A generation setting whose logits processor reads the prompt's
+ids (e.g. repetition_penalty) fails on the -1 pads of a padded batch; the engine then splits the batch
+down to single samples, which are exact but slow.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
+from PIL import Image
 
 from ..positions import Positions, positions_in_left_padded_batch
 from ..settings import ConfigError
@@ -52,8 +63,10 @@ def _transformers_version() -> tuple[int, int]:
 
 def left_pad_collate(samples: list[dict], dtype: torch.dtype, device: torch.device) -> Batch:
     """Stack `processor.process` outputs: input_ids left-padded with -1 (Molmo's padding value),
-    images/image_masks padded with -1 crops, image_input_idx padded with -1 and shifted by each row's
-    left padding so that it indexes the padded row."""
+    images/image_masks padded with -1 crops at the end, image_input_idx shifted by each row's left padding
+    so that it indexes the padded row (unused entries, whatever negative value marks them, become -1).
+    image_masks is copied as it comes: the real processor's is one crop off `images`, and the model reads
+    it that way at batch 1 too."""
     if not samples:
         raise ValueError("no samples")
     tokens_per_crop = {int(s["image_input_idx"].shape[-1]) for s in samples}
@@ -88,13 +101,42 @@ def left_pad_collate(samples: list[dict], dtype: torch.dtype, device: torch.devi
     return Batch(inputs=inputs, input_ids=inputs["input_ids"], attention_mask=attention_mask.to(device))
 
 
+def generation_inputs(batch: Batch, max_new_tokens: int) -> dict:
+    """What `generate` gets besides input_ids: what generate_from_batch builds for an unpadded row, from
+    each row's own valid tokens, so that a left-padded row runs as it would alone."""
+    valid = batch.attention_mask.bool()
+    inputs = batch.inputs
+    return dict(
+        attention_mask=torch.cat((valid, valid.new_ones(valid.shape[0], max_new_tokens)), dim=1),
+        position_ids=torch.clamp(valid.long().cumsum(dim=-1) - 1, min=0),
+        images=inputs["images"],
+        image_masks=inputs["image_masks"],
+        image_input_idx=inputs["image_input_idx"],
+    )
+
+
+def cut_at_stop_string(tokenizer, ids: list[int]) -> str:
+    """A row's answer as batch 1 ends it: its tokens up to the first that completes the stop string (a
+    finished row of a batch keeps generating), decoded without special tokens."""
+
+    def stops(n: int) -> bool:
+        return STOP_STRING in tokenizer.decode(ids[:n], skip_special_tokens=False)
+
+    end = len(ids)
+    if stops(end):  # the shortest prefix that holds it: a prefix's text grows with it, so bisect
+        low = 1
+        while low < end:
+            middle = (low + end) // 2
+            low, end = (low, middle) if stops(middle) else (middle + 1, end)
+    return tokenizer.decode(ids[:end], skip_special_tokens=True).split(STOP_STRING, 1)[0].strip()
+
+
 class MolmoAdapter(Adapter):
     family = "molmo"
-    #: Largest batch this family can run exactly (see the module docstring).
-    max_batch_size = 1
 
     def __init__(self) -> None:
         self._patch_token_id = -1
+        self._layouts: dict[tuple[int, int], tuple[int, int]] = {}
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, settings, device, dtype, attn) -> LoadedModel:
@@ -132,23 +174,30 @@ class MolmoAdapter(Adapter):
         model.to(device).eval()
         ids = processor.tokenizer.encode(IMAGE_PATCH_TOKEN, add_special_tokens=False)
         self._patch_token_id = int(ids[0]) if len(ids) == 1 else -1
-        if settings.batch_size != self.max_batch_size:
-            log.warning(
-                "%s.batch_size is %d; Molmo runs one sample per batch (left-padded batches are not exact "
-                "through generate_from_batch)", key, settings.batch_size,
-            )
-            settings = replace(settings, batch_size=self.max_batch_size)
         return LoadedModel(model, processor, self, settings, device, dtype, "remote_code")
 
     # -- batches ---------------------------------------------------------------------------------
     def build_batch(self, loaded: LoadedModel, texts, images) -> Batch:
-        if len(texts) > self.max_batch_size:
-            raise ValueError(
-                f"Molmo runs one sample per batch, got {len(texts)}: generate_from_batch takes the first "
-                "answer token of a left-padded row from the wrong column"
-            )
         samples = [loaded.processor.process(images=[image], text=text) for text, image in zip(texts, images)]
         return left_pad_collate(samples, loaded.dtype, loaded.device)
+
+    def _layout(self, loaded: LoadedModel, width: int, height: int) -> tuple[int, int]:
+        """(crops, prompt tokens with an empty text) for an image of this size: the processor run once
+        per size on a blank image, since only its own code knows its tiling."""
+        key = (width, height)
+        if key not in self._layouts:
+            sample = loaded.processor.process(images=[Image.new("RGB", key)], text="")
+            self._layouts[key] = (int(sample["images"].shape[0]), int(torch.as_tensor(sample["input_ids"]).numel()))
+        return self._layouts[key]
+
+    def batch_group(self, loaded: LoadedModel, width: int, height: int) -> object:
+        """The crop count: a batch's rows are padded to its most crops, and padding crops run through the
+        vision tower like real ones, so equal counts save that work (and batches stay exact either way)."""
+        return self._layout(loaded, width, height)[0]
+
+    def image_token_estimate(self, loaded: LoadedModel, width: int, height: int) -> int:
+        """The prompt's image and template tokens (the question's are counted by the engine)."""
+        return self._layout(loaded, width, height)[1]
 
     # -- positions and modules -------------------------------------------------------------------
     def find_positions(self, loaded: LoadedModel, batch: Batch) -> Positions:
@@ -158,7 +207,7 @@ class MolmoAdapter(Adapter):
         vision_padded = index.max(dim=1).values
         if (vision_padded < 0).any():
             bad = (vision_padded < 0).nonzero().flatten().tolist()
-            raise ValueError(f"no image patch token (image_input_idx all -1) in batch row(s) {bad}")
+            raise ValueError(f"no image patch token (image_input_idx all negative) in batch row(s) {bad}")
         return positions_in_left_padded_batch(vision_padded, batch.attention_mask, (index >= 0).sum(dim=1))
 
     def image_token_id(self, model) -> int:
@@ -173,6 +222,21 @@ class MolmoAdapter(Adapter):
 
     def projector(self, model):
         return model.model.vision_backbone.image_projector
+
+    def vision_tower(self, model):
+        return model.model.vision_backbone.image_vit
+
+    def vision_features(self, model, inputs: dict) -> torch.Tensor:
+        """The vision backbone alone on one sample: the projector's input at the tokens that enter the
+        prompt ([tokens, D]), what the vision-only vector averages."""
+        seen = []
+        handle = self.projector(model).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            model.model.vision_backbone(inputs["images"], inputs["image_masks"])
+        finally:
+            handle.remove()
+        features = seen[0]
+        return features.reshape(-1, features.shape[-1])[inputs["image_input_idx"].reshape(-1) >= 0]
 
     def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean over the pooled image tokens that enter the prompt (image_input_idx >= 0) of each sample.
@@ -212,27 +276,39 @@ class MolmoAdapter(Adapter):
         return getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", None)
 
     # -- generation ------------------------------------------------------------------------------
+    def _stop_token_id(self, loaded: LoadedModel) -> int | None:
+        ids = loaded.processor.tokenizer.encode(STOP_STRING, add_special_tokens=False)
+        return int(ids[0]) if len(ids) == 1 else None
+
     def answer_generation_config(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0):
-        """What generate_from_batch is given: the config's `generation` fields, then the engine's (greedy,
-        Molmo's stop string, the length limits)."""
+        """What generate() is given: the config's `generation` fields, then the engine's (greedy, Molmo's
+        stop string, the length limits). The checkpoint names no eos token, and transformers applies
+        min_new_tokens only against one: a minimum makes the stop token the eos (and the pad of rows
+        that are done, which the answer's cut drops)."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(**loaded.settings.generation)
         config.update(max_new_tokens=max_new_tokens, stop_strings=STOP_STRING, do_sample=False, use_cache=True)
         if min_new_tokens:
+            stop = self._stop_token_id(loaded)
+            if stop is None:
+                log.warning("%s is not one token: min_new_tokens cannot be enforced for Molmo", STOP_STRING)
+            else:
+                config.update(eos_token_id=stop, pad_token_id=stop)
             config.update(min_new_tokens=min_new_tokens)
         return config
 
     def effective_generation(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0) -> dict:
-        """The config handed to the remote code's generate_from_batch, as recorded (what that code and
-        its transformers then fill in is theirs)."""
+        """The config handed to the remote code's generate, as recorded (what that code and its
+        transformers then fill in is theirs)."""
         return recorded_generation(self.answer_generation_config(loaded, max_new_tokens, min_new_tokens))
 
     def generate(self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
-        if batch.input_ids.shape[0] > self.max_batch_size:
-            raise ValueError("Molmo runs one sample per batch (see vlmstates.adapters.molmo)")
+        """One GenerationMixin.generate call for the whole batch (see the module docstring)."""
         tokenizer = loaded.processor.tokenizer
         config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens)
-        sequences = loaded.model.generate_from_batch(batch.inputs, config, tokenizer=tokenizer)
-        new_tokens = sequences[:, batch.input_ids.shape[1] :]
-        return [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        sequences = loaded.model.generate(
+            batch.input_ids, config, tokenizer=tokenizer, **generation_inputs(batch, max_new_tokens)
+        )
+        new_tokens = sequences[:, batch.input_ids.shape[1] :].tolist()
+        return [cut_at_stop_string(tokenizer, row) for row in new_tokens]
