@@ -10,7 +10,6 @@ from vlmstates.dataset import validate_dataset, write_validation_outputs
 from vlmstates.demo import write_demo_dataset
 from vlmstates.tiny import build_tiny_checkpoint
 
-NATIVE_FAMILIES = ("qwen2_5_vl", "gemma3")
 REPO = Path(__file__).resolve().parents[1]
 
 

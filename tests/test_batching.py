@@ -13,7 +13,7 @@ import torch
 
 from oracle import assert_same_results
 from vlmstates import engine
-from vlmstates.adapters.qwen2_5_vl import Qwen25VLAdapter
+from vlmstates.adapters import adapter_class
 from vlmstates.benchmark import synthetic_inputs
 from vlmstates.engine import AUTO_BATCH_FIXED, Extractor, SortKey, load_model, plan_batches, read_image_size
 from vlmstates.settings import ConfigError, ModelSettings
@@ -125,7 +125,7 @@ def test_auto_batch_size_without_device_memory_is_the_fixed_default(setup):
 
 
 def test_the_adapters_max_batch_size_caps_the_batch(tiny_checkpoint, caplog, monkeypatch):
-    class CappedQwen(Qwen25VLAdapter):
+    class CappedQwen(adapter_class("qwen2_5_vl")):
         max_batch_size = 2
 
     settings = ModelSettings.from_config("tiny", {"model": str(tiny_checkpoint("qwen2_5_vl")), "max_new_tokens": 2})

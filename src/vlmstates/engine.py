@@ -212,7 +212,8 @@ def _map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Ba
         return done[id(t)]
 
     inputs = {k: once(v) for k, v in batch.inputs.items()}
-    return Batch(inputs=inputs, input_ids=once(batch.input_ids), attention_mask=once(batch.attention_mask))
+    # replace(), not Batch(): an adapter's Batch subclass keeps its own fields (e.g. the projector's row counts)
+    return replace(batch, inputs=inputs, input_ids=once(batch.input_ids), attention_mask=once(batch.attention_mask))
 
 
 class Extractor:

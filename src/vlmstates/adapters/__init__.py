@@ -1,7 +1,9 @@
-"""The model families the engine knows, each one adapter file, looked up by config.json's model_type.
+"""The model families the engine knows, looked up by config.json's model_type.
 
-This table is read when Snakemake builds its DAG, so it names modules without importing them (and
-without importing torch); a family's conda environment is envs/<family>.yaml.
+A family in the common layout is an entry of vlmstates.adapters.entries (data, served by
+vlmstates.adapters.declarative.EntryAdapter); a family that truly differs has its own adapter module. This
+table is read when Snakemake builds its DAG, so it names modules without importing them (and without
+importing torch); a family's conda environment is envs/<family>.yaml.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 from importlib import import_module
 
 from ..settings import ConfigError
+from .entries import ENTRIES
 
-# family -> (adapter "module:Class", the config.json model_type values it serves)
+ENTRY = "entry"  # the adapter of a family that is an entry
+
+# family -> (adapter "module:Class" or ENTRY, the config.json model_type values it serves)
 _FAMILIES = {
-    "qwen2_5_vl": ("qwen2_5_vl:Qwen25VLAdapter", ("qwen2_5_vl",)),
-    "gemma3": ("gemma3:Gemma3Adapter", ("gemma3",)),
+    **{family: (ENTRY, entry.model_types) for family, entry in ENTRIES.items()},
     "molmo": ("molmo:MolmoAdapter", ("molmo",)),
     # "phi4mm": the hub main branch's remote-code config; the adapter loads the native revision instead
     "phi4_multimodal": ("phi4_multimodal:Phi4MultimodalAdapter", ("phi4_multimodal", "phi4mm")),
@@ -24,11 +28,19 @@ def families() -> list[str]:
     return list(_FAMILIES)
 
 
-def adapter_for_family(family: str):
+def adapter_class(family: str):
     if family not in _FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; known: {', '.join(_FAMILIES)}")
+    if _FAMILIES[family][0] == ENTRY:
+        from .declarative import entry_adapter_class
+
+        return entry_adapter_class(family)
     module, cls = _FAMILIES[family][0].split(":")
-    return getattr(import_module(f"{__name__}.{module}"), cls)()
+    return getattr(import_module(f"{__name__}.{module}"), cls)
+
+
+def adapter_for_family(family: str):
+    return adapter_class(family)()
 
 
 def family_of_model_type(model_type: str, where: str = "") -> str:

@@ -42,6 +42,23 @@ class Batch:
 
 
 class Adapter:
+    """One family's answers to the engine. Arguments throughout: `loaded` (a LoadedModel) where the
+    processor or settings matter, else `model`; `batch` (a Batch that this adapter's build_batch made).
+
+    Which members a family must give is listed in REQUIRED (no default here), which it may override in
+    OPTIONAL, and BENCHMARK_ONLY are read only by the benchmark and the tests, never by extraction. A family
+    in the common layout gives them all as data (vlmstates.adapters.entries).
+    """
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("family", "projector")
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "max_batch_size", "legacy_image_processors", "load", "load_processor", "prepare_model", "chat_prompt",
+        "processor_images", "build_batch", "batch_group", "image_token_estimate", "find_positions",
+        "image_token_id", "decoder_blocks", "final_norm", "pool_projector_input", "hidden_size",
+        "vision_hidden_size", "max_prompt_tokens", "answer_generation_config", "effective_generation", "generate",
+    )
+    BENCHMARK_ONLY: ClassVar[tuple[str, ...]] = ("vision_tower", "vision_features")
+
     family: ClassVar[str]
     #: Largest batch the family can run exactly; the engine caps the batch size there (None: no limit).
     max_batch_size: ClassVar[int | None] = None

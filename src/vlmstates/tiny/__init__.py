@@ -12,8 +12,8 @@ real special tokens, and a chat template modelled on the real one.  They are
 meant for tests and for dry runs of the workflow: the outputs are meaningless,
 but every shape, module path, special token and processor step is the real one.
 
-Each family lives in its own module exposing ``build(out_dir: Path, seed: int) -> Path``;
-the modules are imported only when used.
+Each family lives in a module exposing ``build(out_dir: Path, seed: int) -> Path`` (or another builder
+function of that signature, named after a colon); the modules are imported only when used.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ from pathlib import Path
 
 __all__ = ["TINY_FAMILIES", "build_tiny_checkpoint", "atomic_output_dir", "seeded_model", "generation_config", "save_checkpoint"]
 
-#: family name -> module (relative to this package) exposing ``build(out_dir, seed)``.
-#: Add a family by adding a module and an entry here (e.g. "phi4_multimodal").
+#: family name -> module (relative to this package) exposing ``build(out_dir, seed)``, or "module:function".
+#: Add a family by adding a builder and an entry here.
 _FAMILY_MODULES: dict[str, str] = {
     "qwen2_5_vl": ".qwen2_5_vl",
     "gemma3": ".gemma3",
     "phi4_multimodal": ".phi4_multimodal",
+    "llava_next": ".llava:build_llava_next",
+    "llava": ".llava:build_llava",
+    "smolvlm": ".smolvlm",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
@@ -50,8 +53,9 @@ def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike[str], seed: in
         raise ValueError(
             f"unknown tiny checkpoint family {family!r}; known families: {', '.join(TINY_FAMILIES)}"
         )
+    module_name, _, function = module_name.partition(":")
     module = importlib.import_module(module_name, __name__)
-    return module.build(Path(out_dir), int(seed))
+    return getattr(module, function or "build")(Path(out_dir), int(seed))
 
 
 def seeded_model(model_class, config, seed: int):

@@ -1,0 +1,167 @@
+"""`EntryAdapter`: the adapter protocol served from a `FamilyEntry` (vlmstates.adapters.entries).
+
+The members an entry answers are the base protocol's (vlmstates.adapters.base): module paths resolved with
+`get_submodule`, the image token id read from the config attribute the entry names, and the pooling named by
+the entry. A pooling splits the projector's input (one forward's, the whole batch's) into per-sample groups of
+rows and takes each group's mean over all its patches; the group sizes come from the processor's outputs,
+counted when the batch is built, so that no padding (tile, image) is ever averaged in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Adapter, Batch, LoadedModel
+from .entries import ENTRIES, FamilyEntry
+
+
+@dataclass
+class PooledBatch(Batch):
+    """A batch and, per sample, how many leading rows of the projector's input are its own."""
+
+    projector_rows: list[int] | None = None
+
+
+def config_attribute(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# -- poolings: per-sample row counts of the projector's input, from the processor's outputs ---------------------
+def _rows_per_sample(loaded: LoadedModel, inputs: dict) -> list[int]:
+    return [1] * int(inputs["input_ids"].shape[0])
+
+
+def _rows_by_image_grid_thw(loaded: LoadedModel, inputs: dict) -> list[int]:
+    # one image per sample: its t*h*w patches (window attention only reorders within an image)
+    return [int(n) for n in inputs["image_grid_thw"].prod(dim=-1).tolist()]
+
+
+def _rows_by_tile_counts(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """The image processor's own tiling of each image: the base image plus the grid of the best-fitting
+    pinpoint resolution, each cut into crops of the tower's input size."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    image_processor = loaded.processor.image_processor
+    crop = loaded.model.config.vision_config.image_size
+    counts = []
+    for height, width in inputs["image_sizes"].tolist():
+        best_height, best_width = select_best_resolution((int(height), int(width)), image_processor.image_grid_pinpoints)
+        counts.append(1 + (best_height // crop) * (best_width // crop))
+    if max(counts) > inputs["pixel_values"].shape[1]:
+        raise RuntimeError(f"tile counts {counts} exceed the processor's {inputs['pixel_values'].shape[1]} tiles")
+    return counts
+
+
+def _rows_of_real_images(loaded: LoadedModel, inputs: dict) -> list[int]:
+    pixels = inputs["pixel_values"]  # [B, images, C, H, W], padded with all-zero images
+    real = (pixels != 0).flatten(2).any(dim=-1)
+    return [int(n) for n in real.sum(dim=1).tolist()]
+
+
+ROW_COUNTS = {
+    "per_sample": _rows_per_sample,
+    "image_grid_thw": _rows_by_image_grid_thw,
+    "tile_counts": _rows_by_tile_counts,
+    "real_images": _rows_of_real_images,
+}
+
+
+def pool_rows(projector_input: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """[B, Dv]: each sample's mean over its rows of the projector's input and all their patches."""
+    if sum(rows) != projector_input.shape[0]:
+        raise RuntimeError(
+            f"the projector saw {projector_input.shape[0]} rows; the processor's outputs give {rows} per sample"
+        )
+    pieces = torch.split(projector_input.float(), rows, dim=0)
+    return torch.stack([piece.reshape(-1, piece.shape[-1]).mean(dim=0) for piece in pieces])
+
+
+class EntryAdapter(Adapter):
+    """The base protocol, with every family-specific member read from `entry`."""
+
+    entry: ClassVar[FamilyEntry]
+
+    def load(self, settings, device, dtype, attn) -> LoadedModel:
+        import transformers
+
+        auto_class = getattr(transformers, self.entry.auto_class)
+        common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+        processor = self.load_processor(settings, settings.revision)
+        model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
+        self.prepare_model(model)
+        model.to(device).eval()
+        return LoadedModel(model, processor, self, settings, device, dtype, attn)
+
+    def chat_prompt(self, loaded, text):
+        """The chat template's prompt, with the tokenizer's own leading <bos> where the template writes none
+        (LLaVA-1.5's): what the processor's apply_chat_template(tokenize=True) gives, since the prompt is
+        tokenised without special tokens (the template renders them, Gemma's <bos> among them)."""
+        prompt = super().chat_prompt(loaded, text)
+        tokenizer = loaded.processor.tokenizer
+        bos = tokenizer.bos_token
+        adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+        return bos + prompt if adds_bos and not prompt.startswith(bos) else prompt
+
+    def processor_images(self, images):
+        return [[image] for image in images] if self.entry.nested_images else images
+
+    def build_batch(self, loaded, texts, images) -> PooledBatch:
+        batch = super().build_batch(loaded, texts, images)
+        rows = ROW_COUNTS[self.entry.pooling](loaded, batch.inputs)
+        return PooledBatch(batch.inputs, batch.input_ids, batch.attention_mask, projector_rows=rows)
+
+    def image_token_id(self, model):
+        return int(config_attribute(model.config, self.entry.image_token_id))
+
+    def decoder_blocks(self, model):
+        return model.get_submodule(self.entry.decoder_blocks)
+
+    def final_norm(self, model):
+        return model.get_submodule(self.entry.final_norm)
+
+    def projector(self, model):
+        return model.get_submodule(self.entry.projector)
+
+    def vision_tower(self, model):
+        return model.get_submodule(self.entry.vision_tower)
+
+    def vision_hidden_size(self, model):
+        return int(config_attribute(model.config, self.entry.vision_hidden_size))
+
+    def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:
+        rows = getattr(batch, "projector_rows", None)
+        if rows is None:
+            raise RuntimeError(f"the {self.family} adapter pools batches it built itself (build_batch)")
+        return pool_rows(projector_input, rows)
+
+    def vision_features(self, model, inputs) -> torch.Tensor:
+        """The projector's input from the model's own image path alone (`get_image_features`, no decoder):
+        [rows, Dv] (the benchmark's separate vision pass)."""
+        inner = model.model
+        accepted = inspect.signature(inner.get_image_features).parameters
+        captured = []
+        handle = self.projector(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            inner.get_image_features(**{k: v for k, v in inputs.items() if k in accepted and k != "input_ids"})
+        finally:
+            handle.remove()
+        return captured[0].reshape(-1, captured[0].shape[-1])
+
+
+def entry_adapter_class(family: str) -> type[EntryAdapter]:
+    entry = ENTRIES[family]
+    name = "".join(part.capitalize() for part in family.split("_")) + "Adapter"
+    return type(name, (EntryAdapter,), {
+        "family": family,
+        "entry": entry,
+        "max_batch_size": entry.max_batch_size,
+        "legacy_image_processors": dict(entry.legacy_image_processors),
+        "__module__": __name__,
+    })
