@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Second test environment: the Molmo adapter's tests (tests/test_molmo.py, against a stand-in for
 # Molmo's remote code) under transformers 4.48.3, the version Molmo's real remote code needs
-# (envs/molmo.yaml), next to the default environment's transformers 5.x.
+# (envs/molmo.yaml), next to the default environment's transformers 5.x; and the real remote code's
+# image resizing through tensorflow under the same pins (tests/test_molmo_resize.py).
 #
-# A plain venv (no system site-packages) gets the pip part of envs/molmo.yaml, less tensorflow-cpu
-# (with keras and tensorboard about 0.6 GB more; only the real checkpoint's image resizing imports it,
-# the stand-in never does), plus pytest; vlmstates is taken from src/ via PYTHONPATH. The venv lives
+# A plain venv (no system site-packages) gets the whole pip part of envs/molmo.yaml, tensorflow-cpu
+# included (with keras and tensorboard about 0.6 GB), plus pytest; vlmstates is taken from src/ via
+# PYTHONPATH. The venv lives
 # outside the work tree and is reused while envs/molmo.yaml, the python and this script's pins are
 # unchanged (MOLMO_VENV_FRESH=1 rebuilds it).
 #
@@ -17,14 +18,13 @@ cd "$(dirname "$0")/.."
 VENV="${MOLMO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/vlmstates/venv-molmo}"
 PYTHON="${PYTHON:-python3}"
 EXTRA_PINS=("pytest==9.0.3")
-SKIPPED="tensorflow-cpu"
 
 requirements="$(mktemp)"
 trap 'rm -f "$requirements"' EXIT
 # The pip list of envs/molmo.yaml: the "- name==version" lines indented under "- pip:".
-"$PYTHON" - envs/molmo.yaml "$SKIPPED" >"$requirements" <<'EOF'
+"$PYTHON" - envs/molmo.yaml >"$requirements" <<'EOF'
 import re, sys
-path, skipped = sys.argv[1], set(sys.argv[2].split(","))
+path = sys.argv[1]
 pins, pip_indent = [], None
 for line in open(path, encoding="utf-8"):
     if re.match(r"^\s*- pip:\s*$", line):
@@ -35,8 +35,7 @@ for line in open(path, encoding="utf-8"):
         if not m or len(m.group(1)) <= pip_indent:
             pip_indent = None
             continue
-        if re.split(r"[=<>!~\[]", m.group(2))[0].lower() not in skipped:
-            pins.append(m.group(2))
+        pins.append(m.group(2))
 if not any(p.startswith("transformers==") for p in pins):
     sys.exit(f"{path}: no pinned transformers in its pip part")
 print("\n".join(pins))
@@ -64,4 +63,4 @@ else
 fi
 
 "$VENV/bin/python" -c 'import torch, transformers, tokenizers; print("molmo venv: transformers", transformers.__version__, "tokenizers", tokenizers.__version__, "torch", torch.__version__)'
-PYTHONPATH="$PWD/src" exec "$VENV/bin/python" -m pytest tests/test_molmo.py "$@"
+PYTHONPATH="$PWD/src" exec "$VENV/bin/python" -m pytest tests/test_molmo.py tests/test_molmo_resize.py "$@"
