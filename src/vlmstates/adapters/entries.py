@@ -87,6 +87,15 @@ ENTRIES: dict[str, FamilyEntry] = {
             semantics="VT: last <|image_pad|>; VF: the patch merger's input (windowed ViT output), mean over the image's patches",
         ),
         FamilyEntry(
+            family="qwen2_vl",
+            model_types=("qwen2_vl",),
+            projector="model.visual.merger",
+            vision_tower="model.visual",
+            pooling="image_grid_thw",
+            vision_hidden_size="vision_config.embed_dim",  # vision_config.hidden_size is the decoder's width
+            semantics="VT: last <|image_pad|>; VF: the patch merger's input (ViT output), mean over the image's patches",
+        ),
+        FamilyEntry(
             family="gemma3",
             model_types=("gemma3",),
             projector="model.multi_modal_projector",

@@ -37,6 +37,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "llava_next": ".llava:build_llava_next",
     "llava": ".llava:build_llava",
     "smolvlm": ".smolvlm",
+    "qwen2_vl": ".qwen2_vl",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
