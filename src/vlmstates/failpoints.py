@@ -2,15 +2,22 @@
 
 VLMSTATES_FAILPOINT=<name> makes the process SIGKILL itself on reaching <name>: `batch:<k>` after its k-th
 computed batch, `rename:<file name>` after writing a file's temporary copy, before renaming it into place.
-Unset (always, outside the tests) a failpoint is one dictionary lookup.
+`stall:<name>` makes it wait there instead, until a test kills it: a kill from outside then lands at a known
+point, not wherever a busy machine's timing puts it. Unset (always, outside the tests) a failpoint is one
+dictionary lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def failpoint(name: str) -> None:
-    if os.environ.get("VLMSTATES_FAILPOINT") == name:
+    chosen = os.environ.get("VLMSTATES_FAILPOINT")
+    if chosen == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif chosen == f"stall:{name}":
+        while True:
+            time.sleep(1)
