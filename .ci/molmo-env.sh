@@ -63,4 +63,7 @@ else
 fi
 
 "$VENV/bin/python" -c 'import torch, transformers, tokenizers; print("molmo venv: transformers", transformers.__version__, "tokenizers", tokenizers.__version__, "torch", torch.__version__)'
-PYTHONPATH="$PWD/src" exec "$VENV/bin/python" -m pytest tests/test_molmo.py tests/test_molmo_resize.py "$@"
+# Two processes: tensorflow loaded before torch._dynamo (which torchvision.ops imports) segfaults in
+# triton's import, so the tensorflow test never shares a process with the model tests.
+PYTHONPATH="$PWD/src" "$VENV/bin/python" -m pytest tests/test_molmo.py "$@"
+PYTHONPATH="$PWD/src" exec "$VENV/bin/python" -m pytest tests/test_molmo_resize.py "$@"
