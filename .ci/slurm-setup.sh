@@ -34,8 +34,8 @@ fi
 
 installed=$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("snakemake-executor-plugin-slurm"))' 2>/dev/null || true)
 if [ "$installed" != "$PLUGIN_VERSION" ]; then
-    # -c: the plugin must not move the pinned snakemake
-    "$PYTHON" -m pip install -q -c "$(dirname "$0")/../constraints.txt" "snakemake-executor-plugin-slurm==${PLUGIN_VERSION}"
+    # with the pinned snakemake (-c), so the two resolve together
+    "$PYTHON" -m pip install -q -c "$(dirname "$0")/../constraints.txt" snakemake "snakemake-executor-plugin-slurm==${PLUGIN_VERSION}"
 fi
 
 echo "slurm-setup: $(PATH="$PATH:/usr/sbin" slurmctld -V 2>/dev/null || echo 'no SLURM'), snakemake-executor-plugin-slurm ${PLUGIN_VERSION}"
