@@ -29,7 +29,7 @@ from vlmstates.benchmark import synthetic_inputs
 from vlmstates.dataset import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
 from vlmstates.settings import ConfigError, ModelSettings
-from vlmstates.store import STATUS_OK, VISION_ONLY
+from vlmstates.store import SEMANTICS, STATUS_OK, VISION_ONLY
 
 N_SAMPLES = 4
 
@@ -218,6 +218,14 @@ def test_answers_equal_unbatched_generate(run):
             batch = single_batch(loaded, question, images)
             out = loaded.model.generate(**batch.inputs, do_sample=False, max_new_tokens=loaded.settings.max_new_tokens)
             assert result.answer == tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_the_file_says_what_vt_and_vf_hold_in_the_family(run):
+    _, loaded, _, _, _, _ = run
+    semantics = Extractor(loaded, progress=False).attributes()["semantics"]
+    assert semantics["family"] == loaded.adapter.semantics
+    assert "VT: " in semantics["family"] and "VF: " in semantics["family"]
+    assert semantics["vision_token_position"] == SEMANTICS["vision_token_position"]
 
 
 def test_pooling_never_averages_padding(run):

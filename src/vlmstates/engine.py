@@ -34,7 +34,7 @@ from .dataset import ImageLoadError, load_image, resolve_image_path
 from .failpoints import failpoint
 from .positions import Positions
 from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, check_layers, default_layers, model_type_of
-from .store import GENERATION_CONFIG_ATTR, LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, layer_key
+from .store import GENERATION_CONFIG_ATTR, LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, file_semantics, layer_key
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,7 @@ class Extractor:
             "model": s.model,
             "revision": s.revision or "",
             "family": self.adapter.family,
+            "semantics": file_semantics(self.adapter.semantics),
             "layers": list(self.layers),
             "num_decoder_layers": self.num_layers,
             "hidden_size": self.adapter.hidden_size(self.loaded.model),

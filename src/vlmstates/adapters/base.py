@@ -52,7 +52,7 @@ class Adapter:
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("family", "projector")
     OPTIONAL: ClassVar[tuple[str, ...]] = (
-        "max_batch_size", "legacy_image_processors", "load", "load_processor", "prepare_model", "chat_prompt",
+        "max_batch_size", "legacy_image_processors", "semantics", "load", "load_processor", "prepare_model", "chat_prompt",
         "processor_images", "build_batch", "batch_group", "image_token_estimate", "find_positions",
         "image_token_id", "decoder_blocks", "final_norm", "pool_projector_input", "hidden_size",
         "vision_hidden_size", "max_prompt_tokens", "answer_generation_config", "effective_generation", "generate",
@@ -65,6 +65,9 @@ class Adapter:
     #: Legacy ``image_processor_type`` names of the family's checkpoints -> the transformers class they
     #: now are (see vlmstates.adapters.processors); an unknown name stops the load with the fix.
     legacy_image_processors: ClassVar[dict[str, str]] = {}
+    #: What the vision token (VT) and the vision-only vector (VF) hold in this family; written into each
+    #: file's `semantics` attribute (key "family") and config/README.md.
+    semantics: ClassVar[str] = ""
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:

@@ -163,5 +163,6 @@ def entry_adapter_class(family: str) -> type[EntryAdapter]:
         "entry": entry,
         "max_batch_size": entry.max_batch_size,
         "legacy_image_processors": dict(entry.legacy_image_processors),
+        "semantics": entry.semantics,
         "__module__": __name__,
     })
