@@ -67,6 +67,15 @@ def smolvlm_vision(model, inputs):
     return model.model.vision_model(pixel_values=images).last_hidden_state.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
 
 
+def llava_onevision_vision(model, inputs):
+    # the real config: vision_feature_layer -1 (the last encoder layer's output, before SigLIP's post_layernorm),
+    # strategy "full" (every patch kept; SigLIP has no CLS)
+    tiles = inputs["pixel_values"][0]  # [tiles, C, H, W]: one image, so the processor padded none
+    assert (tiles.flatten(1) != 0).any(dim=1).all()
+    hidden = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-1]
+    return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -97,6 +106,8 @@ CASES = [
     Case("smolvlm", [(96, 64), (64, 128), (200, 200), (300, 150)], smolvlm_vision),
     # own adapter code (the projection's inputs per image); one to six HD crops, batched by crop count
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
+    # 1 + 12, 1 + 15, 1 + 36 and 1 + 12 tiles (grids over 9 tiles shrunk by anyres_max_9): padding tiles in the batch
+    Case("llava_onevision", [(96, 64), (64, 128), (200, 200), (300, 100)], llava_onevision_vision),
 ]
 
 
@@ -259,6 +270,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
+        "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -138,5 +138,18 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
             ),
         ),
+        FamilyEntry(
+            family="llava_onevision",
+            model_types=("llava_onevision",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="tile_counts",
+            semantics=(
+                "VT: the last <image> placeholder, which holds the learned image_newline vector ending the last row "
+                "of the high-resolution tiles (the same input embedding for every image); VF: the projector's input "
+                "(SigLIP last layer, every patch), mean over all the image's real tiles and patches (base image included; "
+                "the anyres_max_9 shrinking of large grids comes after the projector)"
+            ),
+        ),
     )
 }
