@@ -76,6 +76,26 @@ def llava_onevision_vision(model, inputs):
     return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
 
 
+def aya_vision_vision(model, inputs):
+    # the projector's module input: SigLIP's last layer (vision_feature_layer -1, before its post_layernorm), every
+    # patch (strategy "full"); the pixel shuffle happens inside the projector
+    crops = inputs["pixel_values"]  # [crops + global, C, H, W]: one sample's, none padded
+    hidden = model.model.vision_tower(crops, output_hidden_states=True).hidden_states[-1]
+    return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+
+
+def internvl_vision(model, inputs):
+    """The projector's module input, pixel-shuffled in get_image_features: its mean over all tokens is, block by
+    block of the 4x wide vector, the mean of the patches at one offset (row, column) of every 2x2 block, in the
+    order (0, 0), (0, 1), (1, 0), (1, 1); features from InternViT's last layer, CLS dropped (real config:
+    vision_feature_layer -1, strategy "default", downsample_ratio 0.5)."""
+    crops = inputs["pixel_values"]  # [crops + thumbnail, C, H, W]: one sample's, none padded
+    hidden = model.model.vision_tower(pixel_values=crops).last_hidden_state[:, 1:]
+    side = int(hidden.shape[1] ** 0.5)
+    grid = hidden.reshape(hidden.shape[0], side, side, -1)
+    return torch.cat([grid[:, row::2, col::2].mean(dim=(0, 1, 2)) for row in (0, 1) for col in (0, 1)])
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -108,6 +128,10 @@ CASES = [
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
     # 1 + 12, 1 + 15, 1 + 36 and 1 + 12 tiles (grids over 9 tiles shrunk by anyres_max_9): padding tiles in the batch
     Case("llava_onevision", [(96, 64), (64, 128), (200, 200), (300, 100)], llava_onevision_vision),
+    # 6, 8, 9 and 12 crop tiles + the global one, all in one flat list of crops
+    Case("aya_vision", [(96, 64), (64, 128), (200, 200), (300, 100)], aya_vision_vision),
+    # 6, 8, 9 and 12 crop tiles + the thumbnail, all in one flat list of crops
+    Case("internvl", [(96, 64), (64, 128), (200, 200), (300, 100)], internvl_vision),
 ]
 
 
@@ -254,6 +278,8 @@ def test_pooling_never_averages_padding(run):
     if loaded.adapter.entry.pooling in ("tile_counts", "real_images"):
         assert len(set(batch.projector_rows)) > 1
         assert sum(batch.projector_rows) < batch.inputs["pixel_values"].shape[0] * batch.inputs["pixel_values"].shape[1]
+    if loaded.adapter.entry.pooling == "crops_by_image_tokens":  # one flat list of crops, none of them padding
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) == batch.inputs["pixel_values"].shape[0]
 
 
 def test_the_all_families_config_validates_and_names_every_family_once():
@@ -271,6 +297,8 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
         "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "aya_vision": "CohereLabs/aya-vision-8b",
+        "internvl": "OpenGVLab/InternVL3-8B-hf",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())
