@@ -67,6 +67,35 @@ def smolvlm_vision(model, inputs):
     return model.model.vision_model(pixel_values=images).last_hidden_state.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
 
 
+def llava_onevision_vision(model, inputs):
+    # the real config: vision_feature_layer -1 (the last encoder layer's output, before SigLIP's post_layernorm),
+    # strategy "full" (every patch kept; SigLIP has no CLS)
+    tiles = inputs["pixel_values"][0]  # [tiles, C, H, W]: one image, so the processor padded none
+    assert (tiles.flatten(1) != 0).any(dim=1).all()
+    hidden = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-1]
+    return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+
+
+def aya_vision_vision(model, inputs):
+    # the projector's module input: SigLIP's last layer (vision_feature_layer -1, before its post_layernorm), every
+    # patch (strategy "full"); the pixel shuffle happens inside the projector
+    crops = inputs["pixel_values"]  # [crops + global, C, H, W]: one sample's, none padded
+    hidden = model.model.vision_tower(crops, output_hidden_states=True).hidden_states[-1]
+    return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+
+
+def internvl_vision(model, inputs):
+    """The projector's module input, pixel-shuffled in get_image_features: its mean over all tokens is, block by
+    block of the 4x wide vector, the mean of the patches at one offset (row, column) of every 2x2 block, in the
+    order (0, 0), (0, 1), (1, 0), (1, 1); features from InternViT's last layer, CLS dropped (real config:
+    vision_feature_layer -1, strategy "default", downsample_ratio 0.5)."""
+    crops = inputs["pixel_values"]  # [crops + thumbnail, C, H, W]: one sample's, none padded
+    hidden = model.model.vision_tower(pixel_values=crops).last_hidden_state[:, 1:]
+    side = int(hidden.shape[1] ** 0.5)
+    grid = hidden.reshape(hidden.shape[0], side, side, -1)
+    return torch.cat([grid[:, row::2, col::2].mean(dim=(0, 1, 2)) for row in (0, 1) for col in (0, 1)])
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -97,6 +126,12 @@ CASES = [
     Case("smolvlm", [(96, 64), (64, 128), (200, 200), (300, 150)], smolvlm_vision),
     # own adapter code (the projection's inputs per image); one to six HD crops, batched by crop count
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
+    # 1 + 12, 1 + 15, 1 + 36 and 1 + 12 tiles (grids over 9 tiles shrunk by anyres_max_9): padding tiles in the batch
+    Case("llava_onevision", [(96, 64), (64, 128), (200, 200), (300, 100)], llava_onevision_vision),
+    # 6, 8, 9 and 12 crop tiles + the global one, all in one flat list of crops
+    Case("aya_vision", [(96, 64), (64, 128), (200, 200), (300, 100)], aya_vision_vision),
+    # 6, 8, 9 and 12 crop tiles + the thumbnail, all in one flat list of crops
+    Case("internvl", [(96, 64), (64, 128), (200, 200), (300, 100)], internvl_vision),
 ]
 
 
@@ -251,6 +286,8 @@ def test_pooling_never_averages_padding(run):
     if loaded.adapter.entry.pooling in ("tile_counts", "real_images"):
         assert len(set(batch.projector_rows)) > 1
         assert sum(batch.projector_rows) < batch.inputs["pixel_values"].shape[0] * batch.inputs["pixel_values"].shape[1]
+    if loaded.adapter.entry.pooling == "crops_by_image_tokens":  # one flat list of crops, none of them padding
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) == batch.inputs["pixel_values"].shape[0]
 
 
 def test_the_all_families_config_validates_and_names_every_family_once():
@@ -267,6 +304,9 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
+        "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "aya_vision": "CohereLabs/aya-vision-8b",
+        "internvl": "OpenGVLab/InternVL3-8B-hf",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

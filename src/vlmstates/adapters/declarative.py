@@ -65,11 +65,23 @@ def _rows_of_real_images(loaded: LoadedModel, inputs: dict) -> list[int]:
     return [int(n) for n in real.sum(dim=1).tolist()]
 
 
+def _rows_by_image_tokens(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """Each sample's crops: its image placeholders over the placeholders per crop (the batch's placeholders
+    over its crops, every crop a real one: the processor concatenates them, padding none)."""
+    tokens = (inputs["input_ids"] == loaded.adapter.image_token_id(loaded.model)).sum(dim=1).tolist()
+    crops = int(inputs["pixel_values"].shape[0])
+    per_crop, rest = divmod(sum(tokens), crops)
+    if rest or not per_crop or any(n % per_crop for n in tokens):
+        raise RuntimeError(f"image placeholders {tokens} per sample do not split evenly into {crops} crops")
+    return [n // per_crop for n in tokens]
+
+
 ROW_COUNTS = {
     "per_sample": _rows_per_sample,
     "image_grid_thw": _rows_by_image_grid_thw,
     "tile_counts": _rows_by_tile_counts,
     "real_images": _rows_of_real_images,
+    "crops_by_image_tokens": _rows_by_image_tokens,
 }
 
 
@@ -133,7 +145,10 @@ class EntryAdapter(Adapter):
         return model.get_submodule(self.entry.vision_tower)
 
     def vision_hidden_size(self, model):
-        return int(config_attribute(model.config, self.entry.vision_hidden_size))
+        width = int(config_attribute(model.config, self.entry.vision_hidden_size))
+        if self.entry.pixel_shuffle_scale is not None:
+            width *= round(1 / float(config_attribute(model.config, self.entry.pixel_shuffle_scale))) ** 2
+        return width
 
     def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:
         rows = getattr(batch, "projector_rows", None)

@@ -29,6 +29,10 @@ POOLINGS = MappingProxyType({
     # [real images, patches, Dv]: the processor pads each sample's image list with all-zero images, which the
     # model drops; split by each sample's number of real (not all-zero) images (Idefics3, SmolVLM)
     "real_images": "rows of [real images, patches, Dv] split by each sample's non-zero images",
+    # [sum of crops, patches, Dv]: every image's crops (tiles and the global/thumbnail one) concatenated, none
+    # padded; each sample's crop count is its image placeholders over the placeholders one crop gives, which
+    # the processor writes alike for every crop (Aya Vision, InternVL: the processors drop their own counts)
+    "crops_by_image_tokens": "rows of [sum crops, patches, Dv] split by each sample's image placeholders per crop",
 })
 
 
@@ -58,6 +62,9 @@ class FamilyEntry:
     image_token_id: str = "image_token_id"
     #: dotted config attribute holding the width of the projector's input
     vision_hidden_size: str = "vision_config.hidden_size"
+    #: dotted config attribute of the scale of a pixel shuffle between the vision tower and the projector (None:
+    #: none there); the projector's input is then (1 / scale)^2 vision vectors side by side (InternVL's 0.5: 4)
+    pixel_shuffle_scale: str | None = None
     #: processor quirk: the images of a batch given nested per sample ([[image], [image]])
     nested_images: bool = False
     #: legacy `image_processor_type` names of the family's checkpoints -> the class they now are
@@ -136,6 +143,45 @@ ENTRIES: dict[str, FamilyEntry] = {
             semantics=(
                 "VT: the last <image> placeholder (the global image's last token); VF: the connector's input "
                 "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
+            ),
+        ),
+        FamilyEntry(
+            family="llava_onevision",
+            model_types=("llava_onevision",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="tile_counts",
+            semantics=(
+                "VT: the last <image> placeholder, which holds the learned image_newline vector ending the last row "
+                "of the high-resolution tiles (the same input embedding for every image); VF: the projector's input "
+                "(SigLIP last layer, every patch), mean over all the image's real tiles and patches (base image included; "
+                "the anyres_max_9 shrinking of large grids comes after the projector)"
+            ),
+        ),
+        FamilyEntry(
+            family="aya_vision",
+            model_types=("aya_vision",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="crops_by_image_tokens",
+            semantics=(
+                "VT: the last <|IMG_PATCH|> placeholder (the global tile's last token, before <|END_OF_IMG|>); VF: the "
+                "multi-modal projector's module input (SigLIP last layer, every patch, before the projector's own pixel "
+                "shuffle), mean over all the image's crop tiles and the global tile"
+            ),
+        ),
+        FamilyEntry(
+            family="internvl",
+            model_types=("internvl",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="crops_by_image_tokens",
+            pixel_shuffle_scale="downsample_ratio",
+            semantics=(
+                "VT: the last <IMG_CONTEXT> placeholder (the thumbnail's last token, before </img>); VF: the "
+                "multi-modal projector's module input, which get_image_features pixel-shuffles first (InternViT last "
+                "layer without CLS, each 2x2 patch block as one vector 4x as wide), mean over all the image's crop "
+                "tiles and the thumbnail"
             ),
         ),
     )

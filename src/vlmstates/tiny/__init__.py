@@ -38,6 +38,9 @@ _FAMILY_MODULES: dict[str, str] = {
     "llava": ".llava:build_llava",
     "smolvlm": ".smolvlm",
     "qwen2_vl": ".qwen2_vl",
+    "llava_onevision": ".llava_onevision",
+    "aya_vision": ".aya_vision",
+    "internvl": ".internvl",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
