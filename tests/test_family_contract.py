@@ -40,6 +40,17 @@ def qwen_vision(model, inputs):
     return model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).last_hidden_state.mean(dim=0)
 
 
+def qwen3_vl_vision(model, inputs):
+    """The main merger's input: the ViT's last block output (its recorded hidden state), which the main merger
+    (not a deepstack merger) turns into the image embeddings placed at the image tokens."""
+    visual = model.model.visual
+    out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], output_hidden_states=True)
+    last_block = out.hidden_states[-1]
+    assert len(out.hidden_states) == model.config.vision_config.depth + 1
+    assert torch.allclose(visual.merger(last_block), out.pooler_output, atol=1e-5)
+    return last_block.mean(dim=0)
+
+
 def gemma_vision(model, inputs):
     return model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[0].mean(dim=0)
 
@@ -89,6 +100,8 @@ class Case:
 CASES = [
     Case("qwen2_5_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen_vision),
     Case("qwen2_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen_vision),
+    # 6, 20, 8 and 24 image tokens (32-pixel factor: 16-px patches, 2x2 merge)
+    Case("qwen3_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen3_vl_vision),
     Case("gemma3", [(96, 64), (640, 480), (64, 128), (1024, 768)], gemma_vision, varies="num_prompt_tokens"),
     Case("llava", [(96, 64), (640, 480), (64, 128), (300, 200)], llava_vision, varies="num_prompt_tokens"),
     # 1 + 2, 1 + 2, 1 + 4 and 1 + 3 tiles: the batch's pixel_values carry padding tiles
@@ -259,6 +272,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
+        "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -138,5 +138,18 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
             ),
         ),
+        FamilyEntry(
+            family="qwen3_vl",
+            model_types=("qwen3_vl",),
+            projector="model.visual.merger",  # the main merger, not the deepstack_merger_list
+            vision_tower="model.visual",
+            pooling="image_grid_thw",
+            semantics=(
+                "VT: last <|image_pad|>; VF: the main patch merger's input (model.visual.merger: the ViT's last block "
+                "output, before the merger's LayerNorm), mean over the image's patches; DeepStack adds vision features "
+                "at the image positions after decoder blocks 0-2, outside the blocks: block k's recorded output is the "
+                "state before that injection (= hidden_states[k + 1]), not block k + 1's input"
+            ),
+        ),
     )
 }
