@@ -29,6 +29,9 @@ POOLINGS = MappingProxyType({
     # [real images, patches, Dv]: the processor pads each sample's image list with all-zero images, which the
     # model drops; split by each sample's number of real (not all-zero) images (Idefics3, SmolVLM)
     "real_images": "rows of [real images, patches, Dv] split by each sample's non-zero images",
+    # [sum of t*h*w / merge**2, Dv]: each image's patches already merged 2x2 (GLM-4.1V's downsample conv runs
+    # before its merger), split by image_grid_thw over the vision config's spatial_merge_size squared
+    "merged_grid_thw": "rows of [sum t*h*w / merge**2, Dv] split by image_grid_thw",
 })
 
 
@@ -149,6 +152,19 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "output, before the merger's LayerNorm), mean over the image's patches; DeepStack adds vision features "
                 "at the image positions after decoder blocks 0-2, outside the blocks: block k's recorded output is the "
                 "state before that injection (= hidden_states[k + 1]), not block k + 1's input"
+            ),
+        ),
+        FamilyEntry(
+            family="glm4v",
+            model_types=("glm4v",),
+            projector="model.visual.merger",
+            vision_tower="model.visual",
+            pooling="merged_grid_thw",
+            vision_hidden_size="vision_config.out_hidden_size",  # the downsample conv's width, the merger's input
+            semantics=(
+                "VT: last <|image|> (the image's last token, just before <|end_of_image|>); VF: the merger's input "
+                "(the ViT's output after its post-layernorm, each 2x2 group of patches merged by the downsample "
+                "conv into one vector of out_hidden_size), mean over the image's merged tokens"
             ),
         ),
     )

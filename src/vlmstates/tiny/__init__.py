@@ -39,6 +39,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "smolvlm": ".smolvlm",
     "qwen2_vl": ".qwen2_vl",
     "qwen3_vl": ".qwen3_vl",
+    "glm4v": ".glm4v",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
