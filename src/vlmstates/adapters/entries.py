@@ -143,7 +143,7 @@ ENTRIES: dict[str, FamilyEntry] = {
         ),
         FamilyEntry(
             family="qwen3_vl",
-            model_types=("qwen3_vl",),
+            model_types=("qwen3_vl", "qwen3_vl_moe"),  # the MoE differs only in its decoder blocks' MLPs
             projector="model.visual.merger",  # the main merger, not the deepstack_merger_list
             vision_tower="model.visual",
             pooling="image_grid_thw",

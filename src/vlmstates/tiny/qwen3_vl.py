@@ -188,3 +188,25 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id], **REAL_GENERATION_SETTINGS
     )
     return save_checkpoint(model, processor, out_dir)
+
+
+def build_moe(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-VL-MoE checkpoint (``Qwen3VLMoeForConditionalGeneration``, model_type ``qwen3_vl_moe``, as
+    ``Qwen/Qwen3-VL-30B-A3B-Instruct``): the same vision tower, DeepStack, processor and tokens as the dense one
+    above, with a sparse MoE block in every decoder block (decoder_sparse_step 1, as the real one; 8 experts,
+    2 per token, for the real 128 and 8). The family's entry serves it (qwen3_vl); it is no family of its own."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    processor = build_processor()
+    dense = build_config(processor.tokenizer).to_dict()
+    text = {k: v for k, v in dense["text_config"].items() if k not in ("model_type", "architectures")}
+    text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=TEXT_HIDDEN // 2, decoder_sparse_step=1)
+    vision = {k: v for k, v in dense["vision_config"].items() if k not in ("model_type", "architectures")}
+    ids = {k: dense[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, dtype="float32", **ids)
+    model = seeded_model(Qwen3VLMoeForConditionalGeneration, config, seed)
+    t = config.text_config
+    model.generation_config = generation_config(
+        t.bos_token_id, t.pad_token_id, [t.eos_token_id, t.pad_token_id], **REAL_GENERATION_SETTINGS
+    )
+    return save_checkpoint(model, processor, out_dir)
