@@ -40,6 +40,37 @@ def qwen_vision(model, inputs):
     return model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).last_hidden_state.mean(dim=0)
 
 
+def qwen3_vl_vision(model, inputs):
+    """The main merger's input: the ViT's last block output (its recorded hidden state), which the main merger
+    (not a deepstack merger) turns into the image embeddings placed at the image tokens."""
+    visual = model.model.visual
+    out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], output_hidden_states=True)
+    last_block = out.hidden_states[-1]
+    assert len(out.hidden_states) == model.config.vision_config.depth + 1
+    assert torch.allclose(visual.merger(last_block), out.pooler_output, atol=1e-5)
+    return last_block.mean(dim=0)
+
+
+def glm4v_vision(model, inputs):
+    """The merger's input: the ViT's last block output after the post-layernorm, each 2x2 group of patches
+    (consecutive in the processor's patch order) merged by the downsample convolution. (transformers puts the
+    vision model's last_hidden_state, the merged one, last in its hidden_states: the block's own output is hooked.)"""
+    visual = model.model.visual
+    merge = model.config.vision_config.spatial_merge_size
+    blocks = []
+    handle = visual.blocks[-1].register_forward_hook(lambda module, args, output: blocks.append(output))
+    try:
+        out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        handle.remove()
+    normed = visual.post_layernorm(blocks[0])
+    groups = normed.reshape(-1, merge, merge, normed.shape[-1]).permute(0, 3, 1, 2)  # [tokens, C, merge, merge]
+    weight, bias = visual.downsample.weight, visual.downsample.bias  # [Dout, C, merge, merge], [Dout]
+    merged = torch.einsum("nchw,dchw->nd", groups, weight) + bias
+    assert torch.allclose(visual.merger(merged), out.pooler_output, atol=1e-5)
+    return merged.mean(dim=0)
+
+
 def gemma_vision(model, inputs):
     return model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[0].mean(dim=0)
 
@@ -118,6 +149,10 @@ class Case:
 CASES = [
     Case("qwen2_5_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen_vision),
     Case("qwen2_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen_vision),
+    # 6, 20, 8 and 24 image tokens (32-pixel factor: 16-px patches, 2x2 merge)
+    Case("qwen3_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen3_vl_vision),
+    # 6, 20, 10 and 24 image tokens (28-pixel factor: 14-px patches, 2x2 merge)
+    Case("glm4v", [(96, 64), (640, 480), (64, 128), (300, 200)], glm4v_vision),
     Case("gemma3", [(96, 64), (640, 480), (64, 128), (1024, 768)], gemma_vision, varies="num_prompt_tokens"),
     Case("llava", [(96, 64), (640, 480), (64, 128), (300, 200)], llava_vision, varies="num_prompt_tokens"),
     # 1 + 2, 1 + 2, 1 + 4 and 1 + 3 tiles: the batch's pixel_values carry padding tiles
@@ -307,6 +342,8 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         "aya_vision": "CohereLabs/aya-vision-8b",
         "internvl": "OpenGVLab/InternVL3-8B-hf",
+        "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct",
+        "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -59,6 +59,12 @@ def _rows_by_tile_counts(loaded: LoadedModel, inputs: dict) -> list[int]:
     return counts
 
 
+def _rows_by_merged_grid_thw(loaded: LoadedModel, inputs: dict) -> list[int]:
+    # one image per sample: its t*h*w patches, merged merge x merge before the projector
+    merge = int(loaded.model.config.vision_config.spatial_merge_size)
+    return [int(n) // (merge * merge) for n in inputs["image_grid_thw"].prod(dim=-1).tolist()]
+
+
 def _rows_of_real_images(loaded: LoadedModel, inputs: dict) -> list[int]:
     pixels = inputs["pixel_values"]  # [B, images, C, H, W], padded with all-zero images
     real = (pixels != 0).flatten(2).any(dim=-1)
@@ -82,6 +88,7 @@ ROW_COUNTS = {
     "tile_counts": _rows_by_tile_counts,
     "real_images": _rows_of_real_images,
     "crops_by_image_tokens": _rows_by_image_tokens,
+    "merged_grid_thw": _rows_by_merged_grid_thw,
 }
 
 

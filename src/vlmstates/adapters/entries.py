@@ -33,6 +33,9 @@ POOLINGS = MappingProxyType({
     # padded; each sample's crop count is its image placeholders over the placeholders one crop gives, which
     # the processor writes alike for every crop (Aya Vision, InternVL: the processors drop their own counts)
     "crops_by_image_tokens": "rows of [sum crops, patches, Dv] split by each sample's image placeholders per crop",
+    # [sum of t*h*w / merge**2, Dv]: each image's patches already merged 2x2 (GLM-4.1V's downsample conv runs
+    # before its merger), split by image_grid_thw over the vision config's spatial_merge_size squared
+    "merged_grid_thw": "rows of [sum t*h*w / merge**2, Dv] split by image_grid_thw",
 })
 
 
@@ -182,6 +185,32 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "multi-modal projector's module input, which get_image_features pixel-shuffles first (InternViT last "
                 "layer without CLS, each 2x2 patch block as one vector 4x as wide), mean over all the image's crop "
                 "tiles and the thumbnail"
+            ),
+        ),
+        FamilyEntry(
+            family="qwen3_vl",
+            model_types=("qwen3_vl", "qwen3_vl_moe"),  # the MoE differs only in its decoder blocks' MLPs
+            projector="model.visual.merger",  # the main merger, not the deepstack_merger_list
+            vision_tower="model.visual",
+            pooling="image_grid_thw",
+            semantics=(
+                "VT: last <|image_pad|>; VF: the main patch merger's input (model.visual.merger: the ViT's last block "
+                "output, before the merger's LayerNorm), mean over the image's patches; DeepStack adds vision features "
+                "at the image positions after decoder blocks 0-2, outside the blocks: block k's recorded output is the "
+                "state before that injection (= hidden_states[k + 1]), not block k + 1's input"
+            ),
+        ),
+        FamilyEntry(
+            family="glm4v",
+            model_types=("glm4v",),
+            projector="model.visual.merger",
+            vision_tower="model.visual",
+            pooling="merged_grid_thw",
+            vision_hidden_size="vision_config.out_hidden_size",  # the downsample conv's width, the merger's input
+            semantics=(
+                "VT: last <|image|> (the image's last token, just before <|end_of_image|>); VF: the merger's input "
+                "(the ViT's output after its post-layernorm, each 2x2 group of patches merged by the downsample "
+                "conv into one vector of out_hidden_size), mean over the image's merged tokens"
             ),
         ),
     )

@@ -41,6 +41,8 @@ _FAMILY_MODULES: dict[str, str] = {
     "llava_onevision": ".llava_onevision",
     "aya_vision": ".aya_vision",
     "internvl": ".internvl",
+    "qwen3_vl": ".qwen3_vl",
+    "glm4v": ".glm4v",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
