@@ -74,6 +74,18 @@ def phi4_vision(model, inputs):
     return independent_projection_input_mean(model, inputs)[0]
 
 
+def mistral3_vision(model, inputs):
+    # Pixtral run alone on the image's own pixels (its resized size, no batch padding), the layer the config names
+    # (vision_feature_layer -1): the projector's input before its norm and patch merger, all (h/p)*(w/p) patches
+    ((height, width),) = inputs["image_sizes"].tolist()
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (height, width)
+    hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    patches = hidden[model.config.vision_feature_layer][0]
+    patch = model.config.vision_config.patch_size
+    assert patches.shape[0] == (height // patch) * (width // patch)
+    return patches.mean(dim=0)
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
@@ -97,6 +109,8 @@ CASES = [
     Case("smolvlm", [(96, 64), (64, 128), (200, 200), (300, 150)], smolvlm_vision),
     # own adapter code (the projection's inputs per image); one to six HD crops, batched by crop count
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
+    # 6x8, 6x6 (44 px rounded up to whole tokens), 8x4 and 8x8 merged tokens: the batch's pixels are padded
+    Case("mistral3", [(96, 64), (44, 44), (64, 128), (200, 200)], mistral3_vision),
 ]
 
 
@@ -243,6 +257,10 @@ def test_pooling_never_averages_padding(run):
     if loaded.adapter.entry.pooling in ("tile_counts", "real_images"):
         assert len(set(batch.projector_rows)) > 1
         assert sum(batch.projector_rows) < batch.inputs["pixel_values"].shape[0] * batch.inputs["pixel_values"].shape[1]
+    if loaded.adapter.entry.pooling == "image_sizes":  # the batch's pixel_values are padded to its largest image
+        patch = loaded.model.config.vision_config.patch_size
+        count, _, height, width = batch.inputs["pixel_values"].shape
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) < count * (height // patch) * (width // patch)
 
 
 def test_the_all_families_config_validates_and_names_every_family_once():
@@ -259,6 +277,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
+        "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -65,11 +65,18 @@ def _rows_of_real_images(loaded: LoadedModel, inputs: dict) -> list[int]:
     return [int(n) for n in real.sum(dim=1).tolist()]
 
 
+def _rows_by_image_sizes(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """One image per sample: the tower's patches of its real (resized, unpadded) size, before the merge."""
+    patch = loaded.model.config.vision_config.patch_size
+    return [(int(height) // patch) * (int(width) // patch) for height, width in inputs["image_sizes"].tolist()]
+
+
 ROW_COUNTS = {
     "per_sample": _rows_per_sample,
     "image_grid_thw": _rows_by_image_grid_thw,
     "tile_counts": _rows_by_tile_counts,
     "real_images": _rows_of_real_images,
+    "image_sizes": _rows_by_image_sizes,
 }
 
 

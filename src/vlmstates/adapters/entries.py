@@ -29,6 +29,9 @@ POOLINGS = MappingProxyType({
     # [real images, patches, Dv]: the processor pads each sample's image list with all-zero images, which the
     # model drops; split by each sample's number of real (not all-zero) images (Idefics3, SmolVLM)
     "real_images": "rows of [real images, patches, Dv] split by each sample's non-zero images",
+    # [sum of (h/patch)*(w/patch), Dv]: all images' own patches concatenated (the batch's padding pixels cut off
+    # by the tower), split by the processor's image_sizes, before the spatial merge (Mistral 3 / Pixtral)
+    "image_sizes": "rows of [sum (h/patch)*(w/patch), Dv] split by image_sizes",
 })
 
 
@@ -136,6 +139,20 @@ ENTRIES: dict[str, FamilyEntry] = {
             semantics=(
                 "VT: the last <image> placeholder (the global image's last token); VF: the connector's input "
                 "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
+            ),
+        ),
+        FamilyEntry(
+            family="mistral3",
+            model_types=("mistral3",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="image_sizes",
+            image_token_id="image_token_index",
+            semantics=(
+                "VT: the last [IMG] placeholder (the image's last merged token, bottom right; it is not the last "
+                "image-related token: [IMG_END] follows it, and [IMG_BREAK] ends every other row); VF: the "
+                "multi-modal projector's input (Pixtral's last layer, before the projector's norm and 2x2 patch "
+                "merger), mean over the image's (h/14)*(w/14) patches"
             ),
         ),
     )
