@@ -71,12 +71,18 @@ def _rows_by_image_sizes(loaded: LoadedModel, inputs: dict) -> list[int]:
     return [(int(height) // patch) * (int(width) // patch) for height, width in inputs["image_sizes"].tolist()]
 
 
+def _rows_by_image_grids(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """One image per sample: its pooled tokens, the low-resolution grid's and the high-resolution grid's."""
+    return [int(low_h * low_w + high_h * high_w) for low_h, low_w, high_h, high_w in inputs["image_grids"].tolist()]
+
+
 ROW_COUNTS = {
     "per_sample": _rows_per_sample,
     "image_grid_thw": _rows_by_image_grid_thw,
     "tile_counts": _rows_by_tile_counts,
     "real_images": _rows_of_real_images,
     "image_sizes": _rows_by_image_sizes,
+    "image_grids": _rows_by_image_grids,
 }
 
 

@@ -32,6 +32,9 @@ POOLINGS = MappingProxyType({
     # [sum of (h/patch)*(w/patch), Dv]: all images' own patches concatenated (the batch's padding pixels cut off
     # by the tower), split by the processor's image_sizes, before the spatial merge (Mistral 3 / Pixtral)
     "image_sizes": "rows of [sum (h/patch)*(w/patch), Dv] split by image_sizes",
+    # [sum of pooled image tokens, Dv]: every crop's pooled 2x2 windows, all images concatenated, split by the
+    # processor's image_grids (low-res rows x cols + high-res rows x cols per image; Molmo2)
+    "image_grids": "rows of [sum of pooled image tokens, Dv] split by image_grids",
 })
 
 
@@ -153,6 +156,21 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "image-related token: [IMG_END] follows it, and [IMG_BREAK] ends every other row); VF: the "
                 "multi-modal projector's input (Pixtral's last layer, before the projector's norm and 2x2 patch "
                 "merger), mean over the image's (h/14)*(w/14) patches"
+            ),
+        ),
+        FamilyEntry(
+            family="molmo2",
+            model_types=("molmo2",),
+            projector="model.multi_modal_projector.image_projector",
+            vision_tower="model.vision_tower",
+            pooling="image_grids",
+            image_token_id="image_patch_id",
+            vision_hidden_size="adapter_config.hidden_size",
+            semantics=(
+                "VT: the last <im_patch> placeholder (the high-resolution grid's last pooled token; <im_col> and "
+                "<im_end> follow it); VF: the adapter's image-projector input (each 2x2 patch window of the ViT's "
+                "two feature layers pooled by cross-attention, as Molmo's), mean over all the image's pooled "
+                "tokens, low-resolution crop and high-resolution crops"
             ),
         ),
     )

@@ -39,6 +39,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "smolvlm": ".smolvlm",
     "qwen2_vl": ".qwen2_vl",
     "mistral3": ".mistral3",
+    "molmo2": ".molmo2",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
