@@ -134,6 +134,43 @@ def phi4_vision(model, inputs):
     return independent_projection_input_mean(model, inputs)[0]
 
 
+def mistral3_vision(model, inputs):
+    # Pixtral run alone on the image's own pixels (its resized size, no batch padding), the layer the config names
+    # (vision_feature_layer -1): the projector's input before its norm and patch merger, all (h/p)*(w/p) patches
+    ((height, width),) = inputs["image_sizes"].tolist()
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (height, width)
+    hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    patches = hidden[model.config.vision_feature_layer][0]
+    patch = model.config.vision_config.patch_size
+    assert patches.shape[0] == (height // patch) * (width // patch)
+    return patches.mean(dim=0)
+
+
+def molmo2_vision(model, inputs):
+    """The image projector's input rebuilt: the ViT's two feature layers (adapter_config.vision_feature_layer,
+    counted as hidden_states after the embeddings) concatenated, each pooled token's window of patches
+    (image_token_pooling, -1 for none) attended by the window's mean through the adapter's pooling attention."""
+    adapter = model.config.adapter_config
+    hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    features = torch.cat([hidden[layer + 1 if layer >= 0 else layer] for layer in adapter.vision_feature_layer], dim=-1)
+    features = features.reshape(-1, features.shape[-1])
+    index = inputs["image_token_pooling"]
+    valid = index >= 0
+    window = features[index.clamp(min=0)]  # [tokens, window, D]
+    query = (window * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
+    pooling = model.model.multi_modal_projector.image_pooling_2d
+    tokens, size, heads, head_dim = index.shape[0], index.shape[1], adapter.num_attention_heads, adapter.head_dim
+    assert adapter.num_key_value_heads == heads
+    q = pooling.q_proj(query).view(tokens, heads, head_dim)
+    k = pooling.k_proj(window).view(tokens, size, heads, head_dim)
+    v = pooling.v_proj(window).view(tokens, size, heads, head_dim)
+    scores = torch.einsum("thd,tphd->thp", q, k) * head_dim**-0.5
+    weights = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
+    pooled = pooling.o_proj(torch.einsum("thp,tphd->thd", weights, v).reshape(tokens, heads * head_dim))
+    assert tokens == int((inputs["input_ids"] == model.config.image_patch_id).sum())
+    return pooled.mean(dim=0)
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
@@ -167,6 +204,10 @@ CASES = [
     Case("aya_vision", [(96, 64), (64, 128), (200, 200), (300, 100)], aya_vision_vision),
     # 6, 8, 9 and 12 crop tiles + the thumbnail, all in one flat list of crops
     Case("internvl", [(96, 64), (64, 128), (200, 200), (300, 100)], internvl_vision),
+    # 6x8, 6x6 (44 px rounded up to whole tokens), 8x4 and 8x8 merged tokens: the batch's pixels are padded
+    Case("mistral3", [(96, 64), (44, 44), (64, 128), (200, 200)], mistral3_vision),
+    # 1 + 8 (2x4), 1 + 4 (2x2), 1 + 7 (1x7) and 1 + 6 (2x3) crops: the batch's crops are concatenated
+    Case("molmo2", [(96, 64), (44, 44), (300, 60), (60, 42)], molmo2_vision),
 ]
 
 
@@ -323,6 +364,10 @@ def test_pooling_never_averages_padding(run):
         assert sum(batch.projector_rows) < batch.inputs["pixel_values"].shape[0] * batch.inputs["pixel_values"].shape[1]
     if loaded.adapter.entry.pooling == "crops_by_image_tokens":  # one flat list of crops, none of them padding
         assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) == batch.inputs["pixel_values"].shape[0]
+    if loaded.adapter.entry.pooling == "image_sizes":  # the batch's pixel_values are padded to its largest image
+        patch = loaded.model.config.vision_config.patch_size
+        count, _, height, width = batch.inputs["pixel_values"].shape
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) < count * (height // patch) * (width // patch)
 
 
 def test_the_all_families_config_validates_and_names_every_family_once():
@@ -344,6 +389,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "internvl": "OpenGVLab/InternVL3-8B-hf",
         "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct",
         "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
+        "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "molmo2": "allenai/Molmo2-8B",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -80,6 +80,15 @@ def _rows_by_image_tokens(loaded: LoadedModel, inputs: dict) -> list[int]:
     if rest or not per_crop or any(n % per_crop for n in tokens):
         raise RuntimeError(f"image placeholders {tokens} per sample do not split evenly into {crops} crops")
     return [n // per_crop for n in tokens]
+def _rows_by_image_sizes(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """One image per sample: the tower's patches of its real (resized, unpadded) size, before the merge."""
+    patch = loaded.model.config.vision_config.patch_size
+    return [(int(height) // patch) * (int(width) // patch) for height, width in inputs["image_sizes"].tolist()]
+
+
+def _rows_by_image_grids(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """One image per sample: its pooled tokens, the low-resolution grid's and the high-resolution grid's."""
+    return [int(low_h * low_w + high_h * high_w) for low_h, low_w, high_h, high_w in inputs["image_grids"].tolist()]
 
 
 ROW_COUNTS = {
@@ -89,6 +98,8 @@ ROW_COUNTS = {
     "real_images": _rows_of_real_images,
     "crops_by_image_tokens": _rows_by_image_tokens,
     "merged_grid_thw": _rows_by_merged_grid_thw,
+    "image_sizes": _rows_by_image_sizes,
+    "image_grids": _rows_by_image_grids,
 }
 
 

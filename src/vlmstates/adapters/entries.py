@@ -36,6 +36,12 @@ POOLINGS = MappingProxyType({
     # [sum of t*h*w / merge**2, Dv]: each image's patches already merged 2x2 (GLM-4.1V's downsample conv runs
     # before its merger), split by image_grid_thw over the vision config's spatial_merge_size squared
     "merged_grid_thw": "rows of [sum t*h*w / merge**2, Dv] split by image_grid_thw",
+    # [sum of (h/patch)*(w/patch), Dv]: all images' own patches concatenated (the batch's padding pixels cut off
+    # by the tower), split by the processor's image_sizes, before the spatial merge (Mistral 3 / Pixtral)
+    "image_sizes": "rows of [sum (h/patch)*(w/patch), Dv] split by image_sizes",
+    # [sum of pooled image tokens, Dv]: every crop's pooled 2x2 windows, all images concatenated, split by the
+    # processor's image_grids (low-res rows x cols + high-res rows x cols per image; Molmo2)
+    "image_grids": "rows of [sum of pooled image tokens, Dv] split by image_grids",
 })
 
 
@@ -211,6 +217,35 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "VT: last <|image|> (the image's last token, just before <|end_of_image|>); VF: the merger's input "
                 "(the ViT's output after its post-layernorm, each 2x2 group of patches merged by the downsample "
                 "conv into one vector of out_hidden_size), mean over the image's merged tokens"
+            ),
+        ),
+        FamilyEntry(
+            family="mistral3",
+            model_types=("mistral3",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="image_sizes",
+            image_token_id="image_token_index",
+            semantics=(
+                "VT: the last [IMG] placeholder (the image's last merged token, bottom right; it is not the last "
+                "image-related token: [IMG_END] follows it, and [IMG_BREAK] ends every other row); VF: the "
+                "multi-modal projector's input (Pixtral's last layer, before the projector's norm and 2x2 patch "
+                "merger), mean over the image's (h/14)*(w/14) patches"
+            ),
+        ),
+        FamilyEntry(
+            family="molmo2",
+            model_types=("molmo2",),
+            projector="model.multi_modal_projector.image_projector",
+            vision_tower="model.vision_tower",
+            pooling="image_grids",
+            image_token_id="image_patch_id",
+            vision_hidden_size="adapter_config.hidden_size",
+            semantics=(
+                "VT: the last <im_patch> placeholder (the high-resolution grid's last pooled token; <im_col> and "
+                "<im_end> follow it); VF: the adapter's image-projector input (each 2x2 patch window of the ViT's "
+                "two feature layers pooled by cross-attention, as Molmo's), mean over all the image's pooled "
+                "tokens, low-resolution crop and high-resolution crops"
             ),
         ),
     )

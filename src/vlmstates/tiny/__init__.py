@@ -43,6 +43,8 @@ _FAMILY_MODULES: dict[str, str] = {
     "internvl": ".internvl",
     "qwen3_vl": ".qwen3_vl",
     "glm4v": ".glm4v",
+    "mistral3": ".mistral3",
+    "molmo2": ".molmo2",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
