@@ -67,6 +67,35 @@ def smolvlm_vision(model, inputs):
     return model.model.vision_model(pixel_values=images).last_hidden_state.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
 
 
+def mllama_vision(model, inputs):
+    """Llama-3.2-Vision's projector input rebuilt from its encoders' layer outputs (the real model's layout: the global
+    encoder's last state, then the local encoder's layers `intermediate_layers_indices` interleaved channel by channel
+    (stacked on a last axis, then flattened: channel 0 of each layer, channel 1 of each, ...); per tile the CLS and
+    the patch grid, the vision model's padding of each tile to a multiple of 8 positions cut off), mean over the real
+    tiles of aspect_ratio_mask only (every image has max_num_tiles tiles, the unused ones all zero)."""
+    vision, config = model.model.vision_model, model.config.vision_config
+    captured = {}
+    hooks = [vision.transformer.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
+             for i in config.intermediate_layers_indices]
+    hooks.append(vision.global_transformer.register_forward_hook(lambda m, a, out: captured.__setitem__("global", out.last_hidden_state)))
+    try:
+        vision(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"], aspect_ratio_mask=inputs["aspect_ratio_mask"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tiles, positions = config.max_num_tiles, (config.image_size // config.patch_size) ** 2 + 1  # CLS + patches
+    padded = captured["global"].reshape(tiles, -1, config.hidden_size)
+    assert padded.shape[1] % 8 == 0 and padded.shape[1] > positions  # the encoders ran on padded tiles
+    def per_tile(h):
+        return h.reshape(tiles, -1, config.hidden_size)[:, :positions]
+
+    intermediate = torch.stack([per_tile(captured[i]) for i in config.intermediate_layers_indices], dim=-1).flatten(-2)
+    features = torch.cat([per_tile(captured["global"]), intermediate], dim=-1)
+    real = inputs["aspect_ratio_mask"][0, 0].bool()  # one sample, one image
+    assert 0 < real.sum() and features.shape[-1] == config.vision_output_dim
+    return features[real].reshape(-1, config.vision_output_dim).mean(dim=0)
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -97,6 +126,8 @@ CASES = [
     Case("smolvlm", [(96, 64), (64, 128), (200, 200), (300, 150)], smolvlm_vision),
     # own adapter code (the projection's inputs per image); one to six HD crops, batched by crop count
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
+    # one <|image|> each (cross-attention); 2x1, 1x2, 1x3 and 2x2 tiles of the 4 every image has
+    Case("mllama", [(64, 128), (128, 64), (300, 100), (96, 64)], mllama_vision, varies="num_prompt_tokens"),
 ]
 
 
@@ -239,10 +270,30 @@ def test_pooling_never_averages_padding(run):
     finally:
         handle.remove()
     assert batch.projector_rows == ROW_COUNTS[loaded.adapter.entry.pooling](loaded, batch.inputs)
+    if batch.projector_select is not None:  # Mllama: the padding tiles reach the projector, masked; they are left out
+        select = batch.projector_select
+        assert select.shape == seen[0].shape[: select.dim()] and not select.all()
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) == int(select.sum()) < select.numel()
+        seen[0] = seen[0][select]
     assert sum(batch.projector_rows) == seen[0].shape[0]
     if loaded.adapter.entry.pooling in ("tile_counts", "real_images"):
         assert len(set(batch.projector_rows)) > 1
         assert sum(batch.projector_rows) < batch.inputs["pixel_values"].shape[0] * batch.inputs["pixel_values"].shape[1]
+
+
+def test_cross_attention_mask_follows_the_left_padding(run):
+    """Llama-3.2-Vision batches exactly because its processor builds cross_attention_mask on the left-padded rows:
+    each row attends to its own image's real tiles from its <|image|> on, its padding and the tokens before to none."""
+    case, loaded, questions, images, _, _ = run
+    if case.family != "mllama":
+        pytest.skip(f"{case.family} has no cross-attention mask")
+    pictures = [load_image(resolve_image_path(images, q.image_id)) for q in questions]
+    batch = loaded.adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question) for q in questions], pictures)
+    mask, tiles = batch.inputs["cross_attention_mask"], batch.inputs["aspect_ratio_mask"]  # [B, L, 1, 4], [B, 1, 4]
+    assert len({int(n) for n in batch.attention_mask.sum(dim=1)}) > 1  # rows of different padding
+    for row, image_position in enumerate(batch.input_ids.eq(loaded.adapter.image_token_id(loaded.model)).int().argmax(dim=1)):
+        assert not mask[row, :image_position].any()
+        assert mask[row, image_position:, 0].eq(tiles[row, 0]).all()
 
 
 def test_the_all_families_config_validates_and_names_every_family_once():
@@ -259,6 +310,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
+        "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -29,6 +29,9 @@ POOLINGS = MappingProxyType({
     # [real images, patches, Dv]: the processor pads each sample's image list with all-zero images, which the
     # model drops; split by each sample's number of real (not all-zero) images (Idefics3, SmolVLM)
     "real_images": "rows of [real images, patches, Dv] split by each sample's non-zero images",
+    # [B, images, tiles, CLS + patches, Dv]: every image always has max_num_tiles tiles, the unused ones masked by
+    # the processor's aspect_ratio_mask; the sample's real tiles are selected, each with all its rows (Mllama)
+    "aspect_ratio_mask": "the real tiles (aspect_ratio_mask) of [B, images, tiles, patches, Dv], per sample",
 })
 
 
@@ -136,6 +139,23 @@ ENTRIES: dict[str, FamilyEntry] = {
             semantics=(
                 "VT: the last <image> placeholder (the global image's last token); VF: the connector's input "
                 "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
+            ),
+        ),
+        FamilyEntry(
+            family="mllama",
+            model_types=("mllama",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_model",
+            pooling="aspect_ratio_mask",
+            vision_hidden_size="vision_config.vision_output_dim",  # the global encoder's output + 5 local layers
+            nested_images=True,
+            semantics=(
+                "VT: the single <|image|> token at the start of the user turn (no per-patch placeholders: the image "
+                "enters the decoder only through its cross-attention blocks, which every token from <|image|> on "
+                "attends with); VF: the multi-modal projector's input (the vision model's output: the global encoder's "
+                "last state concatenated with the local encoder's intermediate layers, vision_output_dim wide), mean "
+                "over the image's real tiles (aspect_ratio_mask) and each tile's CLS and patch positions; the padding "
+                "tiles and the vision model's padding to a multiple of 8 positions are never averaged in"
             ),
         ),
     )
