@@ -296,6 +296,15 @@ def test_cross_attention_mask_follows_the_left_padding(run):
         assert mask[row, image_position:, 0].eq(tiles[row, 0]).all()
 
 
+def test_mllama_auto_attention_is_sdpa_where_flash_attention_would_be_picked(tiny_checkpoint):
+    """On CUDA with flash-attn installed `attn_implementation: auto` picks flash_attention_2, which transformers refuses
+    for Mllama (no flash-attention path); the adapter loads it with sdpa then, and records that."""
+    settings = ModelSettings.from_config("mllama", {"model": str(tiny_checkpoint("mllama")), "device": "cpu", "dtype": "float32"})
+    assert settings.attn_implementation == "auto"
+    loaded = adapter_class("mllama")().load(settings, torch.device("cpu"), torch.float32, "flash_attention_2")
+    assert loaded.attn_implementation == "sdpa" == loaded.model.config._attn_implementation
+
+
 def test_the_all_families_config_validates_and_names_every_family_once():
     """config/all-families.yaml: a valid config with one hub checkpoint per family (Molmo's MolmoE aside)."""
     import yaml

@@ -112,6 +112,12 @@ class EntryAdapter(Adapter):
 
         auto_class = getattr(transformers, self.entry.auto_class)
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+        if attn.startswith("flash_attention") and settings.attn_implementation == "auto":
+            # the engine's pick where flash-attn is installed; a model without that path (Mllama builds 4D
+            # cross-attention masks) is refused by transformers, so `auto` runs it with sdpa
+            config = transformers.AutoConfig.from_pretrained(settings.model, **common)
+            if not getattr(auto_class._model_mapping[type(config)], "_supports_flash_attn", True):
+                attn = "sdpa"
         processor = self.load_processor(settings, settings.revision)
         model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
         self.prepare_model(model)
