@@ -127,6 +127,35 @@ def internvl_vision(model, inputs):
     return torch.cat([grid[:, row::2, col::2].mean(dim=(0, 1, 2)) for row in (0, 1) for col in (0, 1)])
 
 
+def mllama_vision(model, inputs):
+    """Llama-3.2-Vision's projector input rebuilt from its encoders' layer outputs (the real model's layout: the global
+    encoder's last state, then the local encoder's layers `intermediate_layers_indices` interleaved channel by channel
+    (stacked on a last axis, then flattened: channel 0 of each layer, channel 1 of each, ...); per tile the CLS and
+    the patch grid, the vision model's padding of each tile to a multiple of 8 positions cut off), mean over the real
+    tiles of aspect_ratio_mask only (every image has max_num_tiles tiles, the unused ones all zero)."""
+    vision, config = model.model.vision_model, model.config.vision_config
+    captured = {}
+    hooks = [vision.transformer.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
+             for i in config.intermediate_layers_indices]
+    hooks.append(vision.global_transformer.register_forward_hook(lambda m, a, out: captured.__setitem__("global", out.last_hidden_state)))
+    try:
+        vision(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"], aspect_ratio_mask=inputs["aspect_ratio_mask"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tiles, positions = config.max_num_tiles, (config.image_size // config.patch_size) ** 2 + 1  # CLS + patches
+    padded = captured["global"].reshape(tiles, -1, config.hidden_size)
+    assert padded.shape[1] % 8 == 0 and padded.shape[1] > positions  # the encoders ran on padded tiles
+    def per_tile(h):
+        return h.reshape(tiles, -1, config.hidden_size)[:, :positions]
+
+    intermediate = torch.stack([per_tile(captured[i]) for i in config.intermediate_layers_indices], dim=-1).flatten(-2)
+    features = torch.cat([per_tile(captured["global"]), intermediate], dim=-1)
+    real = inputs["aspect_ratio_mask"][0, 0].bool()  # one sample, one image
+    assert 0 < real.sum() and features.shape[-1] == config.vision_output_dim
+    return features[real].reshape(-1, config.vision_output_dim).mean(dim=0)
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -208,6 +237,8 @@ CASES = [
     Case("mistral3", [(96, 64), (44, 44), (64, 128), (200, 200)], mistral3_vision),
     # 1 + 8 (2x4), 1 + 4 (2x2), 1 + 7 (1x7) and 1 + 6 (2x3) crops: the batch's crops are concatenated
     Case("molmo2", [(96, 64), (44, 44), (300, 60), (60, 42)], molmo2_vision),
+    # one <|image|> each (cross-attention); 2x1, 1x2, 1x3 and 2x2 tiles of the 4 every image has
+    Case("mllama", [(64, 128), (128, 64), (300, 100), (96, 64)], mllama_vision, varies="num_prompt_tokens"),
 ]
 
 
@@ -358,6 +389,11 @@ def test_pooling_never_averages_padding(run):
     finally:
         handle.remove()
     assert batch.projector_rows == ROW_COUNTS[loaded.adapter.entry.pooling](loaded, batch.inputs)
+    if batch.projector_select is not None:  # Mllama: the padding tiles reach the projector, masked; they are left out
+        select = batch.projector_select
+        assert select.shape == seen[0].shape[: select.dim()] and not select.all()
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) == int(select.sum()) < select.numel()
+        seen[0] = seen[0][select]
     assert sum(batch.projector_rows) == seen[0].shape[0]
     if loaded.adapter.entry.pooling in ("tile_counts", "real_images"):
         assert len(set(batch.projector_rows)) > 1
@@ -368,6 +404,30 @@ def test_pooling_never_averages_padding(run):
         patch = loaded.model.config.vision_config.patch_size
         count, _, height, width = batch.inputs["pixel_values"].shape
         assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) < count * (height // patch) * (width // patch)
+
+
+def test_cross_attention_mask_follows_the_left_padding(run):
+    """Llama-3.2-Vision batches exactly because its processor builds cross_attention_mask on the left-padded rows:
+    each row attends to its own image's real tiles from its <|image|> on, its padding and the tokens before to none."""
+    case, loaded, questions, images, _, _ = run
+    if case.family != "mllama":
+        pytest.skip(f"{case.family} has no cross-attention mask")
+    pictures = [load_image(resolve_image_path(images, q.image_id)) for q in questions]
+    batch = loaded.adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question) for q in questions], pictures)
+    mask, tiles = batch.inputs["cross_attention_mask"], batch.inputs["aspect_ratio_mask"]  # [B, L, 1, 4], [B, 1, 4]
+    assert len({int(n) for n in batch.attention_mask.sum(dim=1)}) > 1  # rows of different padding
+    for row, image_position in enumerate(batch.input_ids.eq(loaded.adapter.image_token_id(loaded.model)).int().argmax(dim=1)):
+        assert not mask[row, :image_position].any()
+        assert mask[row, image_position:, 0].eq(tiles[row, 0]).all()
+
+
+def test_mllama_auto_attention_is_sdpa_where_flash_attention_would_be_picked(tiny_checkpoint):
+    """On CUDA with flash-attn installed `attn_implementation: auto` picks flash_attention_2, which transformers refuses
+    for Mllama (no flash-attention path); the adapter loads it with sdpa then, and records that."""
+    settings = ModelSettings.from_config("mllama", {"model": str(tiny_checkpoint("mllama")), "device": "cpu", "dtype": "float32"})
+    assert settings.attn_implementation == "auto"
+    loaded = adapter_class("mllama")().load(settings, torch.device("cpu"), torch.float32, "flash_attention_2")
+    assert loaded.attn_implementation == "sdpa" == loaded.model.config._attn_implementation
 
 
 def test_the_all_families_config_validates_and_names_every_family_once():
@@ -390,6 +450,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct",
         "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
         "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "molmo2": "allenai/Molmo2-8B",
+        "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -24,6 +24,8 @@ class PooledBatch(Batch):
     """A batch and, per sample, how many leading rows of the projector's input are its own."""
 
     projector_rows: list[int] | None = None
+    #: where a pooling selects rows first: a mask over the projector input's leading dimensions (Mllama's tiles)
+    projector_select: torch.Tensor | None = None
 
 
 def config_attribute(config, dotted: str):
@@ -80,6 +82,8 @@ def _rows_by_image_tokens(loaded: LoadedModel, inputs: dict) -> list[int]:
     if rest or not per_crop or any(n % per_crop for n in tokens):
         raise RuntimeError(f"image placeholders {tokens} per sample do not split evenly into {crops} crops")
     return [n // per_crop for n in tokens]
+
+
 def _rows_by_image_sizes(loaded: LoadedModel, inputs: dict) -> list[int]:
     """One image per sample: the tower's patches of its real (resized, unpadded) size, before the merge."""
     patch = loaded.model.config.vision_config.patch_size
@@ -91,6 +95,16 @@ def _rows_by_image_grids(loaded: LoadedModel, inputs: dict) -> list[int]:
     return [int(low_h * low_w + high_h * high_w) for low_h, low_w, high_h, high_w in inputs["image_grids"].tolist()]
 
 
+def _real_tiles(loaded: LoadedModel, inputs: dict) -> torch.Tensor:
+    """[B, images, tiles]: the processor's aspect_ratio_mask (1 for an image's tiles, 0 for the padding tiles that
+    fill every image up to max_num_tiles), selecting rows of the projector's input [B, images, tiles, patches, Dv]."""
+    return inputs["aspect_ratio_mask"].bool()
+
+
+def _rows_of_real_tiles(loaded: LoadedModel, inputs: dict) -> list[int]:
+    return [int(n) for n in _real_tiles(loaded, inputs).flatten(1).sum(dim=1).tolist()]
+
+
 ROW_COUNTS = {
     "per_sample": _rows_per_sample,
     "image_grid_thw": _rows_by_image_grid_thw,
@@ -100,6 +114,13 @@ ROW_COUNTS = {
     "merged_grid_thw": _rows_by_merged_grid_thw,
     "image_sizes": _rows_by_image_sizes,
     "image_grids": _rows_by_image_grids,
+    "aspect_ratio_mask": _rows_of_real_tiles,
+}
+
+#: poolings whose projector input carries padding rows among the real ones: the rows to keep, selected before
+#: ROW_COUNTS splits them per sample
+ROW_SELECTIONS = {
+    "aspect_ratio_mask": _real_tiles,
 }
 
 
@@ -123,6 +144,12 @@ class EntryAdapter(Adapter):
 
         auto_class = getattr(transformers, self.entry.auto_class)
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+        if attn.startswith("flash_attention") and settings.attn_implementation == "auto":
+            # the engine's pick where flash-attn is installed; a model without that path (Mllama builds 4D
+            # cross-attention masks) is refused by transformers, so `auto` runs it with sdpa
+            config = transformers.AutoConfig.from_pretrained(settings.model, **common)
+            if not getattr(auto_class._model_mapping[type(config)], "_supports_flash_attn", True):
+                attn = "sdpa"
         processor = self.load_processor(settings, settings.revision)
         model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
         self.prepare_model(model)
@@ -145,7 +172,11 @@ class EntryAdapter(Adapter):
     def build_batch(self, loaded, texts, images) -> PooledBatch:
         batch = super().build_batch(loaded, texts, images)
         rows = ROW_COUNTS[self.entry.pooling](loaded, batch.inputs)
-        return PooledBatch(batch.inputs, batch.input_ids, batch.attention_mask, projector_rows=rows)
+        select = ROW_SELECTIONS.get(self.entry.pooling)
+        return PooledBatch(
+            batch.inputs, batch.input_ids, batch.attention_mask, projector_rows=rows,
+            projector_select=select(loaded, batch.inputs) if select is not None else None,
+        )
 
     def image_token_id(self, model):
         return int(config_attribute(model.config, self.entry.image_token_id))
@@ -172,6 +203,11 @@ class EntryAdapter(Adapter):
         rows = getattr(batch, "projector_rows", None)
         if rows is None:
             raise RuntimeError(f"the {self.family} adapter pools batches it built itself (build_batch)")
+        select = getattr(batch, "projector_select", None)
+        if select is not None:
+            if tuple(select.shape) != tuple(projector_input.shape[: select.dim()]):
+                raise RuntimeError(f"the projector saw {tuple(projector_input.shape)}; the row mask is {tuple(select.shape)}")
+            projector_input = projector_input[select.to(projector_input.device)]
         return pool_rows(projector_input, rows)
 
     def vision_features(self, model, inputs) -> torch.Tensor:

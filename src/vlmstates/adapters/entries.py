@@ -42,6 +42,9 @@ POOLINGS = MappingProxyType({
     # [sum of pooled image tokens, Dv]: every crop's pooled 2x2 windows, all images concatenated, split by the
     # processor's image_grids (low-res rows x cols + high-res rows x cols per image; Molmo2)
     "image_grids": "rows of [sum of pooled image tokens, Dv] split by image_grids",
+    # [B, images, tiles, CLS + patches, Dv]: every image always has max_num_tiles tiles, the unused ones masked by
+    # the processor's aspect_ratio_mask; the sample's real tiles are selected, each with all its rows (Mllama)
+    "aspect_ratio_mask": "the real tiles (aspect_ratio_mask) of [B, images, tiles, patches, Dv], per sample",
 })
 
 
@@ -246,6 +249,23 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "<im_end> follow it); VF: the adapter's image-projector input (each 2x2 patch window of the ViT's "
                 "two feature layers pooled by cross-attention, as Molmo's), mean over all the image's pooled "
                 "tokens, low-resolution crop and high-resolution crops"
+            ),
+        ),
+        FamilyEntry(
+            family="mllama",
+            model_types=("mllama",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_model",
+            pooling="aspect_ratio_mask",
+            vision_hidden_size="vision_config.vision_output_dim",  # the global encoder's output + 5 local layers
+            nested_images=True,
+            semantics=(
+                "VT: the single <|image|> token at the start of the user turn (no per-patch placeholders: the image "
+                "enters the decoder only through its cross-attention blocks, which every token from <|image|> on "
+                "attends with); VF: the multi-modal projector's input (the vision model's output: the global encoder's "
+                "last state concatenated with the local encoder's intermediate layers, vision_output_dim wide), mean "
+                "over the image's real tiles (aspect_ratio_mask) and each tile's CLS and patch positions; the padding "
+                "tiles and the vision model's padding to a multiple of 8 positions are never averaged in"
             ),
         ),
     )

@@ -45,6 +45,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "glm4v": ".glm4v",
     "mistral3": ".mistral3",
     "molmo2": ".molmo2",
+    "mllama": ".mllama",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
