@@ -94,7 +94,10 @@ class EntryAdapter(Adapter):
         auto_class = getattr(transformers, self.entry.auto_class)
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         processor = self.load_processor(settings, settings.revision)
-        model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
+        implementation = attn
+        if self.entry.vision_attention is not None:  # per sub-model: the decoder's, and the tower's own
+            implementation = {"": attn, "text_config": attn, "vision_config": self.entry.vision_attention}
+        model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=implementation, **common)
         self.prepare_model(model)
         model.to(device).eval()
         return LoadedModel(model, processor, self, settings, device, dtype, attn)

@@ -64,6 +64,9 @@ class FamilyEntry:
     legacy_image_processors: Mapping[str, str] = field(default_factory=dict)
     #: largest batch the family runs exactly (None: no limit)
     max_batch_size: int | None = None
+    #: attention implementation the vision tower is loaded with whatever the decoder's (None: the same as the
+    #: decoder's); FastVLM's timm tower accepts no flash_attention_2, which the engine picks on CUDA
+    vision_attention: str | None = None
     #: what the vision token (VT) and vision-only vector (VF) hold for this family (config/README.md too)
     semantics: str = ""
 
@@ -136,6 +139,18 @@ ENTRIES: dict[str, FamilyEntry] = {
             semantics=(
                 "VT: the last <image> placeholder (the global image's last token); VF: the connector's input "
                 "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
+            ),
+        ),
+        FamilyEntry(
+            family="fast_vlm",
+            model_types=("fast_vlm",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="per_sample",
+            vision_attention="sdpa",
+            semantics=(
+                "VT: the last <image> placeholder (the last cell of the 16x16 grid); VF: the projector's input "
+                "(FastViTHD's final_conv map, flattened to 256 cells x 3072), mean over the cells"
             ),
         ),
     )
