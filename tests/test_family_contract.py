@@ -76,6 +76,14 @@ def fast_vlm_vision(model, inputs):
     return cells[0].flatten(1).mean(dim=1)
 
 
+def gemma3n_vision(model, inputs):
+    """Gemma 3n's features: timm's MobileNetV5 run alone (forward_features: the msfa map [1, 2048, h, w]), every
+    cell, times sqrt(2048) as get_image_features scales it before embed_vision."""
+    cells = model.model.vision_tower.timm_model.forward_features(inputs["pixel_values"])
+    assert cells.shape[1] == model.config.vision_config.hidden_size
+    return cells[0].flatten(1).mean(dim=1) * model.config.vision_config.hidden_size**0.5
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -93,6 +101,10 @@ class Case:
     #: the prompt equals the processor's own apply_chat_template route (Phi-4's processor drops its template:
     #: tests/test_phi4_multimodal.py checks its documented format instead)
     processor_chat_template: bool = True
+    #: every hidden_states entry is [streams, B, T, D] (Gemma 3n's AltUp): the stream the vectors hold
+    stream: int | None = None
+    #: hidden_states[n] has the final norm applied (Gemma 3n's is the last block's raw output)
+    last_normed: bool = True
 
 
 CASES = [
@@ -108,6 +120,9 @@ CASES = [
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
     # one centre crop, 4x4 cells: every image the same 16 <image> tokens
     Case("fast_vlm", [(96, 64), (640, 480), (64, 128), (300, 200)], fast_vlm_vision, varies="num_prompt_tokens"),
+    # one resized image, 16 soft tokens (real 256); vectors from AltUp stream 0
+    Case("gemma3n", [(96, 64), (640, 480), (64, 128), (300, 200)], gemma3n_vision, varies="num_prompt_tokens",
+         stream=0, last_normed=False),
 ]
 
 
@@ -207,7 +222,9 @@ def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision
         for question, result in zip(questions, batched):
             inputs = single_batch(loaded, question, images).inputs
             hidden = loaded.model(**inputs, output_hidden_states=True).hidden_states
-            assert_decoder_vectors_match(extractor, result, hidden, (case.family, question.question_id))
+            assert_decoder_vectors_match(
+                extractor, result, hidden, (case.family, question.question_id), stream=case.stream, last_normed=case.last_normed
+            )
             vision = case.vision(loaded.model, inputs)
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (case.family, question.question_id)
 
@@ -270,7 +287,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
-        "fast_vlm": "KamilaMila/FastVLM-7B",
+        "fast_vlm": "KamilaMila/FastVLM-7B", "gemma3n": "google/gemma-3n-E4B-it",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

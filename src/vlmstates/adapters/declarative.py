@@ -126,6 +126,11 @@ class EntryAdapter(Adapter):
     def decoder_blocks(self, model):
         return model.get_submodule(self.entry.decoder_blocks)
 
+    def block_hidden_states(self, output):
+        if self.entry.block_output_stream is None:
+            return super().block_hidden_states(output)
+        return output[self.entry.block_output_stream]
+
     def final_norm(self, model):
         return model.get_submodule(self.entry.final_norm)
 

@@ -67,6 +67,9 @@ class FamilyEntry:
     #: attention implementation the vision tower is loaded with whatever the decoder's (None: the same as the
     #: decoder's); FastVLM's timm tower accepts no flash_attention_2, which the engine picks on CUDA
     vision_attention: str | None = None
+    #: a decoder block outputs [streams, B, L, D] (Gemma 3n's AltUp): the stream VT, QT and MM are taken from
+    #: (None: the block outputs [B, L, D], or a tuple holding it first)
+    block_output_stream: int | None = None
     #: what the vision token (VT) and vision-only vector (VF) hold for this family (config/README.md too)
     semantics: str = ""
 
@@ -151,6 +154,22 @@ ENTRIES: dict[str, FamilyEntry] = {
             semantics=(
                 "VT: the last <image> placeholder (the last cell of the 16x16 grid); VF: the projector's input "
                 "(FastViTHD's final_conv map, flattened to 256 cells x 3072), mean over the cells"
+            ),
+        ),
+        FamilyEntry(
+            family="gemma3n",
+            model_types=("gemma3n",),
+            # embed_vision is called with keywords only (and with the vision token ids first); its soft-token
+            # norm is called positionally, once per forward, with the embedder's input
+            projector="model.embed_vision.soft_embedding_norm",
+            vision_tower="model.vision_tower",
+            pooling="per_sample",
+            nested_images=True,
+            vision_attention="sdpa",
+            block_output_stream=0,
+            semantics=(
+                "VT: stream 0 (the active AltUp stream) of the last <image_soft_token>; QT, MM likewise stream 0; "
+                "VF: embed_vision's input (the MobileNetV5 msfa output times sqrt(2048)), mean over the 256 soft tokens"
             ),
         ),
     )

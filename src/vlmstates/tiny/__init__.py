@@ -39,6 +39,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "smolvlm": ".smolvlm",
     "qwen2_vl": ".qwen2_vl",
     "fast_vlm": ".fast_vlm",
+    "gemma3n": ".gemma3n",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
