@@ -156,6 +156,23 @@ def mllama_vision(model, inputs):
     return features[real].reshape(-1, config.vision_output_dim).mean(dim=0)
 
 
+def fast_vlm_vision(model, inputs):
+    """FastVLM's features: timm's FastViTHD run alone, its forward_features (the final_conv map [1, C, h, w];
+    real config facts: vision_feature_layer -1, strategy "full"), every cell of the map."""
+    timm_model = model.model.vision_tower.timm_model
+    cells = timm_model.forward_features(inputs["pixel_values"])
+    assert cells.shape[1] == model.config.vision_config.hidden_size
+    return cells[0].flatten(1).mean(dim=1)
+
+
+def gemma3n_vision(model, inputs):
+    """Gemma 3n's features: timm's MobileNetV5 run alone (forward_features: the msfa map [1, 2048, h, w]), every
+    cell, times sqrt(2048) as get_image_features scales it before embed_vision."""
+    cells = model.model.vision_tower.timm_model.forward_features(inputs["pixel_values"])
+    assert cells.shape[1] == model.config.vision_config.hidden_size
+    return cells[0].flatten(1).mean(dim=1) * model.config.vision_config.hidden_size**0.5
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -210,6 +227,10 @@ class Case:
     #: the prompt equals the processor's own apply_chat_template route (Phi-4's processor drops its template:
     #: tests/test_phi4_multimodal.py checks its documented format instead)
     processor_chat_template: bool = True
+    #: every hidden_states entry is [streams, B, T, D] (Gemma 3n's AltUp): the stream the vectors hold
+    stream: int | None = None
+    #: hidden_states[n] has the final norm applied (Gemma 3n's is the last block's raw output)
+    last_normed: bool = True
 
 
 CASES = [
@@ -239,6 +260,11 @@ CASES = [
     Case("molmo2", [(96, 64), (44, 44), (300, 60), (60, 42)], molmo2_vision),
     # one <|image|> each (cross-attention); 2x1, 1x2, 1x3 and 2x2 tiles of the 4 every image has
     Case("mllama", [(64, 128), (128, 64), (300, 100), (96, 64)], mllama_vision, varies="num_prompt_tokens"),
+    # one centre crop, 4x4 cells: every image the same 16 <image> tokens
+    Case("fast_vlm", [(96, 64), (640, 480), (64, 128), (300, 200)], fast_vlm_vision, varies="num_prompt_tokens"),
+    # one resized image, 16 soft tokens (real 256); vectors from AltUp stream 0
+    Case("gemma3n", [(96, 64), (640, 480), (64, 128), (300, 200)], gemma3n_vision, varies="num_prompt_tokens",
+         stream=0, last_normed=False),
 ]
 
 
@@ -338,7 +364,9 @@ def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision
         for question, result in zip(questions, batched):
             inputs = single_batch(loaded, question, images).inputs
             hidden = loaded.model(**inputs, output_hidden_states=True).hidden_states
-            assert_decoder_vectors_match(extractor, result, hidden, (case.family, question.question_id))
+            assert_decoder_vectors_match(
+                extractor, result, hidden, (case.family, question.question_id), stream=case.stream, last_normed=case.last_normed
+            )
             vision = case.vision(loaded.model, inputs)
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (case.family, question.question_id)
 
@@ -451,6 +479,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
         "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "molmo2": "allenai/Molmo2-8B",
         "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "fast_vlm": "KamilaMila/FastVLM-7B", "gemma3n": "google/gemma-3n-E4B-it",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

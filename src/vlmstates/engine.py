@@ -245,7 +245,9 @@ class Extractor:
         layers = self.settings.layers or default_layers(self.num_layers)
         self.layers = check_layers(tuple(layers), self.num_layers, self.settings.name)
         self.image_token_id = self.adapter.image_token_id(model)
-        self.capture = PrefillCapture(self.adapter.decoder_blocks(model), self.layers, self.adapter.projector(model))
+        self.capture = PrefillCapture(
+            self.adapter.decoder_blocks(model), self.layers, self.adapter.projector(model), self.adapter.block_hidden_states
+        )
         self.progress = progress
         # The processor builds batches on the host; the engine copies them to the device itself. The
         # prefetch thread has its own processor: a fast tokenizer is not safe to share between threads

@@ -151,7 +151,10 @@ class EntryAdapter(Adapter):
             if not getattr(auto_class._model_mapping[type(config)], "_supports_flash_attn", True):
                 attn = "sdpa"
         processor = self.load_processor(settings, settings.revision)
-        model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
+        implementation = attn
+        if self.entry.vision_attention is not None:  # per sub-model: the decoder's, and the tower's own
+            implementation = {"": attn, "text_config": attn, "vision_config": self.entry.vision_attention}
+        model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=implementation, **common)
         self.prepare_model(model)
         model.to(device).eval()
         return LoadedModel(model, processor, self, settings, device, dtype, attn)
@@ -183,6 +186,11 @@ class EntryAdapter(Adapter):
 
     def decoder_blocks(self, model):
         return model.get_submodule(self.entry.decoder_blocks)
+
+    def block_hidden_states(self, output):
+        if self.entry.block_output_stream is None:
+            return super().block_hidden_states(output)
+        return output[self.entry.block_output_stream]
 
     def final_norm(self, model):
         return model.get_submodule(self.entry.final_norm)

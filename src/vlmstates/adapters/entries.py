@@ -83,6 +83,12 @@ class FamilyEntry:
     legacy_image_processors: Mapping[str, str] = field(default_factory=dict)
     #: largest batch the family runs exactly (None: no limit)
     max_batch_size: int | None = None
+    #: attention implementation the vision tower is loaded with whatever the decoder's (None: the same as the
+    #: decoder's); FastVLM's timm tower accepts no flash_attention_2, which the engine picks on CUDA
+    vision_attention: str | None = None
+    #: a decoder block outputs [streams, B, L, D] (Gemma 3n's AltUp): the stream VT, QT and MM are taken from
+    #: (None: the block outputs [B, L, D], or a tuple holding it first)
+    block_output_stream: int | None = None
     #: what the vision token (VT) and vision-only vector (VF) hold for this family (config/README.md too)
     semantics: str = ""
 
@@ -266,6 +272,34 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "last state concatenated with the local encoder's intermediate layers, vision_output_dim wide), mean "
                 "over the image's real tiles (aspect_ratio_mask) and each tile's CLS and patch positions; the padding "
                 "tiles and the vision model's padding to a multiple of 8 positions are never averaged in"
+            ),
+        ),
+        FamilyEntry(
+            family="fast_vlm",
+            model_types=("fast_vlm",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="per_sample",
+            vision_attention="sdpa",
+            semantics=(
+                "VT: the last <image> placeholder (the last cell of the 16x16 grid); VF: the projector's input "
+                "(FastViTHD's final_conv map, flattened to 256 cells x 3072), mean over the cells"
+            ),
+        ),
+        FamilyEntry(
+            family="gemma3n",
+            model_types=("gemma3n",),
+            # embed_vision is called with keywords only (and with the vision token ids first); its soft-token
+            # norm is called positionally, once per forward, with the embedder's input
+            projector="model.embed_vision.soft_embedding_norm",
+            vision_tower="model.vision_tower",
+            pooling="per_sample",
+            nested_images=True,
+            vision_attention="sdpa",
+            block_output_stream=0,
+            semantics=(
+                "VT: stream 0 (the active AltUp stream) of the last <image_soft_token>; QT, MM likewise stream 0; "
+                "VF: embed_vision's input (the MobileNetV5 msfa output times sqrt(2048)), mean over the 256 soft tokens"
             ),
         ),
     )

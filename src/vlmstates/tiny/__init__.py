@@ -46,6 +46,8 @@ _FAMILY_MODULES: dict[str, str] = {
     "mistral3": ".mistral3",
     "molmo2": ".molmo2",
     "mllama": ".mllama",
+    "fast_vlm": ".fast_vlm",
+    "gemma3n": ".gemma3n",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
