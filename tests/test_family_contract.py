@@ -434,12 +434,11 @@ def test_pooling_never_averages_padding(run):
         assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) < count * (height // patch) * (width // patch)
 
 
+@pytest.mark.parametrize("run", [case for case in CASES if case.family == "mllama"], indirect=True, ids=lambda case: case.family)
 def test_cross_attention_mask_follows_the_left_padding(run):
     """Llama-3.2-Vision batches exactly because its processor builds cross_attention_mask on the left-padded rows:
     each row attends to its own image's real tiles from its <|image|> on, its padding and the tokens before to none."""
-    case, loaded, questions, images, _, _ = run
-    if case.family != "mllama":
-        pytest.skip(f"{case.family} has no cross-attention mask")
+    _, loaded, questions, images, _, _ = run
     pictures = [load_image(resolve_image_path(images, q.image_id)) for q in questions]
     batch = loaded.adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question) for q in questions], pictures)
     mask, tiles = batch.inputs["cross_attention_mask"], batch.inputs["aspect_ratio_mask"]  # [B, L, 1, 4], [B, 1, 4]
