@@ -143,5 +143,5 @@ def test_a_config_naming_every_tiny_family_runs(tmp_path):
     snakemake(user_workdir(tmp_path), *targets, "--cores", "2", "--configfile", str(user_file))  # targets first: --configfile takes a list
     for name, family in zip(models, TINY_FAMILIES):
         emb = read_embeddings(results / name / "embeddings.h5")
-        assert emb.attrs["family"] == family and emb.attrs["semantics"]["family"]
+        assert emb.attrs["family"] == family and json.loads(emb.attrs["semantics"])["family"]
         assert list(emb.table["status"]) == ["ok"] * 2, (name, list(emb.table["error"]))
