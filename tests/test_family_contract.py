@@ -67,6 +67,16 @@ def smolvlm_vision(model, inputs):
     return model.model.vision_model(pixel_values=images).last_hidden_state.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
 
 
+def idefics3_vision(model, inputs):
+    # SigLIP's last layer (post-layernorm) over every real sub-image and the global one, before the connector's
+    # pixel shuffle; one sample, so no all-zero padding image, and no padded pixels (sub-images are full tiles)
+    images = inputs["pixel_values"][0]
+    assert (images.flatten(1) != 0).any(dim=1).all() and inputs["pixel_attention_mask"].all()
+    hidden = model.model.vision_model(pixel_values=images).last_hidden_state
+    assert hidden.shape[1] == (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -97,6 +107,8 @@ CASES = [
     Case("smolvlm", [(96, 64), (64, 128), (200, 200), (300, 150)], smolvlm_vision),
     # own adapter code (the projection's inputs per image); one to six HD crops, batched by crop count
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
+    # SmolVLM's layout: 12, 8, 16 and 8 sub-images + the global one, all-zero padding images in the batch
+    Case("idefics3", [(96, 64), (64, 128), (200, 200), (300, 150)], idefics3_vision),
 ]
 
 
@@ -259,6 +271,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
+        "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -138,5 +138,19 @@ ENTRIES: dict[str, FamilyEntry] = {
                 "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
             ),
         ),
+        FamilyEntry(
+            family="idefics3",
+            model_types=("idefics3",),
+            decoder_blocks="model.text_model.layers",
+            final_norm="model.text_model.norm",
+            projector="model.connector",
+            vision_tower="model.vision_model",
+            pooling="real_images",
+            nested_images=True,
+            semantics=(
+                "VT: the last <image> placeholder (the global image's last token); VF: the connector's input "
+                "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
+            ),
+        ),
     )
 }

@@ -38,6 +38,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "llava": ".llava:build_llava",
     "smolvlm": ".smolvlm",
     "qwen2_vl": ".qwen2_vl",
+    "idefics3": ".idefics3",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
