@@ -77,6 +77,13 @@ def idefics3_vision(model, inputs):
     return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
 
 
+def paligemma_vision(model, inputs):
+    # SigLIP's last layer (post-layernorm, no pooling head: vision_use_head false), every patch of the one square image
+    hidden = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[0]
+    assert hidden.shape[0] == model.config.text_config.num_image_tokens
+    return hidden.mean(dim=0)
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -94,6 +101,11 @@ class Case:
     #: the prompt equals the processor's own apply_chat_template route (Phi-4's processor drops its template:
     #: tests/test_phi4_multimodal.py checks its documented format instead)
     processor_chat_template: bool = True
+    #: the family has no chat template: the prompt is what its processor makes of the text alone
+    #: (processor(text=..., images=...), e.g. PaliGemma's <image>... <bos> text \n)
+    processor_text_route: bool = False
+    #: the models' `prompt` setting (PaliGemma's mix checkpoints answer a task prefix)
+    prompt: str = "{question}"
 
 
 CASES = [
@@ -109,6 +121,9 @@ CASES = [
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
     # SmolVLM's layout: 12, 8, 16 and 8 sub-images + the global one, all-zero padding images in the batch
     Case("idefics3", [(96, 64), (64, 128), (200, 200), (300, 150)], idefics3_vision),
+    # one fixed square: the same image tokens whatever the size; a prefix-LM (bidirectional over the prompt)
+    Case("paligemma", [(96, 64), (640, 480), (64, 128), (1024, 768)], paligemma_vision, varies="num_prompt_tokens",
+         processor_chat_template=False, processor_text_route=True, prompt="answer en {question}"),
 ]
 
 
@@ -127,7 +142,7 @@ def run(request, tiny_checkpoint, tmp_path_factory):
     case = request.param
     settings = ModelSettings.from_config(case.family, {
         "model": str(tiny_checkpoint(case.family)), "device": "cpu", "dtype": "float32", "max_new_tokens": 4,
-        "multimodal_representation": True,
+        "multimodal_representation": True, "prompt": case.prompt,
     })
     images = tmp_path_factory.mktemp(f"contract-{case.family}")
     questions = synthetic_inputs(images, N_SAMPLES, case.sizes, seed=3)
@@ -169,6 +184,10 @@ def test_loads_as_the_real_classes_with_the_entrys_modules(run):
     # the declared width is the width the projector really receives (Qwen2-VL's is embed_dim, not hidden_size)
     assert batched[0].vectors[VISION_ONLY].shape == (adapter.vision_hidden_size(model),)
     assert sum(p.numel() for p in adapter.vision_tower(model).parameters()) > 0
+    # `attn_implementation: auto` on CPU is sdpa, but where the family lacks it (PaliGemma 2's Gemma 2: eager)
+    entry = ENTRIES.get(case.family)
+    expected_attention = entry.auto_attention.get("sdpa", "sdpa") if entry is not None else loaded.attn_implementation
+    assert loaded.attn_implementation == model.config.get_text_config()._attn_implementation == expected_attention
 
 
 def test_the_batch_is_mixed(run):
@@ -199,6 +218,30 @@ def test_prompt_tokens_equal_the_processors_own_chat_template_route(run):
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question.question}]}]
         expected = loaded.processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
         assert single_batch(loaded, question, images).input_ids[0].tolist() == list(np.asarray(expected["input_ids"]).reshape(-1))
+
+
+def test_prompt_tokens_equal_the_processors_own_text_route(run):
+    """A family without a chat template: the prompt is what its processor makes of the prompt text alone, and
+    every input the processor gives the model (PaliGemma's token_type_ids, its prefix) reaches it; training
+    labels do not."""
+    case, loaded, questions, images, _, _ = run
+    if not case.processor_text_route:
+        pytest.skip(f"{case.family}: its prompt is not the processor's text-only route")
+    processor = loaded.processor
+    for question in questions[:2]:
+        image = load_image(resolve_image_path(images, question.image_id))
+        text = loaded.settings.format_prompt(question.question)
+        expected = processor(text=text, images=image, return_tensors="pt")
+        batch = single_batch(loaded, question, images)
+        assert batch.input_ids[0].tolist() == expected["input_ids"][0].tolist()
+        for name in set(expected) - {"labels"}:
+            assert torch.equal(batch.inputs[name].cpu(), expected[name]), name
+        assert "labels" not in batch.inputs
+        if case.family == "paligemma":  # the documented format: image tokens, <bos>, the text, a newline
+            tokenizer = processor.tokenizer
+            image_tokens = processor.image_token * processor.image_seq_length
+            assert tokenizer.decode(batch.input_ids[0]) == f"{image_tokens}{tokenizer.bos_token}{text}\n"
+            assert text.startswith("answer en ") and not batch.inputs["token_type_ids"].any()  # all prefix
 
 
 def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision_features(run):
@@ -271,7 +314,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
-        "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
+        "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "paligemma": "google/paligemma2-3b-mix-448",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -92,6 +92,8 @@ class EntryAdapter(Adapter):
         import transformers
 
         auto_class = getattr(transformers, self.entry.auto_class)
+        if settings.attn_implementation == "auto":
+            attn = self.entry.auto_attention.get(attn, attn)
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         processor = self.load_processor(settings, settings.revision)
         model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
@@ -102,7 +104,11 @@ class EntryAdapter(Adapter):
     def chat_prompt(self, loaded, text):
         """The chat template's prompt, with the tokenizer's own leading <bos> where the template writes none
         (LLaVA-1.5's): what the processor's apply_chat_template(tokenize=True) gives, since the prompt is
-        tokenised without special tokens (the template renders them, Gemma's <bos> among them)."""
+        tokenised without special tokens (the template renders them, Gemma's <bos> among them). A family
+        without a template (`chat_template` False): the image token then the text, which its processor
+        completes as its own text-only route does (PaliGemma's: <bos> after the image tokens, a final newline)."""
+        if not self.entry.chat_template:
+            return loaded.processor.image_token + text
         prompt = super().chat_prompt(loaded, text)
         tokenizer = loaded.processor.tokenizer
         bos = tokenizer.bos_token
@@ -114,6 +120,8 @@ class EntryAdapter(Adapter):
 
     def build_batch(self, loaded, texts, images) -> PooledBatch:
         batch = super().build_batch(loaded, texts, images)
+        for name in self.entry.dropped_inputs:
+            batch.inputs.pop(name, None)
         rows = ROW_COUNTS[self.entry.pooling](loaded, batch.inputs)
         return PooledBatch(batch.inputs, batch.input_ids, batch.attention_mask, projector_rows=rows)
 

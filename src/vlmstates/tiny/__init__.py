@@ -39,6 +39,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "smolvlm": ".smolvlm",
     "qwen2_vl": ".qwen2_vl",
     "idefics3": ".idefics3",
+    "paligemma": ".paligemma",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
