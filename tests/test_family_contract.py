@@ -106,6 +106,8 @@ class Case:
     processor_text_route: bool = False
     #: the models' `prompt` setting (PaliGemma's mix checkpoints answer a task prefix)
     prompt: str = "{question}"
+    #: a prefix-LM: the decoder attends both ways over the prompt (PaliGemma's token_type_ids)
+    prefix_lm: bool = False
 
 
 CASES = [
@@ -123,7 +125,7 @@ CASES = [
     Case("idefics3", [(96, 64), (64, 128), (200, 200), (300, 150)], idefics3_vision),
     # one fixed square: the same image tokens whatever the size; a prefix-LM (bidirectional over the prompt)
     Case("paligemma", [(96, 64), (640, 480), (64, 128), (1024, 768)], paligemma_vision, varies="num_prompt_tokens",
-         processor_chat_template=False, processor_text_route=True, prompt="answer en {question}"),
+         processor_chat_template=False, processor_text_route=True, prompt="answer en {question}", prefix_lm=True),
 ]
 
 
@@ -254,6 +256,27 @@ def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision
             assert_decoder_vectors_match(extractor, result, hidden, (case.family, question.question_id))
             vision = case.vision(loaded.model, inputs)
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (case.family, question.question_id)
+
+
+def test_a_prefix_lm_has_read_the_whole_prompt_at_the_vision_token(run):
+    """The captured prefill is the prefix-LM's: VT, the last image placeholder, equals the forward with the
+    processor's token_type_ids (the whole prompt one bidirectional prefix) and differs from a causal forward
+    of the same tokens (every token_type_id 1), which a batch that lost the prefix mask would give."""
+    from vlmstates.store import layer_key
+
+    case, loaded, questions, images, batched, _ = run
+    if not case.prefix_lm:
+        pytest.skip(f"{case.family}: a causal decoder")
+    layer = Extractor(loaded, progress=False).layers[1]
+    with torch.inference_mode():
+        for question, result in zip(questions[:2], batched[:2]):
+            inputs = single_batch(loaded, question, images).inputs
+            assert not inputs["token_type_ids"].any()
+            causal = dict(inputs, token_type_ids=torch.ones_like(inputs["token_type_ids"]))
+            prefix = loaded.model(**inputs, output_hidden_states=True).hidden_states[layer + 1][0, result.vision_token_position]
+            causal = loaded.model(**causal, output_hidden_states=True).hidden_states[layer + 1][0, result.vision_token_position]
+            captured = result.vectors[layer_key("vision_token_representation", layer)]
+            assert rel_error(captured, prefix) < 1e-4 and rel_error(captured, causal) > 1e-2, (case.family, question.question_id)
 
 
 def test_batch_of_four_equals_batch_of_one(run):
