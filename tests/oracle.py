@@ -14,25 +14,32 @@ def rel_error(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def assert_decoder_vectors_match(extractor, result, hidden, label, tolerance: float = 1e-4) -> None:
+def assert_decoder_vectors_match(
+    extractor, result, hidden, label, tolerance: float = 1e-4, stream: int | None = None, last_normed: bool = True
+) -> None:
     """VT and QT of every recorded layer equal `hidden[k + 1]` at the result's positions, and the multimodal
     mean (which the tests record) its mean over the prompt. `hidden[n]` has the final norm applied and the last
-    block's recorded output has not, so the norm is applied to the captured vector before comparing."""
+    block's recorded output has not, so the norm is applied to the captured vector before comparing, unless
+    `last_normed` is false (Gemma 3n's `hidden[n]` is the last block's raw output). `stream`: every entry of
+    `hidden` is [streams, B, T, D] (Gemma 3n's AltUp) and that stream is compared."""
     model = extractor.loaded.model
     last = extractor.num_layers - 1
     norm = extractor.adapter.final_norm(model)
     assert len(hidden) == extractor.num_layers + 1
+    if stream is not None:
+        assert all(h.dim() == 4 for h in hidden), [tuple(h.shape) for h in hidden]
+        hidden = [h[stream] for h in hidden]
     for k in extractor.layers:
         for representation, position in (
             ("vision_token_representation", result.vision_token_position),
             ("query_token_representation", result.query_token_position),
         ):
             captured = torch.from_numpy(result.vectors[layer_key(representation, k)])
-            if k == last:
+            if k == last and last_normed:
                 captured = norm(captured[None, None].to(model.dtype))[0, 0]
             assert rel_error(captured, hidden[k + 1][0, position]) < tolerance, (label, representation, k)
         multimodal = layer_key("multimodal_representation", k)
-        if k < last:
+        if k < last or not last_normed:
             assert rel_error(result.vectors[multimodal], hidden[k + 1][0].mean(dim=0)) < tolerance, (label, multimodal)
 
 

@@ -29,7 +29,7 @@ from vlmstates.benchmark import synthetic_inputs
 from vlmstates.dataset import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
 from vlmstates.settings import ConfigError, ModelSettings
-from vlmstates.store import STATUS_OK, VISION_ONLY
+from vlmstates.store import SEMANTICS, STATUS_OK, VISION_ONLY
 
 N_SAMPLES = 4
 
@@ -38,6 +38,37 @@ N_SAMPLES = 4
 def qwen_vision(model, inputs):
     # the patch merger's input: the windowed ViT's output before merging, all patches of the image
     return model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).last_hidden_state.mean(dim=0)
+
+
+def qwen3_vl_vision(model, inputs):
+    """The main merger's input: the ViT's last block output (its recorded hidden state), which the main merger
+    (not a deepstack merger) turns into the image embeddings placed at the image tokens."""
+    visual = model.model.visual
+    out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], output_hidden_states=True)
+    last_block = out.hidden_states[-1]
+    assert len(out.hidden_states) == model.config.vision_config.depth + 1
+    assert torch.allclose(visual.merger(last_block), out.pooler_output, atol=1e-5)
+    return last_block.mean(dim=0)
+
+
+def glm4v_vision(model, inputs):
+    """The merger's input: the ViT's last block output after the post-layernorm, each 2x2 group of patches
+    (consecutive in the processor's patch order) merged by the downsample convolution. (transformers puts the
+    vision model's last_hidden_state, the merged one, last in its hidden_states: the block's own output is hooked.)"""
+    visual = model.model.visual
+    merge = model.config.vision_config.spatial_merge_size
+    blocks = []
+    handle = visual.blocks[-1].register_forward_hook(lambda module, args, output: blocks.append(output))
+    try:
+        out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        handle.remove()
+    normed = visual.post_layernorm(blocks[0])
+    groups = normed.reshape(-1, merge, merge, normed.shape[-1]).permute(0, 3, 1, 2)  # [tokens, C, merge, merge]
+    weight, bias = visual.downsample.weight, visual.downsample.bias  # [Dout, C, merge, merge], [Dout]
+    merged = torch.einsum("nchw,dchw->nd", groups, weight) + bias
+    assert torch.allclose(visual.merger(merged), out.pooler_output, atol=1e-5)
+    return merged.mean(dim=0)
 
 
 def gemma_vision(model, inputs):
@@ -67,6 +98,81 @@ def smolvlm_vision(model, inputs):
     return model.model.vision_model(pixel_values=images).last_hidden_state.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
 
 
+def llava_onevision_vision(model, inputs):
+    # the real config: vision_feature_layer -1 (the last encoder layer's output, before SigLIP's post_layernorm),
+    # strategy "full" (every patch kept; SigLIP has no CLS)
+    tiles = inputs["pixel_values"][0]  # [tiles, C, H, W]: one image, so the processor padded none
+    assert (tiles.flatten(1) != 0).any(dim=1).all()
+    hidden = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-1]
+    return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+
+
+def aya_vision_vision(model, inputs):
+    # the projector's module input: SigLIP's last layer (vision_feature_layer -1, before its post_layernorm), every
+    # patch (strategy "full"); the pixel shuffle happens inside the projector
+    crops = inputs["pixel_values"]  # [crops + global, C, H, W]: one sample's, none padded
+    hidden = model.model.vision_tower(crops, output_hidden_states=True).hidden_states[-1]
+    return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+
+
+def internvl_vision(model, inputs):
+    """The projector's module input, pixel-shuffled in get_image_features: its mean over all tokens is, block by
+    block of the 4x wide vector, the mean of the patches at one offset (row, column) of every 2x2 block, in the
+    order (0, 0), (0, 1), (1, 0), (1, 1); features from InternViT's last layer, CLS dropped (real config:
+    vision_feature_layer -1, strategy "default", downsample_ratio 0.5)."""
+    crops = inputs["pixel_values"]  # [crops + thumbnail, C, H, W]: one sample's, none padded
+    hidden = model.model.vision_tower(pixel_values=crops).last_hidden_state[:, 1:]
+    side = int(hidden.shape[1] ** 0.5)
+    grid = hidden.reshape(hidden.shape[0], side, side, -1)
+    return torch.cat([grid[:, row::2, col::2].mean(dim=(0, 1, 2)) for row in (0, 1) for col in (0, 1)])
+
+
+def mllama_vision(model, inputs):
+    """Llama-3.2-Vision's projector input rebuilt from its encoders' layer outputs (the real model's layout: the global
+    encoder's last state, then the local encoder's layers `intermediate_layers_indices` interleaved channel by channel
+    (stacked on a last axis, then flattened: channel 0 of each layer, channel 1 of each, ...); per tile the CLS and
+    the patch grid, the vision model's padding of each tile to a multiple of 8 positions cut off), mean over the real
+    tiles of aspect_ratio_mask only (every image has max_num_tiles tiles, the unused ones all zero)."""
+    vision, config = model.model.vision_model, model.config.vision_config
+    captured = {}
+    hooks = [vision.transformer.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
+             for i in config.intermediate_layers_indices]
+    hooks.append(vision.global_transformer.register_forward_hook(lambda m, a, out: captured.__setitem__("global", out.last_hidden_state)))
+    try:
+        vision(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"], aspect_ratio_mask=inputs["aspect_ratio_mask"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tiles, positions = config.max_num_tiles, (config.image_size // config.patch_size) ** 2 + 1  # CLS + patches
+    padded = captured["global"].reshape(tiles, -1, config.hidden_size)
+    assert padded.shape[1] % 8 == 0 and padded.shape[1] > positions  # the encoders ran on padded tiles
+    def per_tile(h):
+        return h.reshape(tiles, -1, config.hidden_size)[:, :positions]
+
+    intermediate = torch.stack([per_tile(captured[i]) for i in config.intermediate_layers_indices], dim=-1).flatten(-2)
+    features = torch.cat([per_tile(captured["global"]), intermediate], dim=-1)
+    real = inputs["aspect_ratio_mask"][0, 0].bool()  # one sample, one image
+    assert 0 < real.sum() and features.shape[-1] == config.vision_output_dim
+    return features[real].reshape(-1, config.vision_output_dim).mean(dim=0)
+
+
+def fast_vlm_vision(model, inputs):
+    """FastVLM's features: timm's FastViTHD run alone, its forward_features (the final_conv map [1, C, h, w];
+    real config facts: vision_feature_layer -1, strategy "full"), every cell of the map."""
+    timm_model = model.model.vision_tower.timm_model
+    cells = timm_model.forward_features(inputs["pixel_values"])
+    assert cells.shape[1] == model.config.vision_config.hidden_size
+    return cells[0].flatten(1).mean(dim=1)
+
+
+def gemma3n_vision(model, inputs):
+    """Gemma 3n's features: timm's MobileNetV5 run alone (forward_features: the msfa map [1, 2048, h, w]), every
+    cell, times sqrt(2048) as get_image_features scales it before embed_vision."""
+    cells = model.model.vision_tower.timm_model.forward_features(inputs["pixel_values"])
+    assert cells.shape[1] == model.config.vision_config.hidden_size
+    return cells[0].flatten(1).mean(dim=1) * model.config.vision_config.hidden_size**0.5
+
+
 def idefics3_vision(model, inputs):
     # SigLIP's last layer (post-layernorm) over every real sub-image and the global one, before the connector's
     # pixel shuffle; one sample, so no all-zero padding image, and no padded pixels (sub-images are full tiles)
@@ -91,6 +197,43 @@ def phi4_vision(model, inputs):
     return independent_projection_input_mean(model, inputs)[0]
 
 
+def mistral3_vision(model, inputs):
+    # Pixtral run alone on the image's own pixels (its resized size, no batch padding), the layer the config names
+    # (vision_feature_layer -1): the projector's input before its norm and patch merger, all (h/p)*(w/p) patches
+    ((height, width),) = inputs["image_sizes"].tolist()
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (height, width)
+    hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    patches = hidden[model.config.vision_feature_layer][0]
+    patch = model.config.vision_config.patch_size
+    assert patches.shape[0] == (height // patch) * (width // patch)
+    return patches.mean(dim=0)
+
+
+def molmo2_vision(model, inputs):
+    """The image projector's input rebuilt: the ViT's two feature layers (adapter_config.vision_feature_layer,
+    counted as hidden_states after the embeddings) concatenated, each pooled token's window of patches
+    (image_token_pooling, -1 for none) attended by the window's mean through the adapter's pooling attention."""
+    adapter = model.config.adapter_config
+    hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    features = torch.cat([hidden[layer + 1 if layer >= 0 else layer] for layer in adapter.vision_feature_layer], dim=-1)
+    features = features.reshape(-1, features.shape[-1])
+    index = inputs["image_token_pooling"]
+    valid = index >= 0
+    window = features[index.clamp(min=0)]  # [tokens, window, D]
+    query = (window * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
+    pooling = model.model.multi_modal_projector.image_pooling_2d
+    tokens, size, heads, head_dim = index.shape[0], index.shape[1], adapter.num_attention_heads, adapter.head_dim
+    assert adapter.num_key_value_heads == heads
+    q = pooling.q_proj(query).view(tokens, heads, head_dim)
+    k = pooling.k_proj(window).view(tokens, size, heads, head_dim)
+    v = pooling.v_proj(window).view(tokens, size, heads, head_dim)
+    scores = torch.einsum("thd,tphd->thp", q, k) * head_dim**-0.5
+    weights = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
+    pooled = pooling.o_proj(torch.einsum("thp,tphd->thd", weights, v).reshape(tokens, heads * head_dim))
+    assert tokens == int((inputs["input_ids"] == model.config.image_patch_id).sum())
+    return pooled.mean(dim=0)
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
@@ -101,6 +244,10 @@ class Case:
     #: the prompt equals the processor's own apply_chat_template route (Phi-4's processor drops its template:
     #: tests/test_phi4_multimodal.py checks its documented format instead)
     processor_chat_template: bool = True
+    #: every hidden_states entry is [streams, B, T, D] (Gemma 3n's AltUp): the stream the vectors hold
+    stream: int | None = None
+    #: hidden_states[n] has the final norm applied (Gemma 3n's is the last block's raw output)
+    last_normed: bool = True
     #: the family has no chat template: the prompt is what its processor makes of the text alone
     #: (processor(text=..., images=...), e.g. PaliGemma's <image>... <bos> text \n)
     processor_text_route: bool = False
@@ -113,6 +260,10 @@ class Case:
 CASES = [
     Case("qwen2_5_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen_vision),
     Case("qwen2_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen_vision),
+    # 6, 20, 8 and 24 image tokens (32-pixel factor: 16-px patches, 2x2 merge)
+    Case("qwen3_vl", [(96, 64), (640, 480), (64, 128), (300, 200)], qwen3_vl_vision),
+    # 6, 20, 10 and 24 image tokens (28-pixel factor: 14-px patches, 2x2 merge)
+    Case("glm4v", [(96, 64), (640, 480), (64, 128), (300, 200)], glm4v_vision),
     Case("gemma3", [(96, 64), (640, 480), (64, 128), (1024, 768)], gemma_vision, varies="num_prompt_tokens"),
     Case("llava", [(96, 64), (640, 480), (64, 128), (300, 200)], llava_vision, varies="num_prompt_tokens"),
     # 1 + 2, 1 + 2, 1 + 4 and 1 + 3 tiles: the batch's pixel_values carry padding tiles
@@ -121,6 +272,23 @@ CASES = [
     Case("smolvlm", [(96, 64), (64, 128), (200, 200), (300, 150)], smolvlm_vision),
     # own adapter code (the projection's inputs per image); one to six HD crops, batched by crop count
     Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
+    # 1 + 12, 1 + 15, 1 + 36 and 1 + 12 tiles (grids over 9 tiles shrunk by anyres_max_9): padding tiles in the batch
+    Case("llava_onevision", [(96, 64), (64, 128), (200, 200), (300, 100)], llava_onevision_vision),
+    # 6, 8, 9 and 12 crop tiles + the global one, all in one flat list of crops
+    Case("aya_vision", [(96, 64), (64, 128), (200, 200), (300, 100)], aya_vision_vision),
+    # 6, 8, 9 and 12 crop tiles + the thumbnail, all in one flat list of crops
+    Case("internvl", [(96, 64), (64, 128), (200, 200), (300, 100)], internvl_vision),
+    # 6x8, 6x6 (44 px rounded up to whole tokens), 8x4 and 8x8 merged tokens: the batch's pixels are padded
+    Case("mistral3", [(96, 64), (44, 44), (64, 128), (200, 200)], mistral3_vision),
+    # 1 + 8 (2x4), 1 + 4 (2x2), 1 + 7 (1x7) and 1 + 6 (2x3) crops: the batch's crops are concatenated
+    Case("molmo2", [(96, 64), (44, 44), (300, 60), (60, 42)], molmo2_vision),
+    # one <|image|> each (cross-attention); 2x1, 1x2, 1x3 and 2x2 tiles of the 4 every image has
+    Case("mllama", [(64, 128), (128, 64), (300, 100), (96, 64)], mllama_vision, varies="num_prompt_tokens"),
+    # one centre crop, 4x4 cells: every image the same 16 <image> tokens
+    Case("fast_vlm", [(96, 64), (640, 480), (64, 128), (300, 200)], fast_vlm_vision, varies="num_prompt_tokens"),
+    # one resized image, 16 soft tokens (real 256); vectors from AltUp stream 0
+    Case("gemma3n", [(96, 64), (640, 480), (64, 128), (300, 200)], gemma3n_vision, varies="num_prompt_tokens",
+         stream=0, last_normed=False),
     # SmolVLM's layout: 12, 8, 16 and 8 sub-images + the global one, all-zero padding images in the batch
     Case("idefics3", [(96, 64), (64, 128), (200, 200), (300, 150)], idefics3_vision),
     # one fixed square: the same image tokens whatever the size; a prefix-LM (bidirectional over the prompt)
@@ -253,7 +421,9 @@ def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision
         for question, result in zip(questions, batched):
             inputs = single_batch(loaded, question, images).inputs
             hidden = loaded.model(**inputs, output_hidden_states=True).hidden_states
-            assert_decoder_vectors_match(extractor, result, hidden, (case.family, question.question_id))
+            assert_decoder_vectors_match(
+                extractor, result, hidden, (case.family, question.question_id), stream=case.stream, last_normed=case.last_normed
+            )
             vision = case.vision(loaded.model, inputs)
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (case.family, question.question_id)
 
@@ -298,6 +468,14 @@ def test_answers_equal_unbatched_generate(run):
             assert result.answer == tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def test_the_file_says_what_vt_and_vf_hold_in_the_family(run):
+    _, loaded, _, _, _, _ = run
+    semantics = Extractor(loaded, progress=False).attributes()["semantics"]
+    assert semantics["family"] == loaded.adapter.semantics
+    assert "VT: " in semantics["family"] and "VF: " in semantics["family"]
+    assert semantics["vision_token_position"] == SEMANTICS["vision_token_position"]
+
+
 def test_pooling_never_averages_padding(run):
     """Where a padded batch carries padding tiles or images, the adapter's row counts leave them out: the
     counts differ between samples, and sum to what the projector saw."""
@@ -317,10 +495,45 @@ def test_pooling_never_averages_padding(run):
     finally:
         handle.remove()
     assert batch.projector_rows == ROW_COUNTS[loaded.adapter.entry.pooling](loaded, batch.inputs)
+    if batch.projector_select is not None:  # Mllama: the padding tiles reach the projector, masked; they are left out
+        select = batch.projector_select
+        assert select.shape == seen[0].shape[: select.dim()] and not select.all()
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) == int(select.sum()) < select.numel()
+        seen[0] = seen[0][select]
     assert sum(batch.projector_rows) == seen[0].shape[0]
     if loaded.adapter.entry.pooling in ("tile_counts", "real_images"):
         assert len(set(batch.projector_rows)) > 1
         assert sum(batch.projector_rows) < batch.inputs["pixel_values"].shape[0] * batch.inputs["pixel_values"].shape[1]
+    if loaded.adapter.entry.pooling == "crops_by_image_tokens":  # one flat list of crops, none of them padding
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) == batch.inputs["pixel_values"].shape[0]
+    if loaded.adapter.entry.pooling == "image_sizes":  # the batch's pixel_values are padded to its largest image
+        patch = loaded.model.config.vision_config.patch_size
+        count, _, height, width = batch.inputs["pixel_values"].shape
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) < count * (height // patch) * (width // patch)
+
+
+def test_cross_attention_mask_follows_the_left_padding(run):
+    """Llama-3.2-Vision batches exactly because its processor builds cross_attention_mask on the left-padded rows:
+    each row attends to its own image's real tiles from its <|image|> on, its padding and the tokens before to none."""
+    case, loaded, questions, images, _, _ = run
+    if case.family != "mllama":
+        pytest.skip(f"{case.family} has no cross-attention mask")
+    pictures = [load_image(resolve_image_path(images, q.image_id)) for q in questions]
+    batch = loaded.adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question) for q in questions], pictures)
+    mask, tiles = batch.inputs["cross_attention_mask"], batch.inputs["aspect_ratio_mask"]  # [B, L, 1, 4], [B, 1, 4]
+    assert len({int(n) for n in batch.attention_mask.sum(dim=1)}) > 1  # rows of different padding
+    for row, image_position in enumerate(batch.input_ids.eq(loaded.adapter.image_token_id(loaded.model)).int().argmax(dim=1)):
+        assert not mask[row, :image_position].any()
+        assert mask[row, image_position:, 0].eq(tiles[row, 0]).all()
+
+
+def test_mllama_auto_attention_is_sdpa_where_flash_attention_would_be_picked(tiny_checkpoint):
+    """On CUDA with flash-attn installed `attn_implementation: auto` picks flash_attention_2, which transformers refuses
+    for Mllama (no flash-attention path); the adapter loads it with sdpa then, and records that."""
+    settings = ModelSettings.from_config("mllama", {"model": str(tiny_checkpoint("mllama")), "device": "cpu", "dtype": "float32"})
+    assert settings.attn_implementation == "auto"
+    loaded = adapter_class("mllama")().load(settings, torch.device("cpu"), torch.float32, "flash_attention_2")
+    assert loaded.attn_implementation == "sdpa" == loaded.model.config._attn_implementation
 
 
 def test_the_all_families_config_validates_and_names_every_family_once():
@@ -337,6 +550,14 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
         "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
+        "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "aya_vision": "CohereLabs/aya-vision-8b",
+        "internvl": "OpenGVLab/InternVL3-8B-hf",
+        "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct",
+        "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
+        "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "molmo2": "allenai/Molmo2-8B",
+        "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "fast_vlm": "KamilaMila/FastVLM-7B", "gemma3n": "google/gemma-3n-E4B-it",
         "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "paligemma": "google/paligemma2-3b-mix-448",
     }
     assert set(hub_ids) == set(families())

@@ -13,6 +13,7 @@ import yaml
 from test_workflow import default_config, snakemake, workdir_with_config
 from vlmstates.demo import write_demo_dataset
 from vlmstates.store import read_embeddings
+from vlmstates.tiny import TINY_FAMILIES
 
 QUESTIONS = 12
 
@@ -125,3 +126,22 @@ def test_a_bad_checkpoint_is_not_retried(tmp_path):
     closing = printed[printed.rindex("vlmstates: stopped with failures") :]
     assert "extract_shard m shard_0000: logs/extract/m/shard_0000.log (not retried" in closing
     assert "OSError: Can't load" in closing  # the first attempt's error, from the retry's one line
+
+
+@pytest.mark.slow
+def test_a_config_naming_every_tiny_family_runs(tmp_path):
+    """`snakemake --cores 2` with one model of every family that has a tiny checkpoint, up to each model's merged
+    file (the demo run covers the later stages; Molmo's checkpoint needs its own transformers: tests/test_molmo.py):
+    every file has every question, extracted by its family."""
+    data_csv, images = own_dataset(tmp_path / "mydata", rows=2)
+    models = {f"tiny_{family}": {"model": f"resources/checkpoints/tiny-{family}", "max_new_tokens": 2} for family in TINY_FAMILIES}
+    results = tmp_path / "results"
+    config = {"results": str(results), "dataset": {"csv": str(data_csv), "images": str(images)}, "models": models}
+    user_file = tmp_path / "families.yaml"
+    user_file.write_text(yaml.safe_dump(config))
+    targets = [str(results / name / "embeddings.h5") for name in models]
+    snakemake(user_workdir(tmp_path), *targets, "--cores", "2", "--configfile", str(user_file))  # targets first: --configfile takes a list
+    for name, family in zip(models, TINY_FAMILIES):
+        emb = read_embeddings(results / name / "embeddings.h5")
+        assert emb.attrs["family"] == family and emb.attrs["semantics"]["family"]
+        assert list(emb.table["status"]) == ["ok"] * 2, (name, list(emb.table["error"]))

@@ -30,6 +30,8 @@ class PrefillCapture:
     blocks: torch.nn.ModuleList
     layers: tuple[int, ...]
     projector: torch.nn.Module
+    #: a decoder block's output -> its hidden states [B, L, D] (the adapter's `block_hidden_states`)
+    block_hidden_states: Callable[[object], torch.Tensor] | None = None
     _pool: Callable[[torch.Tensor], torch.Tensor] | None = None
     _targets: _Targets | None = None
     _captured: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -67,7 +69,10 @@ class PrefillCapture:
             key = layer_key("query_token_representation", layer)
             if targets is None or key in self._captured:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output  # [B, L, D]
+            if self.block_hidden_states is not None:
+                hidden = self.block_hidden_states(output)  # [B, L, D]
+            else:
+                hidden = output[0] if isinstance(output, tuple) else output  # [B, L, D]
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             self._store(key, hidden[rows, targets.query_positions.to(hidden.device)])
             self._store(

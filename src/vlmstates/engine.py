@@ -34,7 +34,7 @@ from .dataset import ImageLoadError, load_image, resolve_image_path
 from .failpoints import failpoint
 from .positions import Positions
 from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, check_layers, default_layers, model_type_of
-from .store import GENERATION_CONFIG_ATTR, LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, layer_key
+from .store import GENERATION_CONFIG_ATTR, LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, file_semantics, layer_key
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,9 @@ class Extractor:
         layers = self.settings.layers or default_layers(self.num_layers)
         self.layers = check_layers(tuple(layers), self.num_layers, self.settings.name)
         self.image_token_id = self.adapter.image_token_id(model)
-        self.capture = PrefillCapture(self.adapter.decoder_blocks(model), self.layers, self.adapter.projector(model))
+        self.capture = PrefillCapture(
+            self.adapter.decoder_blocks(model), self.layers, self.adapter.projector(model), self.adapter.block_hidden_states
+        )
         self.progress = progress
         # The processor builds batches on the host; the engine copies them to the device itself. The
         # prefetch thread has its own processor: a fast tokenizer is not safe to share between threads
@@ -280,6 +282,7 @@ class Extractor:
             "model": s.model,
             "revision": s.revision or "",
             "family": self.adapter.family,
+            "semantics": file_semantics(self.adapter.semantics),
             "layers": list(self.layers),
             "num_decoder_layers": self.num_layers,
             "hidden_size": self.adapter.hidden_size(self.loaded.model),

@@ -65,6 +65,13 @@ SEMANTICS = {
     "answer": "greedy decoding from the same generate() call whose prefill the vectors were captured from, with the settings of attribute generation_config (the checkpoint's generation_config.json, the config's generation overrides, do_sample false, one beam; sampling-only fields, which greedy decoding ignores, left out); special tokens skipped",
 }
 
+
+
+def file_semantics(family_semantics: str) -> dict:
+    """The `semantics` attribute: the common definitions and, under "family", what VT and VF hold in this family."""
+    return {**SEMANTICS, "family": family_semantics}
+
+
 _STRING_DTYPE = h5py.string_dtype("utf-8")
 _LAYER_KEY = re.compile(r"^layer_(\d+)$")
 
@@ -140,8 +147,7 @@ def write_embeddings(
                     data[i] = r.vectors[key]
             f.create_dataset(key, data=data)
         f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["semantics"] = json.dumps(SEMANTICS)
-        for name, value in attrs.items():
+        for name, value in {"semantics": SEMANTICS, **attrs}.items():
             f.attrs[name] = _to_attr(value)
     return Path(path)
 

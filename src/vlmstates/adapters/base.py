@@ -52,9 +52,9 @@ class Adapter:
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("family", "projector")
     OPTIONAL: ClassVar[tuple[str, ...]] = (
-        "max_batch_size", "legacy_image_processors", "load", "load_processor", "prepare_model", "chat_prompt",
+        "max_batch_size", "legacy_image_processors", "semantics", "load", "load_processor", "prepare_model", "chat_prompt",
         "processor_images", "build_batch", "batch_group", "image_token_estimate", "find_positions",
-        "image_token_id", "decoder_blocks", "final_norm", "pool_projector_input", "hidden_size",
+        "image_token_id", "decoder_blocks", "block_hidden_states", "final_norm", "pool_projector_input", "hidden_size",
         "vision_hidden_size", "max_prompt_tokens", "answer_generation_config", "effective_generation", "generate",
     )
     BENCHMARK_ONLY: ClassVar[tuple[str, ...]] = ("vision_tower", "vision_features")
@@ -65,6 +65,9 @@ class Adapter:
     #: Legacy ``image_processor_type`` names of the family's checkpoints -> the transformers class they
     #: now are (see vlmstates.adapters.processors); an unknown name stops the load with the fix.
     legacy_image_processors: ClassVar[dict[str, str]] = {}
+    #: What the vision token (VT) and the vision-only vector (VF) hold in this family; written into each
+    #: file's `semantics` attribute (key "family") and config/README.md.
+    semantics: ClassVar[str] = ""
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
@@ -138,6 +141,10 @@ class Adapter:
 
     def decoder_blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.model.language_model.layers
+
+    def block_hidden_states(self, output) -> torch.Tensor:
+        """A decoder block's output -> its hidden states [B, L, D], what VT, QT and MM are taken from."""
+        return output[0] if isinstance(output, tuple) else output
 
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model.language_model.norm

@@ -24,6 +24,8 @@ class PooledBatch(Batch):
     """A batch and, per sample, how many leading rows of the projector's input are its own."""
 
     projector_rows: list[int] | None = None
+    #: where a pooling selects rows first: a mask over the projector input's leading dimensions (Mllama's tiles)
+    projector_select: torch.Tensor | None = None
 
 
 def config_attribute(config, dotted: str):
@@ -59,10 +61,48 @@ def _rows_by_tile_counts(loaded: LoadedModel, inputs: dict) -> list[int]:
     return counts
 
 
+def _rows_by_merged_grid_thw(loaded: LoadedModel, inputs: dict) -> list[int]:
+    # one image per sample: its t*h*w patches, merged merge x merge before the projector
+    merge = int(loaded.model.config.vision_config.spatial_merge_size)
+    return [int(n) // (merge * merge) for n in inputs["image_grid_thw"].prod(dim=-1).tolist()]
+
+
 def _rows_of_real_images(loaded: LoadedModel, inputs: dict) -> list[int]:
     pixels = inputs["pixel_values"]  # [B, images, C, H, W], padded with all-zero images
     real = (pixels != 0).flatten(2).any(dim=-1)
     return [int(n) for n in real.sum(dim=1).tolist()]
+
+
+def _rows_by_image_tokens(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """Each sample's crops: its image placeholders over the placeholders per crop (the batch's placeholders
+    over its crops, every crop a real one: the processor concatenates them, padding none)."""
+    tokens = (inputs["input_ids"] == loaded.adapter.image_token_id(loaded.model)).sum(dim=1).tolist()
+    crops = int(inputs["pixel_values"].shape[0])
+    per_crop, rest = divmod(sum(tokens), crops)
+    if rest or not per_crop or any(n % per_crop for n in tokens):
+        raise RuntimeError(f"image placeholders {tokens} per sample do not split evenly into {crops} crops")
+    return [n // per_crop for n in tokens]
+
+
+def _rows_by_image_sizes(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """One image per sample: the tower's patches of its real (resized, unpadded) size, before the merge."""
+    patch = loaded.model.config.vision_config.patch_size
+    return [(int(height) // patch) * (int(width) // patch) for height, width in inputs["image_sizes"].tolist()]
+
+
+def _rows_by_image_grids(loaded: LoadedModel, inputs: dict) -> list[int]:
+    """One image per sample: its pooled tokens, the low-resolution grid's and the high-resolution grid's."""
+    return [int(low_h * low_w + high_h * high_w) for low_h, low_w, high_h, high_w in inputs["image_grids"].tolist()]
+
+
+def _real_tiles(loaded: LoadedModel, inputs: dict) -> torch.Tensor:
+    """[B, images, tiles]: the processor's aspect_ratio_mask (1 for an image's tiles, 0 for the padding tiles that
+    fill every image up to max_num_tiles), selecting rows of the projector's input [B, images, tiles, patches, Dv]."""
+    return inputs["aspect_ratio_mask"].bool()
+
+
+def _rows_of_real_tiles(loaded: LoadedModel, inputs: dict) -> list[int]:
+    return [int(n) for n in _real_tiles(loaded, inputs).flatten(1).sum(dim=1).tolist()]
 
 
 ROW_COUNTS = {
@@ -70,6 +110,17 @@ ROW_COUNTS = {
     "image_grid_thw": _rows_by_image_grid_thw,
     "tile_counts": _rows_by_tile_counts,
     "real_images": _rows_of_real_images,
+    "crops_by_image_tokens": _rows_by_image_tokens,
+    "merged_grid_thw": _rows_by_merged_grid_thw,
+    "image_sizes": _rows_by_image_sizes,
+    "image_grids": _rows_by_image_grids,
+    "aspect_ratio_mask": _rows_of_real_tiles,
+}
+
+#: poolings whose projector input carries padding rows among the real ones: the rows to keep, selected before
+#: ROW_COUNTS splits them per sample
+ROW_SELECTIONS = {
+    "aspect_ratio_mask": _real_tiles,
 }
 
 
@@ -95,8 +146,17 @@ class EntryAdapter(Adapter):
         if settings.attn_implementation == "auto":
             attn = self.entry.auto_attention.get(attn, attn)
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+        if attn.startswith("flash_attention") and settings.attn_implementation == "auto":
+            # the engine's pick where flash-attn is installed; a model without that path (Mllama builds 4D
+            # cross-attention masks) is refused by transformers, so `auto` runs it with sdpa
+            config = transformers.AutoConfig.from_pretrained(settings.model, **common)
+            if not getattr(auto_class._model_mapping[type(config)], "_supports_flash_attn", True):
+                attn = "sdpa"
         processor = self.load_processor(settings, settings.revision)
-        model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
+        implementation = attn
+        if self.entry.vision_attention is not None:  # per sub-model: the decoder's, and the tower's own
+            implementation = {"": attn, "text_config": attn, "vision_config": self.entry.vision_attention}
+        model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=implementation, **common)
         self.prepare_model(model)
         model.to(device).eval()
         return LoadedModel(model, processor, self, settings, device, dtype, attn)
@@ -123,13 +183,22 @@ class EntryAdapter(Adapter):
         for name in self.entry.dropped_inputs:
             batch.inputs.pop(name, None)
         rows = ROW_COUNTS[self.entry.pooling](loaded, batch.inputs)
-        return PooledBatch(batch.inputs, batch.input_ids, batch.attention_mask, projector_rows=rows)
+        select = ROW_SELECTIONS.get(self.entry.pooling)
+        return PooledBatch(
+            batch.inputs, batch.input_ids, batch.attention_mask, projector_rows=rows,
+            projector_select=select(loaded, batch.inputs) if select is not None else None,
+        )
 
     def image_token_id(self, model):
         return int(config_attribute(model.config, self.entry.image_token_id))
 
     def decoder_blocks(self, model):
         return model.get_submodule(self.entry.decoder_blocks)
+
+    def block_hidden_states(self, output):
+        if self.entry.block_output_stream is None:
+            return super().block_hidden_states(output)
+        return output[self.entry.block_output_stream]
 
     def final_norm(self, model):
         return model.get_submodule(self.entry.final_norm)
@@ -141,12 +210,20 @@ class EntryAdapter(Adapter):
         return model.get_submodule(self.entry.vision_tower)
 
     def vision_hidden_size(self, model):
-        return int(config_attribute(model.config, self.entry.vision_hidden_size))
+        width = int(config_attribute(model.config, self.entry.vision_hidden_size))
+        if self.entry.pixel_shuffle_scale is not None:
+            width *= round(1 / float(config_attribute(model.config, self.entry.pixel_shuffle_scale))) ** 2
+        return width
 
     def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:
         rows = getattr(batch, "projector_rows", None)
         if rows is None:
             raise RuntimeError(f"the {self.family} adapter pools batches it built itself (build_batch)")
+        select = getattr(batch, "projector_select", None)
+        if select is not None:
+            if tuple(select.shape) != tuple(projector_input.shape[: select.dim()]):
+                raise RuntimeError(f"the projector saw {tuple(projector_input.shape)}; the row mask is {tuple(select.shape)}")
+            projector_input = projector_input[select.to(projector_input.device)]
         return pool_rows(projector_input, rows)
 
     def vision_features(self, model, inputs) -> torch.Tensor:
@@ -171,5 +248,6 @@ def entry_adapter_class(family: str) -> type[EntryAdapter]:
         "entry": entry,
         "max_batch_size": entry.max_batch_size,
         "legacy_image_processors": dict(entry.legacy_image_processors),
+        "semantics": entry.semantics,
         "__module__": __name__,
     })

@@ -133,6 +133,10 @@ def cut_at_stop_string(tokenizer, ids: list[int]) -> str:
 
 class MolmoAdapter(Adapter):
     family = "molmo"
+    semantics = (
+        "VT: the last image patch token (the largest image_input_idx; Molmo's patch tokens are <im_patch>); VF: the "
+        "image projector's input (the pooled ViT features of every crop), mean over the pooled patches that enter the prompt"
+    )
 
     def __init__(self) -> None:
         self._patch_token_id = -1

@@ -127,6 +127,10 @@ def is_local_checkpoint(model: str) -> bool:
 
 class Phi4MultimodalAdapter(Adapter):
     family = "phi4_multimodal"
+    semantics = (
+        "VT: the last <|image|> placeholder; VF: the image projection MLP's input (the HD crops' pooled SigLIP "
+        "features with their row separators, the global separator, the global image's features), mean over its rows"
+    )
     #: The hub revision in the native transformers format (main is remote code, model_type "phi4mm").
     default_revision: ClassVar[str] = "refs/pr/70"
 
