@@ -173,6 +173,23 @@ def gemma3n_vision(model, inputs):
     return cells[0].flatten(1).mean(dim=1) * model.config.vision_config.hidden_size**0.5
 
 
+def idefics3_vision(model, inputs):
+    # SigLIP's last layer (post-layernorm) over every real sub-image and the global one, before the connector's
+    # pixel shuffle; one sample, so no all-zero padding image, and no padded pixels (sub-images are full tiles)
+    images = inputs["pixel_values"][0]
+    assert (images.flatten(1) != 0).any(dim=1).all() and inputs["pixel_attention_mask"].all()
+    hidden = model.model.vision_model(pixel_values=images).last_hidden_state
+    assert hidden.shape[1] == (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    return hidden.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+
+
+def paligemma_vision(model, inputs):
+    # SigLIP's last layer (post-layernorm, no pooling head: vision_use_head false), every patch of the one square image
+    hidden = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[0]
+    assert hidden.shape[0] == model.config.text_config.num_image_tokens
+    return hidden.mean(dim=0)
+
+
 def phi4_vision(model, inputs):
     # the projection MLP's input rebuilt from the vision tower's feature layer (tests/test_phi4_multimodal.py)
     from test_phi4_multimodal import independent_projection_input_mean
@@ -231,6 +248,13 @@ class Case:
     stream: int | None = None
     #: hidden_states[n] has the final norm applied (Gemma 3n's is the last block's raw output)
     last_normed: bool = True
+    #: the family has no chat template: the prompt is what its processor makes of the text alone
+    #: (processor(text=..., images=...), e.g. PaliGemma's <image>... <bos> text \n)
+    processor_text_route: bool = False
+    #: the models' `prompt` setting (PaliGemma's mix checkpoints answer a task prefix)
+    prompt: str = "{question}"
+    #: a prefix-LM: the decoder attends both ways over the prompt (PaliGemma's token_type_ids)
+    prefix_lm: bool = False
 
 
 CASES = [
@@ -265,6 +289,11 @@ CASES = [
     # one resized image, 16 soft tokens (real 256); vectors from AltUp stream 0
     Case("gemma3n", [(96, 64), (640, 480), (64, 128), (300, 200)], gemma3n_vision, varies="num_prompt_tokens",
          stream=0, last_normed=False),
+    # SmolVLM's layout: 12, 8, 16 and 8 sub-images + the global one, all-zero padding images in the batch
+    Case("idefics3", [(96, 64), (64, 128), (200, 200), (300, 150)], idefics3_vision),
+    # one fixed square: the same image tokens whatever the size; a prefix-LM (bidirectional over the prompt)
+    Case("paligemma", [(96, 64), (640, 480), (64, 128), (1024, 768)], paligemma_vision, varies="num_prompt_tokens",
+         processor_chat_template=False, processor_text_route=True, prompt="answer en {question}", prefix_lm=True),
 ]
 
 
@@ -283,7 +312,7 @@ def run(request, tiny_checkpoint, tmp_path_factory):
     case = request.param
     settings = ModelSettings.from_config(case.family, {
         "model": str(tiny_checkpoint(case.family)), "device": "cpu", "dtype": "float32", "max_new_tokens": 4,
-        "multimodal_representation": True,
+        "multimodal_representation": True, "prompt": case.prompt,
     })
     images = tmp_path_factory.mktemp(f"contract-{case.family}")
     questions = synthetic_inputs(images, N_SAMPLES, case.sizes, seed=3)
@@ -325,6 +354,10 @@ def test_loads_as_the_real_classes_with_the_entrys_modules(run):
     # the declared width is the width the projector really receives (Qwen2-VL's is embed_dim, not hidden_size)
     assert batched[0].vectors[VISION_ONLY].shape == (adapter.vision_hidden_size(model),)
     assert sum(p.numel() for p in adapter.vision_tower(model).parameters()) > 0
+    # `attn_implementation: auto` on CPU is sdpa, but where the family lacks it (PaliGemma 2's Gemma 2: eager)
+    entry = ENTRIES.get(case.family)
+    expected_attention = entry.auto_attention.get("sdpa", "sdpa") if entry is not None else loaded.attn_implementation
+    assert loaded.attn_implementation == model.config.get_text_config()._attn_implementation == expected_attention
 
 
 def test_the_batch_is_mixed(run):
@@ -357,6 +390,30 @@ def test_prompt_tokens_equal_the_processors_own_chat_template_route(run):
         assert single_batch(loaded, question, images).input_ids[0].tolist() == list(np.asarray(expected["input_ids"]).reshape(-1))
 
 
+def test_prompt_tokens_equal_the_processors_own_text_route(run):
+    """A family without a chat template: the prompt is what its processor makes of the prompt text alone, and
+    every input the processor gives the model (PaliGemma's token_type_ids, its prefix) reaches it; training
+    labels do not."""
+    case, loaded, questions, images, _, _ = run
+    if not case.processor_text_route:
+        pytest.skip(f"{case.family}: its prompt is not the processor's text-only route")
+    processor = loaded.processor
+    for question in questions[:2]:
+        image = load_image(resolve_image_path(images, question.image_id))
+        text = loaded.settings.format_prompt(question.question)
+        expected = processor(text=text, images=image, return_tensors="pt")
+        batch = single_batch(loaded, question, images)
+        assert batch.input_ids[0].tolist() == expected["input_ids"][0].tolist()
+        for name in set(expected) - {"labels"}:
+            assert torch.equal(batch.inputs[name].cpu(), expected[name]), name
+        assert "labels" not in batch.inputs
+        if case.family == "paligemma":  # the documented format: image tokens, <bos>, the text, a newline
+            tokenizer = processor.tokenizer
+            image_tokens = processor.image_token * processor.image_seq_length
+            assert tokenizer.decode(batch.input_ids[0]) == f"{image_tokens}{tokenizer.bos_token}{text}\n"
+            assert text.startswith("answer en ") and not batch.inputs["token_type_ids"].any()  # all prefix
+
+
 def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision_features(run):
     case, loaded, questions, images, batched, _ = run
     extractor = Extractor(loaded, progress=False)
@@ -369,6 +426,27 @@ def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision
             )
             vision = case.vision(loaded.model, inputs)
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (case.family, question.question_id)
+
+
+def test_a_prefix_lm_has_read_the_whole_prompt_at_the_vision_token(run):
+    """The captured prefill is the prefix-LM's: VT, the last image placeholder, equals the forward with the
+    processor's token_type_ids (the whole prompt one bidirectional prefix) and differs from a causal forward
+    of the same tokens (every token_type_id 1), which a batch that lost the prefix mask would give."""
+    from vlmstates.store import layer_key
+
+    case, loaded, questions, images, batched, _ = run
+    if not case.prefix_lm:
+        pytest.skip(f"{case.family}: a causal decoder")
+    layer = Extractor(loaded, progress=False).layers[1]
+    with torch.inference_mode():
+        for question, result in zip(questions[:2], batched[:2]):
+            inputs = single_batch(loaded, question, images).inputs
+            assert not inputs["token_type_ids"].any()
+            causal = dict(inputs, token_type_ids=torch.ones_like(inputs["token_type_ids"]))
+            prefix = loaded.model(**inputs, output_hidden_states=True).hidden_states[layer + 1][0, result.vision_token_position]
+            causal = loaded.model(**causal, output_hidden_states=True).hidden_states[layer + 1][0, result.vision_token_position]
+            captured = result.vectors[layer_key("vision_token_representation", layer)]
+            assert rel_error(captured, prefix) < 1e-4 and rel_error(captured, causal) > 1e-2, (case.family, question.question_id)
 
 
 def test_batch_of_four_equals_batch_of_one(run):
@@ -479,6 +557,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
         "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "molmo2": "allenai/Molmo2-8B",
         "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct",
         "fast_vlm": "KamilaMila/FastVLM-7B", "gemma3n": "google/gemma-3n-E4B-it",
+        "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "paligemma": "google/paligemma2-3b-mix-448",
     }
     assert set(hub_ids) == set(families())
     assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())

@@ -143,6 +143,8 @@ class EntryAdapter(Adapter):
         import transformers
 
         auto_class = getattr(transformers, self.entry.auto_class)
+        if settings.attn_implementation == "auto":
+            attn = self.entry.auto_attention.get(attn, attn)
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         if attn.startswith("flash_attention") and settings.attn_implementation == "auto":
             # the engine's pick where flash-attn is installed; a model without that path (Mllama builds 4D
@@ -162,7 +164,11 @@ class EntryAdapter(Adapter):
     def chat_prompt(self, loaded, text):
         """The chat template's prompt, with the tokenizer's own leading <bos> where the template writes none
         (LLaVA-1.5's): what the processor's apply_chat_template(tokenize=True) gives, since the prompt is
-        tokenised without special tokens (the template renders them, Gemma's <bos> among them)."""
+        tokenised without special tokens (the template renders them, Gemma's <bos> among them). A family
+        without a template (`chat_template` False): the image token then the text, which its processor
+        completes as its own text-only route does (PaliGemma's: <bos> after the image tokens, a final newline)."""
+        if not self.entry.chat_template:
+            return loaded.processor.image_token + text
         prompt = super().chat_prompt(loaded, text)
         tokenizer = loaded.processor.tokenizer
         bos = tokenizer.bos_token
@@ -174,6 +180,8 @@ class EntryAdapter(Adapter):
 
     def build_batch(self, loaded, texts, images) -> PooledBatch:
         batch = super().build_batch(loaded, texts, images)
+        for name in self.entry.dropped_inputs:
+            batch.inputs.pop(name, None)
         rows = ROW_COUNTS[self.entry.pooling](loaded, batch.inputs)
         select = ROW_SELECTIONS.get(self.entry.pooling)
         return PooledBatch(

@@ -91,6 +91,13 @@ class FamilyEntry:
     block_output_stream: int | None = None
     #: what the vision token (VT) and vision-only vector (VF) hold for this family (config/README.md too)
     semantics: str = ""
+    #: False where the family has no chat template and its processor writes the prompt itself from the text
+    #: (PaliGemma: image tokens, <bos>, the text, a newline): the prompt is then the image token + the text
+    chat_template: bool = True
+    #: processor outputs that are no model input, dropped from the batch (PaliGemma's training `labels`)
+    dropped_inputs: tuple[str, ...] = ()
+    #: `attn_implementation: auto`: the engine's choice -> the one this family runs instead (a kernel it lacks)
+    auto_attention: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -300,6 +307,39 @@ ENTRIES: dict[str, FamilyEntry] = {
             semantics=(
                 "VT: stream 0 (the active AltUp stream) of the last <image_soft_token>; QT, MM likewise stream 0; "
                 "VF: embed_vision's input (the MobileNetV5 msfa output times sqrt(2048)), mean over the 256 soft tokens"
+            ),
+        ),
+        FamilyEntry(
+            family="idefics3",
+            model_types=("idefics3",),
+            decoder_blocks="model.text_model.layers",
+            final_norm="model.text_model.norm",
+            projector="model.connector",
+            vision_tower="model.vision_model",
+            pooling="real_images",
+            nested_images=True,
+            semantics=(
+                "VT: the last <image> placeholder (the global image's last token); VF: the connector's input "
+                "(SigLIP output, before the pixel shuffle), mean over all the sample's real sub-images and the global image"
+            ),
+        ),
+        FamilyEntry(
+            family="paligemma",
+            model_types=("paligemma",),
+            projector="model.multi_modal_projector",
+            vision_tower="model.vision_tower",
+            pooling="per_sample",
+            # no chat template: the processor puts the image tokens first, then <bos>, the text and a newline,
+            # and returns token_type_ids (the prefix the decoder attends to both ways) and training labels
+            chat_template=False,
+            dropped_inputs=("labels",),
+            # eager: PaliGemma 2's Gemma 2 decoder softcaps attention logits, which sdpa cannot (transformers refuses
+            # it), and flash-attention takes no mask but the padding's, not the prefix-LM's (untested: no GPU here)
+            auto_attention={"sdpa": "eager", "flash_attention_2": "eager"},
+            semantics=(
+                "VT: the last <image> placeholder (the last patch), which the prefix-LM decoder lets attend to the "
+                "whole prompt, the text after it included; VF: the multi-modal projector's input (SigLIP output), "
+                "mean over patches"
             ),
         ),
     )

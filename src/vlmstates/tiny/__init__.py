@@ -48,6 +48,8 @@ _FAMILY_MODULES: dict[str, str] = {
     "mllama": ".mllama",
     "fast_vlm": ".fast_vlm",
     "gemma3n": ".gemma3n",
+    "idefics3": ".idefics3",
+    "paligemma": ".paligemma",
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
