@@ -23,6 +23,7 @@ is credited with the same useful FLOPs (one prefill per sample), so its TFLOP/s 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -40,16 +41,8 @@ from PIL import Image, ImageDraw
 from .adapters import adapter_for_family
 from .adapters.base import LoadedModel
 from .dataset import load_image, resolve_image_path
-from .engine import (
-    Extractor,
-    PrefillClock,
-    Question,
-    StageTimes,
-    load_model,
-    select_attention,
-    select_device,
-    select_dtype,
-)
+from .engine import Extractor, Prepared, Question, load_model, select_attention, select_device, select_dtype
+from .hooks import forward_hooks
 from .settings import ModelSettings, default_layers
 from .store import write_embeddings
 
@@ -233,17 +226,66 @@ class VisionTokens:
     def __init__(self, tower: torch.nn.Module):
         self.tower, self.count, self.active = tower, 0, True
 
-    def __enter__(self) -> "VisionTokens":
-        self._handle = self.tower.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
+    def hooked(self) -> contextlib.AbstractContextManager[None]:
+        return forward_hooks(after=[(self.tower, self._hook)])
 
     def _hook(self, module, args, output) -> None:
         if self.active:
             hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
             self.count += hidden.shape[:-1].numel()
+
+
+class PrefillClock:
+    """Marks when the prefill of a generate() call ends: the model's first forward after `start()`."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.prefill_end: float | None = None
+
+    def hooked(self) -> contextlib.AbstractContextManager[None]:
+        return forward_hooks(after=[(self.model, self._hook)])
+
+    def start(self) -> None:
+        self.prefill_end = None
+
+    def _hook(self, module, args, output) -> None:
+        if self.prefill_end is None:
+            _sync(self.device)
+            self.prefill_end = time.perf_counter()
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage of the engine, summed over batches (its `StageTimer`). `prepare` runs in the
+    prefetch thread, overlapped with the model; `wait` is the time the model waited for it."""
+
+    clock: PrefillClock
+    prepare: float = 0.0
+    wait: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    batches: int = 0
+    prompt_tokens: int = 0
+    padded_tokens: int = 0  # batch rows x padded length: the tokens prefill actually processed
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str, prepared: Prepared | None):
+        start = time.perf_counter()
+        if stage == "model":
+            self.clock.start()
+        yield  # a stage that raises (out of memory in the batch-size search) is not counted
+        end = time.perf_counter()
+        if stage == "prepare":
+            self.prepare += end - start
+        elif stage == "wait":
+            self.wait += end - start
+        else:
+            prefill_end = self.clock.prefill_end or end
+            self.prefill += prefill_end - start
+            self.decode += end - prefill_end
+            self.batches += 1
+            self.prompt_tokens += sum(prepared.positions.num_prompt_tokens)
+            self.padded_tokens += prepared.batch.input_ids.numel()
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -340,11 +382,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, tower) -> Run:
-    timings = StageTimes()
-    extractor = Extractor(loaded, progress=False, batch_size=batch_size, min_new_tokens=new_tokens, timings=timings)
     device = loaded.device
+    timings = StageTimes(PrefillClock(loaded.model, device))
+    extractor = Extractor(loaded, progress=False, batch_size=batch_size, min_new_tokens=new_tokens, stage_timer=timings)
     reset_peak_memory(device)
-    with VisionTokens(tower) as vision:
+    vision = VisionTokens(tower)
+    with vision.hooked(), timings.clock.hooked():
         _sync(device)
         start = time.perf_counter()
         results = extractor.extract(questions, images_dir)
@@ -374,7 +417,8 @@ def run_halp_loop(loaded, questions, images_dir, new_tokens, tower) -> Run:
     reset_peak_memory(device)
     _sync(device)
     start = time.perf_counter()
-    with torch.inference_mode(), PrefillClock(model, device) as clock, VisionTokens(tower) as vision:
+    clock, vision = PrefillClock(model, device), VisionTokens(tower)
+    with torch.inference_mode(), clock.hooked(), vision.hooked():
         for q in questions:
             t0 = time.perf_counter()
             image = load_image(resolve_image_path(images_dir, q.image_id))
@@ -405,11 +449,8 @@ def _hooked_forward(adapter, loaded, batch, layers) -> dict:
     def hook(module, args):
         captured["projector"] = adapter.pool_projector_input(args[0], batch).cpu()
 
-    handle = adapter.projector(loaded.model).register_forward_pre_hook(hook)
-    try:
+    with forward_hooks(before=[(adapter.projector(loaded.model), hook)]):
         hidden = loaded.model(**batch.inputs, output_hidden_states=True).hidden_states
-    finally:
-        handle.remove()
     return captured | {k: hidden[k + 1][0, -1].float().cpu() for k in layers}
 
 

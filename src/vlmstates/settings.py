@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
-#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.engine.AUTO_BATCH_START).
+#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.batching.AUTO_BATCH_START).
 AUTO_BATCH_SIZE = "auto"
 
 #: GenerationConfig fields the engine sets itself, so `generation` may not: why, per field.
