@@ -29,8 +29,8 @@ from .capture import PrefillCapture
 from .dataset import ImageLoadError, load_image, resolve_image_path
 from .failpoints import failpoint
 from .positions import Positions
-from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, check_layers, default_layers, model_type_of
-from .store import GENERATION_CONFIG_ATTR, LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, layer_key
+from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
+from .store import ANSWERS_ATTR, GENERATION_CONFIG_ATTR, LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, layer_key
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +233,7 @@ class Extractor:
         self.timed = stage_timer
         model = loaded.model
         self.num_layers = len(self.adapter.decoder_blocks(model))
-        layers = self.settings.layers or default_layers(self.num_layers)
-        self.layers = check_layers(tuple(layers), self.num_layers, self.settings.name)
+        self.layers = recorded_layers(self.settings, self.num_layers)
         self.image_token_id = self.adapter.image_token_id(model)
         self.capture = PrefillCapture(self.adapter.decoder_blocks(model), self.layers, self.adapter.projector(model))
         self.progress = progress
@@ -257,6 +256,13 @@ class Extractor:
                 dims[layer_key(representation, k)] = self.adapter.hidden_size(model)
         return dims
 
+    def _generation(self) -> tuple[int, int]:
+        """(max_new_tokens, min_new_tokens) of each batch's generate() call. Prefill-only: one new token,
+        discarded, so that generate() runs its prefill forward (the same one, with the same inputs, as
+        when it answers) and stops; a bare forward would not build the inputs the way generate() does
+        (e.g. the position ids of left-padded rows)."""
+        return (self.settings.max_new_tokens, self.min_new_tokens) if self.settings.answers else (1, 0)
+
     def attributes(self) -> dict:
         import transformers
 
@@ -271,10 +277,11 @@ class Extractor:
             "vision_hidden_size": self.adapter.vision_hidden_size(self.loaded.model),
             "image_token_id": self.image_token_id,
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
-            "max_new_tokens": s.max_new_tokens,
-            # what the answer's generate() runs with: the checkpoint's generation_config.json, the
+            ANSWERS_ATTR: s.answers,
+            "max_new_tokens": s.max_new_tokens if s.answers else 0,
+            # what each batch's generate() runs with: the checkpoint's generation_config.json, the
             # config's `generation` over it, the engine's fixed fields (GENERATION_CONFIG_ATTR)
-            GENERATION_CONFIG_ATTR: self.adapter.effective_generation(self.loaded, s.max_new_tokens, self.min_new_tokens),
+            GENERATION_CONFIG_ATTR: self.adapter.effective_generation(self.loaded, *self._generation()),
             "prompt_template": s.prompt,
             "multimodal_representation": s.multimodal_representation,
             "trust_remote_code": s.trust_remote_code,
@@ -401,7 +408,7 @@ class Extractor:
                 self.settings.multimodal_representation,
                 lambda projector_input: self.adapter.pool_projector_input(projector_input, batch),
             )
-            answers = self.adapter.generate(self.loaded, batch, self.settings.max_new_tokens, self.min_new_tokens)
+            answers = self.adapter.generate(self.loaded, batch, *self._generation())
             vectors = self.capture.collect()
         return [
             SampleResult(
@@ -409,7 +416,7 @@ class Extractor:
                 image_id=q.image_id,
                 question=q.question,
                 ground_truth_answer=q.answer,
-                answer=answers[row],
+                answer=answers[row] if self.settings.answers else "",
                 vision_token_position=positions.vision[row],
                 query_token_position=positions.query[row],
                 num_prompt_tokens=positions.num_prompt_tokens[row],

@@ -38,6 +38,8 @@ STATUS_FAILED = "failed"
 
 #: File attribute: the answer's effective generation settings (JSON of GenerationConfig fields).
 GENERATION_CONFIG_ATTR = "generation_config"
+#: File attribute: false for a prefill-only file (the model entry's `answers: false`), whose answers are empty.
+ANSWERS_ATTR = "answers"
 
 # Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
@@ -64,6 +66,8 @@ SEMANTICS = {
     "multimodal_representation": "mean over all non-pad prompt tokens of decoder block k's output",
     "answer": "greedy decoding from the same generate() call whose prefill the vectors were captured from, with the settings of attribute generation_config (the checkpoint's generation_config.json, the config's generation overrides, do_sample false, one beam; sampling-only fields, which greedy decoding ignores, left out); special tokens skipped",
 }
+#: The answer's semantics in a prefill-only file (attribute answers false).
+PREFILL_ONLY_ANSWER = "empty: prefill-only extraction (the model entry's answers: false); the vectors were captured from the prefill forward of a generate() call limited to one new token (attribute generation_config), which was discarded, so no answer was decoded"
 
 _STRING_DTYPE = h5py.string_dtype("utf-8")
 _LAYER_KEY = re.compile(r"^layer_(\d+)$")
@@ -140,7 +144,8 @@ def write_embeddings(
                     data[i] = r.vectors[key]
             f.create_dataset(key, data=data)
         f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["semantics"] = json.dumps(SEMANTICS)
+        answered = attrs.get(ANSWERS_ATTR, True)
+        f.attrs["semantics"] = json.dumps(SEMANTICS if answered else SEMANTICS | {"answer": PREFILL_ONLY_ANSWER})
         for name, value in attrs.items():
             f.attrs[name] = _to_attr(value)
     return Path(path)
