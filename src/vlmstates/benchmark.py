@@ -10,8 +10,9 @@ realistic sizes and HALP-like questions; every answer is exactly `--new-tokens` 
 random weights do not change the work.
 
 Measured in one run on the same inputs: the engine (`vlmstates.engine.Extractor`, its real code path) at
-each `--batch-sizes`, and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass
-with output_hidden_states and a projector hook, and a separate vision-tower pass. Each configuration runs
+each `--batch-sizes`, the engine prefill-only (`answers: false`: the same prefill, no decoding) at each,
+and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass with
+output_hidden_states and a projector hook, and a separate vision-tower pass. Each configuration runs
 `--repeats` times; the run with the median samples/s is reported.
 
 Prefill FLOPs are counted from the model: 2 x parameters x tokens, for the decoder blocks over the real
@@ -32,7 +33,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ from .settings import ModelSettings, default_layers
 from .store import write_embeddings
 
 FAMILIES = ("qwen2_5_vl", "gemma3", "phi4_multimodal")
+#: The method name of the engine's prefill-only runs (no answers, no decoding).
+PREFILL_ONLY = "prefill_only"
 
 
 # -- full-size architectures (dimensions from the checkpoints' public config.json) ------------------
@@ -381,8 +384,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, tower) -> Run:
+def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, tower, answers: bool = True) -> Run:
+    """The engine on the questions; `answers` False: prefill-only (the model entry's `answers: false`)."""
     device = loaded.device
+    method = "engine" if answers else PREFILL_ONLY
+    loaded = replace(loaded, settings=replace(loaded.settings, answers=answers))
     timings = StageTimes(PrefillClock(loaded.model, device))
     extractor = Extractor(loaded, progress=False, batch_size=batch_size, min_new_tokens=new_tokens, stage_timer=timings)
     reset_peak_memory(device)
@@ -393,7 +399,7 @@ def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, t
         results = extractor.extract(questions, images_dir)
         _sync(device)
         extracted = time.perf_counter()
-    write_embeddings(out_dir / f"engine_{batch_size}.h5", results, extractor.vector_dims(), extractor.attributes())
+    write_embeddings(out_dir / f"{method}_{batch_size}.h5", results, extractor.vector_dims(), extractor.attributes())
     end = time.perf_counter()
     failed = [r.error for r in results if r.status != "ok"]
     if failed:
@@ -402,7 +408,7 @@ def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, t
         preprocess=timings.prepare, preprocess_wait=timings.wait, prefill=timings.prefill,
         decode=timings.decode, write=end - extracted,
     )
-    return Run("engine", batch_size, end - start, len(questions), timings.prompt_tokens, timings.padded_tokens,
+    return Run(method, batch_size, end - start, len(questions), timings.prompt_tokens, timings.padded_tokens,
                vision.count, peak_memory_mb(device), breakdown)
 
 
@@ -516,14 +522,21 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
             runs.setdefault(("engine", size), []).append(
                 run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower)
             )
+        for size in args.batch_sizes:
+            runs.setdefault((PREFILL_ONLY, size), []).append(
+                run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower, answers=False)
+            )
         runs.setdefault(("halp_loop", 1), []).append(
             run_halp_loop(loaded, halp_questions, images_dir, args.new_tokens, tower)
         )
     results = [summarise(r, lm_params, vision_params, args.peak_tflops) for r in runs.values()]
     loop = next(r for r in results if r["method"] == "halp_loop")
+    generating = {r["batch_size"]: r["samples_per_s"] for r in results if r["method"] == "engine"}
     for r in results:
         r["family"], r["model"] = family, model_name
         r["speedup_vs_halp_loop"] = r["samples_per_s"] / loop["samples_per_s"]
+        # the engine's own ratio to its generating path, at the same batch size and on the same inputs
+        r["speedup_vs_engine"] = r["samples_per_s"] / generating[r["batch_size"]] if r["method"] != "halp_loop" else None
     return dict(
         family=family, model=model_name, lm_params=lm_params, vision_params=vision_params,
         attn_implementation=loaded.attn_implementation, results=results,
@@ -533,10 +546,11 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
 # -- report ------------------------------------------------------------------------------------------
 COLUMNS = (
     ("family", "{:<16}", "family"),
-    ("method", "{:<10}", "method"),
+    ("method", "{:<12}", "method"),
     ("batch", "{:>5}", "batch_size"),
     ("samples/s", "{:>9.2f}", "samples_per_s"),
     ("vs loop", "{:>7.2f}", "speedup_vs_halp_loop"),
+    ("vs engine", "{:>9.2f}", "speedup_vs_engine"),
     ("prompt tok/s", "{:>12.0f}", "prompt_tokens_per_s"),
     ("pad", "{:>5.0%}", "padding_share"),
     ("TFLOP/s", "{:>8.4f}", "prefill_tflops"),
