@@ -107,7 +107,8 @@ class Fetched:
 #: What `Extractor(stage_timer=...)` calls around each stage of a batch: `stage_timer(stage, prepared)`
 #: returns a context manager held for the stage's duration, left without an exception when the stage
 #: completes. "prepare": a batch's images loaded and preprocessed (in the prefetch thread when prefetching);
-#: "wait": the model waiting for a prepared batch; "model": the model on `prepared` (prefill and decoding).
+#: "wait": the model waiting for a prepared batch; "model": the model on `prepared` (its prefill, then the
+#: answer's decoding unless prefill-only).
 StageTimer = Callable[[str, "Prepared | None"], contextlib.AbstractContextManager[None]]
 
 
