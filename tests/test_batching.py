@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from oracle import assert_same_results
-from vlmstates import engine
+from vlmstates import batching
 from vlmstates.adapters import adapter_class
+from vlmstates.batching import AUTO_BATCH_FIXED, SortKey, plan_batches, read_image_size, sort_keys
 from vlmstates.benchmark import synthetic_inputs
-from vlmstates.engine import AUTO_BATCH_FIXED, Extractor, SortKey, load_model, plan_batches, read_image_size
+from vlmstates.engine import Extractor, load_model
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.shards import batch_size_for_attempt
 from vlmstates.store import STATUS_FAILED, STATUS_OK
@@ -55,8 +56,7 @@ def test_plan_groups_sorts_longest_first_and_puts_unreadable_last():
 
 def test_batches_are_formed_by_length_not_dataset_order(setup):
     _, loaded, questions, images, _ = setup
-    extractor = Extractor(loaded, progress=False, batch_size=4)
-    keys = extractor._sort_keys(questions, images)
+    keys = sort_keys(loaded, questions, images)
     plan = plan_batches(keys, 4)
     assert plan != [list(range(i, min(i + 4, len(questions)))) for i in range(0, len(questions), 4)]
     lengths = [keys[b[0]].length for b in plan]
@@ -91,7 +91,7 @@ def test_an_image_that_fails_to_decode_fails_alone_inside_its_batch(setup, tmp_p
 
 
 # -- batch size: auto, caps, settings --------------------------------------------------------------------
-def test_auto_batch_size_halves_on_out_of_memory_and_keeps_the_probed_batch(setup, monkeypatch):
+def test_auto_batch_size_halves_on_out_of_memory_and_keeps_the_tried_batch(setup, monkeypatch):
     family, loaded, questions, images, singles = setup
     if family != "qwen2_5_vl":
         pytest.skip("the search does not depend on the family; one without batch groups shows it plainly")
@@ -105,11 +105,11 @@ def test_auto_batch_size_halves_on_out_of_memory_and_keeps_the_probed_batch(setu
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return execute(self, batch_questions, ready)
 
-    monkeypatch.setattr(engine, "probes_memory", lambda device: True)
+    monkeypatch.setattr(batching, "searches_batch_size", lambda device: True)
     monkeypatch.setattr(Extractor, "_execute", limited)
     extractor = Extractor(loaded, progress=False, batch_size="auto")
     results = extractor.extract(questions, images)
-    # 10 samples: tries 10 and 5 (out of memory), then 2 fits; the probe's batch is not run again
+    # 10 samples: tries 10 and 5 (out of memory), then 2 fits; the search's batch is not run again
     assert extractor.batch_size == 2
     assert calls[:2] == [10, 5]
     successful = [n for n in calls if n <= fits]

@@ -15,7 +15,7 @@ from vlmstates.settings import ModelSettings
 
 RESULT_FIELDS = {
     "family", "model", "method", "batch_size", "samples", "repeats", "samples_per_s", "samples_per_s_runs",
-    "speedup_vs_halp_loop", "seconds", "prompt_tokens", "prompt_tokens_per_s", "padding_share", "vision_tokens",
+    "speedup_vs_halp_loop", "speedup_vs_engine", "seconds", "prompt_tokens", "prompt_tokens_per_s", "padding_share", "vision_tokens",
     "prefill_tflop", "prefill_tflops", "roofline_share", "peak_memory_mb", "breakdown_s",
 }
 STAGES = {"preprocess", "preprocess_wait", "prefill", "decode", "write"}
@@ -41,13 +41,15 @@ def test_benchmark_script_on_a_tiny_checkpoint_writes_every_field(tiny_checkpoin
     (family,) = report["families"]
     assert family["lm_params"] > 0 and family["vision_params"] > 0 and family["attn_implementation"] == "sdpa"
     results = family["results"]
-    assert [(r["method"], r["batch_size"]) for r in results] == [("engine", 1), ("engine", 2), ("halp_loop", 1)]
+    assert [(r["method"], r["batch_size"]) for r in results] == [
+        ("engine", 1), ("engine", 2), ("prefill_only", 1), ("prefill_only", 2), ("halp_loop", 1)]
     for r in results:
         assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)
         assert set(r["breakdown_s"]) == STAGES
         assert r["samples"] == 3 and r["prompt_tokens"] > 0 and r["vision_tokens"] > 0
         assert r["samples_per_s"] > 0 and r["prefill_tflop"] > 0 and r["roofline_share"] is not None
-    # the engine and the loop saw the same inputs: the same prompt and vision tokens
+    assert [r["speedup_vs_engine"] for r in results[:2]] == [1.0, 1.0] and results[-1]["speedup_vs_engine"] is None
+    # the engine, prefill-only and the loop saw the same inputs: the same prompt and vision tokens
     assert len({(r["prompt_tokens"], r["vision_tokens"]) for r in results}) == 1
 
 

@@ -10,8 +10,9 @@ realistic sizes and HALP-like questions; every answer is exactly `--new-tokens` 
 random weights do not change the work.
 
 Measured in one run on the same inputs: the engine (`vlmstates.engine.Extractor`, its real code path) at
-each `--batch-sizes`, and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass
-with output_hidden_states and a projector hook, and a separate vision-tower pass. Each configuration runs
+each `--batch-sizes`, the engine prefill-only (`answers: false`: the same prefill, no decoding) at each,
+and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass with
+output_hidden_states and a projector hook, and a separate vision-tower pass. Each configuration runs
 `--repeats` times; the run with the median samples/s is reported.
 
 Prefill FLOPs are counted from the model: 2 x parameters x tokens, for the decoder blocks over the real
@@ -23,6 +24,7 @@ is credited with the same useful FLOPs (one prefill per sample), so its TFLOP/s 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -31,7 +33,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,20 +42,14 @@ from PIL import Image, ImageDraw
 from .adapters import adapter_for_family
 from .adapters.base import LoadedModel
 from .dataset import load_image, resolve_image_path
-from .engine import (
-    Extractor,
-    PrefillClock,
-    Question,
-    StageTimes,
-    load_model,
-    select_attention,
-    select_device,
-    select_dtype,
-)
+from .engine import Extractor, Prepared, Question, load_model, select_attention, select_device, select_dtype
+from .hooks import forward_hooks
 from .settings import ModelSettings, default_layers
 from .store import write_embeddings
 
 FAMILIES = ("qwen2_5_vl", "gemma3", "phi4_multimodal")
+#: The method name of the engine's prefill-only runs (no answers, no decoding).
+PREFILL_ONLY = "prefill_only"
 
 
 # -- full-size architectures (dimensions from the checkpoints' public config.json) ------------------
@@ -233,17 +229,66 @@ class VisionTokens:
     def __init__(self, tower: torch.nn.Module):
         self.tower, self.count, self.active = tower, 0, True
 
-    def __enter__(self) -> "VisionTokens":
-        self._handle = self.tower.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
+    def hooked(self) -> contextlib.AbstractContextManager[None]:
+        return forward_hooks(after=[(self.tower, self._hook)])
 
     def _hook(self, module, args, output) -> None:
         if self.active:
             hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
             self.count += hidden.shape[:-1].numel()
+
+
+class PrefillClock:
+    """Marks when the prefill of a generate() call ends: the model's first forward after `start()`."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.prefill_end: float | None = None
+
+    def hooked(self) -> contextlib.AbstractContextManager[None]:
+        return forward_hooks(after=[(self.model, self._hook)])
+
+    def start(self) -> None:
+        self.prefill_end = None
+
+    def _hook(self, module, args, output) -> None:
+        if self.prefill_end is None:
+            _sync(self.device)
+            self.prefill_end = time.perf_counter()
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage of the engine, summed over batches (its `StageTimer`). `prepare` runs in the
+    prefetch thread, overlapped with the model; `wait` is the time the model waited for it."""
+
+    clock: PrefillClock
+    prepare: float = 0.0
+    wait: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    batches: int = 0
+    prompt_tokens: int = 0
+    padded_tokens: int = 0  # batch rows x padded length: the tokens prefill actually processed
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str, prepared: Prepared | None):
+        start = time.perf_counter()
+        if stage == "model":
+            self.clock.start()
+        yield  # a stage that raises (out of memory in the batch-size search) is not counted
+        end = time.perf_counter()
+        if stage == "prepare":
+            self.prepare += end - start
+        elif stage == "wait":
+            self.wait += end - start
+        else:
+            prefill_end = self.clock.prefill_end or end
+            self.prefill += prefill_end - start
+            self.decode += end - prefill_end
+            self.batches += 1
+            self.prompt_tokens += sum(prepared.positions.num_prompt_tokens)
+            self.padded_tokens += prepared.batch.input_ids.numel()
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -339,18 +384,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, tower) -> Run:
-    timings = StageTimes()
-    extractor = Extractor(loaded, progress=False, batch_size=batch_size, min_new_tokens=new_tokens, timings=timings)
+def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, tower, answers: bool = True) -> Run:
+    """The engine on the questions; `answers` False: prefill-only (the model entry's `answers: false`)."""
     device = loaded.device
+    method = "engine" if answers else PREFILL_ONLY
+    loaded = replace(loaded, settings=replace(loaded.settings, answers=answers))
+    timings = StageTimes(PrefillClock(loaded.model, device))
+    extractor = Extractor(loaded, progress=False, batch_size=batch_size, min_new_tokens=new_tokens, stage_timer=timings)
     reset_peak_memory(device)
-    with VisionTokens(tower) as vision:
+    vision = VisionTokens(tower)
+    with vision.hooked(), timings.clock.hooked():
         _sync(device)
         start = time.perf_counter()
         results = extractor.extract(questions, images_dir)
         _sync(device)
         extracted = time.perf_counter()
-    write_embeddings(out_dir / f"engine_{batch_size}.h5", results, extractor.vector_dims(), extractor.attributes())
+    write_embeddings(out_dir / f"{method}_{batch_size}.h5", results, extractor.vector_dims(), extractor.attributes())
     end = time.perf_counter()
     failed = [r.error for r in results if r.status != "ok"]
     if failed:
@@ -359,7 +408,7 @@ def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, t
         preprocess=timings.prepare, preprocess_wait=timings.wait, prefill=timings.prefill,
         decode=timings.decode, write=end - extracted,
     )
-    return Run("engine", batch_size, end - start, len(questions), timings.prompt_tokens, timings.padded_tokens,
+    return Run(method, batch_size, end - start, len(questions), timings.prompt_tokens, timings.padded_tokens,
                vision.count, peak_memory_mb(device), breakdown)
 
 
@@ -374,7 +423,8 @@ def run_halp_loop(loaded, questions, images_dir, new_tokens, tower) -> Run:
     reset_peak_memory(device)
     _sync(device)
     start = time.perf_counter()
-    with torch.inference_mode(), PrefillClock(model, device) as clock, VisionTokens(tower) as vision:
+    clock, vision = PrefillClock(model, device), VisionTokens(tower)
+    with torch.inference_mode(), clock.hooked(), vision.hooked():
         for q in questions:
             t0 = time.perf_counter()
             image = load_image(resolve_image_path(images_dir, q.image_id))
@@ -405,11 +455,8 @@ def _hooked_forward(adapter, loaded, batch, layers) -> dict:
     def hook(module, args):
         captured["projector"] = adapter.pool_projector_input(args[0], batch).cpu()
 
-    handle = adapter.projector(loaded.model).register_forward_pre_hook(hook)
-    try:
+    with forward_hooks(before=[(adapter.projector(loaded.model), hook)]):
         hidden = loaded.model(**batch.inputs, output_hidden_states=True).hidden_states
-    finally:
-        handle.remove()
     return captured | {k: hidden[k + 1][0, -1].float().cpu() for k in layers}
 
 
@@ -475,14 +522,21 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
             runs.setdefault(("engine", size), []).append(
                 run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower)
             )
+        for size in args.batch_sizes:
+            runs.setdefault((PREFILL_ONLY, size), []).append(
+                run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower, answers=False)
+            )
         runs.setdefault(("halp_loop", 1), []).append(
             run_halp_loop(loaded, halp_questions, images_dir, args.new_tokens, tower)
         )
     results = [summarise(r, lm_params, vision_params, args.peak_tflops) for r in runs.values()]
     loop = next(r for r in results if r["method"] == "halp_loop")
+    generating = {r["batch_size"]: r["samples_per_s"] for r in results if r["method"] == "engine"}
     for r in results:
         r["family"], r["model"] = family, model_name
         r["speedup_vs_halp_loop"] = r["samples_per_s"] / loop["samples_per_s"]
+        # the engine's own ratio to its generating path, at the same batch size and on the same inputs
+        r["speedup_vs_engine"] = r["samples_per_s"] / generating[r["batch_size"]] if r["method"] != "halp_loop" else None
     return dict(
         family=family, model=model_name, lm_params=lm_params, vision_params=vision_params,
         attn_implementation=loaded.attn_implementation, results=results,
@@ -492,10 +546,11 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
 # -- report ------------------------------------------------------------------------------------------
 COLUMNS = (
     ("family", "{:<16}", "family"),
-    ("method", "{:<10}", "method"),
+    ("method", "{:<12}", "method"),
     ("batch", "{:>5}", "batch_size"),
     ("samples/s", "{:>9.2f}", "samples_per_s"),
     ("vs loop", "{:>7.2f}", "speedup_vs_halp_loop"),
+    ("vs engine", "{:>9.2f}", "speedup_vs_engine"),
     ("prompt tok/s", "{:>12.0f}", "prompt_tokens_per_s"),
     ("pad", "{:>5.0%}", "padding_share"),
     ("TFLOP/s", "{:>8.4f}", "prefill_tflops"),

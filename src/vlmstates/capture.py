@@ -7,11 +7,13 @@ Only the needed positions are copied off the hidden states, never whole sequence
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .hooks import forward_hooks
 from .store import VISION_ONLY, layer_key
 
 
@@ -25,7 +27,7 @@ class _Targets:
 
 @dataclass
 class PrefillCapture:
-    """Installs the hooks on a model; `arm()` before each generate(), `collect()` after it."""
+    """Hooks a model while `installed()`; `arm()` before each generate(), `collect()` after it."""
 
     blocks: torch.nn.ModuleList
     layers: tuple[int, ...]
@@ -35,18 +37,12 @@ class PrefillCapture:
     _pool: Callable[[torch.Tensor], torch.Tensor] | None = None
     _targets: _Targets | None = None
     _captured: dict[str, torch.Tensor] = field(default_factory=dict)
-    _handles: list = field(default_factory=list)
 
-    def __enter__(self) -> "PrefillCapture":
-        for k in self.layers:
-            self._handles.append(self.blocks[k].register_forward_hook(self._block_hook(k)))
-        self._handles.append(self.projector.register_forward_pre_hook(self._projector_hook))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def installed(self) -> contextlib.AbstractContextManager[None]:
+        return forward_hooks(
+            before=[(self.projector, self._projector_hook)],
+            after=[(self.blocks[k], self._block_hook(k)) for k in self.layers],
+        )
 
     def arm(self, vision_positions, query_positions, attention_mask, multimodal: bool, pool) -> None:
         """Target the next prefill; `pool` turns the projector's input into one vector per sample."""

@@ -88,6 +88,20 @@ def problem_lines(error) -> list[str]:
     return [f"`{where}`: {message}"]
 
 
+def answerless_label_problems(config: dict) -> list[str]:
+    """A prefill-only model (`answers: false`) has no answers for a label method to judge: only method
+    `file`, which reads the labels from a file, can label it."""
+    method = config.get("labels", {}).get("method")
+    if method == "file":
+        return []
+    return [
+        f"`models.{name}.answers`: false (prefill-only, no answers), but `labels.method` {method} judges "
+        f"answers; set labels.method: file (with labels.file), or answers: true"
+        for name, entry in config["models"].items()
+        if entry.get("answers") is False
+    ]
+
+
 def check_config(config: dict, schema_path, source: str = "the config file") -> dict:
     """Fill in defaults and validate `config` in place; raise ConfigError naming every bad key.
     `source` names where the config came from, for the fix."""
@@ -96,6 +110,8 @@ def check_config(config: dict, schema_path, source: str = "the config file") -> 
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     lines = [line for error in errors for line in problem_lines(error)]
+    if not lines:
+        lines = answerless_label_problems(config)
     if lines:
         shown = lines[:MAX_PROBLEMS]
         if len(lines) > MAX_PROBLEMS:

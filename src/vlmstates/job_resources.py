@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from .settings import ALL_LAYERS
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 # A checkpoint whose size cannot be read (a hub id not in the local cache) is taken to be this big:
 # Gemma-3-12B in bf16, the largest of the seed models.
@@ -21,6 +23,9 @@ SECONDS_PER_QUESTION = 0.2
 DECODE_SECONDS_PER_GB = 0.002
 LOAD_MINUTES = 10
 SAFETY_FACTOR = 2
+# `layers: all` of a checkpoint whose config.json cannot be read yet (a tiny one still to be built): the
+# most decoder blocks of the seed models (Gemma-3-12B's 48).
+UNKNOWN_DECODER_BLOCKS = 48
 
 
 def checkpoint_bytes(model: str, revision: str | None = None) -> int:
@@ -57,6 +62,26 @@ def extraction_runtime_minutes(weights_bytes: int, shard_size: int, max_new_toke
     step_seconds = DECODE_SECONDS_PER_GB * weights_bytes / 1e9
     per_question = SECONDS_PER_QUESTION + max_new_tokens * step_seconds / max(1, batch_size)
     return math.ceil(SAFETY_FACTOR * (LOAD_MINUTES + shard_size * per_question / 60))
+
+
+def recorded_layer_count(layers, checkpoint_config: dict | None) -> int:
+    """How many decoder blocks a model entry's `layers` records: five by default (default_layers; fewer
+    only for very shallow models), every block for `all`, else as many as listed."""
+    if layers is None:
+        return 5
+    if layers == ALL_LAYERS:
+        blocks = decoder_blocks_of(checkpoint_config) if checkpoint_config else None
+        return blocks or UNKNOWN_DECODER_BLOCKS
+    return len(layers)
+
+
+def decoder_blocks_of(checkpoint_config: dict) -> int | None:
+    """The decoder's number of blocks, from the text sub-config or the top level (OLMo-style n_layers too)."""
+    for config in (checkpoint_config.get("text_config") or {}, checkpoint_config):
+        for key in ("num_hidden_layers", "n_layers", "num_layers"):
+            if config.get(key):
+                return int(config[key])
+    return None
 
 
 def vectors_per_question(num_layers: int, multimodal: bool) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from vlmstates.atomic import write_text_atomic
-from vlmstates.store import STATUS_OK, read_embeddings
+from vlmstates.store import ANSWERS_ATTR, STATUS_OK, read_embeddings
 
 
 class LabelError(ValueError):
@@ -357,6 +357,11 @@ def label_embeddings(
     """Label every question of an embeddings file; write `out_csv` and its JSON summary (by default
     beside it, see `summary_path`); return the summary."""
     embeddings = read_embeddings(embeddings_path)
+    if method != "file" and not embeddings.attrs.get(ANSWERS_ATTR, True):
+        raise LabelError(
+            f"{embeddings_path} is prefill-only (attribute {ANSWERS_ATTR} false: its model entry sets answers: false), "
+            f"so label method {method!r} has no answers to judge; use method 'file' with a labels file"
+        )
     labels = label_table(embeddings.table, method, labels_file, ignore_unknown)
     summary = summarise_labels(labels, method)
     summary["embeddings"] = str(embeddings_path)

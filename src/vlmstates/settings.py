@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
-#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.engine.AUTO_BATCH_START).
+#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.batching.AUTO_BATCH_START).
 AUTO_BATCH_SIZE = "auto"
+#: `layers: all`: every decoder block.
+ALL_LAYERS = "all"
 
 #: GenerationConfig fields the engine sets itself, so `generation` may not: why, per field.
 ENGINE_GENERATION_FIELDS = {
@@ -40,8 +42,10 @@ class ModelSettings:
     revision: str | None = None
     dtype: str = "auto"
     batch_size: int | str = 8  # or AUTO_BATCH_SIZE
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | str | None = None  # or ALL_LAYERS
     max_new_tokens: int = 200
+    #: False: prefill-only extraction, the vectors without an answer (no decoding).
+    answers: bool = True
     prompt: str = "{question}"
     trust_remote_code: bool = False
     multimodal_representation: bool = False
@@ -61,8 +65,11 @@ class ModelSettings:
         if "model" not in entry:
             raise ConfigError(f"models.{name}.model is required (a hub id or a local folder)")
         values = dict(entry)
-        if values.get("layers") is not None:
-            values["layers"] = tuple(int(k) for k in values["layers"])
+        layers = values.get("layers")
+        if isinstance(layers, str) and layers != ALL_LAYERS:
+            raise ConfigError(f"models.{name}.layers must be a list of decoder blocks, {ALL_LAYERS} or null, not {layers!r}")
+        if layers is not None and layers != ALL_LAYERS:
+            values["layers"] = tuple(int(k) for k in layers)
         size = values.get("batch_size", cls.batch_size)
         if size != AUTO_BATCH_SIZE and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
             raise ConfigError(f"models.{name}.batch_size must be a positive integer or {AUTO_BATCH_SIZE}, not {size!r}")
@@ -76,6 +83,8 @@ class ModelSettings:
         values = asdict(self)
         for key in ("name", "batch_size", "device"):
             values.pop(key)
+        if self.answers:  # the key came later: files written with answers keep the hash they had
+            values.pop("answers")
         return values
 
     def config_hash(self) -> str:
@@ -127,6 +136,13 @@ def check_generation_fields(settings: ModelSettings) -> None:
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """[0, n//4, n//2, 3n//4, n-1], deduplicated for very shallow models."""
     return tuple(sorted({0, num_layers // 4, num_layers // 2, 3 * num_layers // 4, num_layers - 1}))
+
+
+def recorded_layers(settings: ModelSettings, num_layers: int) -> tuple[int, ...]:
+    """The decoder blocks a model with `num_layers` blocks records under these settings."""
+    if settings.layers == ALL_LAYERS:
+        return tuple(range(num_layers))
+    return check_layers(tuple(settings.layers or default_layers(num_layers)), num_layers, settings.name)
 
 
 def check_layers(layers: tuple[int, ...], num_layers: int, model_name: str) -> tuple[int, ...]:

@@ -38,6 +38,8 @@ STATUS_FAILED = "failed"
 
 #: File attribute: the answer's effective generation settings (JSON of GenerationConfig fields).
 GENERATION_CONFIG_ATTR = "generation_config"
+#: File attribute: false for a prefill-only file (the model entry's `answers: false`), whose answers are empty.
+ANSWERS_ATTR = "answers"
 
 # Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
@@ -64,12 +66,16 @@ SEMANTICS = {
     "multimodal_representation": "mean over all non-pad prompt tokens of decoder block k's output",
     "answer": "greedy decoding from the same generate() call whose prefill the vectors were captured from, with the settings of attribute generation_config (the checkpoint's generation_config.json, the config's generation overrides, do_sample false, one beam; sampling-only fields, which greedy decoding ignores, left out); special tokens skipped",
 }
+#: The answer's semantics in a prefill-only file (attribute answers false).
+PREFILL_ONLY_ANSWER = "empty: prefill-only extraction (the model entry's answers: false); the vectors were captured from the prefill forward of a generate() call limited to one new token (attribute generation_config), which was discarded, so no answer was decoded"
 
 
 
-def file_semantics(family_semantics: str) -> dict:
-    """The `semantics` attribute: the common definitions and, under "family", what VT and VF hold in this family."""
-    return {**SEMANTICS, "family": family_semantics}
+def file_semantics(family_semantics: str, answered: bool = True) -> dict:
+    """The `semantics` attribute: the common definitions (the answer's for a prefill-only file) and, under
+    "family", what VT and VF hold in this family."""
+    answer = {} if answered else {"answer": PREFILL_ONLY_ANSWER}
+    return {**SEMANTICS, **answer, "family": family_semantics}
 
 
 _STRING_DTYPE = h5py.string_dtype("utf-8")

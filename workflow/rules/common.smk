@@ -116,17 +116,20 @@ def settings_json(wildcards):
 def extraction_footprint(name):
     """(weights in bytes, vectors per question, hidden size) of a model, for its jobs' requests."""
     settings = model_settings(name)
-    layers = len(settings.layers) if settings.layers else 5  # default_layers gives five
+    if tiny_family(settings.model) and not Path(settings.model).exists():
+        # a tiny checkpoint, still to be built, weighs a few MB
+        layers = job_resources.recorded_layer_count(settings.layers, None)
+        vectors = job_resources.vectors_per_question(
+            layers, settings.multimodal_representation
+        )
+        return 0, vectors, 64
+    checkpoint_config = read_checkpoint_config(settings.model, settings.revision)
+    layers = job_resources.recorded_layer_count(settings.layers, checkpoint_config)
     vectors = job_resources.vectors_per_question(
         layers, settings.multimodal_representation
     )
-    if tiny_family(settings.model) and not Path(settings.model).exists():
-        return 0, vectors, 64  # a tiny checkpoint, still to be built, weighs a few MB
     weights = job_resources.checkpoint_bytes(settings.model, settings.revision)
-    hidden = job_resources.hidden_size_of(
-        read_checkpoint_config(settings.model, settings.revision)
-    )
-    return weights, vectors, hidden
+    return weights, vectors, job_resources.hidden_size_of(checkpoint_config)
 
 
 EXTRACTION_FOOTPRINTS = {name: extraction_footprint(name) for name in MODEL_FAMILIES}
@@ -146,8 +149,9 @@ def extraction_runtime(wildcards, attempt):
     weights = EXTRACTION_FOOTPRINTS[wildcards.model][0]
     entry = model_settings(wildcards.model)
     batch = entry.batch_size if isinstance(entry.batch_size, int) else 8
+    decoded = entry.max_new_tokens if entry.answers else 0  # prefill-only decodes none
     return attempt * job_resources.extraction_runtime_minutes(
-        weights, config["extraction"]["shard_size"], entry.max_new_tokens, batch
+        weights, config["extraction"]["shard_size"], decoded, batch
     )
 
 

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from ..hooks import forward_hooks
 from .base import Adapter, Batch, LoadedModel
 from .entries import ENTRIES, FamilyEntry
 
@@ -232,11 +233,8 @@ class EntryAdapter(Adapter):
         inner = model.model
         accepted = inspect.signature(inner.get_image_features).parameters
         captured = []
-        handle = self.projector(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-        try:
+        with forward_hooks(before=[(self.projector(model), lambda module, args: captured.append(args[0]))]):
             inner.get_image_features(**{k: v for k, v in inputs.items() if k in accepted and k != "input_ids"})
-        finally:
-            handle.remove()
         return captured[0].reshape(-1, captured[0].shape[-1])
 
 

@@ -43,6 +43,7 @@ import logging
 import torch
 from PIL import Image
 
+from ..hooks import forward_hooks
 from ..positions import Positions, positions_in_left_padded_batch
 from ..settings import ConfigError
 from .base import Adapter, Batch, LoadedModel, recorded_generation
@@ -234,11 +235,8 @@ class MolmoAdapter(Adapter):
         """The vision backbone alone on one sample: the projector's input at the tokens that enter the
         prompt ([tokens, D]), what the vision-only vector averages."""
         seen = []
-        handle = self.projector(model).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-        try:
+        with forward_hooks(before=[(self.projector(model), lambda module, args: seen.append(args[0]))]):
             model.model.vision_backbone(inputs["images"], inputs["image_masks"])
-        finally:
-            handle.remove()
         features = seen[0]
         return features.reshape(-1, features.shape[-1])[inputs["image_input_idx"].reshape(-1) >= 0]
 
