@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from importlib import import_module
 
 from . import __version__
+from .errors import VlmstatesError
 
 
 def _validate(args) -> None:
@@ -262,7 +263,7 @@ def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except _expected_errors() as error:  # bad input or a refused step: a message, not a traceback
+    except VlmstatesError as error:  # bad input or a refused step: a message, not a traceback
         print(f"vlmstates {args.command}: {error}", file=sys.stderr)
         return 1
     return 0
@@ -303,24 +304,6 @@ def _reader_went_away() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 128 + signal.SIGPIPE
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    from .dataset import DatasetError
-    from .inspection import UnreadableFile
-    from .predict import PredictError
-    from .seed_layout import SeedLayoutError
-    from .settings import ConfigError
-    from .shards import ShardFailed
-    from .store import MergeError
-
-    errors = [ConfigError, DatasetError, MergeError, ShardFailed, SeedLayoutError, PredictError, UnreadableFile]
-    for module, name in (("labels", "LabelError"), ("probes", "ProbeError")):
-        try:
-            errors.append(getattr(import_module(f".{module}", __package__), name))
-        except ImportError:  # the probe extras are optional in a model's extraction environment
-            pass
-    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from .atomic import atomic_path
+from .errors import VlmstatesError
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -81,7 +82,7 @@ _MD_MAX_PROBLEMS = 500
 # --------------------------------------------------------------------------- errors
 
 
-class DatasetError(Exception):
+class DatasetError(VlmstatesError):
     """A dataset cannot be used as given.
 
     ``problems`` lists the problems behind the error (may be empty) and

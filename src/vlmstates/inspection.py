@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path, write_text_atomic
+from .errors import VlmstatesError
 from .labels import read_labels
 from .report_pages import esc, page, table
 from .seed_layout import is_seed_layout, read_seed_layout
 from .store import STATUS_FAILED, STATUS_OK, Embeddings, read_embeddings
 
 
-class UnreadableFile(ValueError):
+class UnreadableFile(VlmstatesError, ValueError):
     """The path is neither an embeddings file nor seed-layout parts; the message names it."""
 
 

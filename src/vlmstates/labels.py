@@ -31,10 +31,11 @@ from pathlib import Path
 import pandas as pd
 
 from vlmstates.atomic import write_text_atomic
+from vlmstates.errors import VlmstatesError
 from vlmstates.store import STATUS_OK, read_embeddings
 
 
-class LabelError(ValueError):
+class LabelError(VlmstatesError, ValueError):
     """A labels input or option cannot be used; the message names the file, line or option."""
 
 

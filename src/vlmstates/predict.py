@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .dataset import DatasetError, load_image, resolve_image_path
+from .errors import VlmstatesError
 from .settings import ModelSettings
 from .store import STATUS_FAILED
 
@@ -23,7 +24,7 @@ TASK_PROMPTS = {
 }
 
 
-class PredictError(ValueError):
+class PredictError(VlmstatesError, ValueError):
     """The image, task or prompt cannot be used, or the model failed on the sample; the message says which."""
 
 

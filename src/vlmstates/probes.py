@@ -38,13 +38,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from vlmstates.atomic import atomic_path
+from vlmstates.errors import VlmstatesError
 from vlmstates.inspection import model_name
 from vlmstates.labels import FALSE, TRUE, read_labels
 from vlmstates.report_pages import table_page
 from vlmstates.store import STATUS_OK, VISION_ONLY, read_embeddings
 
 
-class ProbeError(ValueError):
+class ProbeError(VlmstatesError, ValueError):
     """Probe settings or inputs cannot be used; the message names the setting or option."""
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path
+from .errors import VlmstatesError
 from .store import (
     INT_COLUMNS,
     LAYERED_REPRESENTATIONS,
@@ -50,7 +51,7 @@ _STRING = h5py.string_dtype("utf-8")
 _MAX_ERROR_CHARS = 300  # keeps the `failed` attribute small; the columnar file has the whole text
 
 
-class SeedLayoutError(ValueError):
+class SeedLayoutError(VlmstatesError, ValueError):
     """A file cannot be written or read in the seed layout; the message names it."""
 
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .errors import VlmstatesError
+
 
 #: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.engine.AUTO_BATCH_START).
 AUTO_BATCH_SIZE = "auto"
@@ -27,7 +29,7 @@ ENGINE_GENERATION_FIELDS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(VlmstatesError, ValueError):
     """A config value cannot be used; the message names the key."""
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 
 from .atomic import atomic_path
 from .dataset import read_validated_table
+from .errors import VlmstatesError
 from .settings import AUTO_BATCH_SIZE
 from .store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
 
@@ -42,7 +43,7 @@ _RESUME_IDENTITY = ("config_hash", "shard", "shard_size", "shard_questions")
 FINISHED = "finished.h5"  # the finished shard in its progress folder, kept until the shards are merged
 
 
-class ShardFailed(RuntimeError):
+class ShardFailed(VlmstatesError, RuntimeError):
     """Too many samples of a shard failed; the message names the first errors."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path
+from .errors import VlmstatesError
 
 SCHEMA_VERSION = 1
 
@@ -220,7 +221,7 @@ def read_results(path: str | Path) -> list[SampleResult]:
     return results
 
 
-class MergeError(ValueError):
+class MergeError(VlmstatesError, ValueError):
     """A shard cannot be merged; the message names the shard and the problem."""
 
 
