@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from .adapters import adapter_for_family
 from .adapters.base import LoadedModel
-from .dataset import load_image, resolve_image_path
+from .images import load_image, resolve_image_path
 from .engine import (
     Extractor,
     PrefillClock,

@@ -30,7 +30,7 @@ from . import __version__
 from .adapters import adapter_for_family, family_of_model_type
 from .adapters.base import Batch, LoadedModel
 from .capture import PrefillCapture
-from .dataset import ImageLoadError, load_image, resolve_image_path
+from .images import ImageLoadError, load_image, resolve_image_path
 from .failpoints import failpoint
 from .positions import Positions
 from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, check_layers, default_layers, model_type_of
