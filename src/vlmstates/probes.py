@@ -42,7 +42,7 @@ from vlmstates.errors import VlmstatesError
 from vlmstates.inspection import model_name
 from vlmstates.labels import FALSE, TRUE, read_labels
 from vlmstates.report_pages import table_page
-from vlmstates.store import STATUS_OK, VISION_ONLY, read_embeddings
+from vlmstates.store import MULTIMODAL, QUERY_TOKEN, STATUS_OK, VISION_ONLY, VISION_TOKEN, parse_key, read_embeddings
 
 
 class ProbeError(VlmstatesError, ValueError):
@@ -51,12 +51,7 @@ class ProbeError(VlmstatesError, ValueError):
 
 SPLITS = ("grouped", "halp", "kfold")
 PROBES = ("logreg", "mlp")
-REPRESENTATION_CODES = {
-    VISION_ONLY: "VF",
-    "vision_token_representation": "VT",
-    "query_token_representation": "QT",
-    "multimodal_representation": "MM",
-}
+REPRESENTATION_CODES = {VISION_ONLY: "VF", VISION_TOKEN: "VT", QUERY_TOKEN: "QT", MULTIMODAL: "MM"}
 CODE_ORDER = ("VF", "VT", "QT", "MM")
 SPLIT_NAMES = ("train", "val", "test")
 OUTPUT_FILES = ("metrics.csv", "metrics.html", "metrics.json", "splits.csv", "heatmap.png", "auroc_by_layer.png")
@@ -530,8 +525,8 @@ def evaluate_probe(
 
 
 def _key_code_layer(key: str) -> tuple[str, int | None]:
-    representation, _, layer = key.partition("/")
-    return REPRESENTATION_CODES[representation], (int(layer.split("_")[1]) if layer else None)
+    representation, layer = parse_key(key)
+    return REPRESENTATION_CODES[representation], layer
 
 
 def _split_counts(y: np.ndarray, folds: list[Fold]) -> dict:
