@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import __version__, labels, probe_settings
 from .errors import VlmstatesError
+from .settings import ExtractionSettings
 
 
 def _validate(args) -> None:
@@ -241,10 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True)
     p.add_argument("--shard", required=True)
     p.add_argument("--shard-size", type=int, required=True)
-    p.add_argument("--max-failed-share", type=float, default=0.05)
+    p.add_argument("--max-failed-share", type=float, default=ExtractionSettings.max_failed_share)
     p.add_argument("--out", required=True)
     p.add_argument("--progress-dir", help="where finished samples are saved to resume from (default: OUT.progress/)")
-    p.add_argument("--save-every", type=int, default=64, help="save progress every N finished samples")
+    p.add_argument(
+        "--save-every", type=int, default=ExtractionSettings.save_every, help="save progress every N finished samples"
+    )
     p.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number: the batch size halves per retry")
     p.set_defaults(func=_extract_shard)
 
@@ -283,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-interval", type=int, default=1000,
                    help="questions per seed-layout file, and progress saved every N samples")
     p.add_argument("--test", action="store_true", help="only the first 3 questions, as a quick check")
-    p.add_argument("--shard-size", type=int, default=500, help="questions per shard (the workflow's default)")
+    p.add_argument(
+        "--shard-size", type=int, default=ExtractionSettings.shard_size, help="questions per shard (the workflow's default)"
+    )
     p.add_argument("--batch-size", type=int, help="samples per generate() call (default: the models config's)")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the models config's, 200)")
     p.add_argument("--trust-remote-code", action="store_true", help="let the checkpoint's own code run (Molmo)")

@@ -32,7 +32,7 @@ import pandas as pd
 from .atomic import atomic_path
 from .dataset import read_validated_table
 from .errors import VlmstatesError
-from .settings import AUTO_BATCH_SIZE
+from .settings import AUTO_BATCH_SIZE, ExtractionSettings
 from .store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
 
 log = logging.getLogger(__name__)
@@ -239,9 +239,9 @@ def extract_shard(
     shard: int,
     shard_size: int,
     out_path: str | Path,
-    max_failed_share: float = 0.05,
+    max_failed_share: float = ExtractionSettings.max_failed_share,
     progress_dir: str | Path | None = None,
-    save_every: int = 64,
+    save_every: int = ExtractionSettings.save_every,
     attempt: int = 1,
     get_extractor: Callable[[], object] | None = None,
 ) -> Path:

@@ -24,7 +24,9 @@ from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
 from vlmstates import job_resources
 from vlmstates.settings import (
+    DEFAULT_LAYER_COUNT,
     ConfigError,
+    ExtractionSettings,
     ModelSettings,
     model_type_of,
     read_checkpoint_config,
@@ -44,6 +46,7 @@ check_config(
 )
 
 RESULTS = str(Path(config["results"]))  # "results/" -> "results", "" -> "."
+EXTRACTION = ExtractionSettings(**config["extraction"])
 
 
 def results_path(path):
@@ -98,8 +101,8 @@ def validation_options():
     return " ".join(options)
 
 
-def model_checkpoint(wildcards):
-    """The local checkpoint folder when the workflow builds it, so extraction waits for it."""
+def built_weights(wildcards):
+    """The tiny checkpoint's folder when the workflow builds it (rule tiny_checkpoint), so extraction waits for it."""
     model_ref = config["models"][wildcards.model]["model"]
     return [model_ref] if tiny_family(model_ref) else []
 
@@ -116,7 +119,7 @@ def settings_json(wildcards):
 def extraction_footprint(name):
     """(weights in bytes, vectors per question, hidden size) of a model, for its jobs' requests."""
     settings = model_settings(name)
-    layers = len(settings.layers) if settings.layers else 5  # default_layers gives five
+    layers = len(settings.layers) if settings.layers else DEFAULT_LAYER_COUNT
     vectors = job_resources.vectors_per_question(
         layers, settings.multimodal_representation
     )
@@ -135,9 +138,8 @@ EXTRACTION_FOOTPRINTS = {name: extraction_footprint(name) for name in MODEL_FAMI
 def extraction_memory_mb(wildcards, attempt):
     """Host memory from the model's size and the shard size, doubled and tripled on retries."""
     weights, vectors, hidden = EXTRACTION_FOOTPRINTS[wildcards.model]
-    shard_size = config["extraction"]["shard_size"]
     return attempt * job_resources.extraction_memory_mb(
-        weights, shard_size, vectors, hidden
+        weights, EXTRACTION.shard_size, vectors, hidden
     )
 
 
@@ -145,19 +147,21 @@ def extraction_runtime(wildcards, attempt):
     """Time limit (minutes) from the model's size and the shard size, longer on retries."""
     weights = EXTRACTION_FOOTPRINTS[wildcards.model][0]
     entry = model_settings(wildcards.model)
-    batch = entry.batch_size if isinstance(entry.batch_size, int) else 8
+    # batch_size auto finds its size in the job; until then, plan for the default size
+    batch = (
+        entry.batch_size
+        if isinstance(entry.batch_size, int)
+        else ModelSettings.batch_size
+    )
     return attempt * job_resources.extraction_runtime_minutes(
-        weights, config["extraction"]["shard_size"], entry.max_new_tokens, batch
+        weights, EXTRACTION.shard_size, entry.max_new_tokens, batch
     )
 
 
 def shard_ids():
     table = checkpoints.validate_dataset.get().output.table
     rows = len(read_validated_table(table))
-    return [
-        f"{k:04d}"
-        for k in range(count_shards(rows, config["extraction"]["shard_size"]))
-    ]
+    return [f"{k:04d}" for k in range(count_shards(rows, EXTRACTION.shard_size))]
 
 
 def model_shards(wildcards):
