@@ -66,7 +66,7 @@ def questions_of(rows: pd.DataFrame) -> list:
 def batch_size_for_attempt(batch_size: int | str, attempt: int) -> int | str:
     """Halve the batch size with each retry of a job (Snakemake's --retries), down to one.
 
-    `auto` stays auto: each attempt probes the GPU's memory afresh."""
+    `auto` stays auto: each attempt searches for the batch size that fits the GPU afresh."""
     if batch_size == AUTO_BATCH_SIZE:
         return batch_size
     return max(1, batch_size >> max(0, attempt - 1))
