@@ -26,6 +26,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+# light modules only: building the parser must not need torch or the probe extras (scikit-learn, scipy),
+# which a model's extraction environment lacks; each command imports what it runs
 from . import __version__, labels, probe_settings
 from .errors import VlmstatesError
 from .settings import ExtractionSettings
@@ -132,10 +134,8 @@ def _predict(args) -> None:
 
 
 def _label(args) -> None:
-    from .labels import label_embeddings
-
     out = Path(args.output) if args.output else Path(args.embeddings).with_name("labels.csv")
-    summary = label_embeddings(args.embeddings, out, args.method, args.labels_file, args.summary, args.ignore_unknown)
+    summary = labels.label_embeddings(args.embeddings, out, args.method, args.labels_file, args.summary, args.ignore_unknown)
     rate = summary["positive_rate"]
     print(
         f"{out}: {summary['n_judged']} of {summary['n_total']} judged by {args.method}, "
@@ -147,15 +147,13 @@ def _label(args) -> None:
 
 def _probe_settings(args):
     """The probe settings of --settings or --settings-json, with the flags given over them."""
-    from .probe_settings import ProbeError, ProbeSettings
-
     mapping = {}
     if args.settings and args.settings_json:
-        raise ProbeError("give probe settings as --settings FILE or --settings-json TEXT, not both")
+        raise probe_settings.ProbeError("give probe settings as --settings FILE or --settings-json TEXT, not both")
     if args.settings_json:
         mapping = json.loads(args.settings_json)
         if not isinstance(mapping, dict):
-            raise ProbeError(f"--settings-json must be a JSON object, not {args.settings_json!r}")
+            raise probe_settings.ProbeError(f"--settings-json must be a JSON object, not {args.settings_json!r}")
     if args.settings:
         text = Path(args.settings).read_text()
         if args.settings.endswith((".yaml", ".yml")):
@@ -176,7 +174,7 @@ def _probe_settings(args):
         )
     if args.no_control:
         mapping["shuffled_control"] = False
-    return ProbeSettings.from_mapping(mapping)
+    return probe_settings.ProbeSettings.from_mapping(mapping)
 
 
 def _probe(args) -> None:

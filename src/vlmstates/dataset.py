@@ -3,7 +3,8 @@
 A dataset is a CSV file with the columns ``question_id``, ``image_id``,
 ``question`` and ``answer`` (aliases: ``image_name`` -> ``image_id``,
 ``gt_answer`` -> ``answer``) plus a folder of images.  ``image_id`` is a path
-relative to that folder (subfolders allowed; the file extension may be left out).
+relative to that folder (subfolders allowed; the file extension may be left out),
+resolved and decoded by :mod:`vlmstates.images`, as extraction later reads it.
 
 Typical use (e.g. from a workflow script)::
 

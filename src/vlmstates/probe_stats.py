@@ -1,5 +1,6 @@
 """Probe statistics: the splits, the AUROC and its bootstrap interval, the logreg and MLP probes, and the
 run over every representation and layer of an embeddings file (what each setting means: probe_settings)."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,8 @@ METRIC_COLUMNS = (
 )  # fmt: skip
 
 
-
 def resolve_device(device: str = "auto") -> str:
+    """The torch device of the MLP probes: `auto` is cuda where there is one, else cpu."""
     import torch
 
     if device == "auto":
