@@ -15,20 +15,16 @@ from PIL import Image
 
 from vlmstates.dataset import (
     REQUIRED_COLUMNS,
-    SUPPORTED_IMAGE_EXTENSIONS,
     DatasetError,
-    ImageLoadError,
-    ImagePathError,
     Problem,
     ValidationResult,
-    load_image,
     read_validated_table,
-    resolve_image_path,
     validate_and_write,
     validate_dataset,
     write_validation_outputs,
 )
 from vlmstates.demo import COLORS, write_demo_dataset
+from vlmstates.images import SUPPORTED_IMAGE_EXTENSIONS, ImageLoadError, ImagePathError, load_image, resolve_image_path
 
 HEADER = "question_id,image_id,question,answer\n"
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlmstates.dataset import load_image, read_validated_table, resolve_image_path
+from vlmstates.dataset import read_validated_table
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
 from vlmstates.settings import ModelSettings
 from vlmstates.shards import questions_of

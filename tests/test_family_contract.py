@@ -26,7 +26,7 @@ from oracle import assert_decoder_vectors_match, rel_error
 from vlmstates.adapters import adapter_class, families, family_of_model_type
 from vlmstates.adapters.entries import ENTRIES
 from vlmstates.benchmark import synthetic_inputs
-from vlmstates.dataset import load_image, resolve_image_path
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.store import SEMANTICS, STATUS_OK, VISION_ONLY

@@ -2,6 +2,7 @@
 
 from vlmstates import job_resources
 from vlmstates.job_resources import checkpoint_bytes, extraction_memory_mb, extraction_runtime_minutes
+from vlmstates.settings import DEFAULT_LAYER_COUNT, default_layers
 
 
 def test_checkpoint_bytes_counts_the_weight_files_of_a_local_folder(tmp_path):
@@ -38,3 +39,8 @@ def test_vectors_and_hidden_size():
     assert job_resources.vectors_per_question(5, multimodal=True) == 16
     assert job_resources.hidden_size_of({"text_config": {"hidden_size": 3840}, "hidden_size": 1}) == 3840
     assert job_resources.hidden_size_of({"d_model": 4096}) == 4096
+
+
+def test_the_planned_layer_count_is_what_default_layers_picks():
+    """The workflow plans a job's memory for DEFAULT_LAYER_COUNT layers when the config names none."""
+    assert {len(default_layers(n)) for n in (8, 28, 48, 80)} == {DEFAULT_LAYER_COUNT}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 
 from vlmstates import labels as L
+from vlmstates.cli import main
 from vlmstates.demo import write_demo_dataset
 from vlmstates.store import SampleResult, write_embeddings
 
@@ -268,24 +268,19 @@ def test_file_method_needs_a_file(tmp_path):
 
 def test_cli(tmp_path, capsys):
     h5 = _write(tmp_path / "embeddings.h5", ROWS)
-    parser = argparse.ArgumentParser()
-    L.add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["label", str(h5), "--method", "exact"])
-    assert args.func(args) == 0
+    assert main(["label", str(h5), "--method", "exact"]) == 0
     assert (tmp_path / "labels.csv").exists() and (tmp_path / "labels.summary.json").exists()
     assert "judged by exact" in capsys.readouterr().out
     # as the workflow calls it: every path given, an empty --labels-file for the text rules
-    args = parser.parse_args(
+    code = main(
         ["label", str(h5), "--method", "yesno", "--labels-file", "", "-o", str(tmp_path / "l.csv"),
          "--summary", str(tmp_path / "s.json")]
     )  # fmt: skip
-    assert args.func(args) == 0
+    assert code == 0
     assert json.loads((tmp_path / "s.json").read_text())["labels_file"] is None
 
 
 def test_a_bad_labels_file_is_one_line_naming_file_and_line(tmp_path, capsys):
-    from vlmstates.cli import main
-
     h5 = _write(tmp_path / "embeddings.h5", ROWS)
     labels = tmp_path / "mine.csv"
     labels.write_text("question_id,hallucinated\nnot-a-question,true\n")

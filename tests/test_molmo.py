@@ -27,7 +27,8 @@ from molmo_standin import build_standin_checkpoint
 from oracle import assert_decoder_vectors_match, assert_same_results, rel_error
 from vlmstates.adapters import family_of_model_type
 from vlmstates.adapters.molmo import STOP_STRING, MolmoAdapter, cut_at_stop_string, generation_inputs, left_pad_collate
-from vlmstates.dataset import load_image, read_validated_table, resolve_image_path
+from vlmstates.dataset import read_validated_table
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.shards import questions_of

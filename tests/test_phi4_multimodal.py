@@ -22,7 +22,8 @@ from PIL import Image
 from oracle import assert_decoder_vectors_match, fold_in_lora, rel_error
 from vlmstates.adapters import adapter_for_family, family_of_model_type
 from vlmstates.adapters.phi4_multimodal import Phi4MultimodalAdapter, crop_grid
-from vlmstates.dataset import load_image, read_validated_table, resolve_image_path
+from vlmstates.dataset import read_validated_table
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, Question, load_model
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.shards import questions_of

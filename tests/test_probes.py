@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -11,7 +10,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from vlmstates import probes as P
+from vlmstates import probe_settings, probe_stats, probe_summary
+from vlmstates.cli import main
 from vlmstates.labels import label_embeddings
 from vlmstates.store import SampleResult, write_embeddings
 
@@ -79,7 +79,7 @@ def test_grouped_split_keeps_images_together_and_stratifies():
     rng = np.random.default_rng(1)
     groups = np.repeat([f"img{i}" for i in range(300)], rng.integers(1, 6, size=300))
     y = (rng.random(len(groups)) < 0.15).astype(int)
-    part = P.grouped_assignment(y, groups, [0.7, 0.1, 0.2], seed=0)
+    part = probe_stats.grouped_assignment(y, groups, [0.7, 0.1, 0.2], seed=0)
     owners = pd.DataFrame({"g": groups, "p": part}).groupby("g")["p"].nunique()
     assert (owners == 1).all(), "an image appears in two splits"
     for k, target in enumerate([0.7, 0.1, 0.2]):
@@ -89,8 +89,8 @@ def test_grouped_split_keeps_images_together_and_stratifies():
 
 @pytest.mark.parametrize("split", ["grouped", "kfold"])
 def test_no_image_in_two_splits(planted, tmp_path, split):
-    settings = P.ProbeSettings(split=split, folds=3, probes=["logreg"], representations=["VF"], **FAST)
-    P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
+    settings = probe_settings.ProbeSettings(split=split, folds=3, probes=["logreg"], representations=["VF"], **FAST)
+    probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
     splits = pd.read_csv(tmp_path / "splits.csv", dtype=str)
     for _, fold in splits.groupby("fold"):
         assert (fold.groupby("image_id")["split"].nunique() == 1).all()
@@ -106,8 +106,8 @@ def test_shuffled_control_keeps_class_counts_per_split(split):
     rng = np.random.default_rng(2)
     groups = np.repeat(np.arange(40), 2)
     y = (rng.random(80) < 0.3).astype(int)
-    folds = P.make_folds(y, groups, P.ProbeSettings(split=split, folds=4))
-    shuffled = P.shuffled_labels(y, folds, seed=1)
+    folds = probe_stats.make_folds(y, groups, probe_settings.ProbeSettings(split=split, folds=4))
+    shuffled = probe_stats.shuffled_labels(y, folds, seed=1)
     assert not np.array_equal(shuffled, y)
     for fold in folds:
         parts = [fold.train, fold.val, fold.test]
@@ -120,7 +120,7 @@ def test_shuffled_control_keeps_class_counts_per_split(split):
 def test_halp_split_is_random_by_question():
     y = np.array([0, 1] * 50)
     groups = np.repeat(np.arange(25), 4)
-    (fold,) = P.make_folds(y, groups, P.ProbeSettings(split="halp"))
+    (fold,) = probe_stats.make_folds(y, groups, probe_settings.ProbeSettings(split="halp"))
     assert len(fold.val) == 0 and len(fold.test) == 20 and len(fold.train) == 80
     split_of = np.empty(100, dtype=object)
     split_of[fold.train], split_of[fold.test] = "train", "test"
@@ -142,15 +142,15 @@ def test_bootstrap_auroc_matches_sklearn_with_ties():
     group = np.cumsum(new) - 1
     ends = np.r_[starts[1:] - 1, len(s) - 1]
     weights = np.ones((1, len(s)))
-    value = P._weighted_auroc(y[order].astype(float), starts[group], ends[group], weights)[0]
+    value = probe_stats._weighted_auroc(y[order].astype(float), starts[group], ends[group], weights)[0]
     assert value == pytest.approx(roc_auc_score(y, scores))
-    assert P.auroc(y, scores) == pytest.approx(roc_auc_score(y, scores))
-    low, high = P.bootstrap_auroc(y, scores, 500, 0.95, seed=0)
+    assert probe_stats.auroc(y, scores) == pytest.approx(roc_auc_score(y, scores))
+    low, high = probe_stats.bootstrap_auroc(y, scores, 500, 0.95, seed=0)
     assert low < roc_auc_score(y, scores) < high and high - low < 0.2
 
 
 def test_bootstrap_undefined_for_one_class():
-    assert all(math.isnan(v) for v in P.bootstrap_auroc(np.ones(10), np.arange(10.0), 100, 0.95, 0))
+    assert all(math.isnan(v) for v in probe_stats.bootstrap_auroc(np.ones(10), np.arange(10.0), 100, 0.95, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +158,8 @@ def test_bootstrap_undefined_for_one_class():
 
 
 def test_planted_layer_found_and_controls_near_chance(planted, tmp_path):
-    settings = P.ProbeSettings(probes=["logreg"], **FAST)
-    metrics = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
+    settings = probe_settings.ProbeSettings(probes=["logreg"], **FAST)
+    metrics = probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
     assert len(metrics) == 7 and (metrics["status"] == "ok").all()
     signal = metrics["key"] == SIGNAL_KEY
     assert metrics.loc[signal, "auroc"].item() > 0.9
@@ -178,8 +178,8 @@ def test_planted_layer_found_and_controls_near_chance(planted, tmp_path):
 
 
 def test_mlp_probe_finds_the_planted_layer(planted, tmp_path):
-    settings = P.ProbeSettings(probes=["mlp"], representations=["QT"], layers=[0, 1], **FAST)
-    metrics = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
+    settings = probe_settings.ProbeSettings(probes=["mlp"], representations=["QT"], layers=[0, 1], **FAST)
+    metrics = probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path, settings)
     by_key = metrics.set_index("key")
     assert by_key.loc[SIGNAL_KEY, "auroc"] > 0.9
     assert abs(by_key.loc["query_token_representation/layer_0", "auroc"] - 0.5) < 0.15
@@ -189,16 +189,16 @@ def test_mlp_probe_finds_the_planted_layer(planted, tmp_path):
 
 
 def test_mlp_is_reproducible(planted, tmp_path):
-    settings = P.ProbeSettings(probes=["mlp"], representations=["QT"], layers=[1], shuffled_control=False, **FAST)
-    first = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "a", settings)
-    second = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "b", settings)
+    settings = probe_settings.ProbeSettings(probes=["mlp"], representations=["QT"], layers=[1], shuffled_control=False, **FAST)
+    first = probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "a", settings)
+    second = probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "b", settings)
     assert first["auroc"].tolist() == second["auroc"].tolist()
 
 
 def test_kfold_and_halp_splits_find_the_signal(planted, tmp_path):
     for split in ("kfold", "halp"):
-        settings = P.ProbeSettings(split=split, folds=3, probes=["logreg"], representations=["QT"], layers=[1], **FAST)
-        metrics = P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / split, settings)
+        settings = probe_settings.ProbeSettings(split=split, folds=3, probes=["logreg"], representations=["QT"], layers=[1], **FAST)
+        metrics = probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / split, settings)
         row = metrics.iloc[0]
         assert row["auroc"] > 0.9, split
         if split == "kfold":
@@ -214,8 +214,8 @@ def test_kfold_and_halp_splits_find_the_signal(planted, tmp_path):
 def test_tiny_dataset_is_handled(tmp_path):
     make_embeddings(tmp_path / "embeddings.h5", n_images=9, per_image=4, rate=0.1, seed=3)
     label_embeddings(tmp_path / "embeddings.h5", tmp_path / "labels.csv", "yesno")
-    settings = P.ProbeSettings(probes=["logreg", "mlp"], representations=["VF", "QT"], layers=[1], **FAST)
-    metrics = P.run_probes(tmp_path / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", settings)
+    settings = probe_settings.ProbeSettings(probes=["logreg", "mlp"], representations=["VF", "QT"], layers=[1], **FAST)
+    metrics = probe_stats.run_probes(tmp_path / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", settings)
     assert len(metrics) == 4
     for row in metrics.itertuples():
         assert (row.status == "ok" and np.isfinite(row.auroc)) or (math.isnan(row.auroc) and row.reason)
@@ -225,8 +225,8 @@ def test_tiny_dataset_is_handled(tmp_path):
 def test_one_class_everywhere(tmp_path):
     make_embeddings(tmp_path / "embeddings.h5", n_images=5, rate=0.0)
     label_embeddings(tmp_path / "embeddings.h5", tmp_path / "labels.csv", "yesno")
-    settings = P.ProbeSettings(probes=["logreg"], representations=["VF"], **FAST)
-    metrics = P.run_probes(tmp_path / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", settings)
+    settings = probe_settings.ProbeSettings(probes=["logreg"], representations=["VF"], **FAST)
+    metrics = probe_stats.run_probes(tmp_path / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", settings)
     assert metrics["status"].tolist() == ["skipped"]
     assert "0 hallucinated" in metrics["reason"].item()
 
@@ -236,7 +236,7 @@ def test_labels_from_another_file_are_rejected(planted, tmp_path):
     labels.loc[0, "question_id"] = "elsewhere"
     labels.to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(ValueError, match="not in"):
-        P.run_probes(planted / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", P.ProbeSettings())
+        probe_stats.run_probes(planted / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", probe_settings.ProbeSettings())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,17 +244,17 @@ def test_labels_from_another_file_are_rejected(planted, tmp_path):
 
 
 def test_settings_validation():
-    assert P.ProbeSettings.from_mapping({"split": "kfold", "folds": 3}).folds == 3
+    assert probe_settings.ProbeSettings.from_mapping({"split": "kfold", "folds": 3}).folds == 3
     with pytest.raises(ValueError, match="unknown probe setting"):
-        P.ProbeSettings.from_mapping({"epochs": 3})
+        probe_settings.ProbeSettings.from_mapping({"epochs": 3})
     with pytest.raises(ValueError, match="sum to 1"):
-        P.ProbeSettings.from_mapping({"train_fraction": 0.5})
+        probe_settings.ProbeSettings.from_mapping({"train_fraction": 0.5})
     with pytest.raises(ValueError, match="split"):
-        P.ProbeSettings.from_mapping({"split": "random"})
+        probe_settings.ProbeSettings.from_mapping({"split": "random"})
 
 
 def test_published_reference_data():
-    published = P.published_auroc()
+    published = probe_summary.published_auroc()
     qt = published[published["representation"] == "QT"].set_index("model")["auroc"]
     assert qt.to_dict() == {"Gemma-3-12B": 0.935, "Molmo-7B": 0.919, "Qwen2.5-VL-7B": 0.915, "Phi-4": 0.903}
     assert published.loc[published["representation"] != "QT", "auroc"].isna().all()
@@ -262,34 +262,31 @@ def test_published_reference_data():
 
 
 def test_summary_places_published_numbers_beside_ours(planted, tmp_path):
-    settings = P.ProbeSettings(probes=["logreg"], representations=["VF", "QT"], **FAST)
-    P.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "qwen", settings)
-    summary = P.summarise_models(
+    settings = probe_settings.ProbeSettings(probes=["logreg"], representations=["VF", "QT"], **FAST)
+    probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "qwen", settings)
+    summary = probe_summary.summarise_models(
         {"model_a": tmp_path / "qwen" / "metrics.csv"}, tmp_path / "summary.csv", tmp_path / "summary.png"
     )
     ours = summary[summary["source"] == "ours"].set_index("representation")
     assert ours.loc["QT", "layer"] == 1 and ours.loc["QT", "layer_selected_by"] == "validation AUROC"
     assert ours.loc["QT", "paper_model"] == "Qwen2.5-VL-7B" and ours.loc["QT", "published_auroc"] == 0.915
     assert math.isnan(ours.loc["VF", "published_auroc"])
-    assert (summary["source"] == "published").sum() == len(P.published_auroc())
+    assert (summary["source"] == "published").sum() == len(probe_summary.published_auroc())
     assert (tmp_path / "summary.png").stat().st_size > 0
 
 
 def test_cli(planted, tmp_path):
-    parser = argparse.ArgumentParser()
-    subparsers = parser.add_subparsers(dest="command")
-    P.add_cli(subparsers)
-    args = parser.parse_args(
+    code = main(
         [
             "probe", str(planted / "embeddings.h5"), str(planted / "labels.csv"), "-o", str(tmp_path / "p"),
             "--settings-json", json.dumps({"probes": ["logreg"], "representations": ["QT"], "layers": [1]}),
             "--bootstrap", "50", "--no-control", "--threads", "1",
         ]
     )  # fmt: skip
-    assert args.func(args) == 0
+    assert code == 0
     metrics = pd.read_csv(tmp_path / "p" / "metrics.csv")
     assert metrics["control_auroc"].isna().all() and metrics["auroc"].item() > 0.9
-    args = parser.parse_args(
+    code = main(
         [
             "probe-summary",
             f"m={tmp_path / 'p' / 'metrics.csv'}",
@@ -299,4 +296,4 @@ def test_cli(planted, tmp_path):
             str(tmp_path / "s.png"),
         ]
     )
-    assert args.func(args) == 0 and (tmp_path / "s.png").exists()
+    assert code == 0 and (tmp_path / "s.png").exists()

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlmstates import probes as P
+from vlmstates import probe_plots, probe_settings, probe_stats, probe_summary
 from vlmstates.dataset import validate_and_write
 from vlmstates.inspection import example_answers, norms_by_representation, norms_figure, write_inspection_report
 from vlmstates.labels import label_embeddings
@@ -40,15 +40,15 @@ def metrics_table(aurocs: dict, model: str = "org/Some-Checkpoint-7B") -> pd.Dat
                 "val_auroc": value, "control_auroc": 0.5, "status": "ok", "reason": "",
             }
         )  # fmt: skip
-    table = pd.DataFrame(rows, columns=list(P.METRIC_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(probe_stats.METRIC_COLUMNS))
     table["layer"] = table["layer"].astype("Int64")
     return table
 
 
 def spread_metrics(model: str = "org/Some-Checkpoint-7B") -> pd.DataFrame:
     """AUROCs over the whole 0-1 range, VF without a layer, both probes."""
-    aurocs = {("VF", None, probe): 0.1 for probe in P.PROBES}
-    for probe in P.PROBES:
+    aurocs = {("VF", None, probe): 0.1 for probe in probe_settings.PROBES}
+    for probe in probe_settings.PROBES:
         for i, layer in enumerate(LAYERS):
             aurocs[("VT", layer, probe)] = 0.05 + 0.1 * i
             aurocs[("QT", layer, probe)] = 0.95 - 0.1 * i
@@ -69,9 +69,9 @@ def is_integer_text(text: str) -> bool:
 
 
 def test_heatmap_colours_span_zero_to_one_with_integer_layers_and_the_model_name():
-    fig = P.heatmap_figure(spread_metrics(), "tiny-qwen: split grouped")
+    fig = probe_plots.heatmap_figure(spread_metrics(), "tiny-qwen: split grouped")
     panels = [ax for ax in fig.axes if ax.images]
-    assert len(panels) == len(P.PROBES)
+    assert len(panels) == len(probe_settings.PROBES)
     for ax in panels:
         norm = ax.images[0].norm
         assert (norm.vmin, norm.vmax) == (0.0, 1.0)  # low AUROCs get their own colours
@@ -82,12 +82,12 @@ def test_heatmap_colours_span_zero_to_one_with_integer_layers_and_the_model_name
 
 def test_heatmap_labels_every_kth_layer_when_there_are_many():
     many = metrics_table({("QT", layer, "logreg"): 0.6 for layer in range(60)})
-    labels = tick_texts(P.heatmap_figure(many).axes[0])
-    assert 0 < len(labels) <= P.MAX_LABELLED_COLUMNS and all(is_integer_text(t) for t in labels)
+    labels = tick_texts(probe_plots.heatmap_figure(many).axes[0])
+    assert 0 < len(labels) <= probe_plots.MAX_LABELLED_COLUMNS and all(is_integer_text(t) for t in labels)
 
 
 def test_auroc_by_layer_has_integer_layer_ticks():
-    fig = P.by_layer_figure(spread_metrics(), "tiny-qwen: split grouped")
+    fig = probe_plots.by_layer_figure(spread_metrics(), "tiny-qwen: split grouped")
     for ax in fig.axes:
         labels = tick_texts(ax)
         assert labels and all(is_integer_text(t) for t in labels), labels
@@ -100,10 +100,10 @@ def test_probe_plots_are_titled_with_the_models_folder_not_its_checkpoint(tmp_pa
     label_embeddings(folder / "embeddings.h5", folder / "labels.csv", "yesno")
     titles = []
     for name in ("heatmap_figure", "by_layer_figure"):
-        real = getattr(P, name)
-        monkeypatch.setattr(P, name, lambda metrics, title, real=real: titles.append(title) or real(metrics, title))
-    settings = P.ProbeSettings(probes=["logreg"], bootstrap=0, shuffled_control=False)
-    P.run_probes(folder / "embeddings.h5", folder / "labels.csv", folder / "probes", settings)
+        real = getattr(probe_plots, name)
+        monkeypatch.setattr(probe_plots, name, lambda metrics, title, real=real: titles.append(title) or real(metrics, title))
+    settings = probe_settings.ProbeSettings(probes=["logreg"], bootstrap=0, shuffled_control=False)
+    probe_stats.run_probes(folder / "embeddings.h5", folder / "labels.csv", folder / "probes", settings)
     assert len(titles) == 2
     assert all(t.startswith("my-model:") and "ckpts" not in t for t in titles), titles
 
@@ -128,7 +128,7 @@ def test_norms_vision_only_panel_has_no_x_axis_and_layers_are_integers(tmp_path)
 
 
 def published_families() -> pd.DataFrame:
-    published = P.published_auroc()
+    published = probe_summary.published_auroc()
     return published[published["auroc"].notna()].drop_duplicates("family")
 
 
@@ -161,14 +161,14 @@ def test_every_family_in_the_published_table_gets_its_number(tmp_path, checkpoin
     for i, family in enumerate(published_families()["family"]):
         ref = HUB_IDS[family] if checkpoint == "hub" else f"resources/checkpoints/tiny-{family}"
         metrics[f"model_{i}"] = write_metrics(tmp_path / f"model_{i}" / "probes", family, ref)
-    summary = P.summarise_models(metrics, tmp_path / "s.csv", tmp_path / "s.png")
+    summary = probe_summary.summarise_models(metrics, tmp_path / "s.csv", tmp_path / "s.png")
     ours = summary[(summary["source"] == "ours") & (summary["representation"] == "QT")].set_index("family")
     for row in published_families().itertuples():
         assert ours.loc[row.family, "paper_model"] == row.model
         assert ours.loc[row.family, "published_auroc"] == row.auroc
         assert math.isclose(ours.loc[row.family, "difference"], 0.8 - row.auroc)
     # every paper model has one of ours beside it: no group of the plot is the paper's alone
-    assert all(model for model, _ in P.summary_groups(summary))
+    assert all(model for model, _ in probe_summary.summary_groups(summary))
 
 
 @pytest.mark.parametrize(
@@ -183,7 +183,7 @@ def test_every_family_in_the_published_table_gets_its_number(tmp_path, checkpoin
     ],
 )
 def test_published_model_for(family, checkpoint, expected):
-    assert P.published_model_for(family, checkpoint, P.published_auroc()) == expected
+    assert probe_summary.published_model_for(family, checkpoint, probe_summary.published_auroc()) == expected
 
 
 def test_summary_plot_groups_and_legend(tmp_path):
@@ -191,11 +191,11 @@ def test_summary_plot_groups_and_legend(tmp_path):
         "tiny-qwen": write_metrics(tmp_path / "a" / "probes", "qwen2_5_vl", "resources/checkpoints/tiny-qwen2_5_vl"),
         "molmoe": write_metrics(tmp_path / "b" / "probes", "molmo", "allenai/MolmoE-1B-0924"),
     }
-    summary = P.summarise_models(metrics, tmp_path / "s.csv", tmp_path / "s.png")
-    groups = P.summary_groups(summary)
+    summary = probe_summary.summarise_models(metrics, tmp_path / "s.csv", tmp_path / "s.png")
+    groups = probe_summary.summary_groups(summary)
     assert groups[:2] == [("tiny-qwen", "Qwen2.5-VL-7B"), ("molmoe", "")]
     assert {paper for model, paper in groups if not model} == {"Gemma-3-12B", "Molmo-7B", "Phi-4"}
-    fig = P.summary_figure(summary, "HALP, EACL 2026")
+    fig = probe_summary.summary_figure(summary, "HALP, EACL 2026")
     labels = tick_texts(fig.axes[-1])
     assert labels[0] == "tiny-qwen\nvs Qwen2.5-VL-7B" and labels[1] == "molmoe"
     assert fig.legends and not any(ax.get_legend() for ax in fig.axes)  # one legend, outside the bars
@@ -207,7 +207,7 @@ def test_summary_plot_groups_and_legend(tmp_path):
 
 def test_tables_are_written_as_pages_too(tmp_path):
     metrics = {"tiny-qwen": write_metrics(tmp_path / "a" / "probes", "qwen2_5_vl", "org/ckpt")}
-    P.summarise_models(metrics, tmp_path / "summary" / "probes.csv", tmp_path / "summary" / "probes.png")
+    probe_summary.summarise_models(metrics, tmp_path / "summary" / "probes.csv", tmp_path / "summary" / "probes.png")
     page = (tmp_path / "summary" / "probes.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table class=\"data\">" in page
     assert "tiny-qwen" in page and "Qwen2.5-VL-7B" in page and "0.915" in page
@@ -220,8 +220,8 @@ def test_probe_run_writes_its_metrics_page(tmp_path):
     folder = tmp_path / "m"
     write_synthetic_embeddings(folder / "embeddings.h5")
     label_embeddings(folder / "embeddings.h5", folder / "labels.csv", "yesno")
-    settings = P.ProbeSettings(probes=["logreg"], bootstrap=0, shuffled_control=False)
-    metrics = P.run_probes(folder / "embeddings.h5", folder / "labels.csv", folder / "probes", settings)
+    settings = probe_settings.ProbeSettings(probes=["logreg"], bootstrap=0, shuffled_control=False)
+    metrics = probe_stats.run_probes(folder / "embeddings.h5", folder / "labels.csv", folder / "probes", settings)
     page = (folder / "probes" / "metrics.html").read_text()
     assert page.count("<tr>") == len(metrics) + 1
     assert f"{metrics['auroc'].dropna().iloc[0]:.3f}" in page

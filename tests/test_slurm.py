@@ -1,5 +1,5 @@
 """The demo on a real SLURM cluster: one node on this host (tests/slurm/local_slurm.py), the profile
-profiles/slurm, and the commands of the README's "On a cluster" section, word for word (plus the temporary
+profiles/slurm, and the commands of its guide (profiles/slurm/README.md), word for word (plus the temporary
 Snakefile/working-directory paths). The merged results must equal a local run's, every extraction shard must
 have been a SLURM job with a GPU, and rerunning the command must redo a missing shard alone.
 
@@ -64,18 +64,19 @@ def _require_slurm() -> None:
         pytest.skip(message)
 
 
-# ------------------------------------------------------------------------------------------ the README
-def cluster_section() -> tuple[Path, str]:
-    """README.md's "On a cluster" section."""
-    readme = REPO / "README.md"
-    match = re.search(r"^## On a cluster[^\n]*\n.*?(?=^## |\Z)", readme.read_text(), re.M | re.S)
-    assert match, f"{readme}: no section '## On a cluster'"
-    return readme, match.group(0)
+# ------------------------------------------------------------------------------------------ the guide
+SLURM_GUIDE = REPO / "profiles" / "slurm" / "README.md"
+
+
+def test_the_readme_links_to_the_slurm_guide():
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"^## On a cluster[^\n]*\n.*?(?=^## |\Z)", readme, re.M | re.S)
+    assert match and "(profiles/slurm/README.md)" in match.group(0), "README.md: no link to the SLURM guide"
 
 
 def documented_commands() -> list[str]:
-    """The `snakemake ...` lines of the section's ```sh blocks, in order: the run, then the rerun."""
-    source, section = cluster_section()
+    """The `snakemake ...` lines of the guide's ```sh blocks, in order: the run, then the rerun."""
+    source, section = SLURM_GUIDE, SLURM_GUIDE.read_text()
     blocks = re.findall(r"^```sh\n(.*?)^```", section, re.M | re.S)
     commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("snakemake ")]
     assert len(commands) >= 2, f"{source}: expected the run and the rerun command, found {commands}"
@@ -293,7 +294,7 @@ def test_profile_sets_gpu_model_memory_and_runtime_per_model(slurm_demo, tmp_pat
 
 
 def test_rerunning_the_command_redoes_a_missing_shard_alone(slurm_demo):
-    """The README's way to redo a failed shard: its file is gone, the same command runs it, then the merge."""
+    """The SLURM guide's way to redo a failed shard: its file is gone, the same command runs it, then the merge."""
     model = _models()[0]
     results = slurm_demo["slurm"] / "results" / model
     (results / "shards" / "shard_0001.h5").unlink()

@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 
 from vlmstates.store import (
+    LAYERED_REPRESENTATIONS,
     STATUS_FAILED,
     VISION_ONLY,
     MergeError,
     SampleResult,
+    iter_layers,
     layer_key,
     merge_shards,
+    parse_key,
     read_embeddings,
     write_embeddings,
 )
@@ -115,3 +118,14 @@ def test_merge_keeps_the_generation_settings_and_refuses_disagreeing_ones(tmp_pa
     with pytest.raises(MergeError, match=r"c\.h5: attribute 'generation_config'"):
         merge_shards([first, other], ["a", "b"], tmp_path / "all2.h5")
     assert read_embeddings(write_embeddings(tmp_path / "old.h5", make_results(["a"]), DIMS, ATTRS)).generation_config is None
+
+
+def test_vector_keys_read_back_into_representation_and_layer():
+    for representation in LAYERED_REPRESENTATIONS:
+        assert parse_key(layer_key(representation, 12)) == (representation, 12)
+    assert parse_key(VISION_ONLY) == (VISION_ONLY, None)
+    for bad in ("question_id", "query_token_representation/layer_x", "other_representation/layer_1"):
+        with pytest.raises(ValueError, match="not a vector"):
+            parse_key(bad)
+    keys = [layer_key("query_token_representation", k) for k in (10, 2)] + [VISION_ONLY]
+    assert iter_layers(keys, "query_token_representation") == [2, 10]

@@ -21,9 +21,10 @@ from conftest import REPO
 from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
 from vlmstates.engine import Extractor, load_model
-from vlmstates.probes import OUTPUT_FILES, ProbeSettings
+from vlmstates.probe_settings import ProbeSettings
+from vlmstates.probe_stats import OUTPUT_FILES
 from vlmstates.run_summary import run_summary
-from vlmstates.settings import ModelSettings
+from vlmstates.settings import ExtractionSettings, ModelSettings
 from vlmstates.shards import questions_of
 from vlmstates.store import STATUS_OK, read_embeddings
 
@@ -225,6 +226,17 @@ def test_schema_probe_settings_match_probe_settings():
     for key, spec in properties.items():
         assert spec.get("type") and spec.get("description"), key
     assert ProbeSettings.from_mapping({key: spec["default"] for key, spec in properties.items()}) == ProbeSettings()
+
+
+def test_schema_extraction_settings_match_extraction_settings():
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    section = schema["properties"]["extraction"]
+    assert section["additionalProperties"] is False
+    properties = section["properties"]
+    assert {key: spec["default"] for key, spec in properties.items()} == asdict(ExtractionSettings())
+    for key, spec in properties.items():
+        assert spec.get("type") and spec.get("description"), key
+    assert ExtractionSettings(**{key: spec["default"] for key, spec in properties.items()}) == ExtractionSettings()
 
 
 def test_lint_and_format_are_clean():

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from PIL import ExifTags, Image
 
-from .dataset import resolve_image_path
+from .images import resolve_image_path
 from .settings import AUTO_BATCH_SIZE
 from .store import SampleResult
 

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 from .adapters import adapter_for_family
 from .adapters.base import LoadedModel
-from .dataset import load_image, resolve_image_path
+from .images import load_image, resolve_image_path
 from .engine import Extractor, Prepared, Question, load_model, select_attention, select_device, select_dtype
 from .hooks import forward_hooks
 from .settings import ModelSettings, default_layers

@@ -24,9 +24,13 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from importlib import import_module
+from pathlib import Path
 
-from . import __version__
+# light modules only: building the parser must not need torch or the probe extras (scikit-learn, scipy),
+# which a model's extraction environment lacks; each command imports what it runs
+from . import __version__, labels, probe_settings
+from .errors import VlmstatesError
+from .settings import ExtractionSettings
 
 
 def _validate(args) -> None:
@@ -129,6 +133,80 @@ def _predict(args) -> None:
     print(json.dumps(prediction.as_dict(), indent=2) if args.format == "json" else prediction.answer)
 
 
+def _label(args) -> None:
+    out = Path(args.output) if args.output else Path(args.embeddings).with_name("labels.csv")
+    summary = labels.label_embeddings(args.embeddings, out, args.method, args.labels_file, args.summary, args.ignore_unknown)
+    rate = summary["positive_rate"]
+    print(
+        f"{out}: {summary['n_judged']} of {summary['n_total']} judged by {args.method}, "
+        f"{summary['n_hallucinated']} hallucinated" + (f" ({rate:.1%})" if rate is not None else "")
+    )
+    for reason, count in sorted(summary["unjudged_by_reason"].items()):
+        print(f"  {reason}: {count}")
+
+
+def _probe_settings(args):
+    """The probe settings of --settings or --settings-json, with the flags given over them."""
+    mapping = {}
+    if args.settings and args.settings_json:
+        raise probe_settings.ProbeError("give probe settings as --settings FILE or --settings-json TEXT, not both")
+    if args.settings_json:
+        mapping = json.loads(args.settings_json)
+        if not isinstance(mapping, dict):
+            raise probe_settings.ProbeError(f"--settings-json must be a JSON object, not {args.settings_json!r}")
+    if args.settings:
+        text = Path(args.settings).read_text()
+        if args.settings.endswith((".yaml", ".yml")):
+            import yaml
+
+            mapping = yaml.safe_load(text) or {}
+        else:
+            mapping = json.loads(text)
+    overrides = {
+        "split": args.split, "seed": args.seed, "folds": args.folds, "probes": args.probes,
+        "representations": args.representations, "layers": args.layers, "mlp_max_epochs": args.max_epochs,
+        "mlp_patience": args.patience, "bootstrap": args.bootstrap, "device": args.device,
+    }  # fmt: skip
+    mapping.update({k: v for k, v in overrides.items() if v is not None})
+    if args.fractions:
+        mapping.update(
+            train_fraction=args.fractions[0], val_fraction=args.fractions[1], test_fraction=args.fractions[2]
+        )
+    if args.no_control:
+        mapping["shuffled_control"] = False
+    return probe_settings.ProbeSettings.from_mapping(mapping)
+
+
+def _probe(args) -> None:
+    from .probe_stats import run_probes
+
+    settings = _probe_settings(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.output) if args.output else Path(args.embeddings).with_name("probes")
+    metrics = run_probes(args.embeddings, args.labels, out_dir, settings)
+    ok = metrics[metrics["status"] == "ok"]
+    print(f"{out_dir}: {len(ok)} of {len(metrics)} probes evaluated")
+    if len(ok):
+        best = ok.loc[ok["auroc"].astype(float).idxmax()]
+        print(f"  best test AUROC {best['auroc']:.3f} ({best['key']}, {best['probe']})")
+
+
+def _probe_summary(args) -> None:
+    from .probe_summary import summarise_models
+
+    pairs = {}
+    for item in args.metrics:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).parent.parent.name or item, item
+        pairs[name] = path
+    summary = summarise_models(pairs, args.output, args.plot)
+    print(f"{args.output}: {int((summary['source'] == 'ours').sum())} rows for {len(pairs)} models")
+
+
 def _demo(args) -> None:
     from .demo import write_demo_dataset
 
@@ -162,10 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True)
     p.add_argument("--shard", required=True)
     p.add_argument("--shard-size", type=int, required=True)
-    p.add_argument("--max-failed-share", type=float, default=0.05)
+    p.add_argument("--max-failed-share", type=float, default=ExtractionSettings.max_failed_share)
     p.add_argument("--out", required=True)
     p.add_argument("--progress-dir", help="where finished samples are saved to resume from (default: OUT.progress/)")
-    p.add_argument("--save-every", type=int, default=64, help="save progress every N finished samples")
+    p.add_argument(
+        "--save-every", type=int, default=ExtractionSettings.save_every, help="save progress every N finished samples"
+    )
     p.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number: the batch size halves per retry")
     p.set_defaults(func=_extract_shard)
 
@@ -204,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-interval", type=int, default=1000,
                    help="questions per seed-layout file, and progress saved every N samples")
     p.add_argument("--test", action="store_true", help="only the first 3 questions, as a quick check")
-    p.add_argument("--shard-size", type=int, default=500, help="questions per shard (the workflow's default)")
+    p.add_argument(
+        "--shard-size", type=int, default=ExtractionSettings.shard_size, help="questions per shard (the workflow's default)"
+    )
     p.add_argument("--batch-size", type=int, help="samples per generate() call (default: the models config's)")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the models config's, 200)")
     p.add_argument("--trust-remote-code", action="store_true", help="let the checkpoint's own code run (Molmo)")
@@ -223,6 +305,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="let the checkpoint's own code run (Molmo)")
     p.set_defaults(func=_predict)
 
+    p = commands.add_parser(
+        "label",
+        help="label each answer of an embeddings file as hallucinated or not",
+        description=labels.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("embeddings", metavar="EMBEDDINGS.h5", help="embeddings file of the vlmstates schema")
+    p.add_argument("--method", choices=labels.METHODS, default="halp", help="labelling rule (default: halp)")
+    p.add_argument("--labels-file", metavar="CSV", help="for --method file: CSV with columns question_id, hallucinated")
+    p.add_argument(
+        "--ignore-unknown",
+        action="store_true",
+        help="for --method file: skip (with a warning) rows of questions not in the embeddings file, "
+        "e.g. ones cut by dataset.limit; without it they are an error",
+    )
+    p.add_argument("-o", "--output", metavar="LABELS.csv", help="output CSV (default: labels.csv beside the embeddings)")
+    p.add_argument(
+        "--summary", metavar="JSON", help="summary of the labels (default: LABELS.summary.json beside the output)"
+    )
+    p.set_defaults(func=_label)
+
+    p = commands.add_parser(
+        "probe",
+        help="train hallucination probes on every representation and layer of an embeddings file",
+        description=probe_settings.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("embeddings", metavar="EMBEDDINGS.h5")
+    p.add_argument("labels", metavar="LABELS.csv", help="labels as written by `label`")
+    p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: probes/ beside the embeddings)")
+    p.add_argument("--settings", metavar="FILE", help="JSON or YAML mapping of probe settings (flags override)")
+    p.add_argument("--settings-json", metavar="TEXT", help="the same mapping given inline as a JSON object")
+    p.add_argument("--split", choices=probe_settings.SPLITS)
+    p.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--folds", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--probes", nargs="+", choices=probe_settings.PROBES)
+    p.add_argument("--representations", nargs="+", choices=probe_settings.CODE_ORDER)
+    p.add_argument("--layers", nargs="+", type=int, help="decoder layers to probe (default: all)")
+    p.add_argument("--max-epochs", type=int, help="MLP epochs at most (default 50)")
+    p.add_argument("--patience", type=int, help="stop the MLP after this many epochs without improvement")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the AUROC interval (default 1000)")
+    p.add_argument("--no-control", action="store_true", help="skip the shuffled-label control")
+    p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=_probe)
+
+    p = commands.add_parser(
+        "probe-summary",
+        help="compare probe results across models and with the HALP paper's published AUROCs",
+    )
+    p.add_argument("metrics", nargs="+", metavar="NAME=METRICS.csv")
+    p.add_argument("-o", "--output", default="probes_summary.csv", metavar="CSV")
+    p.add_argument("--plot", default="probes_summary.png", metavar="PNG")
+    p.set_defaults(func=_probe_summary)
+
     p = commands.add_parser("demo", help="generate the demo VQA set (questions.csv and images/)")
     p.add_argument("out")
     p.set_defaults(func=_demo)
@@ -233,11 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_tiny)
 
-    for module in ("labels", "probes"):
-        try:
-            import_module(f".{module}", __package__).add_cli(commands)
-        except ImportError:  # the probe extras are optional in a model's extraction environment
-            pass
     return parser
 
 
@@ -262,7 +395,7 @@ def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except _expected_errors() as error:  # bad input or a refused step: a message, not a traceback
+    except VlmstatesError as error:  # bad input or a refused step: a message, not a traceback
         print(f"vlmstates {args.command}: {error}", file=sys.stderr)
         return 1
     return 0
@@ -303,24 +436,6 @@ def _reader_went_away() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 128 + signal.SIGPIPE
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    from .dataset import DatasetError
-    from .inspection import UnreadableFile
-    from .predict import PredictError
-    from .seed_layout import SeedLayoutError
-    from .settings import ConfigError
-    from .shards import ShardFailed
-    from .store import MergeError
-
-    errors = [ConfigError, DatasetError, MergeError, ShardFailed, SeedLayoutError, PredictError, UnreadableFile]
-    for module, name in (("labels", "LabelError"), ("probes", "ProbeError")):
-        try:
-            errors.append(getattr(import_module(f".{module}", __package__), name))
-        except ImportError:  # the probe extras are optional in a model's extraction environment
-            pass
-    return tuple(errors)
 
 
 if __name__ == "__main__":

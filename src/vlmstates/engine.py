@@ -26,7 +26,7 @@ from . import __version__, batching
 from .adapters import adapter_for_family, family_of_model_type
 from .adapters.base import Batch, LoadedModel
 from .capture import PrefillCapture
-from .dataset import ImageLoadError, load_image, resolve_image_path
+from .images import ImageLoadError, load_image, resolve_image_path
 from .failpoints import failpoint
 from .positions import Positions
 from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers

@@ -20,15 +20,13 @@ from pathlib import Path
 
 from .dataset import read_validated_table, validate_and_write
 from .seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
-from .settings import ConfigError, ModelSettings
+from .settings import ConfigError, ExtractionSettings, ModelSettings
 from .shards import count_shards, extract_shard, merge_model_shards, progress_bar_wanted, shard_rows
 from .store import read_embeddings
 
 log = logging.getLogger(__name__)
 
 TEST_QUESTIONS = 3  # --test keeps the first 3 questions (the seeds' --test took 3 random ones)
-SHARD_SIZE = 500  # the workflow's default extraction.shard_size
-MAX_FAILED_SHARE = 0.05  # the workflow's default extraction.max_failed_share
 
 
 @dataclass
@@ -68,7 +66,7 @@ def run_extract(
     cache_dir: str | Path | None = None,
     checkpoint_interval: int = DEFAULT_PART_SIZE,
     test: bool = False,
-    shard_size: int = SHARD_SIZE,
+    shard_size: int = ExtractionSettings.shard_size,
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     trust_remote_code: bool = False,
@@ -115,7 +113,7 @@ def _extract_shards(
         else:
             extract_shard(
                 settings, table, images_dir, shard, shard_size, path,
-                max_failed_share=MAX_FAILED_SHARE, save_every=save_every, get_extractor=extractor,
+                max_failed_share=ExtractionSettings.max_failed_share, save_every=save_every, get_extractor=extractor,
             )
         shards.append(path)
     return shards

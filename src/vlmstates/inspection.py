@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path, write_text_atomic
+from .errors import VlmstatesError
 from .labels import read_labels
 from .report_pages import esc, page, table
 from .seed_layout import is_seed_layout, read_seed_layout
-from .store import STATUS_FAILED, STATUS_OK, Embeddings, read_embeddings
+from .store import STATUS_FAILED, STATUS_OK, Embeddings, parse_key, read_embeddings
 
 
-class UnreadableFile(ValueError):
+class UnreadableFile(VlmstatesError, ValueError):
     """The path is neither an embeddings file nor seed-layout parts; the message names it."""
 
 
@@ -285,11 +286,9 @@ def norms_by_representation(emb: Embeddings) -> dict[str, list[tuple[int | None,
     """Per representation, (layer, norms over the ok samples) in layer order; the vision-only one has no layer."""
     ok = (emb.table["status"] == STATUS_OK).to_numpy()
     out: dict[str, list[tuple[int | None, np.ndarray]]] = {}
-    for key in emb.representation_keys():
-        representation, _, layer = key.partition("/layer_")
-        out.setdefault(representation, []).append((int(layer) if layer else None, np.linalg.norm(emb.load(key)[ok], axis=1)))
-    for series in out.values():
-        series.sort(key=lambda item: -1 if item[0] is None else item[0])
+    for key in emb.representation_keys():  # in layer order
+        representation, layer = parse_key(key)
+        out.setdefault(representation, []).append((layer, np.linalg.norm(emb.load(key)[ok], axis=1)))
     return out
 
 

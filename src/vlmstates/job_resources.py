@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from .settings import ALL_LAYERS
+from .settings import ALL_LAYERS, DEFAULT_LAYER_COUNT
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 # A checkpoint whose size cannot be read (a hub id not in the local cache) is taken to be this big:
@@ -68,7 +68,7 @@ def recorded_layer_count(layers, checkpoint_config: dict | None) -> int:
     """How many decoder blocks a model entry's `layers` records: five by default (default_layers; fewer
     only for very shallow models), every block for `all`, else as many as listed."""
     if layers is None:
-        return 5
+        return DEFAULT_LAYER_COUNT
     if layers == ALL_LAYERS:
         blocks = decoder_blocks_of(checkpoint_config) if checkpoint_config else None
         return blocks or UNKNOWN_DECODER_BLOCKS

@@ -19,7 +19,6 @@ Methods:
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import logging
@@ -31,10 +30,11 @@ from pathlib import Path
 import pandas as pd
 
 from vlmstates.atomic import write_text_atomic
+from vlmstates.errors import VlmstatesError
 from vlmstates.store import ANSWERS_ATTR, STATUS_OK, read_embeddings
 
 
-class LabelError(ValueError):
+class LabelError(VlmstatesError, ValueError):
     """A labels input or option cannot be used; the message names the file, line or option."""
 
 
@@ -380,49 +380,3 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     if missing:
         raise LabelError(f"{path}: not a labels file (missing {', '.join(missing)})")
     return table
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    out = Path(args.output) if args.output else Path(args.embeddings).with_name("labels.csv")
-    summary = label_embeddings(args.embeddings, out, args.method, args.labels_file, args.summary, args.ignore_unknown)
-    rate = summary["positive_rate"]
-    print(
-        f"{out}: {summary['n_judged']} of {summary['n_total']} judged by {args.method}, "
-        f"{summary['n_hallucinated']} hallucinated" + (f" ({rate:.1%})" if rate is not None else "")
-    )
-    for reason, count in sorted(summary["unjudged_by_reason"].items()):
-        print(f"  {reason}: {count}")
-    return 0
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register the `label` subcommand on an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "label",
-        help="label each answer of an embeddings file as hallucinated or not",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("embeddings", metavar="EMBEDDINGS.h5", help="embeddings file of the vlmstates schema")
-    parser.add_argument("--method", choices=METHODS, default="halp", help="labelling rule (default: halp)")
-    parser.add_argument(
-        "--labels-file", metavar="CSV", help="for --method file: CSV with columns question_id, hallucinated"
-    )
-    parser.add_argument(
-        "--ignore-unknown",
-        action="store_true",
-        help="for --method file: skip (with a warning) rows of questions not in the embeddings file, "
-        "e.g. ones cut by dataset.limit; without it they are an error",
-    )
-    parser.add_argument(
-        "-o", "--output", metavar="LABELS.csv", help="output CSV (default: labels.csv beside the embeddings)"
-    )
-    parser.add_argument(
-        "--summary", metavar="JSON", help="summary of the labels (default: LABELS.summary.json beside the output)"
-    )
-    parser.set_defaults(func=_run_cli)
-    return parser

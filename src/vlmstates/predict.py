@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .dataset import DatasetError, load_image, resolve_image_path
+from .errors import VlmstatesError
+from .images import load_image, resolve_image_path
 from .settings import ModelSettings
 from .store import STATUS_FAILED
 
@@ -23,7 +24,7 @@ TASK_PROMPTS = {
 }
 
 
-class PredictError(ValueError):
+class PredictError(VlmstatesError, ValueError):
     """The image, task or prompt cannot be used, or the model failed on the sample; the message says which."""
 
 
@@ -68,7 +69,7 @@ def checked_image(image: str | Path) -> Path:
     real = path.resolve()
     try:
         load_image(resolve_image_path(real.parent, real.name)).close()
-    except (DatasetError, ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # ImagePathError and ImageLoadError are ValueErrors
         raise PredictError(f"--image {image}: {error}") from error
     return real
 

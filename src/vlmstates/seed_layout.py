@@ -29,17 +29,18 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path
+from .errors import VlmstatesError
 from .store import (
     INT_COLUMNS,
-    LAYERED_REPRESENTATIONS,
+    QUERY_TOKEN,
     STATUS_FAILED,
     STATUS_OK,
     STRING_COLUMNS,
-    VISION_ONLY,
     Embeddings,
+    decode_attr,
     iter_layers,
-    layer_key,
     read_embeddings,
+    vector_dims,
 )
 
 DEFAULT_PART_SIZE = 1000  # the seeds' --checkpoint-interval default
@@ -50,7 +51,7 @@ _STRING = h5py.string_dtype("utf-8")
 _MAX_ERROR_CHARS = 300  # keeps the `failed` attribute small; the columnar file has the whole text
 
 
-class SeedLayoutError(ValueError):
+class SeedLayoutError(VlmstatesError, ValueError):
     """A file cannot be written or read in the seed layout; the message names it."""
 
 
@@ -237,7 +238,7 @@ def read_seed_layout(path: str | Path) -> SeedEmbeddings:
     for index, part in enumerate(parts):
         try:
             with h5py.File(part, "r") as f:
-                part_attrs.append({name: _plain(value) for name, value in f.attrs.items()})
+                part_attrs.append({name: decode_attr(value) for name, value in f.attrs.items()})
                 part_rows, part_locations = _read_part_rows(f, index, part_attrs[-1])
         except (OSError, KeyError, ValueError, TypeError) as error:
             raise SeedLayoutError(f"seed-layout file {part} is unreadable: {error}") from error
@@ -287,16 +288,8 @@ def _vector_dims(parts: list[Path], locations: list) -> dict[str, int]:
     first = next((location for location in locations if location), None)
     if first is None:
         return {}
-    dims = {}
     with h5py.File(parts[first[0]], "r") as f:
-        group = f[first[1]]
-        if VISION_ONLY in group:
-            dims[VISION_ONLY] = int(group[VISION_ONLY].shape[-1])
-        for representation in LAYERED_REPRESENTATIONS:
-            names = [f"{representation}/{name}" for name in group.get(representation, {})]
-            for layer in iter_layers(names, representation):
-                dims[layer_key(representation, layer)] = int(group[layer_key(representation, layer)].shape[-1])
-    return dims
+        return vector_dims(f[first[1]])
 
 
 def _merged_attrs(part_attrs: list[dict], parts: list[Path], dims: dict[str, int]) -> dict:
@@ -309,15 +302,5 @@ def _merged_attrs(part_attrs: list[dict], parts: list[Path], dims: dict[str, int
     attrs["num_failed"] = sum(int(a.get("num_failed", 0)) for a in part_attrs)
     attrs["model"] = attrs.get("model_name", "")
     if not attrs.get("layers"):  # files of the seed scripts themselves have no layers attribute
-        attrs["layers"] = iter_layers(dims, "query_token_representation")
+        attrs["layers"] = iter_layers(dims, QUERY_TOKEN)
     return attrs
-
-
-def _plain(value):
-    if isinstance(value, np.ndarray):
-        return [int(v) for v in value]
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, bytes):
-        return value.decode()
-    return value

@@ -1,4 +1,4 @@
-"""Per-model extraction settings, the model family read from the checkpoint, and the config hash."""
+"""Extraction settings (the shared ones and each model's), the model family read from the checkpoint, and the config hash."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from .errors import VlmstatesError
 
 
 #: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.batching.AUTO_BATCH_START).
@@ -29,8 +31,17 @@ ENGINE_GENERATION_FIELDS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(VlmstatesError, ValueError):
     """A config value cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """The config's `extraction` section, the same for every model (the defaults are the schema's, tested)."""
+
+    shard_size: int = 500  # questions per extraction job
+    max_failed_share: float = 0.05  # a shard in which more samples failed fails its job
+    save_every: int = 64  # a job saves its finished samples every N, so that a rerun continues from there
 
 
 @dataclass(frozen=True)
@@ -133,8 +144,13 @@ def check_generation_fields(settings: ModelSettings) -> None:
             )
 
 
+#: How many blocks `default_layers` picks in a model of eight blocks or more: what an extraction job's
+#: memory request plans for when the config names no layers.
+DEFAULT_LAYER_COUNT = 5
+
+
 def default_layers(num_layers: int) -> tuple[int, ...]:
-    """[0, n//4, n//2, 3n//4, n-1], deduplicated for very shallow models."""
+    """[0, n//4, n//2, 3n//4, n-1] (DEFAULT_LAYER_COUNT blocks), deduplicated for very shallow models."""
     return tuple(sorted({0, num_layers // 4, num_layers // 2, 3 * num_layers // 4, num_layers - 1}))
 
 

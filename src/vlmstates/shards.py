@@ -31,7 +31,8 @@ import pandas as pd
 
 from .atomic import atomic_path
 from .dataset import read_validated_table
-from .settings import AUTO_BATCH_SIZE
+from .errors import VlmstatesError
+from .settings import AUTO_BATCH_SIZE, ExtractionSettings
 from .store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _RESUME_IDENTITY = ("config_hash", "shard", "shard_size", "shard_questions")
 FINISHED = "finished.h5"  # the finished shard in its progress folder, kept until the shards are merged
 
 
-class ShardFailed(RuntimeError):
+class ShardFailed(VlmstatesError, RuntimeError):
     """Too many samples of a shard failed; the message names the first errors."""
 
 
@@ -65,7 +66,7 @@ def questions_of(rows: pd.DataFrame) -> list:
 def batch_size_for_attempt(batch_size: int | str, attempt: int) -> int | str:
     """Halve the batch size with each retry of a job (Snakemake's --retries), down to one.
 
-    `auto` stays auto: each attempt probes the GPU's memory afresh."""
+    `auto` stays auto: each attempt searches for the batch size that fits the GPU afresh."""
     if batch_size == AUTO_BATCH_SIZE:
         return batch_size
     return max(1, batch_size >> max(0, attempt - 1))
@@ -238,9 +239,9 @@ def extract_shard(
     shard: int,
     shard_size: int,
     out_path: str | Path,
-    max_failed_share: float = 0.05,
+    max_failed_share: float = ExtractionSettings.max_failed_share,
     progress_dir: str | Path | None = None,
-    save_every: int = 64,
+    save_every: int = ExtractionSettings.save_every,
     attempt: int = 1,
     get_extractor: Callable[[], object] | None = None,
 ) -> Path:

@@ -22,17 +22,19 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path
+from .errors import VlmstatesError
 
 SCHEMA_VERSION = 1
 
 STRING_COLUMNS = ("question_id", "image_id", "question", "ground_truth_answer", "answer", "status", "error")
 INT_COLUMNS = ("vision_token_position", "query_token_position", "num_prompt_tokens", "num_image_tokens")
+# The vector datasets' names: one vision-only vector per sample, and per decoder layer k the
+# representations stored as "<name>/layer_k" (`layer_key`, read back by `parse_key`).
 VISION_ONLY = "vision_only_representation"
-LAYERED_REPRESENTATIONS = (
-    "vision_token_representation",
-    "query_token_representation",
-    "multimodal_representation",
-)
+VISION_TOKEN = "vision_token_representation"
+QUERY_TOKEN = "query_token_representation"
+MULTIMODAL = "multimodal_representation"
+LAYERED_REPRESENTATIONS = (VISION_TOKEN, QUERY_TOKEN, MULTIMODAL)
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
@@ -86,6 +88,17 @@ def layer_key(representation: str, layer: int) -> str:
     return f"{representation}/layer_{layer}"
 
 
+def parse_key(key: str) -> tuple[str, int | None]:
+    """A vector dataset's name read back: (representation, layer), the layer None for VISION_ONLY."""
+    if key == VISION_ONLY:
+        return VISION_ONLY, None
+    representation, _, name = key.partition("/")
+    found = _LAYER_KEY.match(name)
+    if representation not in LAYERED_REPRESENTATIONS or not found:
+        raise ValueError(f"{key!r} is not a vector of this schema ({VISION_ONLY} or <representation>/layer_k)")
+    return representation, int(found[1])
+
+
 @dataclass
 class SampleResult:
     """Everything recorded for one question; vectors keyed as in the file (see `layer_key`)."""
@@ -120,7 +133,8 @@ def _to_attr(value):
     return value
 
 
-def _from_attr(value):
+def decode_attr(value):
+    """A file attribute as Python: integer arrays as lists of int, numpy integers as int, bytes as str."""
     if isinstance(value, np.ndarray):
         return [int(v) for v in value]
     if isinstance(value, (np.integer,)):
@@ -188,22 +202,23 @@ class Embeddings:
 
 
 def _representation_sort_key(key: str):
-    if key == VISION_ONLY:
+    representation, layer = parse_key(key)
+    if layer is None:
         return (0, "", -1)
-    representation, _, layer = key.partition("/")
-    return (1 + LAYERED_REPRESENTATIONS.index(representation), representation, int(layer.split("_")[1]))
+    return (1 + LAYERED_REPRESENTATIONS.index(representation), representation, layer)
 
 
-def _vector_dims(f: h5py.File) -> dict[str, int]:
+def vector_dims(group: h5py.Group) -> dict[str, int]:
+    """The vectors under `group` (a columnar file, or one question's group of the seed layout) and their
+    widths, in `representation_keys` order; other members are not vectors and are left out."""
     dims = {}
-    if VISION_ONLY in f:
-        dims[VISION_ONLY] = int(f[VISION_ONLY].shape[1])
+    if VISION_ONLY in group:
+        dims[VISION_ONLY] = int(group[VISION_ONLY].shape[-1])
     for representation in LAYERED_REPRESENTATIONS:
-        if representation in f:
-            for name, data in f[representation].items():
-                if _LAYER_KEY.match(name):
-                    dims[f"{representation}/{name}"] = int(data.shape[1])
-    return dims
+        for name, data in group.get(representation, {}).items():
+            if _LAYER_KEY.match(name):
+                dims[f"{representation}/{name}"] = int(data.shape[-1])
+    return {key: dims[key] for key in sorted(dims, key=_representation_sort_key)}
 
 
 def read_embeddings(path: str | Path) -> Embeddings:
@@ -215,8 +230,8 @@ def read_embeddings(path: str | Path) -> Embeddings:
         table = pd.DataFrame({c: f[c].asstr()[()] for c in STRING_COLUMNS})
         for c in INT_COLUMNS:
             table[c] = f[c][()]
-        attrs = {name: _from_attr(value) for name, value in f.attrs.items()}
-        dims = _vector_dims(f)
+        attrs = {name: decode_attr(value) for name, value in f.attrs.items()}
+        dims = vector_dims(f)
     return Embeddings(path=path, table=table, attrs=attrs, vector_dims=dims)
 
 
@@ -232,7 +247,7 @@ def read_results(path: str | Path) -> list[SampleResult]:
     return results
 
 
-class MergeError(ValueError):
+class MergeError(VlmstatesError, ValueError):
     """A shard cannot be merged; the message names the shard and the problem."""
 
 
@@ -322,5 +337,5 @@ def _check_coverage(shards: Sequence[Embeddings], expected: list[str]) -> None:
 
 
 def iter_layers(keys: Iterable[str], representation: str) -> list[int]:
-    prefix = representation + "/layer_"
-    return sorted(int(k[len(prefix):]) for k in keys if k.startswith(prefix))
+    """The layers that `keys` hold of `representation`, in order."""
+    return sorted(layer for name, layer in map(parse_key, keys) if name == representation)

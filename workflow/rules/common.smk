@@ -25,6 +25,7 @@ from vlmstates.dataset import read_validated_table
 from vlmstates import job_resources
 from vlmstates.settings import (
     ConfigError,
+    ExtractionSettings,
     ModelSettings,
     model_type_of,
     read_checkpoint_config,
@@ -44,6 +45,7 @@ check_config(
 )
 
 RESULTS = str(Path(config["results"]))  # "results/" -> "results", "" -> "."
+EXTRACTION = ExtractionSettings(**config["extraction"])
 
 
 def results_path(path):
@@ -98,8 +100,8 @@ def validation_options():
     return " ".join(options)
 
 
-def model_checkpoint(wildcards):
-    """The local checkpoint folder when the workflow builds it, so extraction waits for it."""
+def built_weights(wildcards):
+    """The tiny checkpoint's folder when the workflow builds it (rule tiny_checkpoint), so extraction waits for it."""
     model_ref = config["models"][wildcards.model]["model"]
     return [model_ref] if tiny_family(model_ref) else []
 
@@ -138,9 +140,8 @@ EXTRACTION_FOOTPRINTS = {name: extraction_footprint(name) for name in MODEL_FAMI
 def extraction_memory_mb(wildcards, attempt):
     """Host memory from the model's size and the shard size, doubled and tripled on retries."""
     weights, vectors, hidden = EXTRACTION_FOOTPRINTS[wildcards.model]
-    shard_size = config["extraction"]["shard_size"]
     return attempt * job_resources.extraction_memory_mb(
-        weights, shard_size, vectors, hidden
+        weights, EXTRACTION.shard_size, vectors, hidden
     )
 
 
@@ -148,20 +149,22 @@ def extraction_runtime(wildcards, attempt):
     """Time limit (minutes) from the model's size and the shard size, longer on retries."""
     weights = EXTRACTION_FOOTPRINTS[wildcards.model][0]
     entry = model_settings(wildcards.model)
-    batch = entry.batch_size if isinstance(entry.batch_size, int) else 8
+    # batch_size auto finds its size in the job; until then, plan for the default size
+    batch = (
+        entry.batch_size
+        if isinstance(entry.batch_size, int)
+        else ModelSettings.batch_size
+    )
     decoded = entry.max_new_tokens if entry.answers else 0  # prefill-only decodes none
     return attempt * job_resources.extraction_runtime_minutes(
-        weights, config["extraction"]["shard_size"], decoded, batch
+        weights, EXTRACTION.shard_size, decoded, batch
     )
 
 
 def shard_ids():
     table = checkpoints.validate_dataset.get().output.table
     rows = len(read_validated_table(table))
-    return [
-        f"{k:04d}"
-        for k in range(count_shards(rows, config["extraction"]["shard_size"]))
-    ]
+    return [f"{k:04d}" for k in range(count_shards(rows, EXTRACTION.shard_size))]
 
 
 def model_shards(wildcards):

@@ -1,7 +1,7 @@
 rule extract_shard:
     input:
         table=VALIDATED_TABLE,
-        checkpoint=model_checkpoint,
+        weights=built_weights,
     output:
         results_path("{model}/shards/shard_{shard}.h5"),
     log:
@@ -24,9 +24,9 @@ rule extract_shard:
         marker="logs/extract/{model}/shard_{shard}.no-retry.log",
         settings=settings_json,
         images=config["dataset"]["images"],
-        shard_size=config["extraction"]["shard_size"],
-        max_failed_share=config["extraction"]["max_failed_share"],
-        save_every=config["extraction"]["save_every"],
+        shard_size=EXTRACTION.shard_size,
+        max_failed_share=EXTRACTION.max_failed_share,
+        save_every=EXTRACTION.save_every,
     shell:
         "{params.cli} --attempt {resources.attempt} --log {log:q} --marker {params.marker:q} -- extract-shard"
         " --settings {params.settings:q} --table {input.table:q} --images {params.images:q}"

@@ -1,6 +1,6 @@
 # Hallucination labels and HALP probes, per model, and a summary across models beside the paper's numbers.
 # Conventions from common.smk: config["models"] (name -> settings), results_path("{model}/embeddings.h5"),
-# config["labels"] (method, file) and config["probes"] (vlmstates.probes.ProbeSettings fields).
+# config["labels"] (method, file) and config["probes"] (vlmstates.probe_settings.ProbeSettings fields).
 # Every job runs the package's command line (shell:, never script:; see common.smk).
 
 
@@ -100,7 +100,7 @@ rule probe_summary:
             subcategory="Summary",
             labels={"model": "all", "figure": "summary table (CSV)"},
         ),
-        # written beside the CSV by probe-summary (vlmstates.probes.summary_html_path)
+        # written beside the CSV by probe-summary (vlmstates.probe_summary.summary_html_path)
         table_html=report(
             results_path("summary/probes.html"),
             caption="../report/probe_summary_table.rst",
