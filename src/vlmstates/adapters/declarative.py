@@ -147,12 +147,6 @@ class EntryAdapter(Adapter):
         if settings.attn_implementation == "auto":
             attn = self.entry.auto_attention.get(attn, attn)
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
-        if attn.startswith("flash_attention") and settings.attn_implementation == "auto":
-            # the engine's pick where flash-attn is installed; a model without that path (Mllama builds 4D
-            # cross-attention masks) is refused by transformers, so `auto` runs it with sdpa
-            config = transformers.AutoConfig.from_pretrained(settings.model, **common)
-            if not getattr(auto_class._model_mapping[type(config)], "_supports_flash_attn", True):
-                attn = "sdpa"
         processor = self.load_processor(settings, settings.revision)
         implementation = attn
         if self.entry.vision_attention is not None:  # per sub-model: the decoder's, and the tower's own

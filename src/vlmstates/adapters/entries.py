@@ -272,6 +272,8 @@ ENTRIES: dict[str, FamilyEntry] = {
             pooling="aspect_ratio_mask",
             vision_hidden_size="vision_config.vision_output_dim",  # the global encoder's output + 5 local layers
             nested_images=True,
+            # transformers refuses flash-attention for Mllama (it builds 4D cross-attention masks)
+            auto_attention={"flash_attention_2": "sdpa"},
             semantics=(
                 "VT: the single <|image|> token at the start of the user turn (no per-patch placeholders: the image "
                 "enters the decoder only through its cross-attention blocks, which every token from <|image|> on "
