@@ -379,30 +379,24 @@ def test_positions_are_the_last_image_token_and_the_last_prompt_token(run):
         assert result.query_token_position == len(ids) - 1 == result.num_prompt_tokens - 1
 
 
-def test_prompt_tokens_equal_the_processors_own_chat_template_route(run):
+def test_prompt_tokens_equal_the_processors_own_route(run):
+    """The prompt is the processor's own: its chat template's (apply_chat_template), or for a family without
+    one what its processor makes of the prompt text alone, every input it gives the model (PaliGemma's
+    token_type_ids, its prefix) reaching the model, training labels not."""
     case, loaded, questions, images, _, _ = run
-    if not case.processor_chat_template:
+    if not (case.processor_chat_template or case.processor_text_route):
         pytest.skip(f"{case.family}: the processor has no chat template of its own")
-    for question in questions[:2]:
-        image = load_image(resolve_image_path(images, question.image_id))
-        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question.question}]}]
-        expected = loaded.processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-        assert single_batch(loaded, question, images).input_ids[0].tolist() == list(np.asarray(expected["input_ids"]).reshape(-1))
-
-
-def test_prompt_tokens_equal_the_processors_own_text_route(run):
-    """A family without a chat template: the prompt is what its processor makes of the prompt text alone, and
-    every input the processor gives the model (PaliGemma's token_type_ids, its prefix) reaches it; training
-    labels do not."""
-    case, loaded, questions, images, _, _ = run
-    if not case.processor_text_route:
-        pytest.skip(f"{case.family}: its prompt is not the processor's text-only route")
     processor = loaded.processor
     for question in questions[:2]:
         image = load_image(resolve_image_path(images, question.image_id))
+        batch = single_batch(loaded, question, images)
+        if case.processor_chat_template:
+            messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question.question}]}]
+            expected = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+            assert batch.input_ids[0].tolist() == list(np.asarray(expected["input_ids"]).reshape(-1))
+            continue
         text = loaded.settings.format_prompt(question.question)
         expected = processor(text=text, images=image, return_tensors="pt")
-        batch = single_batch(loaded, question, images)
         assert batch.input_ids[0].tolist() == expected["input_ids"][0].tolist()
         for name in set(expected) - {"labels"}:
             assert torch.equal(batch.inputs[name].cpu(), expected[name]), name
@@ -428,6 +422,7 @@ def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (case.family, question.question_id)
 
 
+@pytest.mark.parametrize("run", [case for case in CASES if case.prefix_lm], indirect=True, ids=lambda case: case.family)
 def test_a_prefix_lm_has_read_the_whole_prompt_at_the_vision_token(run):
     """The captured prefill is the prefix-LM's: VT, the last image placeholder, equals the forward with the
     processor's token_type_ids (the whole prompt one bidirectional prefix) and differs from a causal forward
@@ -435,8 +430,6 @@ def test_a_prefix_lm_has_read_the_whole_prompt_at_the_vision_token(run):
     from vlmstates.store import layer_key
 
     case, loaded, questions, images, batched, _ = run
-    if not case.prefix_lm:
-        pytest.skip(f"{case.family}: a causal decoder")
     layer = Extractor(loaded, progress=False).layers[1]
     with torch.inference_mode():
         for question, result in zip(questions[:2], batched[:2]):
