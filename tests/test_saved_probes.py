@@ -9,17 +9,23 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from test_probes import FAST, SIGNAL_KEY, make_embeddings
+from test_workflow import REPO, default_config, snakemake, workdir_with_config
 from vlmstates import probe_stats
 from vlmstates.cli import main
+from vlmstates.config_check import check_config
+from vlmstates.demo import write_demo_dataset
 from vlmstates.labels import TRUE, label_embeddings
 from vlmstates.probe_settings import ProbeSettings
 from vlmstates.saved_probes import FORMAT, FORMAT_VERSION, INDEX, SavedProbeError, load_probe, read_index
 from vlmstates.scoring import score_embeddings, screening_settings, sidecar_path
-from vlmstates.settings import ModelSettings
+from vlmstates.settings import ConfigError, ModelSettings
+from vlmstates.store import read_embeddings
 
 torch = pytest.importorskip("torch")
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +143,55 @@ def test_the_score_command(trained, tmp_path, capsys):
     assert main(["score", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out),
                  "--probe", "XX/1/logreg"]) == 1  # fmt: skip
     assert "has no probe 'XX/1/logreg'" in capsys.readouterr().err
+
+
+# -- the config's `screen` key -------------------------------------------------------------------------
+def screen_config(screen: dict, probes: dict | None = None) -> dict:
+    config = {"dataset": {"csv": "q.csv", "images": "images"}, "models": {"mine": {"model": "org/model"}},
+              "screen": {"csv": "new.csv", "images": "new_images", "model": "mine", **screen}}  # fmt: skip
+    return config | ({"probes": probes} if probes else {})
+
+
+def test_the_screen_key_is_checked_naming_the_key_and_the_fix():
+    assert check_config(screen_config({}), SCHEMA)["screen"]["probe"] == "best"
+    without = {"dataset": {"csv": "q.csv", "images": "i"}, "models": {"m": {"model": "x"}}}
+    assert check_config(without, SCHEMA)["screen"] is None
+    with pytest.raises(ConfigError, match=r"`screen\.model`: 'other' is not a model of `models` \(known: mine\)"):
+        check_config(screen_config({"model": "other"}), SCHEMA)
+    with pytest.raises(ConfigError, match=r"`screen\.probe`: 'VT-3' does not match"):
+        check_config(screen_config({"probe": "VT-3"}), SCHEMA)
+    with pytest.raises(ConfigError, match=r"`screen`: probes\.split kfold keeps no probe.*split: grouped"):
+        check_config(screen_config({}, {"split": "kfold"}), SCHEMA)
+    with pytest.raises(ConfigError, match=r"`screen\.probe`: VT/3/mlp is not trained .*add it there"):
+        check_config(screen_config({"probe": "VT/3/mlp"}, {"probes": ["logreg"]}), SCHEMA)
+
+
+# -- the workflow, end to end ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_screen_target_scores_a_dataset_from_prefill_only_extraction(tmp_path):
+    """One tiny model; `screen:` names the demo set again: its probe (chosen `best`) scores it from a
+    prefill-only extraction of just its layer, and the scores carry the probe's recorded test AUROC."""
+    data = tmp_path / "data"
+    csv_path = write_demo_dataset(data)
+    config = {
+        "results": str(tmp_path / "results"),
+        "dataset": {"csv": str(csv_path), "images": str(data / "images")},
+        "models": {"mine": {"model": "resources/checkpoints/tiny-qwen2_5_vl", "batch_size": 4, "answers": False}},
+        "labels": {"method": "file", "file": str(data / "labels.csv")},
+        "probes": {"bootstrap": 10, "probes": ["logreg"], "representations": ["QT"], "shuffled_control": False},
+        "screen": {"csv": str(csv_path), "images": str(data / "images"), "model": "mine"},
+    }
+    user_file = tmp_path / "user.yaml"
+    user_file.write_text(yaml.safe_dump(config))
+    workdir = workdir_with_config(tmp_path / "work", default_config())
+    snakemake(workdir, "--cores", "2", "--configfile", str(user_file))
+    results = tmp_path / "results" / "mine"
+    probe, _ = load_probe(results / "probes" / "saved", "best")
+    screened = read_embeddings(results / "screen" / "embeddings.h5")
+    assert screened.layers == [probe.layer] and not screened.attrs["answers"]
+    scores = pd.read_csv(results / "screen" / "scores.csv", dtype={"predicted_hallucinated": str})
+    assert len(scores) == len(read_embeddings(results / "embeddings.h5").table)
+    assert scores["hallucination_risk"].between(0, 1).all()
+    metrics = pd.read_csv(results / "probes" / "metrics.csv")
+    recorded = metrics.loc[(metrics["key"] == probe.key) & (metrics["probe"] == probe.kind), "auroc"].item()
+    assert json.loads((results / "screen" / "scores.json").read_text())["test_auroc"] == recorded
