@@ -125,6 +125,16 @@ def test_a_kfold_run_keeps_no_probe_and_says_why(tmp_path):
         load_probe(tmp_path / "p" / "saved")
 
 
+def test_without_validation_the_threshold_is_risk_one_half_and_best_goes_by_test_auroc(tmp_path):
+    make_embeddings(tmp_path / "e.h5", n_images=60)
+    label_embeddings(tmp_path / "e.h5", tmp_path / "labels.csv", "yesno")
+    settings = ProbeSettings(**FAST, split="halp", probes=["logreg"], representations=["QT"])
+    probe_stats.run_probes(tmp_path / "e.h5", tmp_path / "labels.csv", tmp_path / "p", settings)
+    probe, index = load_probe(tmp_path / "p" / "saved")
+    assert probe.threshold == 0.0 and "risk 0.5" in probe.threshold_rule and probe.metrics["val_auroc"] is None
+    assert probe.metrics["test_auroc"] == max(e["metrics"]["test_auroc"] for e in index["probes"])
+
+
 def test_screening_extracts_just_the_probes_layer_prefill_only(trained):
     root, _ = trained
     probe, _ = load_probe(root / "probes" / "saved", "QT/1/logreg")
