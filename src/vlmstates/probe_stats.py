@@ -23,7 +23,7 @@ from vlmstates.inspection import model_name
 from vlmstates.labels import FALSE, TRUE, read_labels
 from vlmstates.probe_plots import METRICS_PAGE_COLUMNS, plot_by_layer, plot_heatmap, write_table_html
 from vlmstates.probe_settings import REPRESENTATION_CODES, ProbeError, ProbeSettings
-from vlmstates.saved_probes import mlp_logits, mlp_module, probe_from_fit, write_saved_probes
+from vlmstates.saved_probes import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
 from vlmstates.store import STATUS_OK, parse_key, read_embeddings
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -255,15 +255,13 @@ class Standardised:
 
 
 def _standardise(x: np.ndarray, train: np.ndarray) -> Standardised:
-    """Standardised features (float32, one copy; saved_probes.standardise does the same to new rows)."""
+    """Features standardised by the training rows' statistics (float32, one copy)."""
     rows = x[train]
     mean = rows.mean(axis=0, dtype=np.float64)
     std = rows.std(axis=0, dtype=np.float64)
     del rows
     std[~(std > 1e-12)] = 1.0
-    out = x - mean.astype(np.float32)
-    out /= std.astype(np.float32)
-    return Standardised(out, mean, std)
+    return Standardised(standardise(x, mean, std), mean, std)
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, fold: Fold, settings: ProbeSettings) -> FitResult:

@@ -48,8 +48,9 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """(x - mean) / std in float32, the very operations training applied (probe_stats._standardise)."""
-    out = x.astype(np.float32, copy=True) - mean.astype(np.float32)
+    """(x - mean) / std in float32 (one new array): training and scoring both standardise with this, so a
+    probe sees the same numbers in both."""
+    out = np.asarray(x, dtype=np.float32) - mean.astype(np.float32)
     out /= std.astype(np.float32)
     return out
 
