@@ -18,6 +18,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/inspect.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/probes.smk"
+include: "workflow/rules/screen.smk"
 
 
 report: "workflow/report/workflow.rst"

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         return result
 
     print(f"{'step':34s} {'wall s':>9s} {'CPU s':>9s}  detail")
-    xs = timed("standardise (train mean/std)", lambda _: "", lambda: _standardise(x, fold.train))
+    xs = timed("standardise (train mean/std)", lambda _: "", lambda: _standardise(x, fold.train).x)
     if "logreg" in args.probes:
         grid = ",".join(f"{c:g}" for c in settings.logreg_c_grid)
         fit = timed(

@@ -10,6 +10,7 @@
   vlmstates label FILE ...           hallucination labels of a model's answers (halp, yesno, exact, file)
   vlmstates probe FILE LABELS ...    probes per representation and layer: AUROC with intervals and a control
   vlmstates probe-summary ...        every model's best probes beside the HALP paper's published AUROCs
+  vlmstates score PROBES ...         hallucination risk per question from a saved probe (no answer generated)
   vlmstates demo OUT                 generate the bundled demo VQA set
   vlmstates tiny FAMILY OUT          build a tiny random checkpoint of a real architecture
 """
@@ -207,6 +208,39 @@ def _probe_summary(args) -> None:
     print(f"{args.output}: {int((summary['source'] == 'ours').sum())} rows for {len(pairs)} models")
 
 
+def _score(args) -> None:
+    from .scoring import extract_for_probe, score_embeddings, sidecar_path
+
+    if (args.embeddings is None) == (args.dataset is None):
+        raise probe_settings.ProbeError("give an embeddings file or --dataset CSV (with --images and --model), not both")
+    embeddings = args.embeddings
+    if args.dataset:
+        if not (args.images and args.model):
+            raise probe_settings.ProbeError("--dataset needs --images DIR and --model JSON (a models entry with its name)")
+        from .dataset import validate_and_write
+        from .gpu_lease import lease_gpu
+        from .settings import ModelSettings
+
+        lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
+        entry = json.loads(args.model)
+        settings = ModelSettings.from_config(entry.pop("name"), entry)
+        out = Path(args.output)
+        embeddings = Path(args.embeddings_out) if args.embeddings_out else out.with_name("embeddings.h5")
+        table = embeddings.with_name("questions.csv")
+        validate_and_write(
+            args.dataset, args.images, table, table.with_suffix(".validation.json"),
+            table.with_suffix(".validation.md"), strict=not args.lenient,
+        )  # fmt: skip
+        extract_for_probe(settings, args.probes, args.probe, table, args.images, embeddings)
+    score_embeddings(args.probes, args.probe, embeddings, args.output)
+    about = json.loads(sidecar_path(args.output).read_text())
+    print(
+        f"{args.output}: {about['n_scored']} of {about['n_questions']} questions scored by {about['probe']['id']} "
+        f"(test AUROC {about['test_auroc']}), {about['n_predicted_hallucinated']} predicted hallucinated; "
+        f"metadata {sidecar_path(args.output)}"
+    )
+
+
 def _demo(args) -> None:
     from .demo import write_demo_dataset
 
@@ -360,6 +394,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="probes_summary.csv", metavar="CSV")
     p.add_argument("--plot", default="probes_summary.png", metavar="PNG")
     p.set_defaults(func=_probe_summary)
+
+    p = commands.add_parser(
+        "score",
+        help="hallucination risk per question from a saved probe",
+        description="Score questions with a probe that `probe` saved (results/<model>/probes/saved/): from an "
+        "embeddings file, or from a VQA table that is first extracted prefill-only (just the probe's layer). "
+        "Writes a CSV (question_id, ..., hallucination_risk, predicted_hallucinated) and beside it a JSON "
+        "sidecar with the probe's test AUROC and threshold.",
+    )
+    p.add_argument("probes", metavar="SAVED_DIR", help="a saved-probes folder, e.g. results/<model>/probes/saved")
+    p.add_argument("embeddings", nargs="?", metavar="EMBEDDINGS.h5", help="vectors to score (or give --dataset)")
+    p.add_argument("--probe", default="best", help="best (default: highest validation AUROC), REP/LAYER/KIND "
+                   "(e.g. VT/12/logreg) or VF/KIND")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, metavar="SCORES.csv", help="scores; metadata goes to SCORES.json")
+    extract = p.add_argument_group("extracting a dataset first (prefill-only, just the probe's layer)")
+    extract.add_argument("--dataset", metavar="CSV", help="VQA table (validated as `validate` does)")
+    extract.add_argument("--images", metavar="DIR")
+    extract.add_argument("--model", metavar="JSON", help="the model's config entry as JSON, with its name")
+    extract.add_argument("--lenient", action="store_true", help="drop bad rows of the table instead of failing")
+    extract.add_argument("--embeddings-out", metavar="H5", help="where the vectors go (default: beside the output)")
+    p.set_defaults(func=_score)
 
     p = commands.add_parser("demo", help="generate the demo VQA set (questions.csv and images/)")
     p.add_argument("out")

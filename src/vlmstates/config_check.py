@@ -102,6 +102,28 @@ def answerless_label_problems(config: dict) -> list[str]:
     ]
 
 
+def screen_problems(config: dict) -> list[str]:
+    """`screen` must name a model of `models` and a probe that the probe settings train and keep."""
+    screen = config.get("screen")
+    if not screen:
+        return []
+    if screen["model"] not in config["models"]:
+        known = ", ".join(config["models"])
+        return [f"`screen.model`: {screen['model']!r} is not a model of `models` (known: {known})"]
+    probes = config["probes"]
+    if probes["split"] == "kfold":
+        return ["`screen`: probes.split kfold keeps no probe to screen with; set probes.split: grouped (or halp)"]
+    if screen["probe"] == "best":
+        return []
+    representation, *_, kind = screen["probe"].split("/")
+    if representation not in probes["representations"] or kind not in probes["probes"]:
+        return [
+            f"`screen.probe`: {screen['probe']} is not trained (probes.representations "
+            f"{probes['representations']}, probes.probes {probes['probes']}); add it there or choose another"
+        ]
+    return []
+
+
 def check_config(config: dict, schema_path, source: str = "the config file") -> dict:
     """Fill in defaults and validate `config` in place; raise ConfigError naming every bad key.
     `source` names where the config came from, for the fix."""
@@ -111,7 +133,7 @@ def check_config(config: dict, schema_path, source: str = "the config file") -> 
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     lines = [line for error in errors for line in problem_lines(error)]
     if not lines:
-        lines = answerless_label_problems(config)
+        lines = answerless_label_problems(config) + screen_problems(config)
     if lines:
         shown = lines[:MAX_PROBLEMS]
         if len(lines) > MAX_PROBLEMS:

@@ -7,7 +7,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,10 +23,12 @@ from vlmstates.inspection import model_name
 from vlmstates.labels import FALSE, TRUE, read_labels
 from vlmstates.probe_plots import METRICS_PAGE_COLUMNS, plot_by_layer, plot_heatmap, write_table_html
 from vlmstates.probe_settings import REPRESENTATION_CODES, ProbeError, ProbeSettings
+from vlmstates.saved_probes import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
 from vlmstates.store import STATUS_OK, parse_key, read_embeddings
 
 SPLIT_NAMES = ("train", "val", "test")
 OUTPUT_FILES = ("metrics.csv", "metrics.html", "metrics.json", "splits.csv", "heatmap.png", "auroc_by_layer.png")
+SAVED_FOLDER = "saved"  # the trained probes (format: saved_probes)
 
 METRIC_COLUMNS = (
     "model", "representation", "layer", "key", "dim", "probe", "split",
@@ -238,18 +240,28 @@ class FitResult:
     val_auroc: float
     selected: str
     note: str = ""
+    val_scores: np.ndarray | None = None
+    #: the fitted model's arrays, as a saved probe keeps them (saved_probes)
+    params: dict = field(default_factory=dict)
 
 
-def _standardise(x: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Features standardised with the training rows' mean and standard deviation (float32, one copy)."""
+@dataclass
+class Standardised:
+    """Features standardised with the training rows' mean and standard deviation, which a saved probe keeps."""
+
+    x: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def _standardise(x: np.ndarray, train: np.ndarray) -> Standardised:
+    """Features standardised by the training rows' statistics (float32, one copy)."""
     rows = x[train]
     mean = rows.mean(axis=0, dtype=np.float64)
     std = rows.std(axis=0, dtype=np.float64)
     del rows
     std[~(std > 1e-12)] = 1.0
-    out = x - mean.astype(np.float32)
-    out /= std.astype(np.float32)
-    return out
+    return Standardised(standardise(x, mean, std), mean, std)
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, fold: Fold, settings: ProbeSettings) -> FitResult:
@@ -268,29 +280,17 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, fold: Fold, settings: ProbeSettings
             if score > best[0]:
                 best = (score, c, model.coef_.copy(), model.intercept_.copy())
     val_auroc, c, coef, intercept = best
-    test_scores = x[fold.test] @ coef.ravel().astype(x.dtype) + intercept[0]
+    weights = coef.ravel().astype(x.dtype)
+    test_scores = x[fold.test] @ weights + intercept[0]
     note = "" if select or settings.split == "halp" else f"no usable validation split: default C={c:g}"
-    return FitResult(test_scores.astype(float), val_auroc if select else math.nan, f"C={c:g}", note)
-
-
-def _mlp(dim: int, hidden: Sequence[int], dropout: float):
-    from torch import nn
-
-    layers, width = [], dim
-    for size in hidden:
-        layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.ReLU(), nn.Dropout(dropout)]
-        width = size
-    layers.append(nn.Linear(width, 1))
-    return nn.Sequential(*layers)
-
-
-def _predict(model, x, chunk: int = 16384) -> np.ndarray:
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        out = [model(x[i : i + chunk]).squeeze(1) for i in range(0, len(x), chunk)]
-    return torch.cat(out).double().cpu().numpy() if out else np.array([])
+    return FitResult(
+        test_scores.astype(float),
+        val_auroc if select else math.nan,
+        f"C={c:g}",
+        note,
+        val_scores=(x_val @ weights + intercept[0]).astype(float),
+        params={"coef": coef.ravel(), "intercept": intercept},
+    )
 
 
 def fit_mlp(x: np.ndarray, y: np.ndarray, fold: Fold, settings: ProbeSettings, device: str) -> FitResult:
@@ -304,7 +304,7 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, fold: Fold, settings: ProbeSettings, d
     x_val = torch.from_numpy(np.ascontiguousarray(x[fold.val])).to(device)
     select = len(fold.val) > 0 and len(np.unique(y[fold.val])) == 2
 
-    model = _mlp(x.shape[1], settings.mlp_hidden, settings.mlp_dropout).to(device)
+    model = mlp_module(x.shape[1], settings.mlp_hidden, settings.mlp_dropout).to(device)
     try:  # the fused kernel is about 3x faster than the default one on a CPU, and exists on CUDA too
         optimiser = torch.optim.Adam(model.parameters(), lr=settings.mlp_lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -324,7 +324,7 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, fold: Fold, settings: ProbeSettings, d
             loss.backward()
             optimiser.step()
         if select:
-            score = auroc(y[fold.val], _predict(model, x_val))
+            score = auroc(y[fold.val], mlp_logits(model, x_val))
             if score > best_auroc:
                 best_auroc, best_epoch, since_best = score, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -336,9 +336,16 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, fold: Fold, settings: ProbeSettings, d
         model.load_state_dict(best_state)
     else:
         best_epoch = epoch
-    test_scores = _predict(model, torch.from_numpy(np.ascontiguousarray(x[fold.test])).to(device))
+    test_scores = mlp_logits(model, torch.from_numpy(np.ascontiguousarray(x[fold.test])).to(device))
     note = "" if select or settings.split == "halp" else "no usable validation split: last epoch"
-    return FitResult(test_scores, best_auroc if select else math.nan, f"epoch={best_epoch}/{epoch}", note)
+    return FitResult(
+        test_scores,
+        best_auroc if select else math.nan,
+        f"epoch={best_epoch}/{epoch}",
+        note,
+        val_scores=mlp_logits(model, x_val),
+        params={name: value.detach().cpu().numpy() for name, value in model.state_dict().items()},
+    )
 
 
 def _fold_problem(y: np.ndarray, fold: Fold, settings: ProbeSettings) -> str:
@@ -362,11 +369,13 @@ def evaluate_probe(
     settings: ProbeSettings,
     device: str,
     standardised: dict | None = None,
+    fits: list | None = None,
 ) -> dict:
     """Fit one probe kind on every fold; metrics on the (pooled) test scores.
 
     `standardised` caches each fold's standardised features, so the probes and the control of one
-    representation-layer standardise once.
+    representation-layer standardise once. `fits` (when given) receives (fold, Standardised, FitResult)
+    of every fold fitted, for the saved probes.
     """
     standardised = {} if standardised is None else standardised
     y = np.asarray(y).astype(int)
@@ -385,7 +394,7 @@ def evaluate_probe(
             continue
         if k not in standardised:
             standardised[k] = _standardise(x, fold.train)
-        xs = standardised[k]
+        xs = standardised[k].x
         fit = fit_logreg(xs, y, fold, settings) if probe == "logreg" else fit_mlp(xs, y, fold, settings, device)
         test_y.append(y[fold.test])
         test_scores.append(fit.test_scores)
@@ -394,6 +403,8 @@ def evaluate_probe(
         selected.append(fit.selected)
         if fit.note:
             notes.append(fit.note)
+        if fits is not None:
+            fits.append((fold, standardised[k], fit))
     ys, scores = np.concatenate(test_y), np.concatenate(test_scores)
     low, high = bootstrap_auroc(ys, scores, settings.bootstrap, settings.confidence, settings.seed)
     skipped = [problem for problem in problems if problem]
@@ -488,7 +499,8 @@ def load_probe_data(embeddings_path, labels_csv):
 
 def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | None = None) -> pd.DataFrame:
     """Probe every representation/layer; write the OUTPUT_FILES (metrics.csv and its page metrics.html,
-    metrics.json, splits.csv, heatmap.png, auroc_by_layer.png) into `out_dir`; return the metrics table."""
+    metrics.json, splits.csv, heatmap.png, auroc_by_layer.png) and the trained probes (SAVED_FOLDER) into
+    `out_dir`; return the metrics table."""
     settings = settings or ProbeSettings()
     settings.validate()
     out_dir = Path(out_dir)
@@ -513,7 +525,7 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
         flush=True,
     )
     split_counts = _split_counts(y, folds)
-    records = []
+    records, saved = [], []
     for key in keys:
         code, layer = _key_code_layer(key)
         x = embeddings.load(key)[rows_used].astype(np.float32, copy=False)
@@ -527,10 +539,13 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
             if not finite.all():
                 result = {"status": "skipped", "reason": f"{int((~finite).sum())} usable rows have non-finite values"}
             else:
-                result = evaluate_probe(x, y, folds, probe, settings, device, standardised)
+                fits = []
+                result = evaluate_probe(x, y, folds, probe, settings, device, standardised, fits)
                 if settings.shuffled_control and result["status"] == "ok":
                     control = evaluate_probe(x, shuffled, folds, probe, settings, device, standardised)
                     result["control_auroc"] = control["auroc"]
+                if len(folds) == 1 and result["status"] == "ok":
+                    saved.append(probe_from_fit(base, result, y, *fits[0], settings))
             record = {**base, **result, "seconds": time.perf_counter() - start, "device": device}
             records.append(record)
             print(
@@ -543,7 +558,28 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
     metrics = pd.DataFrame.from_records(records, columns=list(METRIC_COLUMNS))
     metrics["layer"] = metrics["layer"].astype("Int64")
     write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows_used, counts, labels_csv, device)
+    write_saved_probes(out_dir / SAVED_FOLDER, saved, saved_probes_about(embeddings, labels_csv, settings, folds))
     return metrics
+
+
+def saved_probes_about(embeddings, labels_csv, settings: ProbeSettings, folds: list[Fold]) -> dict:
+    """index.json's description of the model and data the probes were trained on."""
+    attrs = embeddings.attrs
+    about = {
+        "model_name": model_name(embeddings),
+        **{name: attrs.get(name) for name in ("model", "revision", "family", "config_hash")},
+        **{name: attrs.get(name) for name in ("hidden_size", "vision_hidden_size", "num_decoder_layers")},
+        "embeddings": str(embeddings.path),
+        "labels": str(labels_csv),
+        "split": settings.split,
+        "seed": settings.seed,
+    }
+    if len(folds) > 1:
+        about["note"] = (
+            f"split {settings.split} fits {len(folds)} models per probe, none of them the probe its pooled AUROC "
+            "describes: no probe is kept; use split grouped (or halp) to keep probes that screen"
+        )
+    return _json_ready(about)
 
 
 def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows_used, counts, labels_csv, device):

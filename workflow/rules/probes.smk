@@ -58,6 +58,8 @@ rule probe:
         ),
         json=results_path("{model}/probes/metrics.json"),
         splits=results_path("{model}/probes/splits.csv"),
+        # every trained probe, for rule screen and `vlmstates score` (format: vlmstates.saved_probes)
+        saved=directory(results_path("{model}/probes/saved")),
         heatmap=report(
             results_path("{model}/probes/heatmap.png"),
             caption="../report/probe_heatmap.rst",

@@ -1,0 +1,34 @@
+# Screening a dataset with a saved probe (config key `screen`): prefill-only extraction of just the layer
+# the probe reads, then per question the hallucination risk and predicted label (vlmstates.scoring).
+# One job: the dataset is validated, extracted as one shard and scored by `vlmstates score --dataset`.
+
+
+rule screen:
+    input:
+        csv=lambda wildcards: config["screen"]["csv"],
+        images=lambda wildcards: config["screen"]["images"],
+        probes=results_path("{model}/probes/saved"),
+        weights=built_weights,
+    output:
+        scores=results_path("{model}/screen/scores.csv"),
+        # written beside the scores by `vlmstates score` (vlmstates.scoring.sidecar_path)
+        metadata=results_path("{model}/screen/scores.json"),
+        embeddings=results_path("{model}/screen/embeddings.h5"),
+    log:
+        "logs/screen/{model}.log",
+    retries: 0  # deterministic: a retry repeats the same error
+    conda:
+        family_environment
+    resources:
+        gpu=1,
+    params:
+        cli=VLMSTATES,
+        settings=settings_json,
+        probe=lambda wildcards: config["screen"]["probe"],
+        lenient=lambda wildcards: (
+            "--lenient" if config["screen"]["validation"] == "lenient" else ""
+        ),
+    shell:
+        "{params.cli} score {input.probes:q} --probe {params.probe:q} --dataset {input.csv:q}"
+        " --images {input.images:q} --model {params.settings:q} {params.lenient}"
+        " --embeddings-out {output.embeddings:q} --output {output.scores:q} > {log:q} 2>&1"
