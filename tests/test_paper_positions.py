@@ -18,6 +18,7 @@ import torch
 from oracle import assert_decoder_vectors_match, rel_error
 from test_family_contract import single_batch
 from test_workflow import default_config, snakemake, workdir_with_config
+from vlmstates import job_resources
 from vlmstates.benchmark import synthetic_inputs
 from vlmstates.engine import Extractor, load_model
 from vlmstates.paper_positions import PAPER_VISION_RULES, check_paper_positions, paper_vision_positions
@@ -99,6 +100,11 @@ def test_a_family_the_paper_did_not_cover_refuses_the_key():
         check_paper_positions(settings, "llava")
     check_paper_positions(settings, "gemma3")  # covered
     check_paper_positions(ModelSettings.from_config("mine", {"model": "owner/name"}), "llava")  # off: nothing to refuse
+
+
+def test_the_memory_request_counts_the_paper_vectors():
+    assert job_resources.vectors_per_question(5, multimodal=False, paper_positions=True) == 16
+    assert job_resources.vectors_per_question(5, multimodal=True, paper_positions=True) == 21
 
 
 def test_the_key_off_keeps_the_config_hash_of_entries_without_it():
