@@ -60,7 +60,7 @@ class ModelSettings:
     prompt: str = "{question}"
     trust_remote_code: bool = False
     multimodal_representation: bool = False
-    #: True: also record VT at the position the HALP paper's code used for the family (positions.PAPER_VISION_RULES).
+    #: True: also record VT at the position the HALP paper's code used for the family (paper_positions.PAPER_VISION_RULES).
     paper_positions: bool = False
     device: str = "auto"
     attn_implementation: str = "auto"
