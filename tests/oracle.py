@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlmstates.store import layer_key
+from vlmstates.store import PAPER_VISION_TOKEN, layer_key
 
 
 def rel_error(a, b) -> float:
@@ -17,11 +17,12 @@ def rel_error(a, b) -> float:
 def assert_decoder_vectors_match(
     extractor, result, hidden, label, tolerance: float = 1e-4, stream: int | None = None, last_normed: bool = True
 ) -> None:
-    """VT and QT of every recorded layer equal `hidden[k + 1]` at the result's positions, and the multimodal
-    mean (which the tests record) its mean over the prompt. `hidden[n]` has the final norm applied and the last
-    block's recorded output has not, so the norm is applied to the captured vector before comparing, unless
-    `last_normed` is false (Gemma 3n's `hidden[n]` is the last block's raw output). `stream`: every entry of
-    `hidden` is [streams, B, T, D] (Gemma 3n's AltUp) and that stream is compared."""
+    """VT and QT of every recorded layer equal `hidden[k + 1]` at the result's positions (and so does VT at
+    the paper code's position, when recorded), and the multimodal mean (which the tests record) its mean
+    over the prompt. `hidden[n]` has the final norm applied and the last block's recorded output has not,
+    so the norm is applied to the captured vector before comparing, unless `last_normed` is false (Gemma
+    3n's `hidden[n]` is the last block's raw output). `stream`: every entry of `hidden` is [streams, B, T, D]
+    (Gemma 3n's AltUp) and that stream is compared."""
     model = extractor.loaded.model
     last = extractor.num_layers - 1
     norm = extractor.adapter.final_norm(model)
@@ -29,11 +30,14 @@ def assert_decoder_vectors_match(
     if stream is not None:
         assert all(h.dim() == 4 for h in hidden), [tuple(h.shape) for h in hidden]
         hidden = [h[stream] for h in hidden]
+    targets = [
+        ("vision_token_representation", result.vision_token_position),
+        ("query_token_representation", result.query_token_position),
+    ]
+    if result.paper_vision_token_position is not None:
+        targets.append((PAPER_VISION_TOKEN, result.paper_vision_token_position))
     for k in extractor.layers:
-        for representation, position in (
-            ("vision_token_representation", result.vision_token_position),
-            ("query_token_representation", result.query_token_position),
-        ):
+        for representation, position in targets:
             captured = torch.from_numpy(result.vectors[layer_key(representation, k)])
             if k == last and last_normed:
                 captured = norm(captured[None, None].to(model.dtype))[0, 0]

@@ -249,6 +249,25 @@ def test_batches_equal_batch_one(extracted, batch_one):
             assert rel_error(batched.vectors[key], value) < 1e-5, (batched.question_id, key)
 
 
+def test_paper_positions_are_one_past_the_largest_image_input_idx(extracted):
+    """`paper_positions: true`: VT also at the HALP paper code's Molmo position, one past the largest
+    image_input_idx of the sample's own processor output, in batches as at batch 1, and equal to an
+    unbatched forward's output_hidden_states there."""
+    extractor, questions, images, _ = extracted
+    settings = replace(extractor.settings, paper_positions=True)
+    questions = questions[:4]
+    paper = Extractor(replace(extractor.loaded, settings=settings), progress=False).extract(questions, images)
+    single = Extractor(replace(extractor.loaded, settings=replace(settings, batch_size=1)), progress=False).extract(questions, images)
+    model = extractor.loaded.model
+    with torch.inference_mode():
+        for question, result, alone in zip(questions, paper, single):
+            sample = processed(extractor, question, images)
+            expected = int(sample["image_input_idx"].max()) + 1
+            assert result.paper_vision_token_position == alone.paper_vision_token_position == expected
+            hidden = model(**sample, output_hidden_states=True).hidden_states
+            assert_decoder_vectors_match(extractor, result, hidden, question.question_id)
+
+
 def test_batches_are_padded_and_grouped_by_crop_count(extracted):
     """The extraction ran real batches (several rows, left padding) and each batch held one crop count."""
     extractor, questions, images, _ = extracted

@@ -94,6 +94,48 @@ def test_auroc_by_layer_has_integer_layer_ticks():
     assert "tiny-qwen" in fig.get_suptitle()
 
 
+def every_layer_metrics(num_layers: int) -> pd.DataFrame:
+    """A `layers: all` run of a deep model with paper positions: VF, and VT, VT_paper, QT, MM at every layer."""
+    aurocs = {("VF", None, probe): 0.6 for probe in probe_settings.PROBES}
+    for probe in probe_settings.PROBES:
+        for layer in range(num_layers):
+            for i, code in enumerate(("VT", "VT_paper", "QT", "MM")):
+                aurocs[(code, layer, probe)] = 0.5 + 0.4 * layer / num_layers - 0.05 * i
+    return metrics_table(aurocs)
+
+
+def tick_boxes(ax):
+    ax.figure.canvas.draw()
+    renderer = ax.figure.canvas.get_renderer()
+    return [label.get_window_extent(renderer) for label in ax.get_xticklabels() if label.get_text()]
+
+
+@pytest.mark.parametrize("num_layers", [28, 36, 48])
+def test_plots_of_every_layer_of_a_deep_model_have_few_ticks_apart_and_the_legend_below(num_layers, tmp_path):
+    metrics = every_layer_metrics(num_layers)
+    heatmap = probe_plots.heatmap_figure(metrics, "deep: split grouped")
+    by_layer = probe_plots.by_layer_figure(metrics, "deep: split grouped")
+    for fig in (heatmap, by_layer):
+        panels = [ax for ax in fig.axes if ax.get_xticklabels()]
+        for ax in [ax for ax in fig.axes if ax.images or ax.lines]:
+            boxes = tick_boxes(ax)
+            assert 5 <= len(boxes) <= 25, len(boxes)  # a label every few layers, not 48 crammed ones
+            assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), "tick labels touch"
+        assert panels
+    assert heatmap.get_size_inches()[0] <= 14  # a page wide, not a banner
+    panel = by_layer.axes[0]
+    renderer = by_layer.canvas.get_renderer()
+    legend = by_layer.legends[0].get_window_extent(renderer)
+    assert legend.y1 <= min(ax.get_tightbbox(renderer).y0 for ax in by_layer.axes) + 1  # below the panels
+    names = [text.get_text() for text in by_layer.legends[0].get_texts()]
+    assert {"VT", "VT_paper", "QT", "MM"} <= set(names)
+    # pixels per layer (at 100 dpi): the 3-point markers a few of their widths apart, not a smear
+    assert panel.get_window_extent(renderer).width / num_layers >= 14
+    probe_plots.plot_heatmap(metrics, tmp_path / "heatmap.png")
+    probe_plots.plot_by_layer(metrics, tmp_path / "by_layer.png")
+    assert (tmp_path / "heatmap.png").stat().st_size and (tmp_path / "by_layer.png").stat().st_size
+
+
 def test_probe_plots_are_titled_with_the_models_folder_not_its_checkpoint(tmp_path, monkeypatch):
     folder = tmp_path / "my-model"
     write_synthetic_embeddings(folder / "embeddings.h5", checkpoint="/ckpts/qwen2.5-vl-7b-instruct")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .hooks import forward_hooks
-from .store import VISION_ONLY, layer_key
+from .store import MULTIMODAL, PAPER_VISION_TOKEN, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN, layer_key
 
 
 @dataclass
@@ -23,6 +23,7 @@ class _Targets:
     query_positions: torch.Tensor  # [B]
     attention_mask: torch.Tensor  # [B, L]
     multimodal: bool
+    paper_vision_positions: torch.Tensor | None  # [B], the paper code's vision positions, when recorded
 
 
 @dataclass
@@ -44,15 +45,18 @@ class PrefillCapture:
             after=[(self.blocks[k], self._block_hook(k)) for k in self.layers],
         )
 
-    def arm(self, vision_positions, query_positions, attention_mask, multimodal: bool, pool) -> None:
-        """Target the next prefill; `pool` turns the projector's input into one vector per sample."""
-        self._targets = _Targets(vision_positions, query_positions, attention_mask, multimodal)
+    def arm(
+        self, vision_positions, query_positions, attention_mask, multimodal: bool, pool, paper_vision_positions=None
+    ) -> None:
+        """Target the next prefill; `pool` turns the projector's input into one vector per sample;
+        `paper_vision_positions` also takes each block's output there (PAPER_VISION_TOKEN)."""
+        self._targets = _Targets(vision_positions, query_positions, attention_mask, multimodal, paper_vision_positions)
         self._pool = pool
         self._captured = {}
 
     def collect(self) -> dict[str, torch.Tensor]:
         """The captured vectors ([B, D] float32 on the CPU), keyed as in the HDF5 file."""
-        expected = {VISION_ONLY} | {layer_key("query_token_representation", k) for k in self.layers}
+        expected = {VISION_ONLY} | {layer_key(QUERY_TOKEN, k) for k in self.layers}
         missing = expected - set(self._captured)
         if missing:
             raise RuntimeError(f"the prefill step did not reach {sorted(missing)}")
@@ -62,7 +66,7 @@ class PrefillCapture:
     def _block_hook(self, layer: int):
         def hook(module, args, output):
             targets = self._targets
-            key = layer_key("query_token_representation", layer)
+            key = layer_key(QUERY_TOKEN, layer)
             if targets is None or key in self._captured:
                 return None
             if self.block_hidden_states is not None:
@@ -71,13 +75,14 @@ class PrefillCapture:
                 hidden = output[0] if isinstance(output, tuple) else output  # [B, L, D]
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             self._store(key, hidden[rows, targets.query_positions.to(hidden.device)])
-            self._store(
-                layer_key("vision_token_representation", layer), hidden[rows, targets.vision_positions.to(hidden.device)]
-            )
+            self._store(layer_key(VISION_TOKEN, layer), hidden[rows, targets.vision_positions.to(hidden.device)])
+            if targets.paper_vision_positions is not None:
+                paper = targets.paper_vision_positions.to(hidden.device)
+                self._store(layer_key(PAPER_VISION_TOKEN, layer), hidden[rows, paper])
             if targets.multimodal:
                 mask = targets.attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
                 mean = (hidden * mask).sum(dim=1, dtype=torch.float32) / mask.sum(dim=1, dtype=torch.float32)
-                self._store(layer_key("multimodal_representation", layer), mean)
+                self._store(layer_key(MULTIMODAL, layer), mean)
             return None
 
         return hook

@@ -28,9 +28,22 @@ from .adapters.base import Batch, LoadedModel
 from .capture import PrefillCapture
 from .images import ImageLoadError, load_image, resolve_image_path
 from .failpoints import failpoint
+from .paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
 from .positions import Positions
 from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
-from .store import ANSWERS_ATTR, GENERATION_CONFIG_ATTR, LAYERED_REPRESENTATIONS, VISION_ONLY, SampleResult, file_semantics, layer_key
+from .store import (
+    ANSWERS_ATTR,
+    GENERATION_CONFIG_ATTR,
+    MULTIMODAL,
+    PAPER_POSITIONS_ATTR,
+    PAPER_VISION_TOKEN,
+    QUERY_TOKEN,
+    VISION_ONLY,
+    VISION_TOKEN,
+    SampleResult,
+    file_semantics,
+    layer_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +94,19 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     dtype = select_dtype(settings.dtype, device)
     attn = select_attention(settings.attn_implementation, device)
     check_generation_fields(settings)  # before the weights load: a typo fails in seconds
+    check_paper_positions(settings, family)
     return adapter_for_family(family).load(settings, device, dtype, attn)
 
 
 # -- preparing batches on the host, ahead of the model ----------------------------------------------
 @dataclass
 class Prepared:
-    """A batch preprocessed on the host (pinned for CUDA), its positions read off input_ids."""
+    """A batch preprocessed on the host (pinned for CUDA), its positions read off input_ids, and the
+    paper code's vision positions (own prompt) when the model entry records them."""
 
     batch: Batch
     positions: Positions
+    paper_vision: list[int] | None = None
 
 
 @dataclass
@@ -203,9 +219,10 @@ class BatchPreparer:
         too_long = [n for n in positions.num_prompt_tokens if limit and n > limit]
         if too_long:
             raise ValueError(f"prompt of {too_long[0]} tokens exceeds the model's {limit}")
+        paper = paper_vision_positions(self.adapter.family, positions, batch.inputs) if self.settings.paper_positions else None
         if self._pin:  # page-locked, so that the copy to the GPU is asynchronous
             batch = _map_tensors(batch, torch.Tensor.pin_memory)
-        return Prepared(batch, positions)
+        return Prepared(batch, positions, paper)
 
 
 # -- the engine ---------------------------------------------------------------------------------------
@@ -253,7 +270,9 @@ class Extractor:
     def vector_dims(self) -> dict[str, int]:
         model = self.loaded.model
         dims = {VISION_ONLY: self.adapter.vision_hidden_size(model)}
-        representations = LAYERED_REPRESENTATIONS if self.settings.multimodal_representation else LAYERED_REPRESENTATIONS[:2]
+        representations = [VISION_TOKEN, QUERY_TOKEN]
+        representations += [MULTIMODAL] if self.settings.multimodal_representation else []
+        representations += [PAPER_VISION_TOKEN] if self.settings.paper_positions else []
         for representation in representations:
             for k in self.layers:
                 dims[layer_key(representation, k)] = self.adapter.hidden_size(model)
@@ -274,7 +293,7 @@ class Extractor:
             "model": s.model,
             "revision": s.revision or "",
             "family": self.adapter.family,
-            "semantics": file_semantics(self.adapter.semantics, answered=s.answers),
+            "semantics": file_semantics(self.adapter.semantics, answered=s.answers, paper_positions=s.paper_positions),
             "layers": list(self.layers),
             "num_decoder_layers": self.num_layers,
             "hidden_size": self.adapter.hidden_size(self.loaded.model),
@@ -288,6 +307,8 @@ class Extractor:
             GENERATION_CONFIG_ATTR: self.adapter.effective_generation(self.loaded, *self._generation()),
             "prompt_template": s.prompt,
             "multimodal_representation": s.multimodal_representation,
+            # only when on, so that the files of every other run keep exactly the attributes they had
+            **({PAPER_POSITIONS_ATTR: True} if s.paper_positions else {}),
             "trust_remote_code": s.trust_remote_code,
             "device": str(self.loaded.device),
             "attn_implementation": self.loaded.attn_implementation,
@@ -404,13 +425,14 @@ class Extractor:
         with self.timed("model", prepared):
             device = self.loaded.device
             batch = _map_tensors(prepared.batch, lambda t: t.to(device, non_blocking=t.is_pinned()))
-            positions = prepared.positions
+            positions, paper = prepared.positions, prepared.paper_vision
             self.capture.arm(
                 positions.vision_padded,
                 positions.query_padded,
                 batch.attention_mask,
                 self.settings.multimodal_representation,
                 lambda projector_input: self.adapter.pool_projector_input(projector_input, batch),
+                torch.tensor(in_padded_batch(paper, positions)) if paper is not None else None,
             )
             answers = self.adapter.generate(self.loaded, batch, *self._generation())
             vectors = self.capture.collect()
@@ -425,6 +447,7 @@ class Extractor:
                 query_token_position=positions.query[row],
                 num_prompt_tokens=positions.num_prompt_tokens[row],
                 num_image_tokens=positions.num_image_tokens[row],
+                paper_vision_token_position=paper[row] if paper is not None else None,
                 vectors={key: value[row].numpy() for key, value in vectors.items()},
             )
             for row, q in enumerate(questions)

@@ -84,9 +84,9 @@ def decoder_blocks_of(checkpoint_config: dict) -> int | None:
     return None
 
 
-def vectors_per_question(num_layers: int, multimodal: bool) -> int:
-    """VF, plus VT and QT per layer, plus MM per layer when recorded."""
-    return 1 + num_layers * (3 if multimodal else 2)
+def vectors_per_question(num_layers: int, multimodal: bool, paper_positions: bool = False) -> int:
+    """VF, plus VT and QT per layer, plus MM and the paper-position VT per layer when recorded."""
+    return 1 + num_layers * (2 + multimodal + paper_positions)
 
 
 def hidden_size_of(checkpoint_config: dict) -> int:

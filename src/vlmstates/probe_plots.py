@@ -26,6 +26,12 @@ def pyplot():
 # chance and from good ones; cells without an AUROC are grey with a dash.
 AUROC_CMAP = "RdBu_r"
 MAX_LABELLED_COLUMNS = 24  # beyond this many layers, only every k-th column is labelled
+# inches per heatmap column: room for a cell's number, or, beyond MAX_LABELLED_COLUMNS (numbers left out),
+# narrower cells, so that 49 columns (VF and 48 layers) make a page-wide figure rather than a banner
+LABELLED_COLUMN_INCHES, UNLABELLED_COLUMN_INCHES = 0.34, 0.2
+# the by-layer plot: inches per layer beyond the base width, so that 28-48 layers' markers stand apart,
+# and at most this many layer ticks, so that two-digit labels never touch
+BY_LAYER_INCHES, BY_LAYER_BASE_INCHES, MAX_LAYER_TICKS = 0.12, 6.0, 16
 
 
 # the columns a reader of a table page looks at first (the CSVs keep their own order); a metrics page
@@ -37,7 +43,7 @@ METRICS_PAGE_COLUMNS = (
 
 
 # one colour per representation in every plot, this module's and the summary's
-REPRESENTATION_COLOURS = {"VF": "tab:gray", "VT": "tab:blue", "QT": "tab:red", "MM": "tab:green"}
+REPRESENTATION_COLOURS = {"VF": "tab:gray", "VT": "tab:blue", "VT_paper": "tab:purple", "QT": "tab:red", "MM": "tab:green"}
 
 
 def write_table_html(frame: pd.DataFrame, path, title: str, note: str = "", first=()) -> None:
@@ -76,7 +82,8 @@ def heatmap_figure(metrics: pd.DataFrame, title: str = ""):
     layers = sorted(int(v) for v in metrics["layer"].dropna().unique())
     codes = [c for c in CODE_ORDER if c in set(metrics["representation"])] or ["none"]
     columns = (["VF"] if "VF" in codes else []) + [str(layer) for layer in layers]
-    width = max(5.5, 0.34 * len(columns) + 3.0)
+    labelled = len(columns) <= MAX_LABELLED_COLUMNS
+    width = max(5.5, (LABELLED_COLUMN_INCHES if labelled else UNLABELLED_COLUMN_INCHES) * len(columns) + 3.0)
     height = 1.2 + len(probes) * (0.45 * len(codes) + 0.9)
     fig, axes = plt.subplots(len(probes), 1, figsize=(width, height), squeeze=False, layout="constrained")
     step = math.ceil(len(columns) / MAX_LABELLED_COLUMNS) if columns else 1
@@ -89,7 +96,7 @@ def heatmap_figure(metrics: pd.DataFrame, title: str = ""):
         shown = list(range(0, len(columns), step))
         ax.set_xticks(shown, [columns[k] for k in shown], fontsize=8)
         ax.set_title(probe, fontsize=10)
-        if len(columns) <= MAX_LABELLED_COLUMNS:
+        if labelled:
             _label_cells(ax, grid)
     axes[-1, 0].set_xlabel("decoder layer (VF: vision-only, no layer)")
     if image is not None:
@@ -108,17 +115,20 @@ def plot_by_layer(metrics: pd.DataFrame, path, title: str = "") -> None:
 
 
 def by_layer_figure(metrics: pd.DataFrame, title: str = ""):
-    """AUROC by layer for VT and QT (and MM), with bootstrap bands, the shuffled control, and VF as a level."""
+    """AUROC by layer for VT and QT (and VT_paper, MM), with bootstrap bands, the shuffled control, and VF
+    as a level; a panel widens with the layer count."""
     plt = pyplot()
     probes = [p for p in PROBES if p in set(metrics["probe"])] or ["none"]
     from matplotlib.ticker import MaxNLocator
 
+    num_layers = metrics["layer"].dropna().nunique()
+    panel = max(BY_LAYER_BASE_INCHES, BY_LAYER_INCHES * num_layers + 2.5)
     fig, axes = plt.subplots(
-        1, len(probes), figsize=(6 * len(probes), 4), squeeze=False, sharey=True, layout="constrained"
+        1, len(probes), figsize=(panel * len(probes), 4), squeeze=False, sharey=True, layout="constrained"
     )
     for ax, probe in zip(axes[0], probes):
         subset = metrics[metrics["probe"] == probe]
-        for code in ("VT", "QT", "MM"):
+        for code in [c for c in CODE_ORDER if c != "VF"]:
             rows = subset[subset["representation"] == code].sort_values("layer")
             if rows.empty:
                 continue
@@ -144,7 +154,7 @@ def by_layer_figure(metrics: pd.DataFrame, title: str = ""):
             ax.axhline(float(vf["auroc"].iloc[0]), color=REPRESENTATION_COLOURS["VF"], ls="--", label="VF (vision-only)")
         ax.axhline(0.5, color="black", lw=0.8)
         ax.set_ylim(-0.02, 1.02)  # so that lines at exactly 0 or 1 stay visible
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_LAYER_TICKS, integer=True))
         ax.set_xlabel("decoder layer")
         ax.set_title(probe, fontsize=10)
         ax.grid(alpha=0.3)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from vlmstates.errors import VlmstatesError
-from vlmstates.store import MULTIMODAL, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN
+from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN
 
 
 class ProbeError(VlmstatesError, ValueError):
@@ -35,8 +35,11 @@ class ProbeError(VlmstatesError, ValueError):
 
 SPLITS = ("grouped", "halp", "kfold")
 PROBES = ("logreg", "mlp")
-REPRESENTATION_CODES = {VISION_ONLY: "VF", VISION_TOKEN: "VT", QUERY_TOKEN: "QT", MULTIMODAL: "MM"}
-CODE_ORDER = ("VF", "VT", "QT", "MM")
+REPRESENTATION_CODES = {
+    VISION_ONLY: "VF", VISION_TOKEN: "VT", QUERY_TOKEN: "QT", MULTIMODAL: "MM", PAPER_VISION_TOKEN: "VT_paper",
+}  # fmt: skip
+# VT_paper beside VT: the same vectors at the paper code's position, read against the exact ones
+CODE_ORDER = ("VF", "VT", "VT_paper", "QT", "MM")
 
 
 @dataclass

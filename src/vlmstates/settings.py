@@ -60,6 +60,8 @@ class ModelSettings:
     prompt: str = "{question}"
     trust_remote_code: bool = False
     multimodal_representation: bool = False
+    #: True: also record VT at the position the HALP paper's code used for the family (paper_positions.PAPER_VISION_RULES).
+    paper_positions: bool = False
     device: str = "auto"
     attn_implementation: str = "auto"
     options: dict = field(default_factory=dict)
@@ -94,8 +96,11 @@ class ModelSettings:
         values = asdict(self)
         for key in ("name", "batch_size", "device"):
             values.pop(key)
-        if self.answers:  # the key came later: files written with answers keep the hash they had
+        # keys that came later: files written without them keep the hash they had
+        if self.answers:
             values.pop("answers")
+        if not self.paper_positions:
+            values.pop("paper_positions")
         return values
 
     def config_hash(self) -> str:

@@ -3,8 +3,9 @@
 Columnar layout, row i = sample i:
   strings   question_id, image_id, question, ground_truth_answer, answer, status, error
   ints      vision_token_position, query_token_position, num_prompt_tokens, num_image_tokens
+            (and paper_vision_token_position in a file with paper positions)
   vectors   vision_only_representation [N, Dv]
-            {vision_token,query_token,multimodal}_representation/layer_k [N, D]
+            {vision_token,query_token,multimodal,paper_vision_token}_representation/layer_k [N, D]
 File attributes describe the model and the exact semantics of every vector.
 Failed samples keep their row (status "failed", the error text) with NaN vectors.
 """
@@ -34,7 +35,11 @@ VISION_ONLY = "vision_only_representation"
 VISION_TOKEN = "vision_token_representation"
 QUERY_TOKEN = "query_token_representation"
 MULTIMODAL = "multimodal_representation"
-LAYERED_REPRESENTATIONS = (VISION_TOKEN, QUERY_TOKEN, MULTIMODAL)
+#: VT at the position the HALP paper's code used (the model entry's `paper_positions: true`).
+PAPER_VISION_TOKEN = "paper_vision_token_representation"
+LAYERED_REPRESENTATIONS = (VISION_TOKEN, QUERY_TOKEN, MULTIMODAL, PAPER_VISION_TOKEN)
+#: The int column of a file with paper positions (file attribute PAPER_POSITIONS_ATTR true), -1 in failed rows.
+PAPER_VISION_POSITION = "paper_vision_token_position"
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
@@ -42,6 +47,8 @@ STATUS_FAILED = "failed"
 GENERATION_CONFIG_ATTR = "generation_config"
 #: File attribute: false for a prefill-only file (the model entry's `answers: false`), whose answers are empty.
 ANSWERS_ATTR = "answers"
+#: File attribute: true when the file also holds PAPER_VISION_TOKEN vectors and the PAPER_VISION_POSITION column.
+PAPER_POSITIONS_ATTR = "paper_positions"
 
 # Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
@@ -56,6 +63,7 @@ SHARD_INVARIANT_ATTRS = (
     "max_new_tokens",
     GENERATION_CONFIG_ATTR,
     "prompt_template",
+    PAPER_POSITIONS_ATTR,
     "config_hash",
     "schema_version",
 )
@@ -71,13 +79,19 @@ SEMANTICS = {
 #: The answer's semantics in a prefill-only file (attribute answers false).
 PREFILL_ONLY_ANSWER = "empty: prefill-only extraction (the model entry's answers: false); the vectors were captured from the prefill forward of a generate() call limited to one new token (attribute generation_config), which was discarded, so no answer was decoded"
 
+#: The paper-position entries of the semantics of a file with paper positions (attribute paper_positions true).
+PAPER_POSITIONS_SEMANTICS = {
+    PAPER_VISION_POSITION: "where the HALP paper's code took the last image token for this family (vlmstates.positions.PAPER_VISION_RULES), in the sample's own prompt, padding excluded, the prompt length measured as at batch 1; not necessarily an image token",
+    PAPER_VISION_TOKEN: "decoder block k's output at paper_vision_token_position, for comparison with vision_token_representation",
+}
 
 
-def file_semantics(family_semantics: str, answered: bool = True) -> dict:
-    """The `semantics` attribute: the common definitions (the answer's for a prefill-only file) and, under
-    "family", what VT and VF hold in this family."""
+def file_semantics(family_semantics: str, answered: bool = True, paper_positions: bool = False) -> dict:
+    """The `semantics` attribute: the common definitions (the answer's for a prefill-only file, the paper
+    positions' when recorded) and, under "family", what VT and VF hold in this family."""
     answer = {} if answered else {"answer": PREFILL_ONLY_ANSWER}
-    return {**SEMANTICS, **answer, "family": family_semantics}
+    paper = PAPER_POSITIONS_SEMANTICS if paper_positions else {}
+    return {**SEMANTICS, **answer, **paper, "family": family_semantics}
 
 
 _STRING_DTYPE = h5py.string_dtype("utf-8")
@@ -114,6 +128,8 @@ class SampleResult:
     query_token_position: int = -1
     num_prompt_tokens: int = 0
     num_image_tokens: int = 0
+    #: the paper code's vision position (PAPER_VISION_POSITION), None when not recorded
+    paper_vision_token_position: int | None = None
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
@@ -160,6 +176,9 @@ def write_embeddings(
             f.create_dataset(column, data=[str(getattr(r, column)) for r in results], dtype=_STRING_DTYPE)
         for column in INT_COLUMNS:
             f.create_dataset(column, data=np.array([getattr(r, column) for r in results], dtype=np.int64))
+        if attrs.get(PAPER_POSITIONS_ATTR):
+            paper = [-1 if r.paper_vision_token_position is None else r.paper_vision_token_position for r in results]
+            f.create_dataset(PAPER_VISION_POSITION, data=np.array(paper, dtype=np.int64))
         for key, dim in vector_dims.items():
             data = np.full((n, dim), np.nan, dtype=np.float32)
             for i, r in enumerate(results):
@@ -230,6 +249,8 @@ def read_embeddings(path: str | Path) -> Embeddings:
         table = pd.DataFrame({c: f[c].asstr()[()] for c in STRING_COLUMNS})
         for c in INT_COLUMNS:
             table[c] = f[c][()]
+        if PAPER_VISION_POSITION in f:
+            table[PAPER_VISION_POSITION] = f[PAPER_VISION_POSITION][()]
         attrs = {name: decode_attr(value) for name, value in f.attrs.items()}
         dims = vector_dims(f)
     return Embeddings(path=path, table=table, attrs=attrs, vector_dims=dims)
@@ -243,6 +264,8 @@ def read_results(path: str | Path) -> list[SampleResult]:
     for i, row in enumerate(emb.table.itertuples(index=False)):
         values = {c: getattr(row, c) for c in STRING_COLUMNS} | {c: int(getattr(row, c)) for c in INT_COLUMNS}
         ok = values["status"] == STATUS_OK
+        if PAPER_VISION_POSITION in emb.table and ok:
+            values[PAPER_VISION_POSITION] = int(getattr(row, PAPER_VISION_POSITION))
         results.append(SampleResult(**values, vectors={k: v[i] for k, v in vectors.items()} if ok else {}))
     return results
 
@@ -273,6 +296,10 @@ def merge_shards(shard_paths: Sequence[str | Path], expected_question_ids: Seque
             out.create_dataset(column, data=values.tolist(), dtype=_STRING_DTYPE)
         for column in INT_COLUMNS:
             out.create_dataset(column, data=np.concatenate([s.table[column].to_numpy(np.int64) for s in shards]))
+        if reference.attrs.get(PAPER_POSITIONS_ATTR):
+            out.create_dataset(
+                PAPER_VISION_POSITION, data=np.concatenate([s.table[PAPER_VISION_POSITION].to_numpy(np.int64) for s in shards])
+            )
         for key in reference.representation_keys():
             out.create_dataset(key, data=np.concatenate([s.load(key) for s in shards]))
         for name, value in reference.attrs.items():

@@ -22,6 +22,7 @@ VLMSTATES_NO_REPEAT = (
 from vlmstates.adapters import families, family_of_model_type
 from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
+from vlmstates.paper_positions import check_paper_positions
 from vlmstates import job_resources
 from vlmstates.settings import (
     ConfigError,
@@ -84,6 +85,8 @@ def resolve_family(name):
 
 
 MODEL_FAMILIES = {name: resolve_family(name) for name in config["models"]}
+for name, family in MODEL_FAMILIES.items():
+    check_paper_positions(model_settings(name), family)
 
 
 wildcard_constraints:
@@ -122,13 +125,13 @@ def extraction_footprint(name):
         # a tiny checkpoint, still to be built, weighs a few MB
         layers = job_resources.recorded_layer_count(settings.layers, None)
         vectors = job_resources.vectors_per_question(
-            layers, settings.multimodal_representation
+            layers, settings.multimodal_representation, settings.paper_positions
         )
         return 0, vectors, 64
     checkpoint_config = read_checkpoint_config(settings.model, settings.revision)
     layers = job_resources.recorded_layer_count(settings.layers, checkpoint_config)
     vectors = job_resources.vectors_per_question(
-        layers, settings.multimodal_representation
+        layers, settings.multimodal_representation, settings.paper_positions
     )
     weights = job_resources.checkpoint_bytes(settings.model, settings.revision)
     return weights, vectors, job_resources.hidden_size_of(checkpoint_config)
