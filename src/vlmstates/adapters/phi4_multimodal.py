@@ -26,8 +26,8 @@ What differs from the base adapter:
   features cropped to the image's useful area, each row ended by the learned "sub" separator, then
   the "global" separator, then the 16x16 global-image features with their row separators; N_i is
   the image's number of ``<|image|>`` tokens. No single module sees the whole batch, so the adapter
-  hooks ``img_projection_up`` and hands the list of per-image inputs to a small probe module, called
-  once per image-embedding forward; the probe is the engine's projector, and each sample's vector is
+  hooks ``img_projection_up`` and hands the list of per-image inputs to a small tap module, called
+  once per image-embedding forward; the tap is the engine's projector, and each sample's vector is
   the mean of its image's rows.
 * Batches hold only images of equal HD-crop counts (computed from the image processor's own
   settings and tiling rule, without running it). The decoder's long-RoPE picks its short or long
@@ -64,16 +64,16 @@ class ProjectionInputs(torch.nn.Module):
         return None
 
 
-# image embedding -> its probe; weak, so the probe goes with the model
-_PROBES: "weakref.WeakKeyDictionary[torch.nn.Module, ProjectionInputs]" = weakref.WeakKeyDictionary()
+# image embedding -> its tap; weak, so the tap goes with the model
+_TAPS: "weakref.WeakKeyDictionary[torch.nn.Module, ProjectionInputs]" = weakref.WeakKeyDictionary()
 
 
-def install_projection_probe(image_embed: torch.nn.Module) -> ProjectionInputs:
-    """Hook the image embedding so that its probe receives all images' projection inputs (idempotent)."""
-    probe = _PROBES.get(image_embed)
-    if probe is not None:
-        return probe
-    probe = ProjectionInputs()
+def install_projection_tap(image_embed: torch.nn.Module) -> ProjectionInputs:
+    """Hook the image embedding so that its tap receives all images' projection inputs (idempotent)."""
+    tap = _TAPS.get(image_embed)
+    if tap is not None:
+        return tap
+    tap = ProjectionInputs()
     pending: list[torch.Tensor] = []
 
     def collect(module, args):
@@ -85,13 +85,13 @@ def install_projection_probe(image_embed: torch.nn.Module) -> ProjectionInputs:
     def finish(module, args, kwargs, output):
         inputs = list(pending)
         pending.clear()
-        probe(inputs)
+        tap(inputs)
 
     image_embed.img_projection_up.register_forward_pre_hook(collect)
     image_embed.register_forward_pre_hook(start, with_kwargs=True)
     image_embed.register_forward_hook(finish, with_kwargs=True)
-    _PROBES[image_embed] = probe
-    return probe
+    _TAPS[image_embed] = tap
+    return tap
 
 
 def crop_grid(image_processor, width: int, height: int) -> tuple[int, int]:
@@ -238,7 +238,7 @@ class Phi4MultimodalAdapter(Adapter):
         return model.model.embed_tokens_extend.image_embed.get_img_features(pixels, attention_mask=mask)
 
     def projector(self, model: torch.nn.Module) -> torch.nn.Module:
-        return install_projection_probe(model.model.embed_tokens_extend.image_embed)
+        return install_projection_tap(model.model.embed_tokens_extend.image_embed)
 
     def pool_projector_input(self, projector_input: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         """Mean over each image's rows of the projection MLP's input: [B, Dv] (one image per sample)."""
