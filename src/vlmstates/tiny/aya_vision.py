@@ -25,13 +25,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .image import SIGLIP_MEAN, SIGLIP_STD
 from .tokenizer import build_tokenizer
 
 TILE = 42  # real 364
 PATCH = 7  # real 14
 DOWNSAMPLE = 2
 MAX_PATCHES = 12
-SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
 PAD, UNK, CLS, SEP, MASK, BOS, EOS = "<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>", "<EOS_TOKEN>"
 START_TURN, END_TURN = "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>"

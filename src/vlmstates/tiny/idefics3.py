@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
 from .text import BEGIN_OF_TEXT, END_OF_TEXT, EOM, EOT, llama3_text_config
+from .image import SIGLIP_MEAN, SIGLIP_STD
 from .tokenizer import build_tokenizer
 
 FAMILY = "idefics3"
@@ -67,7 +68,7 @@ def build_processor():
     )
     image_processor = Idefics3ImageProcessor(
         do_image_splitting=True, size={"longest_edge": LONGEST_EDGE}, max_image_size={"longest_edge": TILE},
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1,
+        image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, resample=1,
     )
     return Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IMAGE_SEQ_LEN, chat_template=CHAT_TEMPLATE

@@ -24,13 +24,12 @@ from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
 from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, START_HEADER, decoder_config, llama3_text_config
+from .image import CLIP_MEAN, CLIP_STD
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 336
 PATCH = 7  # real 14; 336/14 = 28/7 = 4 ... patches per side: real 24, here 4
 GRID_PINPOINTS = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE], [3 * TILE, TILE], [TILE, 3 * TILE]]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE = "<image>"
 
 VISION = dict(

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
 from .text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
+from .image import SIGLIP_MEAN, SIGLIP_STD
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 384
 PATCH = 7  # real 14
 GRID_PINPOINTS = [[TILE * rows, TILE * cols] for rows in range(1, 7) for cols in range(1, 7)]
-SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
 IMAGE, VIDEO = "<image>", "<video>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, IMAGE, VIDEO)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .image import CLIP_MEAN, CLIP_STD
 from .tokenizer import build_tokenizer
 
 FAMILY = "mistral3"
@@ -36,8 +37,6 @@ FAMILY = "mistral3"
 PATCH = 4  # real 14
 SPATIAL_MERGE = 2  # real 2
 LONGEST_EDGE = 64  # real 1540
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 INST, END_INST = "[INST]", "[/INST]"

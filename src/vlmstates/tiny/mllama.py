@@ -44,13 +44,12 @@ from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
 from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOM, EOT, START_HEADER
+from .image import CLIP_MEAN, CLIP_STD
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 560
 PATCH = 7  # real 14: 4x4 patches per tile (real 40x40)
 MAX_TILES = 4
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 PAD, PYTHON = "<|finetune_right_pad_id|>", "<|python_tag|>"
 IMAGE = "<|image|>"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
 from .text import ENDOFTEXT, IM_END, IM_START, decoder_config
+from .image import SIGLIP_MEAN, SIGLIP_STD
 from .tokenizer import build_tokenizer
 
 FAMILY = "smolvlm"
@@ -64,8 +65,8 @@ def build_processor():
     )
     size = {"longest_edge": LONGEST_EDGE}
     image_processor = SmolVLMImageProcessor(
-        do_image_splitting=True, size=size, max_image_size={"longest_edge": TILE}, image_mean=[0.5] * 3,
-        image_std=[0.5] * 3, resample=1,
+        do_image_splitting=True, size=size, max_image_size={"longest_edge": TILE}, image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD, resample=1,
     )
     video_processor = SmolVLMVideoProcessor(size=size, max_image_size={"longest_edge": TILE})
     return SmolVLMProcessor(
