@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
-from .image import SIGLIP_MEAN, SIGLIP_STD
+from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
 from .tokenizer import build_tokenizer
 
 TILE = 42  # real 364
@@ -102,12 +102,8 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         tie_word_embeddings=True,
         dtype="float32",
     )
-    vision = dict(
-        model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, image_size=TILE, patch_size=PATCH, vision_use_head=False, dtype="float32",
-    )
     config = AyaVisionConfig(
-        text_config=text, vision_config=vision, image_token_index=ids(IMG_PATCH), downsample_factor=DOWNSAMPLE,
+        text_config=text, vision_config=siglip_vision_config(TILE, PATCH), image_token_index=ids(IMG_PATCH), downsample_factor=DOWNSAMPLE,
         vision_feature_layer=-1, vision_feature_select_strategy="full", adapter_layer_norm_eps=1e-6,
         alignment_intermediate_size=7 * TEXT_HIDDEN, tie_word_embeddings=True, dtype="float32",
     )

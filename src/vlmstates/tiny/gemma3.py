@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import generation_config, save_checkpoint, seeded_model
+from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "gemma3"
@@ -119,8 +120,8 @@ def build_processor():
     image_processor = Gemma3ImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         resample=2,  # bilinear
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
         do_pan_and_scan=False,
     )
     return Gemma3Processor(
@@ -159,19 +160,8 @@ def build_config(tokenizer):
         eos_token_id=eos_ids,
         dtype="float32",
     )
-    vision_config = dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_channels=3,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=1e-6,
-        vision_use_head=False,
-        dtype="float32",
+    vision_config = siglip_vision_config(
+        IMAGE_SIZE, PATCH_SIZE, num_channels=3, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6
     )
     return Gemma3Config(
         text_config=text_config,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
 from .text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
-from .image import SIGLIP_MEAN, SIGLIP_STD
+from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 384
@@ -46,17 +46,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-VISION = dict(
-    model_type="siglip_vision_model",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=TILE,
-    patch_size=PATCH,
-    vision_use_head=False,
-    dtype="float32",
-)
 
 
 def build(out_dir: Path, seed: int = 0) -> Path:
@@ -90,7 +79,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         pad_token_id=ids[ENDOFTEXT],
     )
     config = LlavaOnevisionConfig(
-        text_config=text, vision_config=dict(VISION), image_token_index=ids[IMAGE], video_token_index=ids[VIDEO],
+        text_config=text, vision_config=siglip_vision_config(TILE, PATCH), image_token_index=ids[IMAGE], video_token_index=ids[VIDEO],
         image_grid_pinpoints=GRID_PINPOINTS, projector_hidden_act="gelu", vision_feature_layer=-1,
         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", use_image_newline_parameter=True,
         tie_word_embeddings=False, dtype="float32",
