@@ -192,11 +192,19 @@ def build(out_dir: Path, seed: int = 0) -> Path:
 
     processor = build_processor()
     config = build_config(processor.tokenizer)
-    model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed)
+    # generate(do_sample=False) still applies the real settings' repetition penalty.
+    return save_qwen_vl_checkpoint(
+        Qwen2_5_VLForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed
+    )
+
+
+def save_qwen_vl_checkpoint(model_class, config, processor, real_generation_settings, out_dir: Path, seed: int) -> Path:
+    """``model_class(config)`` from ``seed``, saved with ``processor`` and a generation_config.json as the real
+    Qwen-VL ones: stop on <|im_end|> or <|endoftext|>, and ``real_generation_settings``, its authors' decoding
+    settings."""
+    model = seeded_model(model_class, config, seed)
     text = config.text_config
-    # As the real generation_config.json: stop on <|im_end|> or <|endoftext|>, and its authors' decoding
-    # settings, of which generate(do_sample=False) still applies the repetition penalty.
     model.generation_config = generation_config(
-        text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id], **REAL_GENERATION_SETTINGS
+        text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id], **real_generation_settings
     )
     return save_checkpoint(model, processor, out_dir)

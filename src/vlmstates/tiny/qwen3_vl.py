@@ -21,9 +21,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import generation_config, save_checkpoint, seeded_model
 from . import qwen2_5_vl
-from .qwen2_5_vl import IM_END, IMAGE_PAD, PAD_TOKEN, VIDEO_PAD, VISION_END, VISION_START, qwen_vl_chat_template, qwen_vl_tokenizer
+from .qwen2_5_vl import (
+    IM_END,
+    IMAGE_PAD,
+    PAD_TOKEN,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    qwen_vl_chat_template,
+    qwen_vl_tokenizer,
+    save_qwen_vl_checkpoint,
+)
 
 FAMILY = "qwen3_vl"
 
@@ -138,14 +147,8 @@ def build(out_dir: Path, seed: int = 0) -> Path:
 
     processor = build_processor()
     config = build_config(processor.tokenizer)
-    model = seeded_model(Qwen3VLForConditionalGeneration, config, seed)
-    text = config.text_config
-    # As the real generation_config.json: stop on <|im_end|> or <|endoftext|>, and its authors' sampling settings
-    # (greedy extraction ignores them; repetition_penalty 1.0 changes nothing).
-    model.generation_config = generation_config(
-        text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id], **REAL_GENERATION_SETTINGS
-    )
-    return save_checkpoint(model, processor, out_dir)
+    # Greedy extraction ignores the real sampling settings; their repetition_penalty 1.0 changes nothing.
+    return save_qwen_vl_checkpoint(Qwen3VLForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed)
 
 
 def build_moe(out_dir: Path, seed: int = 0) -> Path:
@@ -162,9 +165,6 @@ def build_moe(out_dir: Path, seed: int = 0) -> Path:
     vision = {k: v for k, v in dense["vision_config"].items() if k not in ("model_type", "architectures")}
     ids = {k: dense[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, dtype="float32", **ids)
-    model = seeded_model(Qwen3VLMoeForConditionalGeneration, config, seed)
-    t = config.text_config
-    model.generation_config = generation_config(
-        t.bos_token_id, t.pad_token_id, [t.eos_token_id, t.pad_token_id], **REAL_GENERATION_SETTINGS
+    return save_qwen_vl_checkpoint(
+        Qwen3VLMoeForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed
     )
-    return save_checkpoint(model, processor, out_dir)
