@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
 from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
+from .text import TEXT_HIDDEN, decoder_config
 from .tokenizer import build_tokenizer
 
 TILE = 42  # real 364
@@ -57,7 +58,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>' }}{% endif %}"
 )
 
-TEXT_HIDDEN = 64
 
 
 def build(out_dir: Path, seed: int = 0) -> Path:
@@ -81,15 +81,9 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         chat_template=CHAT_TEMPLATE,
     )
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
+    text = decoder_config(
+        len(tokenizer),
         model_type="cohere2",
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
         logit_scale=0.25,
         layer_norm_eps=1e-5,
         max_position_embeddings=8192,
@@ -100,7 +94,6 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         eos_token_id=ids(END_TURN),
         pad_token_id=ids(PAD),
         tie_word_embeddings=True,
-        dtype="float32",
     )
     config = AyaVisionConfig(
         text_config=text, vision_config=siglip_vision_config(TILE, PATCH), image_token_index=ids(IMG_PATCH), downsample_factor=DOWNSAMPLE,
