@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import TEXT_HIDDEN, decoder_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "qwen2_5_vl"
@@ -43,7 +44,6 @@ MAX_PIXELS = 32 * FACTOR * FACTOR
 #: a near-zero temperature, and a repetition penalty.
 REAL_GENERATION_SETTINGS = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 1e-06}
 
-TEXT_HIDDEN = 64
 TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
 HEAD_DIM = TEXT_HIDDEN // TEXT_HEADS  # 16
@@ -137,14 +137,10 @@ def build_config(tokenizer):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     pad_id, eos_id = ids[PAD_TOKEN], ids[IM_END]
     bos_id = pad_id  # the real config's bos_token_id is <|endoftext|> too
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
+    text_config = decoder_config(
+        len(tokenizer),
         num_attention_heads=TEXT_HEADS,
         num_key_value_heads=TEXT_KV_HEADS,
-        hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         use_sliding_window=False,
@@ -153,7 +149,6 @@ def build_config(tokenizer):
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        dtype="float32",
     )
     vision_config = dict(
         depth=2,

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import qwen2_5_vl
+from .text import TEXT_HIDDEN, decoder_config
 from .qwen2_5_vl import (
     IM_END,
     IMAGE_PAD,
@@ -58,7 +59,6 @@ IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]
 #: sampling: top_p 0.8, top_k 20, temperature 0.7, repetition_penalty 1.0).
 REAL_GENERATION_SETTINGS = {"do_sample": True, "top_k": 20, "top_p": 0.8, "temperature": 0.7, "repetition_penalty": 1.0}
 
-TEXT_HIDDEN = 64
 TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
 HEAD_DIM = TEXT_HIDDEN // TEXT_HEADS  # 16
@@ -95,15 +95,11 @@ def build_config(tokenizer):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     pad_id, eos_id = ids[PAD_TOKEN], ids[IM_END]
     bos_id = pad_id  # the real text_config's bos_token_id is <|endoftext|> too
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
+    text_config = decoder_config(
+        len(tokenizer),
         num_attention_heads=TEXT_HEADS,
         num_key_value_heads=TEXT_KV_HEADS,
         head_dim=HEAD_DIM,
-        hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         rope_parameters={
@@ -112,7 +108,6 @@ def build_config(tokenizer):
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        dtype="float32",
     )
     vision_config = dict(
         depth=VISION_DEPTH,
