@@ -25,13 +25,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
+from .text import TEXT_HIDDEN, decoder_config
 from .tokenizer import build_tokenizer
 
 TILE = 42  # real 364
 PATCH = 7  # real 14
 DOWNSAMPLE = 2
 MAX_PATCHES = 12
-SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
 PAD, UNK, CLS, SEP, MASK, BOS, EOS = "<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>", "<EOS_TOKEN>"
 START_TURN, END_TURN = "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>"
@@ -57,7 +58,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>' }}{% endif %}"
 )
 
-TEXT_HIDDEN = 64
 
 
 def build(out_dir: Path, seed: int = 0) -> Path:
@@ -81,15 +81,9 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         chat_template=CHAT_TEMPLATE,
     )
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
+    text = decoder_config(
+        len(tokenizer),
         model_type="cohere2",
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
         logit_scale=0.25,
         layer_norm_eps=1e-5,
         max_position_embeddings=8192,
@@ -100,14 +94,9 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         eos_token_id=ids(END_TURN),
         pad_token_id=ids(PAD),
         tie_word_embeddings=True,
-        dtype="float32",
-    )
-    vision = dict(
-        model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, image_size=TILE, patch_size=PATCH, vision_use_head=False, dtype="float32",
     )
     config = AyaVisionConfig(
-        text_config=text, vision_config=vision, image_token_index=ids(IMG_PATCH), downsample_factor=DOWNSAMPLE,
+        text_config=text, vision_config=siglip_vision_config(TILE, PATCH), image_token_index=ids(IMG_PATCH), downsample_factor=DOWNSAMPLE,
         vision_feature_layer=-1, vision_feature_select_strategy="full", adapter_layer_norm_eps=1e-6,
         alignment_intermediate_size=7 * TEXT_HIDDEN, tie_word_embeddings=True, dtype="float32",
     )

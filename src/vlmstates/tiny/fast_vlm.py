@@ -29,16 +29,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
 from .tokenizer import build_tokenizer
 
-ENDOFTEXT, IM_START, IM_END, IMAGE = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"
+IMAGE = "<image>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, IMAGE)
 
 STRIDE = 64  # the tower's total stride (real), the processor's patch_size
 CROP = 256  # real 1024
 EMBED_DIMS = [4, 8, 16, 32, 64]  # real [96, 192, 384, 768, 1536]
 VISION_HIDDEN = 2 * EMBED_DIMS[-1]  # final_conv's width (cls_ratio 2): real 3072
-TEXT_HIDDEN = 64
 
 # Modelled on the converted checkpoints' template: a default system turn when the conversation has none;
 # in each turn all images first, then every text after a newline.
@@ -87,22 +87,10 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         model_args={"inference_mode": True, "layers": [1, 1, 2, 1, 1], "embed_dims": EMBED_DIMS},
         num_labels=0,
     )
-    text = dict(
-        model_type="qwen2",
-        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded to a multiple of 64, as the conversion did
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
-        rms_norm_eps=1e-6,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    text = qwen2_text_config(
+        -(-len(tokenizer) // 64) * 64,  # padded to a multiple of 64, as the conversion did
         bos_token_id=ids(ENDOFTEXT),
         eos_token_id=ids(ENDOFTEXT),
-        tie_word_embeddings=False,
-        dtype="float32",
     )
     config = FastVlmConfig(
         text_config=text, vision_config=vision, image_token_index=ids(IMAGE), image_seq_length=(CROP // STRIDE) ** 2,

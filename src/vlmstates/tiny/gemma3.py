@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import generation_config, save_checkpoint, seeded_model
+from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "gemma3"
@@ -49,43 +50,49 @@ LAYER_TYPES = ["sliding_attention"] * (NUM_LAYERS - 1) + ["full_attention"]
 # the sliding-window code path really cuts, as it does for real long prompts.
 SLIDING_WINDOW = 32
 
-# Modelled on the real Gemma 3 chat template: bos, a system message folded into
-# the first user turn, the assistant role named "model", images as
-# <start_of_image>, texts trimmed.  No whitespace control: the only whitespace
-# in the output is the explicit \n and the message texts.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% if messages[0]['content'] is string %}"
-    "{% set first_user_prefix = messages[0]['content'] ~ '\n\n' %}"
-    "{% else %}"
-    "{% set first_user_prefix = messages[0]['content'][0]['text'] ~ '\n\n' %}"
-    "{% endif %}"
-    "{% set loop_messages = messages[1:] %}"
-    "{% else %}"
-    "{% set first_user_prefix = '' %}"
-    "{% set loop_messages = messages %}"
-    "{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "<start_of_turn>{{ role }}\n"
-    "{% if loop.first %}{{ first_user_prefix }}{% endif %}"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] | trim }}"
-    "{% else %}"
-    "{% for item in message['content'] %}"
+
+def gemma_chat_template(content_item: str) -> str:
+    """A chat template modelled on the real Gemma 3 ones: bos, a system message folded into the first user turn,
+    the assistant role named "model", texts trimmed; ``content_item`` writes one item of a content list (the
+    image, and the audio, placeholders are what Gemma 3 and Gemma 3n differ in). No whitespace control: the
+    only whitespace in the output is the explicit \\n and the message texts."""
+    return (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% if messages[0]['content'] is string %}"
+        "{% set first_user_prefix = messages[0]['content'] ~ '\n\n' %}"
+        "{% else %}"
+        "{% set first_user_prefix = messages[0]['content'][0]['text'] ~ '\n\n' %}"
+        "{% endif %}"
+        "{% set loop_messages = messages[1:] %}"
+        "{% else %}"
+        "{% set first_user_prefix = '' %}"
+        "{% set loop_messages = messages %}"
+        "{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+        "{% else %}{% set role = message['role'] %}{% endif %}"
+        "<start_of_turn>{{ role }}\n"
+        "{% if loop.first %}{{ first_user_prefix }}{% endif %}"
+        "{% if message['content'] is string %}"
+        "{{ message['content'] | trim }}"
+        "{% else %}"
+        "{% for item in message['content'] %}"
+        + content_item
+        + "{% endfor %}"
+        "{% endif %}"
+        "<end_of_turn>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+
+
+# Images as <start_of_image>.
+CHAT_TEMPLATE = gemma_chat_template(
     "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
     "<start_of_image>"
     "{% elif item['type'] == 'text' or 'text' in item %}"
     "{{ item['text'] | trim }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<end_of_turn>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<start_of_turn>model\n"
     "{% endif %}"
 )
 
@@ -113,8 +120,8 @@ def build_processor():
     image_processor = Gemma3ImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         resample=2,  # bilinear
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
         do_pan_and_scan=False,
     )
     return Gemma3Processor(
@@ -153,19 +160,8 @@ def build_config(tokenizer):
         eos_token_id=eos_ids,
         dtype="float32",
     )
-    vision_config = dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_channels=3,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=1e-6,
-        vision_use_head=False,
-        dtype="float32",
+    vision_config = siglip_vision_config(
+        IMAGE_SIZE, PATCH_SIZE, num_channels=3, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6
     )
     return Gemma3Config(
         text_config=text_config,

@@ -31,6 +31,7 @@ import copy
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .gemma3 import gemma_chat_template
 from .tokenizer import build_tokenizer
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -59,38 +60,13 @@ TEXT_HIDDEN = 64
 NUM_LAYERS = 4
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
-# Modelled on the real Gemma 3n chat template (Gemma 3's, with the image written as <image_soft_token>).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% if messages[0]['content'] is string %}"
-    "{% set first_user_prefix = messages[0]['content'] ~ '\n\n' %}"
-    "{% else %}"
-    "{% set first_user_prefix = messages[0]['content'][0]['text'] ~ '\n\n' %}"
-    "{% endif %}"
-    "{% set loop_messages = messages[1:] %}"
-    "{% else %}"
-    "{% set first_user_prefix = '' %}"
-    "{% set loop_messages = messages %}"
-    "{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "<start_of_turn>{{ role }}\n"
-    "{% if loop.first %}{{ first_user_prefix }}{% endif %}"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] | trim }}"
-    "{% else %}"
-    "{% for item in message['content'] %}"
+# Modelled on the real Gemma 3n chat template: Gemma 3's, the image written as <image_soft_token>, the audio as
+# <audio_soft_token>.
+CHAT_TEMPLATE = gemma_chat_template(
     "{% if item['type'] == 'image' %}<image_soft_token>"
     "{% elif item['type'] == 'audio' %}<audio_soft_token>"
     "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}"
     "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<end_of_turn>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import TEXT_HIDDEN, decoder_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "glm4v"
@@ -65,7 +66,6 @@ MAX_PIXELS = TEMPORAL_PATCH_SIZE * 24 * FACTOR * FACTOR
 #: zai-org/GLM-4.1V-9B-Thinking's generation_config.json besides the token ids: sampling.
 REAL_GENERATION_SETTINGS = {"do_sample": True, "temperature": 0.8, "top_p": 0.6, "top_k": 2, "repetition_penalty": 1.1}
 
-TEXT_HIDDEN = 64
 TEXT_HEADS = 2
 TEXT_KV_HEADS = 1
 HEAD_DIM = TEXT_HIDDEN // TEXT_HEADS  # 32
@@ -130,14 +130,10 @@ def build_config(tokenizer):
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     pad_id = ids[ENDOFTEXT]
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
+    text_config = decoder_config(
+        len(tokenizer),
         num_attention_heads=TEXT_HEADS,
         num_key_value_heads=TEXT_KV_HEADS,
-        hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         rope_parameters={
@@ -146,7 +142,6 @@ def build_config(tokenizer):
         },
         eos_token_id=[ids[ENDOFTEXT], ids[USER], ids[OBSERVATION]],
         pad_token_id=pad_id,
-        dtype="float32",
     )
     vision_config = dict(
         depth=2,

@@ -25,6 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import BEGIN_OF_TEXT, END_OF_TEXT, EOM, EOT, llama3_text_config
+from .image import SIGLIP_MEAN, SIGLIP_STD
 from .tokenizer import build_tokenizer
 
 FAMILY = "idefics3"
@@ -36,8 +38,7 @@ IMAGE_SEQ_LEN = (TILE // PATCH) ** 2 // SCALE_FACTOR**2  # 4
 LONGEST_EDGE = 4 * TILE
 GRID_TAGS = 6  # the processor looks up <row_r_col_c> for r, c <= 6
 
-BEGIN, END, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"
-EOM, EOT = "<|eom_id|>", "<|eot_id|>"
+PAD = "<|reserved_special_token_0|>"
 FAKE, IMAGE, END_OF_UTTERANCE, GLOBAL = "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"
 ROW_COL = tuple(f"<row_{r}_col_{c}>" for r in range(1, GRID_TAGS + 1) for c in range(1, GRID_TAGS + 1))
 
@@ -59,15 +60,15 @@ def build_processor():
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     tokenizer = build_tokenizer(
-        leading_special_tokens=(BEGIN, END, PAD, EOM, EOT),
+        leading_special_tokens=(BEGIN_OF_TEXT, END_OF_TEXT, PAD, EOM, EOT),
         trailing_special_tokens=(FAKE, IMAGE, END_OF_UTTERANCE, GLOBAL, *ROW_COL),
-        named_special_tokens={"bos_token": BEGIN, "eos_token": END_OF_UTTERANCE, "pad_token": PAD},
+        named_special_tokens={"bos_token": BEGIN_OF_TEXT, "eos_token": END_OF_UTTERANCE, "pad_token": PAD},
         chat_template=CHAT_TEMPLATE,
         add_bos_token=True,  # Llama 3's tokenizer starts every tokenizer(text) with <|begin_of_text|>
     )
     image_processor = Idefics3ImageProcessor(
         do_image_splitting=True, size={"longest_edge": LONGEST_EDGE}, max_image_size={"longest_edge": TILE},
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=1,
+        image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, resample=1,
     )
     return Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IMAGE_SEQ_LEN, chat_template=CHAT_TEMPLATE
@@ -80,23 +81,8 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     processor = build_processor()
     tokenizer = processor.tokenizer
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
-        model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as Llama 3.1 8B (32 heads, 8 kv heads)
-        head_dim=16,
-        hidden_act="silu",
-        rms_norm_eps=1e-5,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        bos_token_id=ids(BEGIN),
-        eos_token_id=ids(END),
-        pad_token_id=ids(PAD),
-        dtype="float32",
+    text = llama3_text_config(
+        len(tokenizer), head_dim=16, bos_token_id=ids(BEGIN_OF_TEXT), eos_token_id=ids(END_OF_TEXT), pad_token_id=ids(PAD)
     )
     vision = dict(
         model_type="idefics3_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -107,6 +93,6 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         pad_token_id=text["pad_token_id"], tie_word_embeddings=False, dtype="float32",
     )
     model = seeded_model(Idefics3ForConditionalGeneration, config, seed)
-    eos = [ids(END), ids(EOM), ids(EOT), ids(END_OF_UTTERANCE)]
+    eos = [ids(END_OF_TEXT), ids(EOM), ids(EOT), ids(END_OF_UTTERANCE)]
     model.generation_config = generation_config(text["bos_token_id"], text["pad_token_id"], eos)
     return save_checkpoint(model, processor, out_dir)

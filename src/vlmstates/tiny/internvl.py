@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 448
@@ -31,7 +32,6 @@ IMAGE_SEQ_LENGTH = int((TILE // PATCH) ** 2 * DOWNSAMPLE_RATIO**2)  # real 256
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, VIDEO)
 
@@ -53,7 +53,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-TEXT_HIDDEN = 64
 
 
 def build(out_dir: Path, seed: int = 0) -> Path:
@@ -86,24 +85,9 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         image_seq_length=IMAGE_SEQ_LENGTH, chat_template=CHAT_TEMPLATE,
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(
-        model_type="qwen2",
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
-        rms_norm_eps=1e-6,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        use_sliding_window=False,
-        bos_token_id=ids[ENDOFTEXT],
-        eos_token_id=ids[IM_END],
+    text = qwen2_text_config(
+        len(tokenizer), use_sliding_window=False, bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
         pad_token_id=ids[ENDOFTEXT],
-        tie_word_embeddings=False,
-        dtype="float32",
     )
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=[TILE, TILE],

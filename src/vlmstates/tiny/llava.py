@@ -23,16 +23,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, START_HEADER, decoder_config, llama3_text_config
+from .image import CLIP_MEAN, CLIP_STD
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 336
 PATCH = 7  # real 14; 336/14 = 28/7 = 4 ... patches per side: real 24, here 4
 GRID_PINPOINTS = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE], [3 * TILE, TILE], [TILE, 3 * TILE]]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE = "<image>"
 
-TEXT_HIDDEN = 64
 VISION = dict(
     model_type="clip_vision_model",
     hidden_size=32,
@@ -60,10 +59,7 @@ LLAVA_TEMPLATE = (
 )
 
 # -- LLaVA-NeXT (Llama 3) -----------------------------------------------------------------------------------
-BEGIN, END_TEXT, START_HEADER, END_HEADER, EOT = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-)
-LLAMA3_SPECIAL = (BEGIN, END_TEXT, START_HEADER, END_HEADER, EOT)
+LLAMA3_SPECIAL = (BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, EOT)
 NEXT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first %}{{ '<|begin_of_text|>' }}{% endif %}"
@@ -75,26 +71,6 @@ NEXT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-
-
-def _text_config(tokenizer, bos: str, eos: str, pad: str, **extra) -> dict:
-    ids = tokenizer.convert_tokens_to_ids
-    return dict(
-        model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
-        rms_norm_eps=1e-5,
-        bos_token_id=ids(bos),
-        eos_token_id=ids(eos),
-        pad_token_id=ids(pad),
-        dtype="float32",
-        **extra,
-    )
 
 
 def build_llava(out_dir: Path, seed: int = 0) -> Path:
@@ -116,9 +92,14 @@ def build_llava(out_dir: Path, seed: int = 0) -> Path:
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE, image_token=IMAGE,
     )
-    text = _text_config(tokenizer, BOS, EOS, PAD, max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    ids = tokenizer.convert_tokens_to_ids
+    text = decoder_config(  # Llama 2 7B's settings
+        len(tokenizer), model_type="llama", rms_norm_eps=1e-5, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=ids(BOS), eos_token_id=ids(EOS), pad_token_id=ids(PAD),
+    )
     config = LlavaConfig(
-        text_config=text, vision_config=dict(VISION), image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        text_config=text, vision_config=dict(VISION), image_token_index=ids(IMAGE),
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
         image_seq_length=(TILE // PATCH) ** 2, tie_word_embeddings=False, pad_token_id=text["pad_token_id"], dtype="float32",
     )
@@ -132,7 +113,7 @@ def build_llava_next(out_dir: Path, seed: int = 0) -> Path:
 
     tokenizer = build_tokenizer(
         trailing_special_tokens=(*LLAMA3_SPECIAL, IMAGE, PAD),
-        named_special_tokens={"bos_token": BEGIN, "eos_token": EOT, "pad_token": PAD, "image_token": IMAGE},
+        named_special_tokens={"bos_token": BEGIN_OF_TEXT, "eos_token": EOT, "pad_token": PAD, "image_token": IMAGE},
         chat_template=NEXT_TEMPLATE,
         add_bos_token=True,  # the Llama-3 tokenizer prepends <|begin_of_text|>
         padding_side="left",
@@ -145,14 +126,15 @@ def build_llava_next(out_dir: Path, seed: int = 0) -> Path:
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=NEXT_TEMPLATE, image_token=IMAGE,
     )
-    text = _text_config(tokenizer, BEGIN, EOT, PAD, max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    ids = tokenizer.convert_tokens_to_ids
+    text = llama3_text_config(len(tokenizer), bos_token_id=ids(BEGIN_OF_TEXT), eos_token_id=ids(EOT), pad_token_id=ids(PAD))
     config = LlavaNextConfig(
-        text_config=text, vision_config=dict(VISION), image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        text_config=text, vision_config=dict(VISION), image_token_index=ids(IMAGE),
         image_grid_pinpoints=GRID_PINPOINTS, projector_hidden_act="gelu", vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=(TILE // PATCH) ** 2, use_image_newline_parameter=True,
         tie_word_embeddings=False, pad_token_id=text["pad_token_id"], dtype="float32",
     )
     model = seeded_model(LlavaNextForConditionalGeneration, config, seed)
-    eos = [text["eos_token_id"], tokenizer.convert_tokens_to_ids(END_TEXT)]
+    eos = [text["eos_token_id"], ids(END_OF_TEXT)]
     model.generation_config = generation_config(text["bos_token_id"], text["pad_token_id"], eos)
     return save_checkpoint(model, processor, out_dir)

@@ -22,14 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
+from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 384
 PATCH = 7  # real 14
 GRID_PINPOINTS = [[TILE * rows, TILE * cols] for rows in range(1, 7) for cols in range(1, 7)]
-SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
-ENDOFTEXT, IM_START, IM_END, IMAGE, VIDEO = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"
+IMAGE, VIDEO = "<image>", "<video>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, IMAGE, VIDEO)
 
 CHAT_TEMPLATE = (
@@ -45,18 +46,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-TEXT_HIDDEN = 64
-VISION = dict(
-    model_type="siglip_vision_model",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=TILE,
-    patch_size=PATCH,
-    vision_use_head=False,
-    dtype="float32",
-)
 
 
 def build(out_dir: Path, seed: int = 0) -> Path:
@@ -85,27 +74,12 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         image_token=IMAGE, video_token=VIDEO, vision_aspect_ratio="anyres_max_9",
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(
-        model_type="qwen2",
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
-        rms_norm_eps=1e-6,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        use_sliding_window=False,
-        bos_token_id=ids[ENDOFTEXT],
-        eos_token_id=ids[IM_END],
+    text = qwen2_text_config(
+        len(tokenizer), use_sliding_window=False, bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
         pad_token_id=ids[ENDOFTEXT],
-        tie_word_embeddings=False,
-        dtype="float32",
     )
     config = LlavaOnevisionConfig(
-        text_config=text, vision_config=dict(VISION), image_token_index=ids[IMAGE], video_token_index=ids[VIDEO],
+        text_config=text, vision_config=siglip_vision_config(TILE, PATCH), image_token_index=ids[IMAGE], video_token_index=ids[VIDEO],
         image_grid_pinpoints=GRID_PINPOINTS, projector_hidden_act="gelu", vision_feature_layer=-1,
         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", use_image_newline_parameter=True,
         tie_word_embeddings=False, dtype="float32",

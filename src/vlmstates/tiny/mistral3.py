@@ -29,6 +29,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .image import CLIP_MEAN, CLIP_STD
+from .text import decoder_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "mistral3"
@@ -36,8 +38,6 @@ FAMILY = "mistral3"
 PATCH = 4  # real 14
 SPATIAL_MERGE = 2  # real 2
 LONGEST_EDGE = 64  # real 1540
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 INST, END_INST = "[INST]", "[/INST]"
@@ -84,7 +84,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
 )
 
-TEXT_HIDDEN = 64
 VISION_HIDDEN = 32
 
 
@@ -115,16 +114,10 @@ def build_config(tokenizer):
     from transformers import Mistral3Config
 
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
+    text = decoder_config(
+        len(tokenizer),
         model_type="mistral",
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
-        hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000000.0},
@@ -132,7 +125,6 @@ def build_config(tokenizer):
         bos_token_id=ids(BOS),
         eos_token_id=ids(EOS),
         pad_token_id=ids(PAD),
-        dtype="float32",
     )
     vision = dict(
         model_type="pixtral",

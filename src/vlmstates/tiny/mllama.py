@@ -43,22 +43,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOM, EOT, START_HEADER
+from .image import CLIP_MEAN, CLIP_STD
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 560
 PATCH = 7  # real 14: 4x4 patches per tile (real 40x40)
 MAX_TILES = 4
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-BEGIN, END_TEXT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
-START_HEADER, END_HEADER, EOM, EOT, PYTHON = (
-    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-)
+PAD, PYTHON = "<|finetune_right_pad_id|>", "<|python_tag|>"
 IMAGE = "<|image|>"
 # Llama 3's first special tokens in their real order (ids 128000-128010 there)
 LLAMA3_SPECIAL = (
-    BEGIN, END_TEXT, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>", PAD,
+    BEGIN_OF_TEXT, END_OF_TEXT, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>", PAD,
     "<|reserved_special_token_2|>", START_HEADER, END_HEADER, EOM, EOT, PYTHON,
 )
 
@@ -133,7 +130,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
 
     tokenizer = build_tokenizer(
         trailing_special_tokens=(*LLAMA3_SPECIAL, IMAGE),
-        named_special_tokens={"bos_token": BEGIN, "eos_token": EOT, "pad_token": PAD, "image_token": IMAGE},
+        named_special_tokens={"bos_token": BEGIN_OF_TEXT, "eos_token": EOT, "pad_token": PAD, "image_token": IMAGE},
         chat_template=CHAT_TEMPLATE,
         add_bos_token=True,  # the Llama-3 tokenizer prepends <|begin_of_text|>
         padding_side="left",
@@ -146,7 +143,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         do_rescale=True, do_normalize=True, do_convert_rgb=True, image_mean=CLIP_MEAN, image_std=CLIP_STD,
     )
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    eos = [ids(END_TEXT), ids(EOM), ids(EOT)]
+    eos = [ids(END_OF_TEXT), ids(EOM), ids(EOT)]
     text = dict(
         vocab_size=image_token_id,  # <|image|> is the first id past the LM head's vocabulary, as in the real model
         hidden_size=TEXT_HIDDEN,
@@ -162,7 +159,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
         },
-        bos_token_id=ids(BEGIN),
+        bos_token_id=ids(BEGIN_OF_TEXT),
         eos_token_id=eos,
         pad_token_id=ids(PAD),
         tie_word_embeddings=False,
@@ -171,6 +168,6 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     model = seeded_model(MllamaForConditionalGeneration, config, seed)
     _open_gates(model)
     model.generation_config = generation_config(
-        ids(BEGIN), ids(PAD), eos, do_sample=True, temperature=0.6, top_p=0.9,
+        ids(BEGIN_OF_TEXT), ids(PAD), eos, do_sample=True, temperature=0.6, top_p=0.9,
     )
     return save_checkpoint(model, processor, out_dir)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "paligemma"
@@ -58,7 +59,7 @@ def build_processor():
     # unnamed special tokens, so that decode(skip_special_tokens=True) drops all three
     tokenizer.add_special_tokens({"additional_special_tokens": [START_OF_TURN, END_OF_TURN, IMAGE]})
     image_processor = SiglipImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
         do_convert_rgb=True,
     )
     image_processor.image_seq_length = IMAGE_SEQ_LENGTH
@@ -94,22 +95,9 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         eos_token_id=eos_ids,
         dtype="float32",
     )
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=1e-6,
-        vision_use_head=False,
-        dtype="float32",
-    )
     config = PaliGemmaConfig(
         text_config=text,
-        vision_config=vision,
+        vision_config=siglip_vision_config(IMAGE_SIZE, PATCH_SIZE, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
         image_token_id=ids(IMAGE),
         projection_dim=TEXT_HIDDEN,
         pad_token_id=pad_id,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import TEXT_HIDDEN, decoder_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "qwen2_5_vl"
@@ -43,7 +44,6 @@ MAX_PIXELS = 32 * FACTOR * FACTOR
 #: a near-zero temperature, and a repetition penalty.
 REAL_GENERATION_SETTINGS = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 1e-06}
 
-TEXT_HIDDEN = 64
 TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
 HEAD_DIM = TEXT_HIDDEN // TEXT_HEADS  # 16
@@ -52,54 +52,70 @@ HEAD_DIM = TEXT_HIDDEN // TEXT_HEADS  # 16
 MROPE_SECTION = [2, 3, 3]
 assert sum(MROPE_SECTION) == HEAD_DIM // 2
 
-# Modelled on the real Qwen2.5-VL chat template: default system turn, images as
-# <|vision_start|><|image_pad|><|vision_end|>, optional "Picture N: " labels.
-# (No whitespace control: the only whitespace in the output is the explicit \n.)
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}"
-    "{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' or 'video' in item %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in item %}"
-    "{{ item['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n"
-    "{% endif %}"
-)
+
+def qwen_vl_chat_template(default_system_prompt: str | None) -> str:
+    """A chat template modelled on the real Qwen-VL ones: images as <|vision_start|><|image_pad|><|vision_end|>
+    (videos likewise) where the content list puts them, optional "Picture N: " labels, the assistant's turn
+    opened last. With ``default_system_prompt`` (Qwen2.5-VL's), a system turn of it comes first when the
+    messages give none; without it (Qwen3-VL's), there is a system turn only when the messages give one.
+    No whitespace control: the only whitespace in the output is the explicit \\n."""
+    default_system_turn = "" if default_system_prompt is None else (
+        "{% if loop.first and message['role'] != 'system' %}"
+        f"<|im_start|>system\n{default_system_prompt}<|im_end|>\n"
+        "{% endif %}"
+    )
+    return (
+        "{% set image_count = namespace(value=0) %}"
+        "{% set video_count = namespace(value=0) %}"
+        "{% for message in messages %}"
+        + default_system_turn
+        + "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}"
+        "{{ message['content'] }}"
+        "{% else %}"
+        "{% for item in message['content'] %}"
+        "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
+        "{% set image_count.value = image_count.value + 1 %}"
+        "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+        "<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif item['type'] == 'video' or 'video' in item %}"
+        "{% set video_count.value = video_count.value + 1 %}"
+        "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+        "<|vision_start|><|video_pad|><|vision_end|>"
+        "{% elif 'text' in item %}"
+        "{{ item['text'] }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% endif %}"
+        "<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}"
+        "<|im_start|>assistant\n"
+        "{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = qwen_vl_chat_template("You are a helpful assistant.")
+
+
+def qwen_vl_tokenizer(special_tokens, chat_template: str):
+    """The Qwen-VL tokenizer: ``special_tokens`` after the BPE entries, <|endoftext|> the pad, <|im_end|> the eos,
+    no bos."""
+    return build_tokenizer(
+        trailing_special_tokens=special_tokens,
+        named_special_tokens={"pad_token": PAD_TOKEN, "eos_token": IM_END},
+        chat_template=chat_template,
+        add_bos_token=False,
+        padding_side="right",  # as the real tokenizer_config.json; generation needs "left"
+        extra_init_kwargs={"errors": "replace", "split_special_tokens": False},
+    )
 
 
 def build_processor():
     """The ``Qwen2_5_VLProcessor`` (tokenizer, image and video processors)."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    tokenizer = build_tokenizer(
-        trailing_special_tokens=SPECIAL_TOKENS,
-        named_special_tokens={"pad_token": PAD_TOKEN, "eos_token": IM_END},
-        chat_template=CHAT_TEMPLATE,
-        add_bos_token=False,
-        padding_side="right",  # as the real tokenizer_config.json; generation needs "left"
-        extra_init_kwargs={"errors": "replace", "split_special_tokens": False},
-    )
+    tokenizer = qwen_vl_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE)
     geometry = dict(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE)
     image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **geometry)
     # cap_pixels_per_frame=True: the reference (qwen-vl-utils) behaviour, and it
@@ -121,14 +137,10 @@ def build_config(tokenizer):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     pad_id, eos_id = ids[PAD_TOKEN], ids[IM_END]
     bos_id = pad_id  # the real config's bos_token_id is <|endoftext|> too
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
+    text_config = decoder_config(
+        len(tokenizer),
         num_attention_heads=TEXT_HEADS,
         num_key_value_heads=TEXT_KV_HEADS,
-        hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         use_sliding_window=False,
@@ -137,7 +149,6 @@ def build_config(tokenizer):
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        dtype="float32",
     )
     vision_config = dict(
         depth=2,
@@ -176,11 +187,19 @@ def build(out_dir: Path, seed: int = 0) -> Path:
 
     processor = build_processor()
     config = build_config(processor.tokenizer)
-    model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed)
+    # generate(do_sample=False) still applies the real settings' repetition penalty.
+    return save_qwen_vl_checkpoint(
+        Qwen2_5_VLForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed
+    )
+
+
+def save_qwen_vl_checkpoint(model_class, config, processor, real_generation_settings, out_dir: Path, seed: int) -> Path:
+    """``model_class(config)`` from ``seed``, saved with ``processor`` and a generation_config.json as the real
+    Qwen-VL ones: stop on <|im_end|> or <|endoftext|>, and ``real_generation_settings``, its authors' decoding
+    settings."""
+    model = seeded_model(model_class, config, seed)
     text = config.text_config
-    # As the real generation_config.json: stop on <|im_end|> or <|endoftext|>, and its authors' decoding
-    # settings, of which generate(do_sample=False) still applies the repetition penalty.
     model.generation_config = generation_config(
-        text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id], **REAL_GENERATION_SETTINGS
+        text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id], **real_generation_settings
     )
     return save_checkpoint(model, processor, out_dir)

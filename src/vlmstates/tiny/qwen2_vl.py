@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import generation_config, save_checkpoint, seeded_model
 from . import qwen2_5_vl as qwen
 
 #: Qwen/Qwen2-VL-7B-Instruct's generation_config.json besides the token ids (as Qwen2.5-VL's)
@@ -38,7 +37,6 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         text_config=text, vision_config=vision, bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"],
         pad_token_id=text["pad_token_id"], tie_word_embeddings=False, dtype="float32", **ids,
     )
-    model = seeded_model(Qwen2VLForConditionalGeneration, config, seed)
-    t = config.text_config
-    model.generation_config = generation_config(t.bos_token_id, t.pad_token_id, [t.eos_token_id, t.pad_token_id], **REAL_GENERATION_SETTINGS)
-    return save_checkpoint(model, processor, out_dir)
+    return qwen.save_qwen_vl_checkpoint(
+        Qwen2VLForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed
+    )

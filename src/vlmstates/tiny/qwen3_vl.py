@@ -21,23 +21,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import generation_config, save_checkpoint, seeded_model
-from .tokenizer import build_tokenizer
+from . import qwen2_5_vl
+from .text import TEXT_HIDDEN, decoder_config
+from .qwen2_5_vl import (
+    IM_END,
+    IMAGE_PAD,
+    PAD_TOKEN,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    qwen_vl_chat_template,
+    qwen_vl_tokenizer,
+    save_qwen_vl_checkpoint,
+)
 
 FAMILY = "qwen3_vl"
 
-# Special tokens of the real Qwen3-VL tokenizer, in their real relative order (they follow the BPE vocabulary
-# there too); <think>/</think> are in the real vocabulary (the Thinking variants emit them).
-PAD_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
+# Special tokens of the real Qwen3-VL tokenizer: Qwen2.5-VL's, in their real relative order (they follow the BPE
+# vocabulary there too), then <think>/</think>, in the real vocabulary (the Thinking variants emit them).
 THINK = "<think>"
 END_THINK = "</think>"
-SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, THINK, END_THINK)
+SPECIAL_TOKENS = (*qwen2_5_vl.SPECIAL_TOKENS, THINK, END_THINK)
 
 # Vision geometry: real values (patch 16, merge 2, temporal patch 2 -> resize factor 32).
 PATCH_SIZE = 16
@@ -55,7 +59,6 @@ IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]
 #: sampling: top_p 0.8, top_k 20, temperature 0.7, repetition_penalty 1.0).
 REAL_GENERATION_SETTINGS = {"do_sample": True, "top_k": 20, "top_p": 0.8, "temperature": 0.7, "repetition_penalty": 1.0}
 
-TEXT_HIDDEN = 64
 TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
 HEAD_DIM = TEXT_HIDDEN // TEXT_HEADS  # 16
@@ -64,51 +67,15 @@ assert sum(MROPE_SECTION) == HEAD_DIM // 2
 VISION_DEPTH = 4
 DEEPSTACK_VISUAL_INDEXES = [0, 1, 2]
 
-# Modelled on the real Qwen3-VL Instruct chat template: a system turn only when the messages give one, images
-# and videos where the content list puts them (optional "Picture N: " labels), the assistant's turn opened last.
-# (No whitespace control: the only whitespace in the output is the explicit \n.)
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}"
-    "{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' or 'video' in item %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in item %}"
-    "{{ item['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n"
-    "{% endif %}"
-)
+# Modelled on the real Qwen3-VL Instruct chat template: Qwen2.5-VL's without its default system turn.
+CHAT_TEMPLATE = qwen_vl_chat_template(default_system_prompt=None)
 
 
 def build_processor():
     """The ``Qwen3VLProcessor`` (tokenizer, Qwen2-VL image processor, Qwen3-VL video processor)."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    tokenizer = build_tokenizer(
-        trailing_special_tokens=SPECIAL_TOKENS,
-        named_special_tokens={"pad_token": PAD_TOKEN, "eos_token": IM_END},
-        chat_template=CHAT_TEMPLATE,
-        add_bos_token=False,
-        padding_side="right",  # as the real tokenizer_config.json; generation needs "left"
-        extra_init_kwargs={"errors": "replace", "split_special_tokens": False},
-    )
+    tokenizer = qwen_vl_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE)
     geometry = dict(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE)
     image_processor = Qwen2VLImageProcessor(
         min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, image_mean=IMAGE_MEAN, image_std=IMAGE_STD, **geometry
@@ -128,15 +95,11 @@ def build_config(tokenizer):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     pad_id, eos_id = ids[PAD_TOKEN], ids[IM_END]
     bos_id = pad_id  # the real text_config's bos_token_id is <|endoftext|> too
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
+    text_config = decoder_config(
+        len(tokenizer),
         num_attention_heads=TEXT_HEADS,
         num_key_value_heads=TEXT_KV_HEADS,
         head_dim=HEAD_DIM,
-        hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         rope_parameters={
@@ -145,7 +108,6 @@ def build_config(tokenizer):
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        dtype="float32",
     )
     vision_config = dict(
         depth=VISION_DEPTH,
@@ -180,14 +142,8 @@ def build(out_dir: Path, seed: int = 0) -> Path:
 
     processor = build_processor()
     config = build_config(processor.tokenizer)
-    model = seeded_model(Qwen3VLForConditionalGeneration, config, seed)
-    text = config.text_config
-    # As the real generation_config.json: stop on <|im_end|> or <|endoftext|>, and its authors' sampling settings
-    # (greedy extraction ignores them; repetition_penalty 1.0 changes nothing).
-    model.generation_config = generation_config(
-        text.bos_token_id, text.pad_token_id, [text.eos_token_id, text.pad_token_id], **REAL_GENERATION_SETTINGS
-    )
-    return save_checkpoint(model, processor, out_dir)
+    # Greedy extraction ignores the real sampling settings; their repetition_penalty 1.0 changes nothing.
+    return save_qwen_vl_checkpoint(Qwen3VLForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed)
 
 
 def build_moe(out_dir: Path, seed: int = 0) -> Path:
@@ -204,9 +160,6 @@ def build_moe(out_dir: Path, seed: int = 0) -> Path:
     vision = {k: v for k, v in dense["vision_config"].items() if k not in ("model_type", "architectures")}
     ids = {k: dense[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, dtype="float32", **ids)
-    model = seeded_model(Qwen3VLMoeForConditionalGeneration, config, seed)
-    t = config.text_config
-    model.generation_config = generation_config(
-        t.bos_token_id, t.pad_token_id, [t.eos_token_id, t.pad_token_id], **REAL_GENERATION_SETTINGS
+    return save_qwen_vl_checkpoint(
+        Qwen3VLMoeForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed
     )
-    return save_checkpoint(model, processor, out_dir)

@@ -21,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
+from .text import ENDOFTEXT, IM_END, IM_START, decoder_config
+from .image import SIGLIP_MEAN, SIGLIP_STD
 from .tokenizer import build_tokenizer
 
 FAMILY = "smolvlm"
@@ -32,7 +34,6 @@ IMAGE_SEQ_LEN = (TILE // PATCH) ** 2 // SCALE_FACTOR**2  # 4
 LONGEST_EDGE = 4 * TILE
 MAX_GRID = 4
 
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 GLOBAL, FAKE, IMAGE, END_OF_UTTERANCE = "<global-img>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"
 ROW_COL = tuple(f"<row_{r}_col_{c}>" for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1))
 
@@ -64,8 +65,8 @@ def build_processor():
     )
     size = {"longest_edge": LONGEST_EDGE}
     image_processor = SmolVLMImageProcessor(
-        do_image_splitting=True, size=size, max_image_size={"longest_edge": TILE}, image_mean=[0.5] * 3,
-        image_std=[0.5] * 3, resample=1,
+        do_image_splitting=True, size=size, max_image_size={"longest_edge": TILE}, image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD, resample=1,
     )
     video_processor = SmolVLMVideoProcessor(size=size, max_image_size={"longest_edge": TILE})
     return SmolVLMProcessor(
@@ -80,23 +81,17 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     processor = build_processor()
     tokenizer = processor.tokenizer
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
+    text = decoder_config(  # SmolLM2: a Llama without grouped-query attention
+        len(tokenizer),
         model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
         num_key_value_heads=4,
         head_dim=16,
-        hidden_act="silu",
         rms_norm_eps=1e-5,
         max_position_embeddings=8192,
         rope_parameters={"rope_type": "default", "rope_theta": 130000.0},
         bos_token_id=ids(IM_START),
         eos_token_id=ids(END_OF_UTTERANCE),
         pad_token_id=ids(IM_END),
-        dtype="float32",
     )
     vision = dict(
         model_type="smolvlm_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
