@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import yaml
-from snakemake.utils import validate
-
 from conftest import REPO
+from vlmstates.config_check import check_config
 from vlmstates.settings import ModelSettings
 
 SEED_MODELS = {
@@ -19,7 +18,7 @@ SEED_MODELS = {
 
 def test_the_seed_config_validates_and_names_all_five_models():
     config = yaml.safe_load((REPO / "config" / "all-seed-models.yaml").read_text())
-    validate(config, schema=str(REPO / "workflow" / "schemas" / "config.schema.yaml"), set_default=True)
+    check_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")  # as the workflow does (common.smk)
     settings = [ModelSettings.from_config(name, entry) for name, entry in config["models"].items()]
     assert {s.model for s in settings} == SEED_MODELS
     remote = {s.model for s in settings if s.trust_remote_code}
