@@ -25,14 +25,34 @@ from vlmstates.tiny import build_tiny_checkpoint
 
 
 def run_shard(args, checkpoint: Path, table: Path, images: Path, out: Path, failpoint: str | None) -> float:
-    settings = {"name": "bench", "model": str(checkpoint), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    settings = {
+        "name": "bench",
+        "model": str(checkpoint),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+    }
     env = {k: v for k, v in os.environ.items() if k != "VLMSTATES_FAILPOINT"}
     if failpoint:
         env["VLMSTATES_FAILPOINT"] = failpoint
     command = [
-        sys.executable, "-m", "vlmstates", "extract-shard", "--settings", json.dumps(settings), "--table", str(table),
-        "--images", str(images), "--shard", "0000", "--shard-size", str(args.shard_size),
-        "--save-every", str(args.save_every), "--out", str(out),
+        sys.executable,
+        "-m",
+        "vlmstates",
+        "extract-shard",
+        "--settings",
+        json.dumps(settings),
+        "--table",
+        str(table),
+        "--images",
+        str(images),
+        "--shard",
+        "0000",
+        "--shard-size",
+        str(args.shard_size),
+        "--save-every",
+        str(args.save_every),
+        "--out",
+        str(out),
     ]
     started = time.perf_counter()
     subprocess.run(command, env=env, capture_output=True, timeout=3600)
@@ -60,15 +80,19 @@ def main() -> None:
 
     full = run_shard(args, checkpoint, table, images, root / "full" / "shard.h5", None)
     batches = -(-args.shard_size // args.batch_size)
-    print(f"{args.family}, shard of {args.shard_size}, batch {args.batch_size}, save every {args.save_every}: "
-          f"uninterrupted {full:.1f} s ({full / args.shard_size:.2f} s a sample, model load included)")
+    print(
+        f"{args.family}, shard of {args.shard_size}, batch {args.batch_size}, save every {args.save_every}: "
+        f"uninterrupted {full:.1f} s ({full / args.shard_size:.2f} s a sample, model load included)"
+    )
     print(f"{'killed at':>10} {'saved':>6} {'redone':>7} {'killed+resumed s':>17} {'lost s':>7}")
     for batch in sorted({1, batches // 2, batches - 1}):
         out = root / f"kill-{batch}" / "shard.h5"
         killed = run_shard(args, checkpoint, table, images, out, f"batch:{batch}")
         saved = saved_samples(out.with_suffix(".progress"))
         resumed = run_shard(args, checkpoint, table, images, out, None)
-        print(f"{'batch ' + str(batch):>10} {saved:>6} {args.shard_size - saved:>7} {killed + resumed:>17.1f} {killed + resumed - full:>7.1f}")
+        print(
+            f"{'batch ' + str(batch):>10} {saved:>6} {args.shard_size - saved:>7} {killed + resumed:>17.1f} {killed + resumed - full:>7.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Throughput of the extraction engine against a HALP-style loop; see vlmstates.benchmark (or --help).
 
-    python scripts/benchmark.py --models tiny --device cpu --json benchmark-cpu.json
-    python scripts/benchmark.py --models full --device cuda --batch-sizes 1 8 16 32 64 --peak-tflops 989
+python scripts/benchmark.py --models tiny --device cpu --json benchmark-cpu.json
+python scripts/benchmark.py --models full --device cuda --batch-sizes 1 8 16 32 64 --peak-tflops 989
 """
 
 from __future__ import annotations

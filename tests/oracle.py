@@ -53,7 +53,11 @@ def assert_same_results(got, expected, exact: bool = False) -> None:
     assert [r.question_id for r in got] == [r.question_id for r in expected]
     for a, b in zip(got, expected):
         assert (a.status, a.answer, a.vision_token_position, a.query_token_position) == (
-            b.status, b.answer, b.vision_token_position, b.query_token_position)
+            b.status,
+            b.answer,
+            b.vision_token_position,
+            b.query_token_position,
+        )
         assert a.vectors.keys() == b.vectors.keys()
         for key in a.vectors:
             if exact:

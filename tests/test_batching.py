@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from oracle import assert_same_results
+
 from vlmstates import batching
 from vlmstates.adapters import adapter_class
 from vlmstates.batching import AUTO_BATCH_FIXED, SortKey, plan_batches, read_image_size, sort_keys

@@ -8,15 +8,32 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from vlmstates.benchmark import FULL_SIZE, build_full_size, parameter_count
 from vlmstates.settings import ModelSettings
 
 RESULT_FIELDS = {
-    "family", "model", "method", "batch_size", "samples", "repeats", "samples_per_s", "samples_per_s_runs",
-    "speedup_vs_halp_loop", "speedup_vs_engine", "seconds", "prompt_tokens", "prompt_tokens_per_s", "padding_share", "vision_tokens",
-    "prefill_tflop", "prefill_tflops", "roofline_share", "peak_memory_mb", "breakdown_s",
+    "family",
+    "model",
+    "method",
+    "batch_size",
+    "samples",
+    "repeats",
+    "samples_per_s",
+    "samples_per_s_runs",
+    "speedup_vs_halp_loop",
+    "speedup_vs_engine",
+    "seconds",
+    "prompt_tokens",
+    "prompt_tokens_per_s",
+    "padding_share",
+    "vision_tokens",
+    "prefill_tflop",
+    "prefill_tflops",
+    "roofline_share",
+    "peak_memory_mb",
+    "breakdown_s",
 }
 STAGES = {"preprocess", "preprocess_wait", "prefill", "decode", "write"}
 
@@ -27,9 +44,27 @@ def test_benchmark_script_on_a_tiny_checkpoint_writes_every_field(tiny_checkpoin
     (checkpoints / "tiny-qwen2_5_vl").symlink_to(tiny_checkpoint("qwen2_5_vl"))
     out = tmp_path / "bench.json"
     command = [
-        sys.executable, str(REPO / "scripts" / "benchmark.py"), "--families", "qwen2_5_vl", "--device", "cpu",
-        "--samples", "3", "--batch-sizes", "1", "2", "--repeats", "1", "--new-tokens", "2",
-        "--peak-tflops", "1.0", "--workdir", str(tmp_path / "work"), "--json", str(out),
+        sys.executable,
+        str(REPO / "scripts" / "benchmark.py"),
+        "--families",
+        "qwen2_5_vl",
+        "--device",
+        "cpu",
+        "--samples",
+        "3",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "2",
+        "--peak-tflops",
+        "1.0",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -42,7 +77,12 @@ def test_benchmark_script_on_a_tiny_checkpoint_writes_every_field(tiny_checkpoin
     assert family["lm_params"] > 0 and family["vision_params"] > 0 and family["attn_implementation"] == "sdpa"
     results = family["results"]
     assert [(r["method"], r["batch_size"]) for r in results] == [
-        ("engine", 1), ("engine", 2), ("prefill_only", 1), ("prefill_only", 2), ("halp_loop", 1)]
+        ("engine", 1),
+        ("engine", 2),
+        ("prefill_only", 1),
+        ("prefill_only", 2),
+        ("halp_loop", 1),
+    ]
     for r in results:
         assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)
         assert set(r["breakdown_s"]) == STAGES

@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import tomllib
 
 import numpy as np
 import pytest
-
+import tomllib
 from conftest import REPO
+
 from vlmstates.store import VISION_ONLY, SampleResult, write_embeddings
 
 CLI = [sys.executable, "-m", "vlmstates"]
@@ -27,7 +27,9 @@ def test_version_is_pyprojects():
 @pytest.fixture
 def embeddings(tmp_path):
     rows = [
-        SampleResult(f"q{i}", f"img{i}.png", "Is there a cat?", "yes", answer="no", vectors={VISION_ONLY: np.ones(4) * i})
+        SampleResult(
+            f"q{i}", f"img{i}.png", "Is there a cat?", "yes", answer="no", vectors={VISION_ONLY: np.ones(4) * i}
+        )
         for i in range(3)
     ]
     return write_embeddings(tmp_path / "embeddings.h5", rows, {VISION_ONLY: 4}, {"model": "m", "config_hash": "h"})
@@ -38,7 +40,9 @@ def run_into_closed_pipe(arguments, unbuffered):
     it once head has its line (closed before the interpreter has even started, so every write fails).
 
     Buffered, the failure shows when stdout is flushed; unbuffered, at the first print."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | ({"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | (
+        {"PYTHONUNBUFFERED": "1"} if unbuffered else {}
+    )
     process = subprocess.Popen(CLI + arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     process.stdout.close()
     _, stderr = process.communicate(timeout=120)

@@ -6,9 +6,9 @@ import re
 
 import pytest
 import yaml
-
 from conftest import REPO
 from test_workflow import default_config, snakemake, workdir_with_config
+
 from vlmstates.config_check import check_config, fill_defaults, load_schema
 from vlmstates.settings import ConfigError
 
@@ -96,7 +96,9 @@ def test_workflow_prints_a_short_config_error(tmp_path, where, change, expected)
     change(config)
     user = tmp_path / "user.yaml"
     user.write_text(yaml.safe_dump(config))
-    result = snakemake(workdir_with_config(tmp_path / "w", default_config()), "-n", "--configfile", str(user), check=False)
+    result = snakemake(
+        workdir_with_config(tmp_path / "w", default_config()), "-n", "--configfile", str(user), check=False
+    )
     output = result.stdout + result.stderr  # Snakemake prints a Snakefile's error on stdout
     assert result.returncode != 0
     assert expected in output, output
@@ -135,5 +137,7 @@ def test_every_schema_key_has_a_row_in_the_config_readme():
     keys = schema_keys(load_schema(SCHEMA))
     assert ("extraction", "save_every") in keys and ("models", "<name>", "batch_size") in keys
     # a section is documented by its heading, each key below it by a row of the section's table
-    missing = [".".join(key) for key in keys if key[0] not in documented or key[-1] not in documented[key[0]] | {key[0]}]
+    missing = [
+        ".".join(key) for key in keys if key[0] not in documented or key[-1] not in documented[key[0]] | {key[0]}
+    ]
     assert not missing, f"config/README.md has no row for: {', '.join(missing)}"

@@ -46,8 +46,9 @@ def noise_image(path: Path, size=(64, 64), fmt=None, **save) -> Path:
     return path
 
 
-def dataset(tmp_path: Path, rows: list[tuple], header: str = HEADER, images=("a.png", "b.png"),
-            raw: bytes | None = None) -> tuple[Path, Path]:
+def dataset(
+    tmp_path: Path, rows: list[tuple], header: str = HEADER, images=("a.png", "b.png"), raw: bytes | None = None
+) -> tuple[Path, Path]:
     """Write questions.csv (rows as CSV, or raw bytes) and an images folder with valid PNGs."""
     images_dir = tmp_path / "images"
     images_dir.mkdir(exist_ok=True)
@@ -172,6 +173,7 @@ def test_missing_image(tmp_path):
 def test_unreadable_image_random_bytes(tmp_path):
     def setup(d):
         (d / "junk.png").write_bytes(np.random.default_rng(1).bytes(500))
+
     p = one_bad_row(tmp_path, ("003", "junk.png", "Q?", "yes"), "unreadable_image", setup=setup)
     assert "junk.png" in p.message
     with pytest.raises(ImageLoadError, match="junk.png") as ei:
@@ -182,6 +184,7 @@ def test_unreadable_image_random_bytes(tmp_path):
 def test_zero_byte_image(tmp_path):
     def setup(d):
         (d / "empty.jpg").write_bytes(b"")
+
     p = one_bad_row(tmp_path, ("003", "empty.jpg", "Q?", "yes"), "unreadable_image", setup=setup)
     assert "empty.jpg" in p.message and "0 bytes" in p.message
 
@@ -192,6 +195,7 @@ def test_truncated_image(tmp_path, name, fmt):
         full = noise_image(d / ("full_" + name), fmt=fmt)
         data = full.read_bytes()
         (d / name).write_bytes(data[: len(data) // 2])
+
     p = one_bad_row(tmp_path, ("003", name, "Q?", "yes"), "unreadable_image", setup=setup)
     assert name in p.message
     with pytest.raises(ImageLoadError, match=re.escape(name)):
@@ -219,6 +223,7 @@ def test_path_traversal_symlink_outside(tmp_path):
 
     def setup(d):
         (d / "link.png").symlink_to(outside)
+
     p = one_bad_row(tmp_path, ("003", "link.png", "Q?", "yes"), "path_traversal", setup=setup)
     assert "outside the images folder" in p.message
 
@@ -226,6 +231,7 @@ def test_path_traversal_symlink_outside(tmp_path):
 def test_unsupported_extension(tmp_path):
     def setup(d):
         (d / "notes.txt").write_text("hello")
+
     p = one_bad_row(tmp_path, ("003", "notes.txt", "Q?", "yes"), "unsupported_format", setup=setup)
     assert "'.txt'" in p.message
 
@@ -233,6 +239,7 @@ def test_unsupported_extension(tmp_path):
 def test_unsupported_content_format(tmp_path):
     def setup(d):
         Image.new("RGB", (16, 16), (1, 2, 3)).save(d / "icon.png", format="ICO")
+
     p = one_bad_row(tmp_path, ("003", "icon.png", "Q?", "yes"), "unsupported_format", setup=setup)
     assert "ICO" in p.message
 
@@ -240,6 +247,7 @@ def test_unsupported_content_format(tmp_path):
 def test_directory_named_like_an_image(tmp_path):
     def setup(d):
         (d / "folder.png").mkdir()
+
     p = one_bad_row(tmp_path, ("003", "folder.png", "Q?", "yes"), "not_a_file", setup=setup)
     assert "directory" in p.message and "folder.png" in p.message
 
@@ -267,8 +275,12 @@ def test_malformed_row_wrong_field_count(tmp_path):
 
 
 def test_alias_columns_are_renamed(tmp_path):
-    csv_path, images_dir = dataset(tmp_path, GOOD, header="question_id,image_name,question,gt_answer,split\n",
-                                   raw=b"question_id,image_name,question,gt_answer,split\n001,a.png,Q?,yes,val\n")
+    csv_path, images_dir = dataset(
+        tmp_path,
+        GOOD,
+        header="question_id,image_name,question,gt_answer,split\n",
+        raw=b"question_id,image_name,question,gt_answer,split\n001,a.png,Q?,yes,val\n",
+    )
     result = validate_dataset(csv_path, images_dir)
     assert result.ok and result.problems == []
     assert result.renamed_columns == {"image_name": "image_id", "gt_answer": "answer"}
@@ -314,10 +326,12 @@ def test_empty_csv_is_fatal(tmp_path):
 
 
 def test_bom_crlf_quoted_commas_newlines_and_leading_zeros(tmp_path):
-    text = ('question_id,image_id,question,answer,extra\r\n'
-            '007,a.png,"Is it red, or blue?",yes,NA\r\n'
-            '\r\n'
-            '0010,b.png,"Line one\r\nline two ""quoted""",no,\r\n')
+    text = (
+        "question_id,image_id,question,answer,extra\r\n"
+        '007,a.png,"Is it red, or blue?",yes,NA\r\n'
+        "\r\n"
+        '0010,b.png,"Line one\r\nline two ""quoted""",no,\r\n'
+    )
     raw = b"\xef\xbb\xbf" + text.encode("utf-8")
     csv_path, images_dir = dataset(tmp_path, [], raw=raw)
     result = validate_dataset(csv_path, images_dir)
@@ -405,14 +419,17 @@ def test_palette_png_with_transparency_on_white(tmp_path):
     assert img.getpixel((1, 0)) == (10, 200, 30)
 
 
-@pytest.mark.parametrize("mode,color,expected", [
-    ("RGBA", (0, 0, 255, 0), (255, 255, 255)),
-    ("RGBA", (0, 0, 255, 255), (0, 0, 255)),
-    ("RGBA", (0, 0, 0, 128), (127, 127, 127)),
-    ("LA", (0, 0), (255, 255, 255)),
-    ("L", 100, (100, 100, 100)),
-    ("1", 1, (255, 255, 255)),
-])
+@pytest.mark.parametrize(
+    "mode,color,expected",
+    [
+        ("RGBA", (0, 0, 255, 0), (255, 255, 255)),
+        ("RGBA", (0, 0, 255, 255), (0, 0, 255)),
+        ("RGBA", (0, 0, 0, 128), (127, 127, 127)),
+        ("LA", (0, 0), (255, 255, 255)),
+        ("L", 100, (100, 100, 100)),
+        ("1", 1, (255, 255, 255)),
+    ],
+)
 def test_alpha_and_grayscale_modes(tmp_path, mode, color, expected):
     p = make_image(tmp_path / "m.png", size=(3, 2), mode=mode, color=color)
     img = load_image(p)
@@ -458,8 +475,17 @@ def test_loaded_image_is_detached_from_file(tmp_path):
 def test_image_formats_validate(tmp_path):
     d = tmp_path / "images"
     names = []
-    for ext, fmt in [("jpg", "JPEG"), ("jpeg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"),
-                     ("bmp", "BMP"), ("gif", "GIF"), ("tif", "TIFF"), ("tiff", "TIFF"), ("JPG", "JPEG")]:
+    for ext, fmt in [
+        ("jpg", "JPEG"),
+        ("jpeg", "JPEG"),
+        ("png", "PNG"),
+        ("webp", "WEBP"),
+        ("bmp", "BMP"),
+        ("gif", "GIF"),
+        ("tif", "TIFF"),
+        ("tiff", "TIFF"),
+        ("JPG", "JPEG"),
+    ]:
         make_image(d / f"img_{ext}.{ext}", fmt=fmt)
         names.append(f"img_{ext}.{ext}")
     rows = [(f"{i:02d}", n, "Q?", "yes") for i, n in enumerate(names)]
@@ -478,7 +504,7 @@ def mixed_dataset(tmp_path):
         ("001", "a.png", "Q1?", "yes"),
         ("002", "missing.png", "Q2?", "no"),
         ("003", "b.png", "", "no"),
-        ("004", "b.png", "Q4?", ""),       # warning only: kept
+        ("004", "b.png", "Q4?", ""),  # warning only: kept
         ("005", "bad.png", "Q5?", "yes"),
         ("006", "../a.png", "Q6?", "yes"),
         ("007", "a.png", "Q7?", "no"),
@@ -491,8 +517,11 @@ def test_lenient_drops_exactly_the_bad_rows_and_lists_them(tmp_path):
     result = validate_dataset(csv_path, images_dir, strict=False)
     assert result.table.question_id.tolist() == ["001", "004", "007"]
     assert [(p.row, p.question_id, p.kind) for p in result.errors] == [
-        (2, "002", "missing_image"), (3, "003", "empty_question"),
-        (5, "005", "unreadable_image"), (6, "006", "path_traversal")]
+        (2, "002", "missing_image"),
+        (3, "003", "empty_question"),
+        (5, "005", "unreadable_image"),
+        (6, "006", "path_traversal"),
+    ]
     assert [(p.row, p.kind) for p in result.warnings] == [(4, "empty_answer")]
     assert (result.rows_read, result.rows_kept, result.rows_dropped) == (7, 3, 4)
     table, rjson, rmd = outputs(tmp_path)
@@ -570,14 +599,18 @@ def test_demo_dataset_validates_and_answers_match_geometry(tmp_path):
     checked = 0
     for q in t.itertuples():
         img = np.asarray(Image.open(tmp_path / "demo" / "images" / q.image_id).convert("RGB"))
-        present = {c: _mask_stats(img, rgb) for c, rgb in COLORS.items()
-                   if np.all(img == np.array(rgb, dtype=np.uint8), axis=-1).any()}
+        present = {
+            c: _mask_stats(img, rgb)
+            for c, rgb in COLORS.items()
+            if np.all(img == np.array(rgb, dtype=np.uint8), axis=-1).any()
+        }
         if m := rel.fullmatch(q.question):
             c1, s1, relation, c2, s2 = m.groups()
             (x1, y1, f1), (x2, y2, f2) = present[c1], present[c2]
             assert (_shape_from_fill(f1), _shape_from_fill(f2)) == (s1, s2), q
-            truth = {"to the left of": x1 < x2, "to the right of": x1 > x2,
-                     "above": y1 < y2, "below": y1 > y2}[relation]
+            truth = {"to the left of": x1 < x2, "to the right of": x1 > x2, "above": y1 < y2, "below": y1 > y2}[
+                relation
+            ]
             assert q.answer == ("yes" if truth else "no"), q
         elif q.question == "How many shapes are there?":
             assert q.answer == str(len(present)), q
@@ -598,7 +631,10 @@ def test_demo_dataset_is_deterministic_and_atomic(tmp_path):
         assert p.read_bytes() == (tmp_path / "b" / "images" / p.name).read_bytes()
     c = write_demo_dataset(tmp_path / "b", n_images=3, seed=4)  # rewrite in place
     assert sorted(p.name for p in (tmp_path / "b" / "images").iterdir()) == [
-        "scene_001.png", "scene_002.png", "scene_003.png"]
+        "scene_001.png",
+        "scene_002.png",
+        "scene_003.png",
+    ]
     assert c.read_bytes() != a.read_bytes()
     assert not [p for p in (tmp_path / "b").rglob("*.tmp")]
     assert pd.read_csv(c, dtype=str).columns.tolist() == list(REQUIRED_COLUMNS)

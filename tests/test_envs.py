@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from packaging.requirements import Requirement
 
-from conftest import REPO
 from vlmstates.adapters import families
 
 ENVS = REPO / "envs"
@@ -58,7 +58,11 @@ def test_env_file_parses_and_pins_every_package_exactly(path):
 
 def test_every_family_and_rule_has_its_environment():
     assert {f"{family}.yaml" for family in families()} <= {p.name for p in ENV_FILES}
-    named = {m for rules in (REPO / "workflow" / "rules").glob("*.smk") for m in re.findall(r"envs/([\w{}]+)\.yaml", rules.read_text())}
+    named = {
+        m
+        for rules in (REPO / "workflow" / "rules").glob("*.smk")
+        for m in re.findall(r"envs/([\w{}]+)\.yaml", rules.read_text())
+    }
     assert {name for name in named if "{" not in name} <= {p.stem for p in ENV_FILES}, named
 
 
@@ -68,7 +72,9 @@ def test_shared_packages_have_the_same_version_everywhere():
     for path in ENV_FILES:
         for name, version in pip_pins(path).items():
             seen.setdefault(name, {})[path.stem] = version
-    differ = {name: versions for name, versions in seen.items() if len(set(versions.values())) > 1 and name not in MAY_DIFFER}
+    differ = {
+        name: versions for name, versions in seen.items() if len(set(versions.values())) > 1 and name not in MAY_DIFFER
+    }
     assert differ == {}
 
 
@@ -115,8 +121,12 @@ def test_the_running_environment_has_exactly_the_pinned_versions():
             installed[name] = Version(metadata.version(name)).public
         except metadata.PackageNotFoundError:
             installed[name] = None
-    differ = {name: (version, installed[name]) for name, version in constraint_pins().items() if installed[name] != version}
-    assert differ == {}, "pinned (left) and installed (right) versions differ: pip install -e '.[test]' -c constraints.txt"
+    differ = {
+        name: (version, installed[name]) for name, version in constraint_pins().items() if installed[name] != version
+    }
+    assert differ == {}, (
+        "pinned (left) and installed (right) versions differ: pip install -e '.[test]' -c constraints.txt"
+    )
 
 
 def covering_env_files() -> list[Path]:
@@ -146,11 +156,28 @@ def test_pip_part_resolves(path, tmp_path):
     requirements.write_text("\n".join(env_spec(path)[1]) + "\n")
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), "-r", str(requirements)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            "-r",
+            str(requirements),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, f"{path}: the pins do not resolve:\n{result.stderr[-3000:]}"
-    resolved = {normalise(item["metadata"]["name"]): item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
+    resolved = {
+        normalise(item["metadata"]["name"]): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
     for name, version in pip_pins(path).items():
         assert resolved.get(name) == version, f"{path}: {name}=={version} resolved to {resolved.get(name)}"
 
@@ -192,7 +219,9 @@ def run_in_environment(env: str, root: Path, *args: str) -> str:
     site = environment_site(env, root)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     environ["PYTHONPATH"] = f"{site}{os.pathsep}{REPO / 'src'}"
-    result = subprocess.run([sys.executable, "-S", "-m", "vlmstates", *args], env=environ, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-S", "-m", "vlmstates", *args], env=environ, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, f"`vlmstates {' '.join(args)}` in envs/{env}.yaml:\n{result.stderr[-4000:]}"
     return result.stdout
 
@@ -201,16 +230,41 @@ def test_every_job_runs_the_package_in_its_environment_python_only(tmp_path):
     """Every job's command is `PYTHONPATH=<src> python -s -m vlmstates ...`: the environment's python, the
     project's code, and nothing from the caller's PYTHONPATH or user site-packages (no script: rules)."""
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "1", "--snakefile", str(REPO / "Snakefile"),
-         "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-p",
+            "--forceall",
+            "--cores",
+            "1",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(REPO / "config" / "config.yaml"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     shell = "Shell command: "
-    commands = [line.removeprefix(shell) for line in result.stdout.splitlines() if line.startswith(shell) and line != f"{shell}None"]
+    commands = [
+        line.removeprefix(shell)
+        for line in result.stdout.splitlines()
+        if line.startswith(shell) and line != f"{shell}None"
+    ]
     prefix = f"PYTHONPATH={REPO / 'src'} python -s -m vlmstates "
     assert len(commands) >= 6 and all(c.startswith(prefix) for c in commands), commands
-    assert not re.search(r"^\s*(script|notebook|wrapper):", "".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk")), re.M)
+    assert not re.search(
+        r"^\s*(script|notebook|wrapper):",
+        "".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk")),
+        re.M,
+    )
 
 
 def test_the_site_folder_hides_what_the_environment_lacks(tmp_path):
@@ -229,8 +283,19 @@ def core_demo(tmp_path_factory):
     run_in_environment("core", root, "demo", str(root / "demo"))
     table = root / "questions.csv"
     run_in_environment(
-        "core", root, "validate", str(root / "demo" / "questions.csv"), str(root / "demo" / "images"),
-        "--table", str(table), "--report-json", str(root / "v.json"), "--report-md", str(root / "v.md"), "--limit", "3",
+        "core",
+        root,
+        "validate",
+        str(root / "demo" / "questions.csv"),
+        str(root / "demo" / "images"),
+        "--table",
+        str(table),
+        "--report-json",
+        str(root / "v.json"),
+        "--report-md",
+        str(root / "v.md"),
+        "--limit",
+        "3",
     )
     return root, table, root / "demo" / "images"
 
@@ -245,13 +310,37 @@ def test_jobs_run_in_their_own_environments(family, core_demo):
     settings = json.dumps({"name": family, "model": str(checkpoint), "batch_size": 2, "max_new_tokens": 2})
     shard = root / f"{family}_shard_0000.h5"
     run_in_environment(
-        family, root, "extract-shard", "--settings", settings, "--table", str(table), "--images", str(images),
-        "--shard", "0000", "--shard-size", "3", "--out", str(shard),
+        family,
+        root,
+        "extract-shard",
+        "--settings",
+        settings,
+        "--table",
+        str(table),
+        "--images",
+        str(images),
+        "--shard",
+        "0000",
+        "--shard-size",
+        "3",
+        "--out",
+        str(shard),
     )
     merged = root / f"{family}_embeddings.h5"
     run_in_environment("core", root, "merge", "--table", str(table), "--out", str(merged), str(shard))
     report = root / f"{family}_inspection"
-    run_in_environment("core", root, "inspect", str(merged), "--html", f"{report}.html", "--png", f"{report}.png", "--json", f"{report}.json")
+    run_in_environment(
+        "core",
+        root,
+        "inspect",
+        str(merged),
+        "--html",
+        f"{report}.html",
+        "--png",
+        f"{report}.png",
+        "--json",
+        f"{report}.json",
+    )
     assert json.loads(Path(f"{report}.json").read_text())["ok"] == 3
 
 

@@ -12,9 +12,9 @@ import pytest
 
 import vlmstates.extract_command as extract_command
 from vlmstates import engine
-from vlmstates.engine import load_model
 from vlmstates.cli import main
 from vlmstates.dataset import validate_and_write
+from vlmstates.engine import load_model
 from vlmstates.seed_layout import read_seed_layout
 from vlmstates.settings import ModelSettings
 from vlmstates.shards import extract_shard, merge_model_shards
@@ -30,11 +30,28 @@ def qwen(tiny_checkpoint):
 
 def extract(qwen, demo, out):
     table, images = demo  # a validated table is a valid input CSV too
-    return main([
-        "extract", "--vqa-dataset", str(table), "--images-dir", str(images), "--output-dir", str(out),
-        "--model", str(qwen), "--test", "--checkpoint-interval", "2", "--shard-size", "2",
-        "--batch-size", str(SETTINGS["batch_size"]), "--max-new-tokens", str(SETTINGS["max_new_tokens"]),
-    ])
+    return main(
+        [
+            "extract",
+            "--vqa-dataset",
+            str(table),
+            "--images-dir",
+            str(images),
+            "--output-dir",
+            str(out),
+            "--model",
+            str(qwen),
+            "--test",
+            "--checkpoint-interval",
+            "2",
+            "--shard-size",
+            "2",
+            "--batch-size",
+            str(SETTINGS["batch_size"]),
+            "--max-new-tokens",
+            str(SETTINGS["max_new_tokens"]),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +161,21 @@ def test_a_shard_of_other_settings_or_questions_is_not_finished(tmp_path):
 
 def test_bad_checkpoint_interval_is_refused(demo, tmp_path, capsys):
     table, images = demo
-    code = main(["extract", "--vqa-dataset", str(table), "--images-dir", str(images), "--output-dir", str(tmp_path),
-                 "--model", "org/model", "--checkpoint-interval", "0"])
+    code = main(
+        [
+            "extract",
+            "--vqa-dataset",
+            str(table),
+            "--images-dir",
+            str(images),
+            "--output-dir",
+            str(tmp_path),
+            "--model",
+            "org/model",
+            "--checkpoint-interval",
+            "0",
+        ]
+    )
     assert code == 1
     assert "--checkpoint-interval must be at least 1, got 0" in capsys.readouterr().err
 

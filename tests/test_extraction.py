@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from vlmstates.dataset import read_validated_table
-from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ModelSettings
 from vlmstates.shards import questions_of
 
@@ -25,7 +25,9 @@ QUESTION = "Is the red circle left of the blue square?"
 
 def single_inputs(extractor, question, images):
     image = load_image(resolve_image_path(images, question.image_id))
-    return extractor.adapter.build_batch(extractor.loaded, [extractor.settings.format_prompt(question.question)], [image])
+    return extractor.adapter.build_batch(
+        extractor.loaded, [extractor.settings.format_prompt(question.question)], [image]
+    )
 
 
 # -- legacy image-processor names ----------------------------------------------------------------
@@ -87,7 +89,12 @@ def test_unknown_image_processor_name_stops_naming_the_file_the_field_and_the_fi
     with pytest.raises(ConfigError) as error:
         load_model(cpu_settings(unknown))
     message = str(error.value)
-    for part in ("models.legacy", str(unknown / "preprocessor_config.json"), "image_processor_type", "'Qwen25VisionProcessor'"):
+    for part in (
+        "models.legacy",
+        str(unknown / "preprocessor_config.json"),
+        "image_processor_type",
+        "'Qwen25VisionProcessor'",
+    ):
         assert part in message, (part, message)
     fix = '"image_processor_type": "Qwen2VLImageProcessor"'
     assert fix in message
@@ -145,7 +152,13 @@ def qwen_generation(tiny_checkpoint, demo):
     questions = questions_of(read_validated_table(table).head(4))
     loaded = {}
     for variant, generation in (("checkpoint", {}), ("plain", {"repetition_penalty": 1.0})):
-        entry = {"model": str(path), "batch_size": 4, "max_new_tokens": ANSWER_TOKENS, "device": "cpu", "generation": generation}
+        entry = {
+            "model": str(path),
+            "batch_size": 4,
+            "max_new_tokens": ANSWER_TOKENS,
+            "device": "cpu",
+            "generation": generation,
+        }
         loaded[variant] = load_model(ModelSettings.from_config("qwen", entry))
     return path, questions, images, loaded
 
@@ -193,7 +206,9 @@ def test_a_generation_override_is_what_generate_runs_with(qwen_generation, monke
         for k, question in enumerate(questions):
             inputs = single_inputs(Extractor(lm, progress=False, prefetch=0), question, images).inputs
             for variant in loaded:
-                expected = hand_greedy(lm.model, tokenizer, inputs, ANSWER_TOKENS, eos, recorded[variant]["repetition_penalty"])
+                expected = hand_greedy(
+                    lm.model, tokenizer, inputs, ANSWER_TOKENS, eos, recorded[variant]["repetition_penalty"]
+                )
                 assert answers[variant][k] == expected, (variant, question.question_id)
     assert answers["plain"] != answers["checkpoint"]  # the penalty matters here, so the check can fail
 
@@ -201,9 +216,15 @@ def test_a_generation_override_is_what_generate_runs_with(qwen_generation, monke
 @pytest.mark.parametrize(
     "generation, message",
     [
-        ({"repetition_penality": 1.0}, r"models\.qwen\.generation\.repetition_penality is not a GenerationConfig field \(did you mean repetition_penalty"),
+        (
+            {"repetition_penality": 1.0},
+            r"models\.qwen\.generation\.repetition_penality is not a GenerationConfig field \(did you mean repetition_penalty",
+        ),
         ({"do_sample": True}, r"models\.qwen\.generation\.do_sample cannot be set: answers are greedy"),
-        ({"max_new_tokens": 5}, r"models\.qwen\.generation\.max_new_tokens cannot be set: set models\.<name>\.max_new_tokens"),
+        (
+            {"max_new_tokens": 5},
+            r"models\.qwen\.generation\.max_new_tokens cannot be set: set models\.<name>\.max_new_tokens",
+        ),
         ({"repetition_penalty": None}, r"models\.qwen\.generation\.repetition_penalty is null"),
         ([1.0], r"models\.qwen\.generation must be a mapping"),
     ],
@@ -212,5 +233,7 @@ def test_bad_generation_settings_are_refused_naming_the_key(tiny_checkpoint, gen
     from vlmstates.settings import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        settings = ModelSettings.from_config("qwen", {"model": str(tiny_checkpoint("qwen2_5_vl")), "generation": generation})
+        settings = ModelSettings.from_config(
+            "qwen", {"model": str(tiny_checkpoint("qwen2_5_vl")), "generation": generation}
+        )
         load_model(settings)

@@ -15,19 +15,19 @@ the real architecture, fp32 on CPU, with 4 questions of different lengths and im
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-
 from oracle import assert_decoder_vectors_match, rel_error
+
 from vlmstates.adapters import adapter_class, families, family_of_model_type
 from vlmstates.adapters.entries import ENTRIES
 from vlmstates.benchmark import synthetic_inputs
-from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.store import SEMANTICS, STATUS_OK, VISION_ONLY
 
@@ -83,7 +83,11 @@ def clip_layer_minus_2_without_cls(model, pixels):
 
 
 def llava_vision(model, inputs):
-    return clip_layer_minus_2_without_cls(model, inputs["pixel_values"]).reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+    return (
+        clip_layer_minus_2_without_cls(model, inputs["pixel_values"])
+        .reshape(-1, model.config.vision_config.hidden_size)
+        .mean(dim=0)
+    )
 
 
 def llava_next_vision(model, inputs):
@@ -95,7 +99,11 @@ def llava_next_vision(model, inputs):
 def smolvlm_vision(model, inputs):
     images = inputs["pixel_values"][0]  # [sub-images + global, C, H, W]: one sample, so no all-zero padding image
     assert (images.flatten(1) != 0).any(dim=1).all() and inputs["pixel_attention_mask"].all()
-    return model.model.vision_model(pixel_values=images).last_hidden_state.reshape(-1, model.config.vision_config.hidden_size).mean(dim=0)
+    return (
+        model.model.vision_model(pixel_values=images)
+        .last_hidden_state.reshape(-1, model.config.vision_config.hidden_size)
+        .mean(dim=0)
+    )
 
 
 def llava_onevision_vision(model, inputs):
@@ -135,17 +143,28 @@ def mllama_vision(model, inputs):
     tiles of aspect_ratio_mask only (every image has max_num_tiles tiles, the unused ones all zero)."""
     vision, config = model.model.vision_model, model.config.vision_config
     captured = {}
-    hooks = [vision.transformer.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
-             for i in config.intermediate_layers_indices]
-    hooks.append(vision.global_transformer.register_forward_hook(lambda m, a, out: captured.__setitem__("global", out.last_hidden_state)))
+    hooks = [
+        vision.transformer.layers[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
+        for i in config.intermediate_layers_indices
+    ]
+    hooks.append(
+        vision.global_transformer.register_forward_hook(
+            lambda m, a, out: captured.__setitem__("global", out.last_hidden_state)
+        )
+    )
     try:
-        vision(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"], aspect_ratio_mask=inputs["aspect_ratio_mask"])
+        vision(
+            pixel_values=inputs["pixel_values"],
+            aspect_ratio_ids=inputs["aspect_ratio_ids"],
+            aspect_ratio_mask=inputs["aspect_ratio_mask"],
+        )
     finally:
         for hook in hooks:
             hook.remove()
     tiles, positions = config.max_num_tiles, (config.image_size // config.patch_size) ** 2 + 1  # CLS + patches
     padded = captured["global"].reshape(tiles, -1, config.hidden_size)
     assert padded.shape[1] % 8 == 0 and padded.shape[1] > positions  # the encoders ran on padded tiles
+
     def per_tile(h):
         return h.reshape(tiles, -1, config.hidden_size)[:, :positions]
 
@@ -271,7 +290,9 @@ CASES = [
     # 12, 8, 16 and 8 sub-images + the global one: the batch carries all-zero padding images
     Case("smolvlm", [(96, 64), (64, 128), (200, 200), (300, 150)], smolvlm_vision),
     # own adapter code (the projection's inputs per image); one to six HD crops, batched by crop count
-    Case("phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False),
+    Case(
+        "phi4_multimodal", [(448, 448), (600, 300), (300, 200), (500, 500)], phi4_vision, processor_chat_template=False
+    ),
     # 1 + 12, 1 + 15, 1 + 36 and 1 + 12 tiles (grids over 9 tiles shrunk by anyres_max_9): padding tiles in the batch
     Case("llava_onevision", [(96, 64), (64, 128), (200, 200), (300, 100)], llava_onevision_vision),
     # 6, 8, 9 and 12 crop tiles + the global one, all in one flat list of crops
@@ -287,13 +308,27 @@ CASES = [
     # one centre crop, 4x4 cells: every image the same 16 <image> tokens
     Case("fast_vlm", [(96, 64), (640, 480), (64, 128), (300, 200)], fast_vlm_vision, varies="num_prompt_tokens"),
     # one resized image, 16 soft tokens (real 256); vectors from AltUp stream 0
-    Case("gemma3n", [(96, 64), (640, 480), (64, 128), (300, 200)], gemma3n_vision, varies="num_prompt_tokens",
-         stream=0, last_normed=False),
+    Case(
+        "gemma3n",
+        [(96, 64), (640, 480), (64, 128), (300, 200)],
+        gemma3n_vision,
+        varies="num_prompt_tokens",
+        stream=0,
+        last_normed=False,
+    ),
     # SmolVLM's layout: 12, 8, 16 and 8 sub-images + the global one, all-zero padding images in the batch
     Case("idefics3", [(96, 64), (64, 128), (200, 200), (300, 150)], idefics3_vision),
     # one fixed square: the same image tokens whatever the size; a prefix-LM (bidirectional over the prompt)
-    Case("paligemma", [(96, 64), (640, 480), (64, 128), (1024, 768)], paligemma_vision, varies="num_prompt_tokens",
-         processor_chat_template=False, processor_text_route=True, prompt="answer en {question}", prefix_lm=True),
+    Case(
+        "paligemma",
+        [(96, 64), (640, 480), (64, 128), (1024, 768)],
+        paligemma_vision,
+        varies="num_prompt_tokens",
+        processor_chat_template=False,
+        processor_text_route=True,
+        prompt="answer en {question}",
+        prefix_lm=True,
+    ),
 ]
 
 
@@ -310,10 +345,17 @@ def one_thread():
 def run(request, tiny_checkpoint, tmp_path_factory):
     """A family's tiny model, 4 mixed questions, and their results at batch size 4 and 1."""
     case = request.param
-    settings = ModelSettings.from_config(case.family, {
-        "model": str(tiny_checkpoint(case.family)), "device": "cpu", "dtype": "float32", "max_new_tokens": 4,
-        "multimodal_representation": True, "prompt": case.prompt,
-    })
+    settings = ModelSettings.from_config(
+        case.family,
+        {
+            "model": str(tiny_checkpoint(case.family)),
+            "device": "cpu",
+            "dtype": "float32",
+            "max_new_tokens": 4,
+            "multimodal_representation": True,
+            "prompt": case.prompt,
+        },
+    )
     images = tmp_path_factory.mktemp(f"contract-{case.family}")
     questions = synthetic_inputs(images, N_SAMPLES, case.sizes, seed=3)
     loaded = load_model(settings)
@@ -391,8 +433,15 @@ def test_prompt_tokens_equal_the_processors_own_route(run):
         image = load_image(resolve_image_path(images, question.image_id))
         batch = single_batch(loaded, question, images)
         if case.processor_chat_template:
-            messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question.question}]}]
-            expected = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+            messages = [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image}, {"type": "text", "text": question.question}],
+                }
+            ]
+            expected = processor.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, return_dict=True
+            )
             assert batch.input_ids[0].tolist() == list(np.asarray(expected["input_ids"]).reshape(-1))
             continue
         text = loaded.settings.format_prompt(question.question)
@@ -416,7 +465,12 @@ def test_vectors_equal_unbatched_output_hidden_states_and_the_independent_vision
             inputs = single_batch(loaded, question, images).inputs
             hidden = loaded.model(**inputs, output_hidden_states=True).hidden_states
             assert_decoder_vectors_match(
-                extractor, result, hidden, (case.family, question.question_id), stream=case.stream, last_normed=case.last_normed
+                extractor,
+                result,
+                hidden,
+                (case.family, question.question_id),
+                stream=case.stream,
+                last_normed=case.last_normed,
             )
             vision = case.vision(loaded.model, inputs)
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (case.family, question.question_id)
@@ -436,16 +490,27 @@ def test_a_prefix_lm_has_read_the_whole_prompt_at_the_vision_token(run):
             inputs = single_batch(loaded, question, images).inputs
             assert not inputs["token_type_ids"].any()
             causal = dict(inputs, token_type_ids=torch.ones_like(inputs["token_type_ids"]))
-            prefix = loaded.model(**inputs, output_hidden_states=True).hidden_states[layer + 1][0, result.vision_token_position]
-            causal = loaded.model(**causal, output_hidden_states=True).hidden_states[layer + 1][0, result.vision_token_position]
+            prefix = loaded.model(**inputs, output_hidden_states=True).hidden_states[layer + 1][
+                0, result.vision_token_position
+            ]
+            causal = loaded.model(**causal, output_hidden_states=True).hidden_states[layer + 1][
+                0, result.vision_token_position
+            ]
             captured = result.vectors[layer_key("vision_token_representation", layer)]
-            assert rel_error(captured, prefix) < 1e-4 and rel_error(captured, causal) > 1e-2, (case.family, question.question_id)
+            assert rel_error(captured, prefix) < 1e-4 and rel_error(captured, causal) > 1e-2, (
+                case.family,
+                question.question_id,
+            )
 
 
 def test_batch_of_four_equals_batch_of_one(run):
     case, _, _, _, batched, singles = run
     for a, b in zip(batched, singles):
-        assert (a.answer, a.vision_token_position, a.query_token_position) == (b.answer, b.vision_token_position, b.query_token_position)
+        assert (a.answer, a.vision_token_position, a.query_token_position) == (
+            b.answer,
+            b.vision_token_position,
+            b.query_token_position,
+        )
         assert a.vectors.keys() == b.vectors.keys()
         for key, value in b.vectors.items():
             assert rel_error(a.vectors[key], value) < 1e-4, (case.family, a.question_id, key)
@@ -458,7 +523,9 @@ def test_answers_equal_unbatched_generate(run):
         for question, result in zip(questions, batched):
             batch = single_batch(loaded, question, images)
             out = loaded.model.generate(**batch.inputs, do_sample=False, max_new_tokens=loaded.settings.max_new_tokens)
-            assert result.answer == tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
+            assert (
+                result.answer == tokenizer.decode(out[0, batch.input_ids.shape[1] :], skip_special_tokens=True).strip()
+            )
 
 
 def test_the_file_says_what_vt_and_vf_hold_in_the_family(run):
@@ -502,10 +569,14 @@ def test_pooling_never_averages_padding(run):
     if loaded.adapter.entry.pooling == "image_sizes":  # the batch's pixel_values are padded to its largest image
         patch = loaded.model.config.vision_config.patch_size
         count, _, height, width = batch.inputs["pixel_values"].shape
-        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) < count * (height // patch) * (width // patch)
+        assert len(set(batch.projector_rows)) > 1 and sum(batch.projector_rows) < count * (height // patch) * (
+            width // patch
+        )
 
 
-@pytest.mark.parametrize("run", [case for case in CASES if case.family == "mllama"], indirect=True, ids=lambda case: case.family)
+@pytest.mark.parametrize(
+    "run", [case for case in CASES if case.family == "mllama"], indirect=True, ids=lambda case: case.family
+)
 def test_cross_attention_mask_follows_the_left_padding(run):
     """Llama-3.2-Vision batches exactly because its processor builds cross_attention_mask on the left-padded rows:
     each row attends to its own image's real tiles from its <|image|> on, its padding and the tokens before to none."""
@@ -514,7 +585,9 @@ def test_cross_attention_mask_follows_the_left_padding(run):
     batch = loaded.adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question) for q in questions], pictures)
     mask, tiles = batch.inputs["cross_attention_mask"], batch.inputs["aspect_ratio_mask"]  # [B, L, 1, 4], [B, 1, 4]
     assert len({int(n) for n in batch.attention_mask.sum(dim=1)}) > 1  # rows of different padding
-    for row, image_position in enumerate(batch.input_ids.eq(loaded.adapter.image_token_id(loaded.model)).int().argmax(dim=1)):
+    for row, image_position in enumerate(
+        batch.input_ids.eq(loaded.adapter.image_token_id(loaded.model)).int().argmax(dim=1)
+    ):
         assert not mask[row, :image_position].any()
         assert mask[row, image_position:, 0].eq(tiles[row, 0]).all()
 
@@ -522,7 +595,9 @@ def test_cross_attention_mask_follows_the_left_padding(run):
 def test_mllama_auto_attention_is_sdpa_where_flash_attention_would_be_picked(tiny_checkpoint):
     """On CUDA with flash-attn installed `attn_implementation: auto` picks flash_attention_2, which transformers refuses
     for Mllama (no flash-attention path); the adapter loads it with sdpa then, and records that."""
-    settings = ModelSettings.from_config("mllama", {"model": str(tiny_checkpoint("mllama")), "device": "cpu", "dtype": "float32"})
+    settings = ModelSettings.from_config(
+        "mllama", {"model": str(tiny_checkpoint("mllama")), "device": "cpu", "dtype": "float32"}
+    )
     assert settings.attn_implementation == "auto"
     loaded = adapter_class("mllama")().load(settings, torch.device("cpu"), torch.float32, "flash_attention_2")
     assert loaded.attn_implementation == "sdpa" == loaded.model.config._attn_implementation
@@ -531,26 +606,35 @@ def test_mllama_auto_attention_is_sdpa_where_flash_attention_would_be_picked(tin
 def test_the_all_families_config_validates_and_names_every_family_once():
     """config/all-families.yaml: a valid config with one hub checkpoint per family (Molmo's MolmoE aside)."""
     import yaml
-
     from conftest import REPO
+
     from vlmstates.config_check import check_config
 
     config = yaml.safe_load((REPO / "config" / "all-families.yaml").read_text())
     check_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")  # as the workflow does (common.smk)
     hub_ids = {
-        "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct", "gemma3": "google/gemma-3-12b-it",
-        "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct", "molmo": "allenai/Molmo-7B-O-0924",
-        "llava_next": "llava-hf/llama3-llava-next-8b-hf", "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
-        "llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
+        "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "gemma3": "google/gemma-3-12b-it",
+        "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct",
+        "molmo": "allenai/Molmo-7B-O-0924",
+        "llava_next": "llava-hf/llama3-llava-next-8b-hf",
+        "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+        "llava": "llava-hf/llava-1.5-7b-hf",
+        "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
         "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         "aya_vision": "CohereLabs/aya-vision-8b",
         "internvl": "OpenGVLab/InternVL3-8B-hf",
         "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct",
         "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
-        "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "molmo2": "allenai/Molmo2-8B",
+        "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+        "molmo2": "allenai/Molmo2-8B",
         "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct",
-        "fast_vlm": "KamilaMila/FastVLM-7B", "gemma3n": "google/gemma-3n-E4B-it",
-        "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3", "paligemma": "google/paligemma2-3b-mix-448",
+        "fast_vlm": "KamilaMila/FastVLM-7B",
+        "gemma3n": "google/gemma-3n-E4B-it",
+        "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
+        "paligemma": "google/paligemma2-3b-mix-448",
     }
     assert set(hub_ids) == set(families())
-    assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(hub_ids.values())
+    assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(
+        hub_ids.values()
+    )

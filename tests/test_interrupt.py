@@ -21,9 +21,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO
 from oracle import assert_same_results
+
 from vlmstates import shards
 from vlmstates.settings import ModelSettings
 from vlmstates.shards import FINISHED, Progress, extract_shard, interrupts_deferred, merge_model_shards
@@ -69,7 +69,9 @@ class StandInExtractor:
     def _result(self, q, i):
         if q.question_id in self.fail:
             return SampleResult.failed(q.question_id, q.image_id, q.question, q.answer, "no image")
-        return SampleResult(q.question_id, q.image_id, q.question, q.answer, answer="yes", vectors={VISION_ONLY: np.full(2, i)})
+        return SampleResult(
+            q.question_id, q.image_id, q.question, q.answer, answer="yes", vectors={VISION_ONLY: np.full(2, i)}
+        )
 
 
 SHARD = 8
@@ -82,8 +84,17 @@ def settings():
 
 def run(settings, demo, out, extractor, save_every=100):
     table, images = demo
-    return extract_shard(settings, table, images, 0, SHARD, out, max_failed_share=0.5, save_every=save_every,
-                         get_extractor=lambda: extractor)
+    return extract_shard(
+        settings,
+        table,
+        images,
+        0,
+        SHARD,
+        out,
+        max_failed_share=0.5,
+        save_every=save_every,
+        get_extractor=lambda: extractor,
+    )
 
 
 def saved_ids(out):
@@ -114,7 +125,12 @@ def test_failed_samples_are_not_saved_on_an_interrupt(settings, demo, tmp_path):
 
 def test_a_finished_shard_whose_output_was_deleted_is_put_back_without_the_model(settings, demo, tmp_path):
     out = tmp_path / "shard_0000.h5"
-    run(settings, demo, out, StandInExtractor(settings, fail=[shards.read_validated_table(demo[0])["question_id"].iloc[0]]))
+    run(
+        settings,
+        demo,
+        out,
+        StandInExtractor(settings, fail=[shards.read_validated_table(demo[0])["question_id"].iloc[0]]),
+    )
     written = read_results(out)
     out.unlink()  # what Snakemake's --rerun-incomplete does to the output of a job it saw no end of
     table, images = demo
@@ -189,9 +205,24 @@ def shard_command(checkpoint, demo, out, save_every=4):
     table, images = demo
     settings = json.dumps(SETTINGS | {"model": str(checkpoint)})
     return [
-        sys.executable, "-m", "vlmstates", "extract-shard", "--settings", settings, "--table", str(table),
-        "--images", str(images), "--shard", "0000", "--shard-size", str(QUESTIONS), "--save-every", str(save_every),
-        "--out", str(out),
+        sys.executable,
+        "-m",
+        "vlmstates",
+        "extract-shard",
+        "--settings",
+        settings,
+        "--table",
+        str(table),
+        "--images",
+        str(images),
+        "--shard",
+        "0000",
+        "--shard-size",
+        str(QUESTIONS),
+        "--save-every",
+        str(save_every),
+        "--out",
+        str(out),
     ]
 
 
@@ -237,8 +268,12 @@ def test_a_signalled_job_saves_its_progress_and_the_rerun_finishes_it(qwen, demo
 
 
 def test_a_job_logs_a_progress_line_per_save(reference, qwen, demo, tmp_path):
-    result = subprocess.run(shard_command(qwen, demo, tmp_path / "shard_0000.h5", save_every=12),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        shard_command(qwen, demo, tmp_path / "shard_0000.h5", save_every=12),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in result.stderr.splitlines() if "samples saved" in line]
     assert [line.split("INFO ")[1].split(",")[0] for line in lines] == [
         f"shard 0000: {n}/{QUESTIONS} samples saved (0 failed)" for n in (12, 24, 36)
@@ -268,7 +303,18 @@ def test_ctrl_c_to_snakemake_alone_keeps_the_shard_it_let_finish(tmp_path):
     workdir, shard = one_model_workdir(tmp_path / "run")
     # jobs run `python` from PATH: this interpreter's
     env = os.environ | {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
-    snakemake = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1", "-d", str(workdir), str(shard)]
+    snakemake = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--cores",
+        "1",
+        "-d",
+        str(workdir),
+        str(shard),
+    ]
     run = subprocess.Popen(snakemake, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     wait_for(workdir / shard.with_suffix(".progress") / "part_0000.h5", run)
     os.kill(run.pid, signal.SIGINT)  # Snakemake only: the job, in its process group, gets no signal

@@ -19,17 +19,16 @@ from __future__ import annotations
 from dataclasses import replace
 from types import SimpleNamespace
 
-
 import pytest
 import torch
-
 from molmo_standin import build_standin_checkpoint
 from oracle import assert_decoder_vectors_match, assert_same_results, rel_error
+
 from vlmstates.adapters import family_of_model_type
 from vlmstates.adapters.molmo import STOP_STRING, MolmoAdapter, cut_at_stop_string, generation_inputs, left_pad_collate
 from vlmstates.dataset import read_validated_table
-from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.shards import questions_of
 from vlmstates.store import STATUS_OK, VISION_ONLY, layer_key
@@ -47,7 +46,9 @@ def molmo_settings(folder, **entry) -> ModelSettings:
 @pytest.fixture(scope="module", params=["molmo", "molmoe"])
 def standin(request, tmp_path_factory):
     """The stand-in checkpoint in 7B-O's config layout, then in MolmoE's."""
-    return build_standin_checkpoint(tmp_path_factory.mktemp("molmo") / f"{request.param}_standin_checkpoint", layout=request.param)
+    return build_standin_checkpoint(
+        tmp_path_factory.mktemp("molmo") / f"{request.param}_standin_checkpoint", layout=request.param
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +155,16 @@ def test_vision_only_is_the_mean_of_the_projector_input_over_used_tokens(extract
                 features = seen[0][0]  # [crops, tokens, D]
                 index = sample["image_input_idx"][0]
                 assert features.shape[:2] == index.shape
-                used = [features[c, t] for c in range(index.shape[0]) for t in range(index.shape[1]) if index[c, t] >= 0]
+                used = [
+                    features[c, t] for c in range(index.shape[0]) for t in range(index.shape[1]) if index[c, t] >= 0
+                ]
                 expected = torch.stack(used).mean(dim=0)
                 assert rel_error(result.vectors[VISION_ONLY], expected) < 1e-4, question.question_id
                 if len(used) < index.numel():
                     some_unused = True
-                    assert rel_error(result.vectors[VISION_ONLY], features.reshape(-1, features.shape[-1]).mean(0)) > 1e-3
+                    assert (
+                        rel_error(result.vectors[VISION_ONLY], features.reshape(-1, features.shape[-1]).mean(0)) > 1e-3
+                    )
     finally:
         handle.remove()
     assert some_unused, "no sample had unused pooled tokens; the mask was not exercised"
@@ -257,7 +262,9 @@ def test_paper_positions_are_one_past_the_largest_image_input_idx(extracted):
     settings = replace(extractor.settings, paper_positions=True)
     questions = questions[:4]
     paper = Extractor(replace(extractor.loaded, settings=settings), progress=False).extract(questions, images)
-    single = Extractor(replace(extractor.loaded, settings=replace(settings, batch_size=1)), progress=False).extract(questions, images)
+    single = Extractor(replace(extractor.loaded, settings=replace(settings, batch_size=1)), progress=False).extract(
+        questions, images
+    )
     model = extractor.loaded.model
     with torch.inference_mode():
         for question, result, alone in zip(questions, paper, single):
@@ -277,7 +284,9 @@ def test_batches_are_padded_and_grouped_by_crop_count(extracted):
 
     def spy(host, texts, batch_images):
         batch = build(host, texts, batch_images)
-        seen.append((batch.inputs["images"].shape[1], [adapter.batch_group(host, *image.size) for image in batch_images], batch))
+        seen.append(
+            (batch.inputs["images"].shape[1], [adapter.batch_group(host, *image.size) for image in batch_images], batch)
+        )
         return batch
 
     adapter.build_batch = spy
@@ -300,7 +309,9 @@ def _stops_alone(loaded, sample, max_new_tokens) -> int | None:
     """After how many tokens the model's own generate_from_batch stops on one sample, None if it does not."""
     config = _config(max_new_tokens=max_new_tokens)
     with torch.inference_mode():
-        out = loaded.model.generate_from_batch({k: v[None] for k, v in sample.items()}, config, tokenizer=loaded.processor.tokenizer)
+        out = loaded.model.generate_from_batch(
+            {k: v[None] for k, v in sample.items()}, config, tokenizer=loaded.processor.tokenizer
+        )
     new = out.shape[1] - sample["input_ids"].shape[0]
     return new if new < max_new_tokens else None
 
@@ -326,7 +337,11 @@ def early_stop(standin, demo):
     original = head[stop].clone()
     config = _config(max_new_tokens=max_new)
     with torch.inference_mode():
-        out = loaded.model.generate_from_batch({k: v[None] for k, v in samples[chosen[0].question_id].items()}, config, tokenizer=loaded.processor.tokenizer)
+        out = loaded.model.generate_from_batch(
+            {k: v[None] for k, v in samples[chosen[0].question_id].items()},
+            config,
+            tokenizer=loaded.processor.tokenizer,
+        )
     tokens = out[0, samples[chosen[0].question_id]["input_ids"].shape[0] :].tolist()
     for scale in (1.02, 1.1, 1.5):  # barely above the token's logit: it takes over only where that token wins
         for token in tokens:
@@ -344,15 +359,24 @@ def test_rows_that_stop_early_are_cut_at_the_stop_string(early_stop):
     """With no eos token a finished row keeps generating while the others run: its answer must end where
     batch 1 stops (here the batch holds rows that stop early and rows that do not)."""
     loaded, questions, images, ends = early_stop
-    one = Extractor(replace(loaded, settings=replace(loaded.settings, batch_size=1)), progress=False).extract(questions, images)
+    one = Extractor(replace(loaded, settings=replace(loaded.settings, batch_size=1)), progress=False).extract(
+        questions, images
+    )
     four = Extractor(loaded, progress=False).extract(questions, images)
     assert_same_results(four, one)
     # the batch did generate past a finished row's stop: what it produced there is not in its answer
-    batch = loaded.adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question) for q in questions],
-                                       [load_image(resolve_image_path(images, q.image_id)) for q in questions])
+    batch = loaded.adapter.build_batch(
+        loaded,
+        [loaded.settings.format_prompt(q.question) for q in questions],
+        [load_image(resolve_image_path(images, q.image_id)) for q in questions],
+    )
     with torch.inference_mode():
-        out = loaded.model.generate(batch.input_ids, _config(max_new_tokens=8), tokenizer=loaded.processor.tokenizer,
-                                    **generation_inputs(batch, 8))
+        out = loaded.model.generate(
+            batch.input_ids,
+            _config(max_new_tokens=8),
+            tokenizer=loaded.processor.tokenizer,
+            **generation_inputs(batch, 8),
+        )
     uncut = loaded.processor.tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
     assert any(text.strip() != result.answer for text, result in zip(uncut, one)), (uncut, ends)
 
@@ -393,7 +417,9 @@ def test_generate_from_batch_misreads_left_padding(padded):
         out = loaded.model.generate_from_batch(batch.inputs, _config(), tokenizer=tokenizer)
         wrong = 0
         for row, sample in enumerate(samples):
-            alone = loaded.model.generate_from_batch({k: v[None] for k, v in sample.items()}, _config(), tokenizer=tokenizer)
+            alone = loaded.model.generate_from_batch(
+                {k: v[None] for k, v in sample.items()}, _config(), tokenizer=tokenizer
+            )
             first = alone[0, sample["input_ids"].shape[0]]
             wrong += int(out[row, batch.input_ids.shape[1]] != first)
     assert wrong > 0
@@ -407,11 +433,15 @@ def test_generate_from_batch_rejects_the_ways_around_it(padded):
     extra = generation_inputs(batch, MAX_NEW_TOKENS)
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="shape"):
-            model.generate_from_batch(dict(batch.inputs, attention_mask=extra["attention_mask"]), _config(), tokenizer=tokenizer)
+            model.generate_from_batch(
+                dict(batch.inputs, attention_mask=extra["attention_mask"]), _config(), tokenizer=tokenizer
+            )
         with pytest.raises(TypeError, match="position_ids"):
             model.generate_from_batch(batch.inputs, _config(), tokenizer=tokenizer, position_ids=extra["position_ids"])
         with pytest.raises((ValueError, AssertionError)):
-            model.generate_from_batch(dict(batch.inputs, attention_mask=batch.attention_mask), _config(), tokenizer=tokenizer)
+            model.generate_from_batch(
+                dict(batch.inputs, attention_mask=batch.attention_mask), _config(), tokenizer=tokenizer
+            )
 
 
 def test_generate_needs_the_full_width_mask(padded):
@@ -462,7 +492,9 @@ def test_molmoe_layout_has_olmo_keys_and_experts(extracted):
     assert "hidden_size" not in saved and "num_hidden_layers" not in saved
     assert (config.hidden_size, config.num_hidden_layers) == (saved["d_model"], saved["n_layers"])
     assert saved["moe_num_experts"] > saved["moe_top_k"] > 1
-    assert any("experts" in name for name, _ in extractor.adapter.decoder_blocks(extractor.loaded.model).named_modules())
+    assert any(
+        "experts" in name for name, _ in extractor.adapter.decoder_blocks(extractor.loaded.model).named_modules()
+    )
 
 
 # -- sizes -------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import json
 import pandas as pd
 import pytest
 import torch
-
 from oracle import assert_decoder_vectors_match, rel_error
 from test_family_contract import single_batch
 from test_workflow import default_config, snakemake, workdir_with_config
+
 from vlmstates import job_resources
 from vlmstates.benchmark import synthetic_inputs
 from vlmstates.engine import Extractor, load_model
@@ -139,7 +139,9 @@ def test_positions_are_the_scripts_rule_on_the_batch_one_prompt(run):
     for question, result, single in zip(questions, batched, singles):
         inputs = single_batch(extractor.loaded, question, images).inputs
         expected = HAND[family](inputs, result.vision_token_position)
-        assert result.paper_vision_token_position == single.paper_vision_token_position == expected, question.question_id
+        assert result.paper_vision_token_position == single.paper_vision_token_position == expected, (
+            question.question_id
+        )
     moved = [r.paper_vision_token_position != r.vision_token_position for r in batched]
     assert all(moved) if family != "phi4_multimodal" else not any(moved)  # the estimate misses the exact token
 
@@ -178,7 +180,9 @@ def test_the_file_and_the_merge_carry_the_paper_vectors_and_positions(run, tmp_p
 
 
 def test_a_run_without_the_key_writes_no_paper_column_or_attribute(tiny_checkpoint, tmp_path):
-    settings = ModelSettings.from_config("q", {"model": str(tiny_checkpoint("qwen2_5_vl")), "device": "cpu", "dtype": "float32"})
+    settings = ModelSettings.from_config(
+        "q", {"model": str(tiny_checkpoint("qwen2_5_vl")), "device": "cpu", "dtype": "float32"}
+    )
     extractor = Extractor(load_model(settings), progress=False)
     attrs = extractor.attributes()
     assert PAPER_POSITIONS_ATTR not in attrs and PAPER_VISION_POSITION not in attrs["semantics"]
@@ -221,7 +225,9 @@ def test_the_summary_shows_the_paper_position_row_beside_the_exact_one_against_t
         "Qwen2.5-VL-7B,qwen2_5_vl,QT,mlp,halp,0.915,HALP\n"
         f"Qwen2.5-VL-7B,qwen2_5_vl,VT,mlp,halp,{published_vt},HALP\n"
     )
-    summary = summarise_models({"qwen": folder / "metrics.csv"}, tmp_path / "probes.csv", tmp_path / "probes.png", published)
+    summary = summarise_models(
+        {"qwen": folder / "metrics.csv"}, tmp_path / "probes.csv", tmp_path / "probes.png", published
+    )
     ours = summary[summary["source"] == "ours"]
     assert ours["representation"].tolist() == ["VF", "VT", "VT_paper", "QT"]
     for code, best in (("VT", 0.72), ("VT_paper", 0.67)):
@@ -237,6 +243,9 @@ def test_the_workflow_refuses_the_key_for_a_family_the_paper_did_not_cover(tmp_p
     config["models"] = {"tiny_llava": {"model": "resources/checkpoints/tiny-llava", "paper_positions": True}}
     result = snakemake(workdir_with_config(tmp_path / "llava", config), "-n", check=False)
     assert result.returncode != 0
-    assert "models.tiny_llava.paper_positions: the HALP paper's code covered no llava model" in result.stdout + result.stderr
+    assert (
+        "models.tiny_llava.paper_positions: the HALP paper's code covered no llava model"
+        in result.stdout + result.stderr
+    )
     config["models"] = {"tiny_qwen": {"model": "resources/checkpoints/tiny-qwen2_5_vl", "paper_positions": True}}
     snakemake(workdir_with_config(tmp_path / "qwen", config), "-n")  # a covered family plans its jobs

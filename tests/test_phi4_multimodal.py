@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import assert_decoder_vectors_match, fold_in_lora, rel_error
 from PIL import Image
 
-from oracle import assert_decoder_vectors_match, fold_in_lora, rel_error
 from vlmstates.adapters import adapter_for_family, family_of_model_type
 from vlmstates.adapters.phi4_multimodal import Phi4MultimodalAdapter, crop_grid
 from vlmstates.dataset import read_validated_table
-from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, Question, load_model
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.shards import questions_of
 from vlmstates.store import STATUS_OK, VISION_ONLY, layer_key
@@ -84,7 +84,9 @@ def reference_models(checkpoints):
 def extracted(request, checkpoints, demo):
     """Batch size 4, all layers, multimodal on, on the first demo questions (one-crop images)."""
     table, images = demo
-    extractor = Extractor(load_model(settings_for(checkpoints[request.param], multimodal_representation=True)), progress=False)
+    extractor = Extractor(
+        load_model(settings_for(checkpoints[request.param], multimodal_representation=True)), progress=False
+    )
     questions = questions_of(read_validated_table(table).head(N_SAMPLES))
     results = extractor.extract(questions, images)
     return request.param, extractor, questions, images, results
@@ -92,7 +94,9 @@ def extracted(request, checkpoints, demo):
 
 def single_batch(extractor, question, images):
     image = load_image(resolve_image_path(images, question.image_id))
-    return extractor.adapter.build_batch(extractor.loaded, [extractor.settings.format_prompt(question.question)], [image])
+    return extractor.adapter.build_batch(
+        extractor.loaded, [extractor.settings.format_prompt(question.question)], [image]
+    )
 
 
 def independent_projection_input_mean(model, inputs) -> tuple[torch.Tensor, int]:
@@ -227,7 +231,17 @@ def test_crop_grid_is_the_image_processors(checkpoints, dynamic_hd):
     loaded = load_model(settings_for(checkpoints["base"]))
     processor = copy.deepcopy(loaded.processor.image_processor)
     processor.dynamic_hd = dynamic_hd  # 4: most of these sizes take the closest-aspect-ratio branch
-    sizes = [(96, 128), (448, 448), (449, 448), (900, 400), (300, 500), (1000, 1000), (2000, 500), (500, 1500), (1300, 900)]
+    sizes = [
+        (96, 128),
+        (448, 448),
+        (449, 448),
+        (900, 400),
+        (300, 500),
+        (1000, 1000),
+        (2000, 500),
+        (500, 1500),
+        (1300, 900),
+    ]
     for width, height in sizes:
         image = Image.new("RGB", (width, height), (120, 30, 200))
         out = processor(images=[image], return_tensors="pt")
@@ -286,7 +300,6 @@ def test_vectors_equal_unbatched_output_hidden_states(extracted, reference_model
             assert rel_error(result.vectors[VISION_ONLY], vision) < 1e-4, (variant, question.question_id)
 
 
-
 def test_the_lora_changes_the_reference(extracted, reference_models):
     """The LoRA moves the decoder's states well beyond the oracle's tolerance, so the oracle above tells an
     active LoRA from a missing one; its vision tower (decoder-only LoRA) is untouched."""
@@ -309,7 +322,10 @@ def test_batch_of_four_equals_batch_of_one(extracted):
     # and both kinds of crops, filled (no padded patch: SDPA without a mask when alone) and padded
     loaded = extractor.loaded
     crops = [single_batch(extractor, q, images).inputs["image_attention_mask"][0, 1:] for q in questions]
-    assert {extractor.adapter.batch_group(loaded, *load_image(resolve_image_path(images, q.image_id)).size) for q in questions} == {1}
+    assert {
+        extractor.adapter.batch_group(loaded, *load_image(resolve_image_path(images, q.image_id)).size)
+        for q in questions
+    } == {1}
     assert {bool(mask.all()) for mask in crops} == {True, False}
     assert len({r.num_prompt_tokens for r in results}) > 1
     for batched, single in zip(results, singles):
@@ -367,7 +383,9 @@ def test_images_of_other_crop_counts_are_never_batched_together(checkpoints, tmp
     with torch.inference_mode():
         query_last = loaded.model(**mixed.inputs, output_hidden_states=True).hidden_states[-1][0, -1]
     norm = adapter.final_norm(loaded.model)
-    single_last = norm(torch.from_numpy(singles[0].vectors[layer_key("query_token_representation", 3)])[None, None])[0, 0]
+    single_last = norm(torch.from_numpy(singles[0].vectors[layer_key("query_token_representation", 3)])[None, None])[
+        0, 0
+    ]
     assert rel_error(query_last, single_last.detach()) > 1e-3
 
 

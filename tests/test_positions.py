@@ -26,7 +26,11 @@ def test_a_padding_id_equal_to_the_image_token_is_not_an_image_token():
     "input_ids, mask, message",
     [
         ([[5, 9, 8, 0]], [[1, 1, 1, 0]], "not left-padded"),
-        ([[5, 6, 8], [5, 9, 8]], [[1, 1, 1], [1, 1, 1]], r"no image token \(id 9\) in the prompt of batch row\(s\) \[0\]"),
+        (
+            [[5, 6, 8], [5, 9, 8]],
+            [[1, 1, 1], [1, 1, 1]],
+            r"no image token \(id 9\) in the prompt of batch row\(s\) \[0\]",
+        ),
     ],
 )
 def test_bad_batches_are_refused(input_ids, mask, message):

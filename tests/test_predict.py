@@ -56,8 +56,20 @@ def test_txt_output_is_the_answer_alone(qwen, image, capsys):
 
 
 def test_custom_prompt_template(qwen, image, capsys):
-    args = ["--model", qwen, "--image", image, "--prompt", "Answer briefly: {question}", "--question", "Why?",
-            "--format", "json", "--max-new-tokens", "2"]
+    args = [
+        "--model",
+        qwen,
+        "--image",
+        image,
+        "--prompt",
+        "Answer briefly: {question}",
+        "--question",
+        "Why?",
+        "--format",
+        "json",
+        "--max-new-tokens",
+        "2",
+    ]
     code, out, err = run(capsys, *args)
     assert code == 0, err
     assert json.loads(out)["prompt"] == "Answer briefly: Why?"

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from test_workflow import REPO, default_config, snakemake, workdir_with_config
+
 from vlmstates import job_resources
 from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
@@ -32,8 +32,15 @@ BATCH = 4
 
 
 def qwen(tiny_checkpoint, **entry) -> ModelSettings:
-    values = {"model": str(tiny_checkpoint("qwen2_5_vl")), "batch_size": BATCH, "max_new_tokens": 6, "device": "cpu",
-              "dtype": "float32", "multimodal_representation": True, "layers": "all"}
+    values = {
+        "model": str(tiny_checkpoint("qwen2_5_vl")),
+        "batch_size": BATCH,
+        "max_new_tokens": 6,
+        "device": "cpu",
+        "dtype": "float32",
+        "multimodal_representation": True,
+        "layers": "all",
+    }
     return ModelSettings.from_config("qwen", values | entry)
 
 
@@ -60,7 +67,11 @@ def test_prefill_only_vectors_equal_the_generating_paths_exactly(runs):
     assert any(r.answer for r in answered) and all(r.answer == "" for r in prefill_only)
     for a, b in zip(answered, prefill_only):
         assert (a.question_id, a.vision_token_position, a.query_token_position, a.num_prompt_tokens) == (
-            b.question_id, b.vision_token_position, b.query_token_position, b.num_prompt_tokens)
+            b.question_id,
+            b.vision_token_position,
+            b.query_token_position,
+            b.num_prompt_tokens,
+        )
         assert a.vectors.keys() == b.vectors.keys()
         for key in a.vectors:
             assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)
@@ -82,7 +93,10 @@ def test_a_prefill_only_file_says_why_its_answers_are_empty(runs, tmp_path):
     assert emb.generation_config["max_new_tokens"] == 1  # what generate() ran with: its prefill, one token
     assert json.loads(emb.attrs["semantics"])["answer"] == PREFILL_ONLY_ANSWER
     answered = out[True][0]
-    assert answered.attributes()["answers"] and answered.attributes()["config_hash"] != extractor.attributes()["config_hash"]
+    assert (
+        answered.attributes()["answers"]
+        and answered.attributes()["config_hash"] != extractor.attributes()["config_hash"]
+    )
     with pytest.raises(LabelError, match="prefill-only"):
         label_embeddings(path, tmp_path / "labels.csv", "halp")
     labels_file = tmp_path / "mine.csv"
@@ -120,7 +134,9 @@ def config_with(entry: dict, labels: dict | None = None) -> dict:
 
 @pytest.mark.parametrize("method", ["halp", "yesno", "exact"])
 def test_label_methods_that_judge_answers_refuse_a_prefill_only_model(method):
-    with pytest.raises(ConfigError, match=rf"`models\.mine\.answers`: false .* `labels\.method` {method} judges answers"):
+    with pytest.raises(
+        ConfigError, match=rf"`models\.mine\.answers`: false .* `labels\.method` {method} judges answers"
+    ):
         check_config(config_with({"answers": False}, {"method": method}), SCHEMA)
 
 
@@ -140,7 +156,8 @@ def test_the_memory_request_counts_every_block_of_layers_all():
     assert count(None, qwen_7b) == 5 and count([3, 4], qwen_7b) == 2
     every = job_resources.vectors_per_question(count("all", qwen_7b), False)
     assert job_resources.extraction_memory_mb(16 * 10**9, 500, every, 3584) > job_resources.extraction_memory_mb(
-        16 * 10**9, 500, job_resources.vectors_per_question(5, False), 3584)
+        16 * 10**9, 500, job_resources.vectors_per_question(5, False), 3584
+    )
 
 
 # -- the workflow, end to end ------------------------------------------------------------------------
@@ -153,8 +170,14 @@ def test_a_prefill_only_run_of_every_layer_goes_through_the_workflow(tmp_path):
     config = {
         "results": str(tmp_path / "results"),
         "dataset": {"csv": str(csv_path), "images": str(data / "images"), "limit": 8},
-        "models": {"mine": {"model": "resources/checkpoints/tiny-qwen2_5_vl", "batch_size": 4, "layers": "all",
-                            "answers": False}},
+        "models": {
+            "mine": {
+                "model": "resources/checkpoints/tiny-qwen2_5_vl",
+                "batch_size": 4,
+                "layers": "all",
+                "answers": False,
+            }
+        },
         "labels": {"method": "file", "file": str(data / "labels.csv")},
         "probes": {"mlp_max_epochs": 2, "bootstrap": 10, "probes": ["logreg"]},
     }
@@ -175,5 +198,6 @@ def test_a_prefill_only_run_of_every_layer_goes_through_the_workflow(tmp_path):
     checkpoint = workdir / "resources" / "checkpoints" / "tiny-qwen2_5_vl"
     hidden = job_resources.hidden_size_of(read_checkpoint_config(str(checkpoint)))
     expected = job_resources.extraction_memory_mb(
-        job_resources.checkpoint_bytes(str(checkpoint)), 500, job_resources.vectors_per_question(blocks, False), hidden)
+        job_resources.checkpoint_bytes(str(checkpoint)), 500, job_resources.vectors_per_question(blocks, False), hidden
+    )
     assert expected in requested, requested

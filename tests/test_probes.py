@@ -189,7 +189,9 @@ def test_mlp_probe_finds_the_planted_layer(planted, tmp_path):
 
 
 def test_mlp_is_reproducible(planted, tmp_path):
-    settings = probe_settings.ProbeSettings(probes=["mlp"], representations=["QT"], layers=[1], shuffled_control=False, **FAST)
+    settings = probe_settings.ProbeSettings(
+        probes=["mlp"], representations=["QT"], layers=[1], shuffled_control=False, **FAST
+    )
     first = probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "a", settings)
     second = probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "b", settings)
     assert first["auroc"].tolist() == second["auroc"].tolist()
@@ -197,7 +199,9 @@ def test_mlp_is_reproducible(planted, tmp_path):
 
 def test_kfold_and_halp_splits_find_the_signal(planted, tmp_path):
     for split in ("kfold", "halp"):
-        settings = probe_settings.ProbeSettings(split=split, folds=3, probes=["logreg"], representations=["QT"], layers=[1], **FAST)
+        settings = probe_settings.ProbeSettings(
+            split=split, folds=3, probes=["logreg"], representations=["QT"], layers=[1], **FAST
+        )
         metrics = probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / split, settings)
         row = metrics.iloc[0]
         assert row["auroc"] > 0.9, split
@@ -236,7 +240,9 @@ def test_labels_from_another_file_are_rejected(planted, tmp_path):
     labels.loc[0, "question_id"] = "elsewhere"
     labels.to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(ValueError, match="not in"):
-        probe_stats.run_probes(planted / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", probe_settings.ProbeSettings())
+        probe_stats.run_probes(
+            planted / "embeddings.h5", tmp_path / "labels.csv", tmp_path / "out", probe_settings.ProbeSettings()
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from oracle import assert_decoder_vectors_match, rel_error
 from test_family_contract import qwen3_vl_vision
+
 from vlmstates.benchmark import synthetic_inputs
-from vlmstates.images import load_image, resolve_image_path
 from vlmstates.engine import Extractor, load_model
+from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ModelSettings
 from vlmstates.store import STATUS_OK, VISION_ONLY, layer_key
 from vlmstates.tiny.qwen3_vl import build_moe
@@ -27,9 +27,15 @@ from vlmstates.tiny.qwen3_vl import build_moe
 
 @pytest.fixture(scope="module")
 def qwen3_vl(tiny_checkpoint, tmp_path_factory):
-    settings = ModelSettings.from_config("qwen3_vl", {
-        "model": str(tiny_checkpoint("qwen3_vl")), "device": "cpu", "dtype": "float32", "max_new_tokens": 2,
-    })
+    settings = ModelSettings.from_config(
+        "qwen3_vl",
+        {
+            "model": str(tiny_checkpoint("qwen3_vl")),
+            "device": "cpu",
+            "dtype": "float32",
+            "max_new_tokens": 2,
+        },
+    )
     images = tmp_path_factory.mktemp("qwen3-vl-deepstack")
     questions = synthetic_inputs(images, 2, [(96, 64), (300, 200)], seed=5)
     loaded = load_model(settings)
@@ -77,9 +83,16 @@ def test_recorded_block_output_is_the_state_before_the_deepstack_injection(qwen3
 
 def test_qwen3_vl_moe_is_served_by_the_entry_and_keeps_the_contract(tmp_path):
     checkpoint = build_moe(tmp_path / "tiny-qwen3_vl_moe")
-    settings = ModelSettings.from_config("qwen3_vl_moe", {
-        "model": str(checkpoint), "device": "cpu", "dtype": "float32", "max_new_tokens": 3, "multimodal_representation": True,
-    })
+    settings = ModelSettings.from_config(
+        "qwen3_vl_moe",
+        {
+            "model": str(checkpoint),
+            "device": "cpu",
+            "dtype": "float32",
+            "max_new_tokens": 3,
+            "multimodal_representation": True,
+        },
+    )
     images = tmp_path / "images"
     questions = synthetic_inputs(images, 4, [(96, 64), (640, 480), (64, 128), (300, 200)], seed=3)
     loaded = load_model(settings)
@@ -107,4 +120,4 @@ def test_qwen3_vl_moe_is_served_by_the_entry_and_keeps_the_contract(tmp_path):
             for key, value in single.vectors.items():
                 assert rel_error(result.vectors[key], value) < 1e-4, (question.question_id, key)
             out = model.generate(**batch.inputs, do_sample=False, max_new_tokens=3)
-            assert result.answer == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+            assert result.answer == tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()

@@ -143,7 +143,9 @@ def test_probe_plots_are_titled_with_the_models_folder_not_its_checkpoint(tmp_pa
     titles = []
     for name in ("heatmap_figure", "by_layer_figure"):
         real = getattr(probe_plots, name)
-        monkeypatch.setattr(probe_plots, name, lambda metrics, title, real=real: titles.append(title) or real(metrics, title))
+        monkeypatch.setattr(
+            probe_plots, name, lambda metrics, title, real=real: titles.append(title) or real(metrics, title)
+        )
     settings = probe_settings.ProbeSettings(probes=["logreg"], bootstrap=0, shuffled_control=False)
     probe_stats.run_probes(folder / "embeddings.h5", folder / "labels.csv", folder / "probes", settings)
     assert len(titles) == 2
@@ -251,7 +253,7 @@ def test_tables_are_written_as_pages_too(tmp_path):
     metrics = {"tiny-qwen": write_metrics(tmp_path / "a" / "probes", "qwen2_5_vl", "org/ckpt")}
     probe_summary.summarise_models(metrics, tmp_path / "summary" / "probes.csv", tmp_path / "summary" / "probes.png")
     page = (tmp_path / "summary" / "probes.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<table class=\"data\">" in page
+    assert page.startswith("<!DOCTYPE html>") and '<table class="data">' in page
     assert "tiny-qwen" in page and "Qwen2.5-VL-7B" in page and "0.915" in page
     assert "<td>nan</td>" not in page.lower()  # unknown values are empty cells
     header = page[page.index("<tr>") : page.index("</tr>")]
@@ -277,12 +279,16 @@ def write_synthetic_embeddings(path, n=40, checkpoint="org/Checkpoint-7B", famil
     """n questions, two per image, answered yes or no at random, plus one failed sample."""
     rng = np.random.default_rng(1)
     dims = {"vision_only_representation": 4}
-    dims.update({f"{r}/layer_{k}": 6 for r in ("vision_token_representation", "query_token_representation") for k in LAYERS})
+    dims.update(
+        {f"{r}/layer_{k}": 6 for r in ("vision_token_representation", "query_token_representation") for k in LAYERS}
+    )
     results = []
     for i in range(n):
         vectors = {key: rng.normal(size=d).astype(np.float32) for key, d in dims.items()}
         answer = "Yes." if rng.random() < 0.6 else "No."
-        results.append(SampleResult(f"q{i:03d}", f"img{i // 2}", f"Is object {i} red?", "yes", answer=answer, vectors=vectors))
+        results.append(
+            SampleResult(f"q{i:03d}", f"img{i // 2}", f"Is object {i} red?", "yes", answer=answer, vectors=vectors)
+        )
     results.append(SampleResult.failed(f"q{n:03d}", "imgX", "Is it blue?", "no", "image truncated"))
     attrs = {"model": checkpoint, "family": family, "layers": list(LAYERS)}
     write_embeddings(path, results, dims, attrs)
@@ -298,7 +304,9 @@ def inspected(tmp_path):
     Image.new("RGB", (8, 8)).save(images / "a.png")
     csv = tmp_path / "vqa.csv"
     csv.write_text("question_id,image_id,question,answer\nq1,a.png,Is it red?,yes\nq2,missing.png,Is it blue?,no\n")
-    validate_and_write(csv, images, tmp_path / "questions.csv", tmp_path / "validation.json", tmp_path / "v.md", strict=False)
+    validate_and_write(
+        csv, images, tmp_path / "questions.csv", tmp_path / "validation.json", tmp_path / "v.md", strict=False
+    )
     model = tmp_path / "results" / "tiny-model"
     write_synthetic_embeddings(model / "embeddings.h5")
     label_embeddings(model / "embeddings.h5", model / "labels.csv", "yesno")
@@ -315,8 +323,8 @@ def test_inspection_page_shows_the_validation_summary(inspected):
     root, _, page = inspected
     report = json.loads((root / "validation.json").read_text())
     assert report["counts"]["rows_kept"] == 1 and report["counts"]["rows_dropped"] == 1
-    assert "<td>rows kept</td><td class=\"n\">1</td>" in page
-    assert "<td>rows dropped</td><td class=\"n\">1</td>" in page
+    assert '<td>rows kept</td><td class="n">1</td>' in page
+    assert '<td>rows dropped</td><td class="n">1</td>' in page
     assert 'class="warn">ok, 1 row(s) with errors dropped' in page
     problem = report["problems"][0]
     assert problem["kind"] in page and problem["message"].split("'")[0] in page
@@ -343,7 +351,11 @@ def test_example_answers_take_a_few_of_each_label():
         }
     )  # fmt: skip
     labels = pd.DataFrame(
-        {"question_id": table["question_id"], "hallucinated": ["true"] * 5 + ["false"] * 2 + [""] * 2, "decided_by": "x"}
+        {
+            "question_id": table["question_id"],
+            "hallucinated": ["true"] * 5 + ["false"] * 2 + [""] * 2,
+            "decided_by": "x",
+        }
     )
     examples = example_answers(table, labels, per_class=2)
     assert list(examples["question_id"]) == ["q0", "q1", "q5", "q6", "q7"]  # the failed q8 gave no answer

@@ -16,9 +16,9 @@ import time
 
 import pytest
 import yaml
-
 from conftest import REPO
 from oracle import assert_same_results
+
 from vlmstates.gpu_lease import lease_gpu
 from vlmstates.store import STATUS_FAILED, STATUS_OK, read_embeddings, read_results
 
@@ -34,10 +34,26 @@ def run_shard(checkpoint, demo, out, *, failpoint=None, save_every=4, layers=Non
     if failpoint:
         env["VLMSTATES_FAILPOINT"] = failpoint
     command = [
-        sys.executable, "-m", "vlmstates", "extract-shard", "--settings", json.dumps(settings),
-        "--table", str(table), "--images", str(images or demo_images), "--shard", "0000",
-        "--shard-size", str(SHARD_SIZE), "--save-every", str(save_every), "--out", str(out),
-        "--max-failed-share", str(max_failed_share),
+        sys.executable,
+        "-m",
+        "vlmstates",
+        "extract-shard",
+        "--settings",
+        json.dumps(settings),
+        "--table",
+        str(table),
+        "--images",
+        str(images or demo_images),
+        "--shard",
+        "0000",
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--save-every",
+        str(save_every),
+        "--out",
+        str(out),
+        "--max-failed-share",
+        str(max_failed_share),
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
@@ -69,7 +85,9 @@ def reference(qwen, demo, tmp_path_factory):
         ("rename:shard_0000.h5", 4, "put back"),  # placing the output: the finished shard is kept, nothing redone
     ],
 )
-def test_killed_shard_resumes_to_the_uninterrupted_result(qwen, demo, reference, tmp_path, failpoint, save_every, resumed):
+def test_killed_shard_resumes_to_the_uninterrupted_result(
+    qwen, demo, reference, tmp_path, failpoint, save_every, resumed
+):
     out = tmp_path / "shard_0000.h5"
     killed = run_shard(qwen, demo, out, failpoint=failpoint, save_every=save_every)
     assert killed.returncode == -signal.SIGKILL
@@ -149,7 +167,9 @@ time.sleep(60)
 
 
 def start_holder(num_gpus, lock_dir):
-    process = subprocess.Popen([sys.executable, "-c", LEASE_AND_HOLD, str(num_gpus), str(lock_dir)], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", LEASE_AND_HOLD, str(num_gpus), str(lock_dir)], stdout=subprocess.PIPE, text=True
+    )
     return process, process.stdout.readline().strip()
 
 
@@ -158,7 +178,9 @@ def test_concurrent_jobs_lease_distinct_gpus_and_a_dead_job_frees_its_gpu(tmp_pa
     second, gpu_b = start_holder(2, tmp_path)
     try:
         assert {gpu_a, gpu_b} == {"0", "1"}
-        third = subprocess.Popen([sys.executable, "-c", LEASE_AND_HOLD, "2", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        third = subprocess.Popen(
+            [sys.executable, "-c", LEASE_AND_HOLD, "2", str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
         time.sleep(1.0)
         assert third.poll() is None  # all GPUs leased: it waits
         first.send_signal(signal.SIGKILL)  # however a job dies, its lease is released
@@ -213,8 +235,13 @@ def test_killed_snakemake_reruns_with_rerun_incomplete(workflow_reference, tmp_p
     # the first shard job to run (Snakemake picks which) stops after its first saved batch, so that the
     # kill lands mid-shard
     stalled = os.environ | {"VLMSTATES_FAILPOINT": "stall:batch:1"}
-    process = subprocess.Popen(SNAKEMAKE + ["-d", str(killed), MERGED], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=stalled)
+    process = subprocess.Popen(
+        SNAKEMAKE + ["-d", str(killed), MERGED],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=stalled,
+    )
     shards = killed / "results" / MODEL / "shards"
     deadline = time.time() + 600
     while not list(shards.glob("shard_*.progress/part_*.h5")):
@@ -224,7 +251,9 @@ def test_killed_snakemake_reruns_with_rerun_incomplete(workflow_reference, tmp_p
     process.wait()
     # a killed snakemake leaves its lock behind: unlock, then rerun what was incomplete
     subprocess.run(SNAKEMAKE + ["-d", str(killed), "--unlock"], check=True, capture_output=True, timeout=300)
-    rerun = subprocess.run(SNAKEMAKE + ["-d", str(killed), "--rerun-incomplete", MERGED], capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(
+        SNAKEMAKE + ["-d", str(killed), "--rerun-incomplete", MERGED], capture_output=True, text=True, timeout=900
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_identical(killed / MERGED, workflow_reference / MERGED)
 

@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from vlmstates.retry_guard import repeats_on_retry
 
 

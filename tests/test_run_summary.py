@@ -24,7 +24,10 @@ def test_the_excerpt_of_a_traceback_is_its_exception(tmp_path):
 def test_the_excerpt_of_a_refused_step_is_its_message(tmp_path):
     log = tmp_path / "merge.log"
     log.write_text("INFO reading\nvlmstates merge: shard a.h5: question q7 repeats\n  first in b.h5\n")
-    assert [line.strip() for line in error_excerpt(log)] == ["vlmstates merge: shard a.h5: question q7 repeats", "first in b.h5"]
+    assert [line.strip() for line in error_excerpt(log)] == [
+        "vlmstates merge: shard a.h5: question q7 repeats",
+        "first in b.h5",
+    ]
 
 
 def test_the_excerpt_of_an_empty_log_is_empty(tmp_path):

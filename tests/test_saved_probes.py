@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from test_probes import FAST, SIGNAL_KEY, make_embeddings
 from test_workflow import REPO, default_config, snakemake, workdir_with_config
+
 from vlmstates import probe_stats
 from vlmstates.cli import main
 from vlmstates.config_check import check_config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 from conftest import REPO
+
 from vlmstates.config_check import check_config
 from vlmstates.settings import ModelSettings
 

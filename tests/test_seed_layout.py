@@ -38,9 +38,20 @@ def columnar(path, ids, failed=()):
             results.append(SampleResult.failed(qid, f"img_{qid}.png", f"q {qid}?", "yes", "image: broken"))
         else:
             vectors = {key: rng.standard_normal(dim).astype(np.float32) for key, dim in DIMS.items()}
-            results.append(SampleResult(qid, f"img_{qid}.png", f"q {qid}?", "yes", answer=f"answer {qid}",
-                                        vision_token_position=3, query_token_position=9, num_prompt_tokens=10,
-                                        num_image_tokens=4, vectors=vectors))
+            results.append(
+                SampleResult(
+                    qid,
+                    f"img_{qid}.png",
+                    f"q {qid}?",
+                    "yes",
+                    answer=f"answer {qid}",
+                    vision_token_position=3,
+                    query_token_position=9,
+                    num_prompt_tokens=10,
+                    num_image_tokens=4,
+                    vectors=vectors,
+                )
+            )
     return write_embeddings(path, results, DIMS, ATTRS)
 
 
@@ -78,7 +89,10 @@ def test_part_files_hold_the_seed_groups_and_attributes(tmp_path):
     parts = export_seed_layout(source, tmp_path / "seed", prefix="tiny", part_size=2)
     with h5py.File(parts[0], "r") as f:
         assert {k: f.attrs[k] for k in ("model_name", "model_type", "device", "dtype", "num_samples")} == {
-            "model_name": "Org/Tiny-VL-1B", "model_type": "qwen2_5_vl", "device": "cpu", "dtype": "float32",
+            "model_name": "Org/Tiny-VL-1B",
+            "model_type": "qwen2_5_vl",
+            "device": "cpu",
+            "dtype": "float32",
             "num_samples": 2,
         }
         assert "created_at" in f.attrs
@@ -120,7 +134,9 @@ def test_reexport_removes_parts_of_the_earlier_export(tmp_path):
     (tmp_path / "seed" / "notes.txt").write_text("kept")
     export_seed_layout(source, tmp_path / "seed", prefix="tiny", part_size=2)
     assert sorted(p.name for p in (tmp_path / "seed").iterdir()) == [
-        "notes.txt", "tiny_embeddings_part_001.h5", "tiny_embeddings_part_002.h5",
+        "notes.txt",
+        "tiny_embeddings_part_001.h5",
+        "tiny_embeddings_part_002.h5",
     ]
 
 
@@ -140,8 +156,15 @@ def test_reads_a_file_written_by_the_seed_scripts(tmp_path):
     """Their files: groups in name order, no layers or failure attributes."""
     path = tmp_path / "gemma3_12b_embeddings_part_001.h5"
     with h5py.File(path, "w") as f:
-        f.attrs.update({"model_name": "google/gemma-3-12b-it", "model_type": "gemma3", "device": "cuda",
-                        "dtype": "bfloat16", "num_samples": 2})
+        f.attrs.update(
+            {
+                "model_name": "google/gemma-3-12b-it",
+                "model_type": "gemma3",
+                "device": "cuda",
+                "dtype": "bfloat16",
+                "num_samples": 2,
+            }
+        )
         for qid in ("b", "a"):
             group = f.create_group(qid)
             for name in ("question", "image_id", "answer", "ground_truth_answer"):
@@ -178,6 +201,19 @@ def test_inspection_report_of_a_seed_layout(tmp_path):
     export_seed_layout(source, tmp_path / "seed", prefix="tiny")
     out = tmp_path / "report"
     out.mkdir()
-    assert main(["inspect", str(tmp_path / "seed"), "--html", str(out / "s.html"), "--png", str(out / "n.png"),
-                 "--json", str(out / "s.json")]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(tmp_path / "seed"),
+                "--html",
+                str(out / "s.html"),
+                "--png",
+                str(out / "n.png"),
+                "--json",
+                str(out / "s.json"),
+            ]
+        )
+        == 0
+    )
     assert "2 samples: 2 ok, 0 failed" in (out / "s.html").read_text()

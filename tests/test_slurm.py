@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO
+
 from vlmstates import job_resources
 from vlmstates.store import read_embeddings
 
@@ -78,7 +78,9 @@ def documented_commands() -> list[str]:
     """The `snakemake ...` lines of the guide's ```sh blocks, in order: the run, then the rerun."""
     source, section = SLURM_GUIDE, SLURM_GUIDE.read_text()
     blocks = re.findall(r"^```sh\n(.*?)^```", section, re.M | re.S)
-    commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("snakemake ")]
+    commands = [
+        line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("snakemake ")
+    ]
     assert len(commands) >= 2, f"{source}: expected the run and the rerun command, found {commands}"
     return commands
 
@@ -99,13 +101,28 @@ def _snakemake_argv(command: str, workdir: Path) -> list[str]:
     """The documented command, run by this Python, on a temporary working directory."""
     argv = shlex.split(command)
     assert argv[0] == "snakemake"
-    return [sys.executable, "-m", "snakemake", *argv[1:], "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *argv[1:],
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+    ]
 
 
 def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -159,8 +176,18 @@ def slurm_demo(tmp_path_factory):
         # the reference, meanwhile: the README's local run, for the merged files only
         targets = [f"results/{model}/embeddings.h5" for model in _models()]
         local = _start(
-            [sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
-             "--directory", str(local_dir), *targets],
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "--cores",
+                "2",
+                "--snakefile",
+                str(REPO / "Snakefile"),
+                "--directory",
+                str(local_dir),
+                *targets,
+            ],
             base / "local.log",
             {k: v for k, v in env.items() if k != "SLURM_CONF"},
         )
@@ -195,8 +222,10 @@ def assert_same_embeddings(path: Path, reference: Path) -> None:
 
 def test_slurm_run_merges_the_same_results_as_a_local_run(slurm_demo):
     for model in _models():
-        assert_same_embeddings(slurm_demo["slurm"] / "results" / model / "embeddings.h5",
-                               slurm_demo["local"] / "results" / model / "embeddings.h5")
+        assert_same_embeddings(
+            slurm_demo["slurm"] / "results" / model / "embeddings.h5",
+            slurm_demo["local"] / "results" / model / "embeddings.h5",
+        )
         assert (slurm_demo["slurm"] / "results" / model / "inspection" / "summary.json").exists()
 
 
@@ -206,7 +235,9 @@ def _extract_jobs(jobs: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def test_every_step_was_a_slurm_job_and_extraction_asked_for_a_gpu(slurm_demo):
     jobs = slurm_demo["jobs"]  # `scontrol -d show job`: finished jobs stay for MinJobAge (1 h here)
-    shards = {model: sorted((slurm_demo["local"] / "results" / model / "shards").glob("shard_*.h5")) for model in _models()}
+    shards = {
+        model: sorted((slurm_demo["local"] / "results" / model / "shards").glob("shard_*.h5")) for model in _models()
+    }
     extract = _extract_jobs(jobs)
     assert len(extract) == sum(map(len, shards.values())) > len(shards), [j.get("Comment") for j in jobs]
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
@@ -218,8 +249,13 @@ def test_every_step_was_a_slurm_job_and_extraction_asked_for_a_gpu(slurm_demo):
         assert job.get("CpusPerTres") == f"gres:gpu:{cpus_per_gpu}", job
     others = [job for job in jobs if job not in extract]
     rules = {re.sub(r"_wildcards_.*", "", job.get("Comment", "")) for job in others}
-    assert {"rule_demo_dataset", "rule_validate_dataset", "rule_tiny_checkpoint", "rule_merge_shards",
-            "rule_inspect_embeddings"} <= rules
+    assert {
+        "rule_demo_dataset",
+        "rule_validate_dataset",
+        "rule_tiny_checkpoint",
+        "rule_merge_shards",
+        "rule_inspect_embeddings",
+    } <= rules
     for job in others:
         assert job["JobState"] == "COMPLETED", job
         assert "gpu" not in job.get("TresPerJob", "") + job.get("TresPerNode", "") + job.get("JOB_GRES", ""), job
@@ -239,7 +275,7 @@ def test_shards_of_different_models_ran_at_the_same_time(slurm_demo):
     overlapping = [
         (a["Comment"], b["Comment"])
         for i, a in enumerate(extract)
-        for b in extract[i + 1:]
+        for b in extract[i + 1 :]
         if model(a) != model(b) and span(a)[0] < span(b)[1] and span(b)[0] < span(a)[1]
     ]
     assert overlapping, [(j["Comment"], j["StartTime"], j["EndTime"]) for j in extract]
@@ -280,7 +316,9 @@ def test_profile_sets_gpu_model_memory_and_runtime_per_model(slurm_demo, tmp_pat
     tables = re.findall(r"dict\(\[\(.*?\)\]\)", text)
     assert len(tables) == 3, tables  # gpu_model, mem_mb, runtime of extract_shard
     extract = yaml.safe_load(text)["set-resources"]["extract_shard"]
-    fallback = {key: re.search(r"\.get\(wildcards\.model, (\d+)\)", extract[key]).group(1) for key in ("mem_mb", "runtime")}
+    fallback = {
+        key: re.search(r"\.get\(wildcards\.model, (\d+)\)", extract[key]).group(1) for key in ("mem_mb", "runtime")
+    }
     for table, value in zip(tables, ("'testgpu'", "12345", "77")):
         text = text.replace(table, f"dict([('{second}', {value})])")
     by_model = _dry_run_extract_resources(text, tmp_path, slurm_demo)

@@ -21,7 +21,9 @@ from vlmstates.store import (
 )
 
 LAYERS = (0, 2)
-DIMS = {VISION_ONLY: 3} | {layer_key(r, k): 4 for r in ("vision_token_representation", "query_token_representation") for k in LAYERS}
+DIMS = {VISION_ONLY: 3} | {
+    layer_key(r, k): 4 for r in ("vision_token_representation", "query_token_representation") for k in LAYERS
+}
 ATTRS = {"model": "m", "family": "f", "layers": list(LAYERS), "config_hash": "abc", "dtype": "float32"}
 
 
@@ -33,8 +35,20 @@ def make_results(ids, seed=0, failed=()):
             results.append(SampleResult.failed(qid, f"img_{qid}.png", f"q {qid}?", "yes", "image: broken"))
             continue
         vectors = {key: rng.standard_normal(dim).astype(np.float32) for key, dim in DIMS.items()}
-        results.append(SampleResult(qid, f"img_{qid}.png", f"q {qid}?", "yes", answer="no", vision_token_position=3,
-                                    query_token_position=9, num_prompt_tokens=10, num_image_tokens=4, vectors=vectors))
+        results.append(
+            SampleResult(
+                qid,
+                f"img_{qid}.png",
+                f"q {qid}?",
+                "yes",
+                answer="no",
+                vision_token_position=3,
+                query_token_position=9,
+                num_prompt_tokens=10,
+                num_image_tokens=4,
+                vectors=vectors,
+            )
+        )
     return results
 
 
@@ -111,13 +125,20 @@ def test_merge_keeps_the_generation_settings_and_refuses_disagreeing_ones(tmp_pa
     plain = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 8}
     penalised = plain | {"repetition_penalty": 1.05}
     first = write_embeddings(tmp_path / "a.h5", make_results(["a"]), DIMS, ATTRS | {"generation_config": plain})
-    second = write_embeddings(tmp_path / "b.h5", make_results(["b"], seed=1), DIMS, ATTRS | {"generation_config": plain})
+    second = write_embeddings(
+        tmp_path / "b.h5", make_results(["b"], seed=1), DIMS, ATTRS | {"generation_config": plain}
+    )
     merged = read_embeddings(merge_shards([first, second], ["a", "b"], tmp_path / "all.h5"))
     assert merged.generation_config == plain
-    other = write_embeddings(tmp_path / "c.h5", make_results(["b"], seed=1), DIMS, ATTRS | {"generation_config": penalised})
+    other = write_embeddings(
+        tmp_path / "c.h5", make_results(["b"], seed=1), DIMS, ATTRS | {"generation_config": penalised}
+    )
     with pytest.raises(MergeError, match=r"c\.h5: attribute 'generation_config'"):
         merge_shards([first, other], ["a", "b"], tmp_path / "all2.h5")
-    assert read_embeddings(write_embeddings(tmp_path / "old.h5", make_results(["a"]), DIMS, ATTRS)).generation_config is None
+    assert (
+        read_embeddings(write_embeddings(tmp_path / "old.h5", make_results(["a"]), DIMS, ATTRS)).generation_config
+        is None
+    )
 
 
 def test_vector_keys_read_back_into_representation_and_layer():

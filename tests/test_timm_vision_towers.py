@@ -19,10 +19,19 @@ def test_the_tower_keeps_sdpa_whatever_the_decoders_attention(family, tiny_check
     # flex_attention stands in for flash_attention_2 on CPU: the decoder runs it, TimmWrapperModel refuses it
     with pytest.raises(ValueError, match="TimmWrapperModel does not support"):
         AutoModelForImageTextToText.from_pretrained(checkpoint, attn_implementation="flex_attention")
-    settings = ModelSettings.from_config(family, {
-        "model": str(checkpoint), "device": "cpu", "dtype": "float32", "attn_implementation": "flex_attention",
-    })
+    settings = ModelSettings.from_config(
+        family,
+        {
+            "model": str(checkpoint),
+            "device": "cpu",
+            "dtype": "float32",
+            "attn_implementation": "flex_attention",
+        },
+    )
     loaded = load_model(settings)
     config = loaded.model.config
-    assert (config.text_config._attn_implementation, config.vision_config._attn_implementation) == ("flex_attention", "sdpa")
+    assert (config.text_config._attn_implementation, config.vision_config._attn_implementation) == (
+        "flex_attention",
+        "sdpa",
+    )
     assert loaded.attn_implementation == "flex_attention"  # what the file records: the decoder's

@@ -139,9 +139,9 @@ def test_chat_template_and_image_tokens(loaded):
     # prompt rendered with tokenize=False (which already starts with <bos>) gets two
     # unless add_special_tokens=False; the Qwen tokenizer adds nothing.
     ids = inputs["input_ids"][0].tolist()
-    plain = processor(
-        text=[prompt], images=_images_arg(family, [img]), add_special_tokens=False, return_tensors="pt"
-    )["input_ids"][0].tolist()
+    plain = processor(text=[prompt], images=_images_arg(family, [img]), add_special_tokens=False, return_tensors="pt")[
+        "input_ids"
+    ][0].tolist()
     if family == "gemma3":
         bos = processor.tokenizer.bos_token_id
         assert ids[:3] == [bos, bos, processor.tokenizer.convert_tokens_to_ids("<start_of_turn>")]

@@ -9,8 +9,8 @@ import json
 import pandas as pd
 import pytest
 import yaml
-
 from test_workflow import default_config, snakemake, workdir_with_config
+
 from vlmstates.demo import write_demo_dataset
 from vlmstates.store import read_embeddings
 from vlmstates.tiny import TINY_FAMILIES
@@ -134,13 +134,18 @@ def test_a_config_naming_every_tiny_family_runs(tmp_path):
     file (the demo run covers the later stages; Molmo's checkpoint needs its own transformers: tests/test_molmo.py):
     every file has every question, extracted by its family."""
     data_csv, images = own_dataset(tmp_path / "mydata", rows=2)
-    models = {f"tiny_{family}": {"model": f"resources/checkpoints/tiny-{family}", "max_new_tokens": 2} for family in TINY_FAMILIES}
+    models = {
+        f"tiny_{family}": {"model": f"resources/checkpoints/tiny-{family}", "max_new_tokens": 2}
+        for family in TINY_FAMILIES
+    }
     results = tmp_path / "results"
     config = {"results": str(results), "dataset": {"csv": str(data_csv), "images": str(images)}, "models": models}
     user_file = tmp_path / "families.yaml"
     user_file.write_text(yaml.safe_dump(config))
     targets = [str(results / name / "embeddings.h5") for name in models]
-    snakemake(user_workdir(tmp_path), *targets, "--cores", "2", "--configfile", str(user_file))  # targets first: --configfile takes a list
+    snakemake(
+        user_workdir(tmp_path), *targets, "--cores", "2", "--configfile", str(user_file)
+    )  # targets first: --configfile takes a list
     for name, family in zip(models, TINY_FAMILIES):
         emb = read_embeddings(results / name / "embeddings.h5")
         assert emb.attrs["family"] == family and json.loads(emb.attrs["semantics"])["family"]

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO
+
 from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
 from vlmstates.engine import Extractor, load_model
@@ -112,7 +112,9 @@ def test_demo_run_vectors_equal_an_in_process_extraction(demo_run):
     for model, entry in config["models"].items():
         entry = entry | {"model": str(demo_run / entry["model"])}
         settings = replace(ModelSettings.from_config(model, entry), batch_size=1)
-        results = Extractor(load_model(settings), progress=False).extract(questions, demo_run / config["dataset"]["images"])
+        results = Extractor(load_model(settings), progress=False).extract(
+            questions, demo_run / config["dataset"]["images"]
+        )
         emb = read_embeddings(demo_run / "results" / model / "embeddings.h5")
         assert emb.table["answer"].iloc[rows].tolist() == [r.answer for r in results]
         for key in emb.representation_keys():

@@ -10,9 +10,10 @@ their image headers and the batch size, so a resumed shard forms the same batche
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import ExifTags, Image

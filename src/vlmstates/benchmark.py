@@ -41,9 +41,9 @@ from PIL import Image, ImageDraw
 
 from .adapters import adapter_for_family
 from .adapters.base import LoadedModel
-from .images import load_image, resolve_image_path
 from .engine import Extractor, Prepared, Question, load_model, select_attention, select_device, select_dtype
 from .hooks import forward_hooks
+from .images import load_image, resolve_image_path
 from .settings import ModelSettings, default_layers
 from .store import write_embeddings
 
@@ -65,24 +65,50 @@ FULL_SIZE = {
     "qwen2_5_vl": FullSize(
         "Qwen/Qwen2.5-VL-7B-Instruct",
         text=dict(
-            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
-            hidden_act="silu", use_sliding_window=False,
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            hidden_act="silu",
+            use_sliding_window=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
         ),
         vision=dict(
-            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu", in_channels=3,
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            tokens_per_second=2,
+            hidden_act="silu",
+            in_channels=3,
         ),
         extra=dict(min_pixels=3136, max_pixels=12845056, tie_word_embeddings=False),
     ),
     "gemma3": FullSize(
         "google/gemma-3-12b-it",
         text=dict(
-            vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
-            num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
-            max_position_embeddings=131072, sliding_window=1024, sliding_window_pattern=6, rms_norm_eps=1e-6,
+            vocab_size=262208,
+            hidden_size=3840,
+            intermediate_size=15360,
+            num_hidden_layers=48,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            max_position_embeddings=131072,
+            sliding_window=1024,
+            sliding_window_pattern=6,
+            rms_norm_eps=1e-6,
             hidden_activation="gelu_pytorch_tanh",
             rope_parameters={
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
@@ -90,23 +116,42 @@ FULL_SIZE = {
             },
         ),
         vision=dict(
-            model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-            num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False,
-            hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+            model_type="siglip_vision_model",
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=896,
+            patch_size=14,
+            vision_use_head=False,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
         ),
         extra=dict(mm_tokens_per_image=256),
     ),
     "phi4_multimodal": FullSize(
         "microsoft/Phi-4-multimodal-instruct",
         text=dict(
-            vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-            num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
-            original_max_position_embeddings=4096, tie_word_embeddings=True,
+            vocab_size=200064,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            tie_word_embeddings=True,
         ),
         # SigLIP tower on 448-pixel crops; the audio encoder keeps transformers' defaults (the real sizes)
         vision=dict(
-            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-            image_size=448, patch_size=14, crop_size=448, feature_layer=-2,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=448,
+            patch_size=14,
+            crop_size=448,
+            feature_layer=-2,
         ),
         extra=dict(partial_rotary_factor=0.75, rope_theta=10000.0),
     ),
@@ -118,14 +163,20 @@ def _phi4_rope(rotary_dim: int, theta: float, partial: float) -> dict:
     n = rotary_dim // 2
     ramp = [1.0 + i / (n - 1) for i in range(n)]
     return {
-        "rope_type": "longrope", "rope_theta": theta, "partial_rotary_factor": partial,
-        "short_factor": ramp, "long_factor": [f * 4 for f in ramp],
+        "rope_type": "longrope",
+        "rope_theta": theta,
+        "partial_rotary_factor": partial,
+        "short_factor": ramp,
+        "long_factor": [f * 4 for f in ramp],
     }
 
 
 def _full_size_qwen(spec: FullSize):
     from transformers import (
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
     )
 
     from .tiny import qwen2_5_vl as tiny
@@ -136,7 +187,9 @@ def _full_size_qwen(spec: FullSize):
         min_pixels=spec.extra["min_pixels"], max_pixels=spec.extra["max_pixels"], **geometry
     )
     processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=small.tokenizer, video_processor=small.video_processor,
+        image_processor=image_processor,
+        tokenizer=small.tokenizer,
+        video_processor=small.video_processor,
         chat_template=tiny.CHAT_TEMPLATE,
     )
     tok = processor.tokenizer
@@ -145,9 +198,14 @@ def _full_size_qwen(spec: FullSize):
     config = Qwen2_5_VLConfig(
         text_config=dict(spec.text, bos_token_id=pad, eos_token_id=eos, pad_token_id=pad),
         vision_config=spec.vision,
-        image_token_id=ids[tiny.IMAGE_PAD], video_token_id=ids[tiny.VIDEO_PAD],
-        vision_start_token_id=ids[tiny.VISION_START], vision_end_token_id=ids[tiny.VISION_END],
-        bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=spec.extra["tie_word_embeddings"],
+        image_token_id=ids[tiny.IMAGE_PAD],
+        video_token_id=ids[tiny.VIDEO_PAD],
+        vision_start_token_id=ids[tiny.VISION_START],
+        vision_end_token_id=ids[tiny.VISION_END],
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=spec.extra["tie_word_embeddings"],
     )
     return Qwen2_5_VLForConditionalGeneration, config, processor
 
@@ -160,12 +218,17 @@ def _full_size_gemma(spec: FullSize):
     small = tiny.build_processor()
     size = spec.vision["image_size"]
     image_processor = Gemma3ImageProcessor(
-        size={"height": size, "width": size}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"height": size, "width": size},
+        resample=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
         do_pan_and_scan=False,
     )
     tokens = spec.extra["mm_tokens_per_image"]
     processor = Gemma3Processor(
-        image_processor=image_processor, tokenizer=small.tokenizer, chat_template=tiny.CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=small.tokenizer,
+        chat_template=tiny.CHAT_TEMPLATE,
         image_seq_length=tokens,
     )
     tok = processor.tokenizer
@@ -173,9 +236,15 @@ def _full_size_gemma(spec: FullSize):
     pad, bos, eos = tid(tiny.PAD), tid(tiny.BOS), [tid(tiny.EOS), tid(tiny.END_OF_TURN)]
     config = Gemma3Config(
         text_config=dict(spec.text, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos),
-        vision_config=spec.vision, mm_tokens_per_image=tokens,
-        boi_token_index=tid(tiny.BOI), eoi_token_index=tid(tiny.EOI), image_token_index=tid(tiny.IMAGE_SOFT),
-        pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=True,
+        vision_config=spec.vision,
+        mm_tokens_per_image=tokens,
+        boi_token_index=tid(tiny.BOI),
+        eoi_token_index=tid(tiny.EOI),
+        image_token_index=tid(tiny.IMAGE_SOFT),
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
     )
     return Gemma3ForConditionalGeneration, config, processor
 
@@ -196,7 +265,9 @@ def _full_size_phi4(spec: FullSize):
         rope_parameters=_phi4_rope(rotary_dim, spec.extra["rope_theta"], spec.extra["partial_rotary_factor"]),
         vision_config=dict(spec.vision, image_token_id=tid(tiny.IMAGE)),
         audio_config=dict(audio_token_id=tid(tiny.AUDIO)),
-        bos_token_id=eot, eos_token_id=[eot, end], pad_token_id=eot,
+        bos_token_id=eot,
+        eos_token_id=[eot, end],
+        pad_token_id=eot,
     )
     return Phi4MultimodalForCausalLM, config, processor
 
@@ -405,11 +476,23 @@ def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, t
     if failed:
         raise RuntimeError(f"the engine failed {len(failed)} samples, first: {failed[0]}")
     breakdown = dict(
-        preprocess=timings.prepare, preprocess_wait=timings.wait, prefill=timings.prefill,
-        decode=timings.decode, write=end - extracted,
+        preprocess=timings.prepare,
+        preprocess_wait=timings.wait,
+        prefill=timings.prefill,
+        decode=timings.decode,
+        write=end - extracted,
     )
-    return Run(method, batch_size, end - start, len(questions), timings.prompt_tokens, timings.padded_tokens,
-               vision.count, peak_memory_mb(device), breakdown)
+    return Run(
+        method,
+        batch_size,
+        end - start,
+        len(questions),
+        timings.prompt_tokens,
+        timings.padded_tokens,
+        vision.count,
+        peak_memory_mb(device),
+        breakdown,
+    )
 
 
 def run_halp_loop(loaded, questions, images_dir, new_tokens, tower) -> Run:
@@ -435,7 +518,13 @@ def run_halp_loop(loaded, questions, images_dir, new_tokens, tower) -> Run:
             answer = adapter.generate(loaded, batch, new_tokens, new_tokens)[0]
             vision.active = False
             t2 = time.perf_counter()
-            kept.append((answer, _hooked_forward(adapter, loaded, batch, layers), adapter.vision_features(model, batch.inputs).float().mean(0).cpu()))
+            kept.append(
+                (
+                    answer,
+                    _hooked_forward(adapter, loaded, batch, layers),
+                    adapter.vision_features(model, batch.inputs).float().mean(0).cpu(),
+                )
+            )
             _sync(device)
             t3 = time.perf_counter()
             prefill_end = clock.prefill_end or t2
@@ -444,8 +533,17 @@ def run_halp_loop(loaded, questions, images_dir, new_tokens, tower) -> Run:
             times["decode"] += t2 - prefill_end
             prompt_tokens += int(batch.attention_mask.sum())
     seconds = time.perf_counter() - start
-    return Run("halp_loop", 1, seconds, len(questions), prompt_tokens, prompt_tokens, vision.count,
-               peak_memory_mb(device), times)
+    return Run(
+        "halp_loop",
+        1,
+        seconds,
+        len(questions),
+        prompt_tokens,
+        prompt_tokens,
+        vision.count,
+        peak_memory_mb(device),
+        times,
+    )
 
 
 def _hooked_forward(adapter, loaded, batch, layers) -> dict:
@@ -513,7 +611,9 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # warm-up (untimed): first calls allocate, pick kernels, fill caches
-    run_engine(loaded, questions[: max(args.batch_sizes)], images_dir, max(args.batch_sizes), args.new_tokens, out_dir, tower)
+    run_engine(
+        loaded, questions[: max(args.batch_sizes)], images_dir, max(args.batch_sizes), args.new_tokens, out_dir, tower
+    )
     run_halp_loop(loaded, questions[:1], images_dir, args.new_tokens, tower)
 
     runs: dict[tuple, list[Run]] = {}
@@ -536,10 +636,16 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
         r["family"], r["model"] = family, model_name
         r["speedup_vs_halp_loop"] = r["samples_per_s"] / loop["samples_per_s"]
         # the engine's own ratio to its generating path, at the same batch size and on the same inputs
-        r["speedup_vs_engine"] = r["samples_per_s"] / generating[r["batch_size"]] if r["method"] != "halp_loop" else None
+        r["speedup_vs_engine"] = (
+            r["samples_per_s"] / generating[r["batch_size"]] if r["method"] != "halp_loop" else None
+        )
     return dict(
-        family=family, model=model_name, lm_params=lm_params, vision_params=vision_params,
-        attn_implementation=loaded.attn_implementation, results=results,
+        family=family,
+        model=model_name,
+        lm_params=lm_params,
+        vision_params=vision_params,
+        attn_implementation=loaded.attn_implementation,
+        results=results,
     )
 
 
@@ -584,16 +690,21 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
     return dict(
         machine=dict(
-            platform=platform.platform(), processor=platform.processor() or platform.machine(),
-            cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+            platform=platform.platform(),
+            processor=platform.processor() or platform.machine(),
+            cpu_count=os.cpu_count(),
+            torch_threads=torch.get_num_threads(),
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         ),
         versions=dict(
-            torch=str(torch.__version__), transformers=transformers.__version__,
-            python=platform.python_version(), vlmstates=__version__,
+            torch=str(torch.__version__),
+            transformers=transformers.__version__,
+            python=platform.python_version(),
+            vlmstates=__version__,
             cuda=torch.version.cuda if device.type == "cuda" else None,
         ),
-        device=str(device), dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
     )
 
 
@@ -603,13 +714,23 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    p.add_argument("--models", choices=("tiny", "full"), default="tiny",
-                   help="tiny checkpoints, or full-size architectures with random weights (FULL_SIZE)")
+    p.add_argument(
+        "--models",
+        choices=("tiny", "full"),
+        default="tiny",
+        help="tiny checkpoints, or full-size architectures with random weights (FULL_SIZE)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                   help="auto: bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="auto: bfloat16 on CUDA, float32 elsewhere",
+    )
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--halp-samples", type=int, default=None, help="samples for the HALP-style loop (default: all)")
@@ -618,7 +739,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for the roofline share")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None, help="for checkpoints, images and outputs (default: a temporary folder)")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="for checkpoints, images and outputs (default: a temporary folder)"
+    )
     p.add_argument("--json", type=Path, default=Path("benchmark.json"))
     return p.parse_args(argv)
 

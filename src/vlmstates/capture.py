@@ -8,8 +8,8 @@ Only the needed positions are copied off the hidden states, never whole sequence
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -1,18 +1,18 @@
 """Command line: each step of the workflow, for users who run one by hand.
 
-  vlmstates validate CSV IMAGES      check and normalise a VQA table
-  vlmstates extract-shard ...        one extraction job (what the workflow runs)
-  vlmstates merge --table T ...      merge shards into one embeddings file
-  vlmstates inspect FILE             print structure and summary of an embeddings file (either layout)
-  vlmstates export FILE OUT_DIR      write an embeddings file in the seed scripts' per-question layout
-  vlmstates extract --vqa-dataset ...  the workflow's steps for one model, with the seed scripts' flags
-  vlmstates predict --model M ...    answer one image (vqa, caption or ocr)
-  vlmstates label FILE ...           hallucination labels of a model's answers (halp, yesno, exact, file)
-  vlmstates probe FILE LABELS ...    probes per representation and layer: AUROC with intervals and a control
-  vlmstates probe-summary ...        every model's best probes beside the HALP paper's published AUROCs
-  vlmstates score PROBES ...         hallucination risk per question from a saved probe (no answer generated)
-  vlmstates demo OUT                 generate the bundled demo VQA set
-  vlmstates tiny FAMILY OUT          build a tiny random checkpoint of a real architecture
+vlmstates validate CSV IMAGES      check and normalise a VQA table
+vlmstates extract-shard ...        one extraction job (what the workflow runs)
+vlmstates merge --table T ...      merge shards into one embeddings file
+vlmstates inspect FILE             print structure and summary of an embeddings file (either layout)
+vlmstates export FILE OUT_DIR      write an embeddings file in the seed scripts' per-question layout
+vlmstates extract --vqa-dataset ...  the workflow's steps for one model, with the seed scripts' flags
+vlmstates predict --model M ...    answer one image (vqa, caption or ocr)
+vlmstates label FILE ...           hallucination labels of a model's answers (halp, yesno, exact, file)
+vlmstates probe FILE LABELS ...    probes per representation and layer: AUROC with intervals and a control
+vlmstates probe-summary ...        every model's best probes beside the HALP paper's published AUROCs
+vlmstates score PROBES ...         hallucination risk per question from a saved probe (no answer generated)
+vlmstates demo OUT                 generate the bundled demo VQA set
+vlmstates tiny FAMILY OUT          build a tiny random checkpoint of a real architecture
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def _predict(args) -> None:
 
 def _label(args) -> None:
     out = Path(args.output) if args.output else Path(args.embeddings).with_name("labels.csv")
-    summary = labels.label_embeddings(args.embeddings, out, args.method, args.labels_file, args.summary, args.ignore_unknown)
+    summary = labels.label_embeddings(
+        args.embeddings, out, args.method, args.labels_file, args.summary, args.ignore_unknown
+    )
     rate = summary["positive_rate"]
     print(
         f"{out}: {summary['n_judged']} of {summary['n_total']} judged by {args.method}, "
@@ -212,11 +214,15 @@ def _score(args) -> None:
     from .scoring import extract_for_probe, score_embeddings, sidecar_path
 
     if (args.embeddings is None) == (args.dataset is None):
-        raise probe_settings.ProbeError("give an embeddings file or --dataset CSV (with --images and --model), not both")
+        raise probe_settings.ProbeError(
+            "give an embeddings file or --dataset CSV (with --images and --model), not both"
+        )
     embeddings = args.embeddings
     if args.dataset:
         if not (args.images and args.model):
-            raise probe_settings.ProbeError("--dataset needs --images DIR and --model JSON (a models entry with its name)")
+            raise probe_settings.ProbeError(
+                "--dataset needs --images DIR and --model JSON (a models entry with its name)"
+            )
         from .dataset import validate_and_write
         from .gpu_lease import lease_gpu
         from .settings import ModelSettings
@@ -254,7 +260,9 @@ def _tiny(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmstates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vlmstates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -315,11 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="results-style folder: dataset/, <model>/shards/, ...")
     p.add_argument("--model", required=True, help="hub id or local checkpoint folder")
     p.add_argument("--cache-dir", help="Hugging Face hub cache folder (sets HF_HUB_CACHE)")
-    p.add_argument("--checkpoint-interval", type=int, default=1000,
-                   help="questions per seed-layout file, and progress saved every N samples")
+    p.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=1000,
+        help="questions per seed-layout file, and progress saved every N samples",
+    )
     p.add_argument("--test", action="store_true", help="only the first 3 questions, as a quick check")
     p.add_argument(
-        "--shard-size", type=int, default=ExtractionSettings.shard_size, help="questions per shard (the workflow's default)"
+        "--shard-size",
+        type=int,
+        default=ExtractionSettings.shard_size,
+        help="questions per shard (the workflow's default)",
     )
     p.add_argument("--batch-size", type=int, help="samples per generate() call (default: the models config's)")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the models config's, 200)")
@@ -354,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="for --method file: skip (with a warning) rows of questions not in the embeddings file, "
         "e.g. ones cut by dataset.limit; without it they are an error",
     )
-    p.add_argument("-o", "--output", metavar="LABELS.csv", help="output CSV (default: labels.csv beside the embeddings)")
+    p.add_argument(
+        "-o", "--output", metavar="LABELS.csv", help="output CSV (default: labels.csv beside the embeddings)"
+    )
     p.add_argument(
         "--summary", metavar="JSON", help="summary of the labels (default: LABELS.summary.json beside the output)"
     )

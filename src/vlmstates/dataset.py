@@ -27,10 +27,10 @@ import io
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
@@ -63,7 +63,6 @@ _SEVERITIES = ("error", "warning")
 _MD_MAX_PROBLEMS = 500
 
 
-
 # --------------------------------------------------------------------------- errors
 
 
@@ -75,8 +74,7 @@ class DatasetError(VlmstatesError):
     caller can still write the reports.
     """
 
-    def __init__(self, message: str, *, problems: Iterable["Problem"] = (),
-                 result: "ValidationResult | None" = None):
+    def __init__(self, message: str, *, problems: Iterable[Problem] = (), result: ValidationResult | None = None):
         super().__init__(message)
         self.problems = list(problems)
         self.result = result
@@ -87,7 +85,7 @@ class DatasetError(VlmstatesError):
 
 @dataclass
 class Problem:
-    row: int | None          # 1-based data row number (None: the file/header as a whole)
+    row: int | None  # 1-based data row number (None: the file/header as a whole)
     question_id: str | None
     column: str | None
     kind: str
@@ -103,10 +101,10 @@ class Problem:
 class ValidationResult:
     table: pd.DataFrame
     problems: list[Problem]
-    rows_read: int          # data rows in the CSV
-    rows_validated: int     # rows looked at (first `limit` rows, or all)
-    rows_kept: int          # rows in `table`
-    rows_dropped: int       # validated rows with at least one error (not in `table`)
+    rows_read: int  # data rows in the CSV
+    rows_validated: int  # rows looked at (first `limit` rows, or all)
+    rows_kept: int  # rows in `table`
+    rows_dropped: int  # validated rows with at least one error (not in `table`)
     strict: bool
     limit: int | None = None
     csv_path: str = ""
@@ -114,7 +112,7 @@ class ValidationResult:
     columns: list[str] = field(default_factory=list)
     renamed_columns: dict[str, str] = field(default_factory=dict)
     images_checked: int = 0
-    fatal: bool = False     # the file could not be read as a dataset at all
+    fatal: bool = False  # the file could not be read as a dataset at all
 
     @property
     def errors(self) -> list[Problem]:
@@ -166,7 +164,7 @@ def _decode_csv_bytes(raw: bytes, csv_path: Path) -> str:
         line = raw.count(b"\n", 0, offset) + 1
         line_start = raw.rfind(b"\n", 0, offset) + 1
         column = offset - line_start + 1
-        bad = raw[offset:offset + max(1, min(exc.end - exc.start, 4))]
+        bad = raw[offset : offset + max(1, min(exc.end - exc.start, 4))]
         context = raw[line_start:offset].decode("utf-8", errors="replace")[-40:]
         hint = "the file is probably Latin-1/Windows-1252; re-save it as UTF-8"
         if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -200,9 +198,7 @@ def _read_csv_records(csv_path: Path) -> tuple[list[str], list[tuple[int, int, l
                 continue
             records.append((len(records) + 1, reader.line_num, fields))
     except csv.Error as exc:
-        raise DatasetError(
-            f"CSV file '{csv_path}' is malformed near line {reader.line_num}: {exc}"
-        ) from None
+        raise DatasetError(f"CSV file '{csv_path}' is malformed near line {reader.line_num}: {exc}") from None
     if header is None:
         raise DatasetError(f"CSV file '{csv_path}' is empty (no header row)")
     return header, records
@@ -216,20 +212,28 @@ def _normalise_header(header: list[str], csv_path: Path) -> tuple[list[str], dic
         name = name.strip()
         if not name:
             name = f"unnamed_{i}"
-            warnings.append(Problem(None, None, name, "unnamed_column",
-                                    f"column {i} of '{csv_path.name}' has no header name; "
-                                    f"carried through as '{name}'", "warning"))
+            warnings.append(
+                Problem(
+                    None,
+                    None,
+                    name,
+                    "unnamed_column",
+                    f"column {i} of '{csv_path.name}' has no header name; carried through as '{name}'",
+                    "warning",
+                )
+            )
         names.append(name)
     dupes = sorted(n for n, c in Counter(names).items() if c > 1)
     if dupes:
-        msg = (f"CSV file '{csv_path}' has duplicate column name(s): "
-               + ", ".join(repr(d) for d in dupes))
+        msg = f"CSV file '{csv_path}' has duplicate column name(s): " + ", ".join(repr(d) for d in dupes)
         raise DatasetError(msg, problems=[Problem(None, None, dupes[0], "duplicate_column", msg)])
     renamed: dict[str, str] = {}
     for alias, target in COLUMN_ALIASES.items():
         if alias in names and target in names:
-            msg = (f"CSV file '{csv_path}' has both column '{alias}' and column '{target}'; "
-                   f"'{alias}' is an alias of '{target}', keep only one of them")
+            msg = (
+                f"CSV file '{csv_path}' has both column '{alias}' and column '{target}'; "
+                f"'{alias}' is an alias of '{target}', keep only one of them"
+            )
             raise DatasetError(msg, problems=[Problem(None, None, alias, "conflicting_columns", msg)])
         if alias in names:
             names[names.index(alias)] = target
@@ -237,11 +241,14 @@ def _normalise_header(header: list[str], csv_path: Path) -> tuple[list[str], dic
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         found = ", ".join(repr(h.strip()) for h in header) or "(none)"
-        msg = (f"CSV file '{csv_path}' is missing required column(s) "
-               + ", ".join(repr(m) for m in missing)
-               + f"; columns found: {found}"
-               + f" (required: {', '.join(REQUIRED_COLUMNS)}; aliases: "
-               + ", ".join(f"{a} -> {t}" for a, t in COLUMN_ALIASES.items()) + ")")
+        msg = (
+            f"CSV file '{csv_path}' is missing required column(s) "
+            + ", ".join(repr(m) for m in missing)
+            + f"; columns found: {found}"
+            + f" (required: {', '.join(REQUIRED_COLUMNS)}; aliases: "
+            + ", ".join(f"{a} -> {t}" for a, t in COLUMN_ALIASES.items())
+            + ")"
+        )
         raise DatasetError(msg, problems=[Problem(None, None, m, "missing_column", msg) for m in missing])
     return names, renamed, warnings
 
@@ -268,23 +275,44 @@ def _empty_table(columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=str) for c in columns}, columns=columns)
 
 
-def _fatal(exc: DatasetError, *, csv_path: Path, images_dir: Path, strict: bool,
-           limit: int | None, columns: list[str] | None = None,
-           problems: list[Problem] | None = None) -> DatasetError:
+def _fatal(
+    exc: DatasetError,
+    *,
+    csv_path: Path,
+    images_dir: Path,
+    strict: bool,
+    limit: int | None,
+    columns: list[str] | None = None,
+    problems: list[Problem] | None = None,
+) -> DatasetError:
     probs = list(problems or []) + (exc.problems or [Problem(None, None, None, "unreadable_csv", str(exc))])
     result = ValidationResult(
-        table=_empty_table(columns or list(REQUIRED_COLUMNS)), problems=probs,
-        rows_read=0, rows_validated=0, rows_kept=0, rows_dropped=0, strict=strict,
-        limit=limit, csv_path=str(csv_path), images_dir=str(images_dir),
-        columns=columns or [], fatal=True)
+        table=_empty_table(columns or list(REQUIRED_COLUMNS)),
+        problems=probs,
+        rows_read=0,
+        rows_validated=0,
+        rows_kept=0,
+        rows_dropped=0,
+        strict=strict,
+        limit=limit,
+        csv_path=str(csv_path),
+        images_dir=str(images_dir),
+        columns=columns or [],
+        fatal=True,
+    )
     exc.problems = probs
     exc.result = result
     return exc
 
 
-def validate_dataset(csv_path: os.PathLike | str, images_dir: os.PathLike | str, *,
-                     strict: bool = True, limit: int | None = None,
-                     workers: int | None = None) -> ValidationResult:
+def validate_dataset(
+    csv_path: os.PathLike | str,
+    images_dir: os.PathLike | str,
+    *,
+    strict: bool = True,
+    limit: int | None = None,
+    workers: int | None = None,
+) -> ValidationResult:
     """Validate a VQA CSV and its images folder.
 
     Fatal problems (file unreadable or not UTF-8, malformed CSV, missing or conflicting
@@ -311,10 +339,13 @@ def validate_dataset(csv_path: os.PathLike | str, images_dir: os.PathLike | str,
     except DatasetError as exc:
         raise _fatal(exc, **ctx) from None
     if not images_dir.is_dir():
-        msg = (f"images folder '{images_dir}' "
-               + ("is not a directory" if images_dir.exists() else "does not exist"))
-        raise _fatal(DatasetError(msg, problems=[Problem(None, None, None, "images_dir_missing", msg)]),
-                     columns=names, problems=problems, **ctx) from None
+        msg = f"images folder '{images_dir}' " + ("is not a directory" if images_dir.exists() else "does not exist")
+        raise _fatal(
+            DatasetError(msg, problems=[Problem(None, None, None, "images_dir_missing", msg)]),
+            columns=names,
+            problems=problems,
+            **ctx,
+        ) from None
 
     extra = [n for n in names if n not in REQUIRED_COLUMNS]
     out_columns = list(REQUIRED_COLUMNS) + extra
@@ -336,10 +367,17 @@ def validate_dataset(csv_path: os.PathLike | str, images_dir: os.PathLike | str,
         values = dict(zip(names, fields))
         qid = values.get("question_id", "")
         if len(fields) != len(names):
-            add(Problem(rownum, qid or None, None, "malformed_row",
-                        f"{_row_label(rownum, qid)} has {len(fields)} fields but the header "
-                        f"has {len(names)} (row ends at line {end_line} of the file; "
-                        f"unbalanced quote or unquoted comma?)"))
+            add(
+                Problem(
+                    rownum,
+                    qid or None,
+                    None,
+                    "malformed_row",
+                    f"{_row_label(rownum, qid)} has {len(fields)} fields but the header "
+                    f"has {len(names)} (row ends at line {end_line} of the file; "
+                    f"unbalanced quote or unquoted comma?)",
+                )
+            )
             continue
         parsed.append((rownum, values))
         if qid.strip():
@@ -349,23 +387,33 @@ def validate_dataset(csv_path: os.PathLike | str, images_dir: os.PathLike | str,
         qid = values["question_id"]
         label = _row_label(rownum, qid)
         if not qid.strip():
-            add(Problem(rownum, None, "question_id", "empty_question_id",
-                        f"{label}: question_id is empty"))
+            add(Problem(rownum, None, "question_id", "empty_question_id", f"{label}: question_id is empty"))
         elif len(qid_rows[qid]) > 1:
             others = [r for r in qid_rows[qid] if r != rownum]
-            add(Problem(rownum, qid, "question_id", "duplicate_question_id",
-                        f"{label}: question_id '{qid}' is duplicated; also in data row(s) "
-                        + ", ".join(map(str, others))))
+            add(
+                Problem(
+                    rownum,
+                    qid,
+                    "question_id",
+                    "duplicate_question_id",
+                    f"{label}: question_id '{qid}' is duplicated; also in data row(s) " + ", ".join(map(str, others)),
+                )
+            )
         if not values["question"].strip():
-            add(Problem(rownum, qid or None, "question", "empty_question",
-                        f"{label}: question is empty"))
+            add(Problem(rownum, qid or None, "question", "empty_question", f"{label}: question is empty"))
         if not values["answer"].strip():
-            add(Problem(rownum, qid or None, "answer", "empty_answer",
-                        f"{label}: answer is empty; the row is kept but left unjudged by the labels",
-                        "warning"))
+            add(
+                Problem(
+                    rownum,
+                    qid or None,
+                    "answer",
+                    "empty_answer",
+                    f"{label}: answer is empty; the row is kept but left unjudged by the labels",
+                    "warning",
+                )
+            )
         if not values["image_id"].strip():
-            add(Problem(rownum, qid or None, "image_id", "empty_image_id",
-                        f"{label}: image_id is empty"))
+            add(Problem(rownum, qid or None, "image_id", "empty_image_id", f"{label}: image_id is empty"))
 
     # Resolve each distinct image_id once, then decode each distinct file once.
     id_result: dict[str, Path | ImagePathError] = {}
@@ -402,13 +450,18 @@ def validate_dataset(csv_path: os.PathLike | str, images_dir: os.PathLike | str,
         bad = file_check[res.resolve()]
         if bad is not None:
             kind, reason = bad
-            add(Problem(rownum, qid or None, "image_id", kind,
-                        f"{label}: image '{iid}' ({res}) cannot be used: {reason}"))
+            add(
+                Problem(
+                    rownum, qid or None, "image_id", kind, f"{label}: image '{iid}' ({res}) cannot be used: {reason}"
+                )
+            )
 
     kept = [values for rownum, values in parsed if rownum not in row_errors]
-    table = (pd.DataFrame({c: [v[c] for v in kept] for c in out_columns},
-                          columns=out_columns, dtype=str)
-             if kept else _empty_table(out_columns))
+    table = (
+        pd.DataFrame({c: [v[c] for v in kept] for c in out_columns}, columns=out_columns, dtype=str)
+        if kept
+        else _empty_table(out_columns)
+    )
     all_row_problems.sort(key=lambda p: (p.row or 0, 0 if p.severity == "error" else 1))
     return ValidationResult(
         table=table.reset_index(drop=True),
@@ -489,22 +542,32 @@ def _report_markdown(result: ValidationResult) -> str:
         f"| Warnings | {c['warnings']} |",
     ]
     if result.renamed_columns:
-        lines.append("| Renamed columns | "
-                     + ", ".join(f"`{a}` → `{t}`" for a, t in result.renamed_columns.items()) + " |")
+        lines.append(
+            "| Renamed columns | " + ", ".join(f"`{a}` → `{t}`" for a, t in result.renamed_columns.items()) + " |"
+        )
     lines += ["", f"Note: {ROW_CONVENTION}.", ""]
     if result.problems:
         by_kind = Counter((p.severity, p.kind) for p in result.problems)
         lines += ["## Problems by kind", "", "| Severity | Kind | Count |", "|---|---|---|"]
         lines += [f"| {s} | {k} | {n} |" for (s, k), n in sorted(by_kind.items())]
-        lines += ["", "## Problems", "",
-                  "| Severity | Data row | question_id | Column | Kind | Message |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Problems",
+            "",
+            "| Severity | Data row | question_id | Column | Kind | Message |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in result.problems[:_MD_MAX_PROBLEMS]:
-            lines.append("| " + " | ".join(_md_cell(x) for x in (
-                p.severity, p.row, p.question_id, p.column, p.kind, p.message)) + " |")
+            lines.append(
+                "| "
+                + " | ".join(_md_cell(x) for x in (p.severity, p.row, p.question_id, p.column, p.kind, p.message))
+                + " |"
+            )
         if len(result.problems) > _MD_MAX_PROBLEMS:
-            lines += ["", f"… and {len(result.problems) - _MD_MAX_PROBLEMS} more problem(s); "
-                          "the JSON report lists them all."]
+            lines += [
+                "",
+                f"… and {len(result.problems) - _MD_MAX_PROBLEMS} more problem(s); the JSON report lists them all.",
+            ]
     else:
         lines.append("No problems found.")
     return "\n".join(lines) + "\n"
@@ -515,23 +578,29 @@ def _failure_message(result: ValidationResult, report_md_path: Path, report_json
     if result.fatal:
         head = f"dataset '{result.csv_path}' cannot be used"
     else:
-        head = (f"dataset validation failed in strict mode: {len(errors)} error(s) in "
-                f"{result.rows_dropped} of {result.rows_validated} validated row(s) of "
-                f"'{result.csv_path}'")
+        head = (
+            f"dataset validation failed in strict mode: {len(errors)} error(s) in "
+            f"{result.rows_dropped} of {result.rows_validated} validated row(s) of "
+            f"'{result.csv_path}'"
+        )
     shown = []
     for p in errors[:5]:
         shown.append(f"  - {p.kind}: {p.message}")
     more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
-    tail = (f"\nFull report: {report_md_path} (JSON: {report_json_path}). {ROW_CONVENTION[0].upper()}"
-            f"{ROW_CONVENTION[1:]}.")
+    tail = (
+        f"\nFull report: {report_md_path} (JSON: {report_json_path}). {ROW_CONVENTION[0].upper()}{ROW_CONVENTION[1:]}."
+    )
     if not result.fatal:
         tail += " Set strict mode off (lenient) to drop these rows instead."
     return head + ":\n" + "\n".join(shown) + more + tail
 
 
-def write_validation_outputs(result: ValidationResult, table_path: os.PathLike | str,
-                             report_json_path: os.PathLike | str,
-                             report_md_path: os.PathLike | str) -> None:
+def write_validation_outputs(
+    result: ValidationResult,
+    table_path: os.PathLike | str,
+    report_json_path: os.PathLike | str,
+    report_md_path: os.PathLike | str,
+) -> None:
     """Write the normalised table and the JSON and Markdown reports (each atomically).
 
     When the result is fatal, or strict with errors, only the reports are written, a
@@ -539,24 +608,30 @@ def write_validation_outputs(result: ValidationResult, table_path: os.PathLike |
     """
     table_path, report_json_path, report_md_path = map(Path, (table_path, report_json_path, report_md_path))
     report = _report_dict(result)
-    _write_atomic(report_json_path,
-                  lambda fh: fh.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
+    _write_atomic(report_json_path, lambda fh: fh.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
     _write_atomic(report_md_path, lambda fh: fh.write(_report_markdown(result)))
     if not result.ok:
         try:
             table_path.unlink()
         except FileNotFoundError:
             pass
-        raise DatasetError(_failure_message(result, report_md_path, report_json_path),
-                           problems=result.errors, result=result)
+        raise DatasetError(
+            _failure_message(result, report_md_path, report_json_path), problems=result.errors, result=result
+        )
     table = result.table.astype(str)
     _write_atomic(table_path, lambda fh: table.to_csv(fh, index=False, lineterminator="\n"))
 
 
-def validate_and_write(csv_path: os.PathLike | str, images_dir: os.PathLike | str,
-                       table_path: os.PathLike | str, report_json_path: os.PathLike | str,
-                       report_md_path: os.PathLike | str, *, strict: bool = True,
-                       limit: int | None = None) -> ValidationResult:
+def validate_and_write(
+    csv_path: os.PathLike | str,
+    images_dir: os.PathLike | str,
+    table_path: os.PathLike | str,
+    report_json_path: os.PathLike | str,
+    report_md_path: os.PathLike | str,
+    *,
+    strict: bool = True,
+    limit: int | None = None,
+) -> ValidationResult:
     """:func:`validate_dataset` + :func:`write_validation_outputs`; the reports are
     written even when the CSV cannot be read at all.  Raises :class:`DatasetError`."""
     try:
@@ -573,8 +648,7 @@ def read_validated_table(path: os.PathLike | str) -> pd.DataFrame:
     """Read a table written by :func:`write_validation_outputs` (all columns str)."""
     path = Path(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
-                         encoding="utf-8")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
     except FileNotFoundError:
         raise DatasetError(f"validated table '{path}' not found; run the validation step first") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -28,8 +28,17 @@ from PIL import Image, ImageDraw
 
 from .atomic import write_bytes_atomic
 
-__all__ = ["COLORS", "SHAPES", "Shape", "Scene", "make_scene", "render_scene",
-           "relation_holds", "stand_in_label", "write_demo_dataset"]
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "Shape",
+    "Scene",
+    "make_scene",
+    "render_scene",
+    "relation_holds",
+    "stand_in_label",
+    "write_demo_dataset",
+]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -47,14 +56,13 @@ RELATIONS: dict[str, tuple[str, str]] = {
 }
 
 
-
 @dataclass(frozen=True)
 class Shape:
-    kind: str     # circle | square | triangle
-    color: str    # key of COLORS
-    cx: int       # centre of the bounding box, pixels
+    kind: str  # circle | square | triangle
+    color: str  # key of COLORS
+    cx: int  # centre of the bounding box, pixels
     cy: int
-    r: int        # half the side of the bounding box
+    r: int  # half the side of the bounding box
 
     @property
     def name(self) -> str:
@@ -113,8 +121,7 @@ def render_scene(scene: Scene) -> Image.Image:
         elif s.kind == "square":
             draw.rectangle(box, fill=fill)
         elif s.kind == "triangle":
-            draw.polygon([(s.cx, s.cy - s.r), (s.cx - s.r, s.cy + s.r), (s.cx + s.r, s.cy + s.r)],
-                         fill=fill)
+            draw.polygon([(s.cx, s.cy - s.r), (s.cx - s.r, s.cy + s.r), (s.cx + s.r, s.cy + s.r)], fill=fill)
         else:
             raise ValueError(f"unknown shape {s.kind!r}")
     return img
@@ -185,8 +192,7 @@ def write_demo_dataset(out_dir: os.PathLike | str, n_images: int = 24, seed: int
         render_scene(scene).save(buf, format="PNG")
         write_bytes_atomic(images_dir / scene.image_id, buf.getvalue())
 
-    meta = {"seed": seed, "n_images": n_images, "colors": COLORS,
-            "scenes": [asdict(s) for s in scenes]}
+    meta = {"seed": seed, "n_images": n_images, "colors": COLORS, "scenes": [asdict(s) for s in scenes]}
     write_bytes_atomic(out_dir / "scenes.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
     qwidth = max(4, len(str(len(rows))))

@@ -13,10 +13,10 @@ import logging
 import platform
 import sys
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -26,8 +26,8 @@ from . import __version__, batching
 from .adapters import adapter_for_family, family_of_model_type
 from .adapters.base import Batch, LoadedModel
 from .capture import PrefillCapture
-from .images import ImageLoadError, load_image, resolve_image_path
 from .failpoints import failpoint
+from .images import ImageLoadError, load_image, resolve_image_path
 from .paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
 from .positions import Positions
 from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
@@ -219,7 +219,11 @@ class BatchPreparer:
         too_long = [n for n in positions.num_prompt_tokens if limit and n > limit]
         if too_long:
             raise ValueError(f"prompt of {too_long[0]} tokens exceeds the model's {limit}")
-        paper = paper_vision_positions(self.adapter.family, positions, batch.inputs) if self.settings.paper_positions else None
+        paper = (
+            paper_vision_positions(self.adapter.family, positions, batch.inputs)
+            if self.settings.paper_positions
+            else None
+        )
         if self._pin:  # page-locked, so that the copy to the GPU is asynchronous
             batch = _map_tensors(batch, torch.Tensor.pin_memory)
         return Prepared(batch, positions, paper)
@@ -254,7 +258,10 @@ class Extractor:
         self.layers = recorded_layers(self.settings, self.num_layers)
         self.image_token_id = self.adapter.image_token_id(model)
         self.capture = PrefillCapture(
-            self.adapter.decoder_blocks(model), self.layers, self.adapter.projector(model), self.adapter.block_hidden_states
+            self.adapter.decoder_blocks(model),
+            self.layers,
+            self.adapter.projector(model),
+            self.adapter.block_hidden_states,
         )
         self.progress = progress
         self.preparer = BatchPreparer(loaded, prefetch, stage_timer)
@@ -415,7 +422,9 @@ class Extractor:
             torch.cuda.empty_cache()
         if len(questions) == 1:
             q = questions[0]
-            return [SampleResult.failed(q.question_id, q.image_id, q.question, q.answer, f"{type(error).__name__}: {error}")]
+            return [
+                SampleResult.failed(q.question_id, q.image_id, q.question, q.answer, f"{type(error).__name__}: {error}")
+            ]
         half = len(questions) // 2
         return self._run_isolating_failures(questions[:half], images[:half]) + self._run_isolating_failures(
             questions[half:], images[half:]

@@ -112,8 +112,15 @@ def _extract_shards(
             log.info("shard %d is done (%s); skipped", shard, path)
         else:
             extract_shard(
-                settings, table, images_dir, shard, shard_size, path,
-                max_failed_share=ExtractionSettings.max_failed_share, save_every=save_every, get_extractor=extractor,
+                settings,
+                table,
+                images_dir,
+                shard,
+                shard_size,
+                path,
+                max_failed_share=ExtractionSettings.max_failed_share,
+                save_every=save_every,
+                get_extractor=extractor,
             )
         shards.append(path)
     return shards

@@ -26,10 +26,14 @@ def count_gpus() -> int:
 
 
 def default_lock_dir() -> Path:
-    return Path(os.environ.get("VLMSTATES_GPU_LOCK_DIR", Path(tempfile.gettempdir()) / f"vlmstates-gpu-locks-{os.getuid()}"))
+    return Path(
+        os.environ.get("VLMSTATES_GPU_LOCK_DIR", Path(tempfile.gettempdir()) / f"vlmstates-gpu-locks-{os.getuid()}")
+    )
 
 
-def lease_gpu(num_gpus: int | None = None, lock_dir: Path | None = None, env=os.environ, poll_seconds: float = 2.0) -> str | None:
+def lease_gpu(
+    num_gpus: int | None = None, lock_dir: Path | None = None, env=os.environ, poll_seconds: float = 2.0
+) -> str | None:
     """Set env["CUDA_VISIBLE_DEVICES"] to a GPU no other job holds and return it (None: no GPU here)."""
     if env.get("CUDA_VISIBLE_DEVICES") is not None:
         log.info("using CUDA_VISIBLE_DEVICES=%s as set by the scheduler or user", env["CUDA_VISIBLE_DEVICES"])

@@ -16,12 +16,17 @@ from .errors import VlmstatesError
 
 #: Lower-case file extensions (with the dot, as ``Path.suffix`` gives them).
 SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
 )
 #: PIL format names accepted for image content (MPO = multi-picture JPEG from cameras).
-SUPPORTED_IMAGE_FORMATS: frozenset[str] = frozenset(
-    {"JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF"}
-)
+SUPPORTED_IMAGE_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF"})
 
 
 class ImagePathError(VlmstatesError, ValueError):
@@ -31,8 +36,7 @@ class ImagePathError(VlmstatesError, ValueError):
     sample handle it too; validation reports it as a problem of the row (``kind``).
     """
 
-    def __init__(self, message: str, *, kind: str, image_id: str = "",
-                 path: Path | None = None):
+    def __init__(self, message: str, *, kind: str, image_id: str = "", path: Path | None = None):
         super().__init__(message)
         self.kind = kind
         self.image_id = image_id
@@ -53,8 +57,12 @@ def _split_parts(image_id: str) -> list[str]:
 
 
 def _is_absolute_id(image_id: str) -> bool:
-    return (PurePosixPath(image_id).is_absolute() or PureWindowsPath(image_id).is_absolute()
-            or image_id.startswith(("/", "\\")) or bool(PureWindowsPath(image_id).drive))
+    return (
+        PurePosixPath(image_id).is_absolute()
+        or PureWindowsPath(image_id).is_absolute()
+        or image_id.startswith(("/", "\\"))
+        or bool(PureWindowsPath(image_id).drive)
+    )
 
 
 def resolve_image_path(images_dir: os.PathLike | str, image_id: str) -> Path:
@@ -75,11 +83,16 @@ def resolve_image_path(images_dir: os.PathLike | str, image_id: str) -> Path:
     if _is_absolute_id(image_id):
         raise ImagePathError(
             f"image_id '{image_id}' is an absolute path; image ids must be relative to "
-            f"the images folder '{images_dir}'", kind="path_traversal", image_id=image_id)
+            f"the images folder '{images_dir}'",
+            kind="path_traversal",
+            image_id=image_id,
+        )
     if ".." in _split_parts(image_id):
         raise ImagePathError(
-            f"image_id '{image_id}' contains '..'; image ids must stay inside the images "
-            f"folder '{images_dir}'", kind="path_traversal", image_id=image_id)
+            f"image_id '{image_id}' contains '..'; image ids must stay inside the images folder '{images_dir}'",
+            kind="path_traversal",
+            image_id=image_id,
+        )
 
     candidate = images_dir / image_id
     if not candidate.exists() and candidate.suffix.lower() not in SUPPORTED_IMAGE_EXTENSIONS:
@@ -98,7 +111,9 @@ def resolve_image_path(images_dir: os.PathLike | str, image_id: str) -> Path:
             raise ImagePathError(
                 f"image_id '{image_id}' has no extension and matches several files in "
                 f"'{images_dir}': " + ", ".join(p.name for p in found),
-                kind="ambiguous_image", image_id=image_id)
+                kind="ambiguous_image",
+                image_id=image_id,
+            )
         if found:
             candidate = found[0]
 
@@ -106,35 +121,50 @@ def resolve_image_path(images_dir: os.PathLike | str, image_id: str) -> Path:
         if candidate.is_symlink():
             raise ImagePathError(
                 f"image '{image_id}' is a broken symbolic link in '{images_dir}'",
-                kind="missing_image", image_id=image_id, path=candidate)
+                kind="missing_image",
+                image_id=image_id,
+                path=candidate,
+            )
         raise ImagePathError(
             f"image '{image_id}' not found in images folder '{images_dir}'",
-            kind="missing_image", image_id=image_id, path=candidate)
+            kind="missing_image",
+            image_id=image_id,
+            path=candidate,
+        )
 
     try:
         root = images_dir.resolve(strict=True)
         real = candidate.resolve(strict=True)
     except (OSError, RuntimeError) as exc:  # symlink loop etc.
-        raise ImagePathError(f"cannot resolve image '{image_id}': {exc}",
-                             kind="missing_image", image_id=image_id, path=candidate) from None
+        raise ImagePathError(
+            f"cannot resolve image '{image_id}': {exc}", kind="missing_image", image_id=image_id, path=candidate
+        ) from None
     if not real.is_relative_to(root):
         raise ImagePathError(
-            f"image_id '{image_id}' resolves to '{real}', outside the images folder "
-            f"'{root}' (symbolic link?)", kind="path_traversal", image_id=image_id,
-            path=candidate)
+            f"image_id '{image_id}' resolves to '{real}', outside the images folder '{root}' (symbolic link?)",
+            kind="path_traversal",
+            image_id=image_id,
+            path=candidate,
+        )
     if real.is_dir():
         raise ImagePathError(
             f"image_id '{image_id}' names a directory, not an image file",
-            kind="not_a_file", image_id=image_id, path=candidate)
+            kind="not_a_file",
+            image_id=image_id,
+            path=candidate,
+        )
     if not real.is_file():
         raise ImagePathError(
-            f"image_id '{image_id}' is not a regular file", kind="not_a_file",
-            image_id=image_id, path=candidate)
+            f"image_id '{image_id}' is not a regular file", kind="not_a_file", image_id=image_id, path=candidate
+        )
     if candidate.suffix.lower() not in SUPPORTED_IMAGE_EXTENSIONS:
         raise ImagePathError(
             f"image '{image_id}' has unsupported extension '{candidate.suffix or '(none)'}'; "
             f"supported: {', '.join(SUPPORTED_IMAGE_EXTENSIONS)}",
-            kind="unsupported_format", image_id=image_id, path=candidate)
+            kind="unsupported_format",
+            image_id=image_id,
+            path=candidate,
+        )
     return candidate
 
 

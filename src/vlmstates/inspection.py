@@ -84,9 +84,7 @@ def describe(path: str | Path) -> str:
     )
     lines.append("vectors (over ok samples):")
     for key, v in summary["vectors"].items():
-        lines.append(
-            f"  {key:45s} dim {v['dim']:6d}  nan {v['nan']}  inf {v['inf']}  median norm {v['norm_median']}"
-        )
+        lines.append(f"  {key:45s} dim {v['dim']:6d}  nan {v['nan']}  inf {v['inf']}  median norm {v['norm_median']}")
     for failure in summary["failures"][:10]:
         lines.append(f"failed {failure['question_id']}: {failure['error']}")
     return "\n".join(lines)
@@ -141,14 +139,15 @@ _LABEL_CLASSES = (("true", "hallucinated"), ("false", "not hallucinated"), ("", 
 def example_answers(embeddings_table: pd.DataFrame, labels: pd.DataFrame | None, per_class: int = EXAMPLES_PER_CLASS):
     """A few answers of each label class (hallucinated, not, unjudged), first ones in dataset order, so that
     a reader sees what each label means for this model; without labels, the first answers."""
-    answered = embeddings_table[embeddings_table["status"] == STATUS_OK][["question_id", "question", "ground_truth_answer", "answer"]]
+    answered = embeddings_table[embeddings_table["status"] == STATUS_OK][
+        ["question_id", "question", "ground_truth_answer", "answer"]
+    ]
     if labels is None:
         return answered.head(per_class * 2).assign(label="(no labels)", decided_by="")
     verdicts = labels[["question_id", "hallucinated", "decided_by"]]
     joined = answered.merge(verdicts, on="question_id", how="left").fillna({"hallucinated": "", "decided_by": ""})
     picked = [
-        joined[joined["hallucinated"] == value].head(per_class).assign(label=label)
-        for value, label in _LABEL_CLASSES
+        joined[joined["hallucinated"] == value].head(per_class).assign(label=label) for value, label in _LABEL_CLASSES
     ]
     return pd.concat(picked).drop(columns="hallucinated")
 
@@ -168,7 +167,7 @@ def render_html(name, summary, validation=None, label_summary=None, examples=Non
     head = (
         f"<h1>{esc(name)}</h1>\n"
         f'<p class="note">checkpoint {esc(summary["attributes"].get("model", "?"))}, '
-        f'family {esc(summary["attributes"].get("family", "?"))}; file {esc(summary["file"])}</p>\n'
+        f"family {esc(summary['attributes'].get('family', '?'))}; file {esc(summary['file'])}</p>\n"
     )
     return page(f"{name}: inspection", head + "\n".join(s for s in sections if s))
 
@@ -186,8 +185,12 @@ def _section_embeddings(summary: dict) -> str:
     ]
     return (
         f'<h2>Embeddings</h2><p><span class="{state}">{summary["samples"]} samples: {summary["ok"]} ok, '
-        f'{summary["failed"]} failed</span>.</p>'
-        + (table(["tokens", "min", "median", "max"], tokens, digits=1) if tokens else "<p>Token counts not recorded.</p>")
+        f"{summary['failed']} failed</span>.</p>"
+        + (
+            table(["tokens", "min", "median", "max"], tokens, digits=1)
+            if tokens
+            else "<p>Token counts not recorded.</p>"
+        )
         + "<p>Vectors over the successful samples:</p>"
         + table(["dataset", "dim", "NaN", "Inf", "median norm", "5th pct", "95th pct"], vectors)
         + (
@@ -275,7 +278,9 @@ def _section_examples(examples: pd.DataFrame | None) -> str:
 
 def _section_details(summary: dict) -> str:
     # as text: a number among names and lists reads better aligned with them than right-aligned
-    return "<h2>Attributes</h2>" + table(["attribute", "value"], ((k, str(v)) for k, v in summary["attributes"].items()))
+    return "<h2>Attributes</h2>" + table(
+        ["attribute", "value"], ((k, str(v)) for k, v in summary["attributes"].items())
+    )
 
 
 # ---------------------------------------------------------------------------------------------

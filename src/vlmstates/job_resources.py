@@ -92,4 +92,6 @@ def vectors_per_question(num_layers: int, multimodal: bool, paper_positions: boo
 def hidden_size_of(checkpoint_config: dict) -> int:
     """The decoder's width, from the top level or the text sub-config; 4096 when neither says."""
     text = checkpoint_config.get("text_config") or {}
-    return int(text.get("hidden_size") or checkpoint_config.get("hidden_size") or checkpoint_config.get("d_model") or 4096)
+    return int(
+        text.get("hidden_size") or checkpoint_config.get("hidden_size") or checkpoint_config.get("d_model") or 4096
+    )

@@ -280,16 +280,15 @@ def read_labels_file(path: str | Path, known_question_ids, ignore_unknown: bool 
     if unknown:
         log.warning(
             "labels file %s: %d rows name questions not in the embeddings file, ignored (first: %s)",
-            path, len(unknown), ", ".join(unknown[:3]),
+            path,
+            len(unknown),
+            ", ".join(unknown[:3]),
         )
     return labels
 
 
 # ---------------------------------------------------------------------------------------------
 # Whole files
-
-
-
 
 
 def summary_path(out_csv: str | Path) -> Path:

@@ -13,7 +13,8 @@ No torch here: Snakemake reads PAPER_VISION_RULES' families when it checks the c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .settings import ConfigError, ModelSettings
 

@@ -43,7 +43,13 @@ METRICS_PAGE_COLUMNS = (
 
 
 # one colour per representation in every plot, this module's and the summary's
-REPRESENTATION_COLOURS = {"VF": "tab:gray", "VT": "tab:blue", "VT_paper": "tab:purple", "QT": "tab:red", "MM": "tab:green"}
+REPRESENTATION_COLOURS = {
+    "VF": "tab:gray",
+    "VT": "tab:blue",
+    "VT_paper": "tab:purple",
+    "QT": "tab:red",
+    "MM": "tab:green",
+}
 
 
 def write_table_html(frame: pd.DataFrame, path, title: str, note: str = "", first=()) -> None:
@@ -133,7 +139,9 @@ def by_layer_figure(metrics: pd.DataFrame, title: str = ""):
             if rows.empty:
                 continue
             layer = rows["layer"].astype(float).to_numpy()
-            ax.plot(layer, rows["auroc"].astype(float), marker="o", ms=3, color=REPRESENTATION_COLOURS[code], label=code)
+            ax.plot(
+                layer, rows["auroc"].astype(float), marker="o", ms=3, color=REPRESENTATION_COLOURS[code], label=code
+            )
             ax.fill_between(
                 layer,
                 rows["auroc_ci_low"].astype(float),
@@ -151,7 +159,9 @@ def by_layer_figure(metrics: pd.DataFrame, title: str = ""):
             )
         vf = subset[subset["representation"] == "VF"]
         if not vf.empty and np.isfinite(float(vf["auroc"].iloc[0])):
-            ax.axhline(float(vf["auroc"].iloc[0]), color=REPRESENTATION_COLOURS["VF"], ls="--", label="VF (vision-only)")
+            ax.axhline(
+                float(vf["auroc"].iloc[0]), color=REPRESENTATION_COLOURS["VF"], ls="--", label="VF (vision-only)"
+            )
         ax.axhline(0.5, color="black", lw=0.8)
         ax.set_ylim(-0.02, 1.02)  # so that lines at exactly 0 or 1 stay visible
         ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_LAYER_TICKS, integer=True))

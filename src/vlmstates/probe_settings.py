@@ -71,7 +71,7 @@ class ProbeSettings:
     device: str = "auto"
 
     @classmethod
-    def from_mapping(cls, mapping: dict | None) -> "ProbeSettings":
+    def from_mapping(cls, mapping: dict | None) -> ProbeSettings:
         """Settings from a config mapping; unknown keys are an error, missing ones take the defaults."""
         mapping = dict(mapping or {})
         known = {f.name for f in fields(cls)}

@@ -7,9 +7,9 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -610,4 +610,6 @@ def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows
     write_atomic(out_dir / "auroc_by_layer.png", lambda p: plot_by_layer(metrics, p, title))
     note = f"checkpoint {document['model']}; {title}; labels {labels_csv}"
     page_title = f"{name}: probe metrics"
-    write_atomic(out_dir / "metrics.html", lambda p: write_table_html(metrics, p, page_title, note, METRICS_PAGE_COLUMNS))
+    write_atomic(
+        out_dir / "metrics.html", lambda p: write_table_html(metrics, p, page_title, note, METRICS_PAGE_COLUMNS)
+    )

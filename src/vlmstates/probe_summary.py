@@ -234,7 +234,9 @@ def summary_figure(summary: pd.DataFrame, citation: str = ""):
                 row = ours[(ours["model"] == model) & (ours["probe"] == probe) & (ours["representation"] == code)]
                 if len(row) and np.isfinite(float(row["auroc"].iloc[0])):
                     _our_bar(ax, x, width, row.iloc[0], REPRESENTATION_COLOURS[code])
-                ref = published[(published["model"] == paper_model) & (published["representation"] == published_code(code))]
+                ref = published[
+                    (published["model"] == paper_model) & (published["representation"] == published_code(code))
+                ]
                 if len(ref):
                     _published_mark(ax, x, width, float(ref["auroc"].iloc[0]))
         ax.axhline(0.5, color="black", lw=0.8, ls="--")

@@ -83,7 +83,9 @@ def model_steps(config: dict, results: Path, model: str) -> list[Step]:
         Step(f"probe {model}", results / model / "probes" / "metrics.csv", Path(f"logs/probe/{model}.log")),
     ]  # fmt: skip
     if config.get("export", {}).get("seed_layout"):
-        steps.append(Step(f"export_seed_layout {model}", results / model / "seed_layout", Path(f"logs/export/{model}.log")))
+        steps.append(
+            Step(f"export_seed_layout {model}", results / model / "seed_layout", Path(f"logs/export/{model}.log"))
+        )
     return steps
 
 
@@ -133,7 +135,9 @@ def never_raising(line_of, *args) -> str | None:
     try:
         return line_of(*args)
     except Exception as error:  # an unreadable file is reported, not raised, at the very end of a run
-        return f"  {' '.join(map(str, args[1:])) or 'dataset'}: could not be summarised ({type(error).__name__}: {error})"
+        return (
+            f"  {' '.join(map(str, args[1:])) or 'dataset'}: could not be summarised ({type(error).__name__}: {error})"
+        )
 
 
 def the_command(argv: list[str]) -> str:
@@ -150,7 +154,9 @@ def run_summary(config: dict, succeeded: bool, started: float = 0.0, argv: list[
     command = the_command(argv if argv is not None else sys.argv)
     if succeeded:
         # the same command line, so that the report reads the same config
-        lines.append(f"Next, the report (inspection pages, probe tables and plots in one file): {command} --report report.html")
+        lines.append(
+            f"Next, the report (inspection pages, probe tables and plots in one file): {command} --report report.html"
+        )
         return "\n".join(lines)
     try:
         failed = failed_steps(config, results, started)

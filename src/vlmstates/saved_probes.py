@@ -248,7 +248,9 @@ def choose_entry(index: dict, spec: str, where: str) -> dict:
         if (entry["representation"], entry["layer"], entry["kind"]) == (code, layer, kind):
             return entry
     known = ", ".join(
-        f"{e['representation']}/{e['kind']}" if e["layer"] is None else f"{e['representation']}/{e['layer']}/{e['kind']}"
+        f"{e['representation']}/{e['kind']}"
+        if e["layer"] is None
+        else f"{e['representation']}/{e['layer']}/{e['kind']}"
         for e in entries
     )
     raise SavedProbeError(f"{where} has no probe {spec!r}; it has: {known} (or give `best`)")

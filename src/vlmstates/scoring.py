@@ -23,7 +23,15 @@ from .store import STATUS_OK, read_embeddings
 
 SCORES_FORMAT = "vlmstates-scores"
 SCORES_FORMAT_VERSION = 1
-SCORE_COLUMNS = ("question_id", "image_id", "question", "status", "logit", "hallucination_risk", "predicted_hallucinated")
+SCORE_COLUMNS = (
+    "question_id",
+    "image_id",
+    "question",
+    "status",
+    "logit",
+    "hallucination_risk",
+    "predicted_hallucinated",
+)
 
 
 def sidecar_path(scores_csv: str | Path) -> Path:
@@ -49,7 +57,9 @@ def probe_vectors(probe: SavedProbe, embeddings, where: str) -> np.ndarray:
     return embeddings.load(probe.key)
 
 
-def score_embeddings(probes_dir: str | Path, spec: str, embeddings_path: str | Path, out_csv: str | Path) -> pd.DataFrame:
+def score_embeddings(
+    probes_dir: str | Path, spec: str, embeddings_path: str | Path, out_csv: str | Path
+) -> pd.DataFrame:
     """Write per question the probe's logit, hallucination risk and predicted label (CSV) and the sidecar
     (sidecar_path); failed rows keep their row with empty scores. Returns the table."""
     probes_dir = Path(probes_dir)

@@ -249,8 +249,12 @@ def read_seed_layout(path: str | Path) -> SeedEmbeddings:
         table[column] = np.full(len(table), -1, dtype=np.int64)
     dims = _vector_dims(parts, locations)
     return SeedEmbeddings(
-        path=path, table=table, attrs=_merged_attrs(part_attrs, parts, dims), vector_dims=dims,
-        parts=parts, locations=locations,
+        path=path,
+        table=table,
+        attrs=_merged_attrs(part_attrs, parts, dims),
+        vector_dims=dims,
+        parts=parts,
+        locations=locations,
     )
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .errors import VlmstatesError
 
-
 #: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.batching.AUTO_BATCH_START).
 AUTO_BATCH_SIZE = "auto"
 #: `layers: all`: every decoder block.
@@ -70,7 +69,7 @@ class ModelSettings:
     generation: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, name: str, entry: dict) -> "ModelSettings":
+    def from_config(cls, name: str, entry: dict) -> ModelSettings:
         known = {f.name for f in fields(cls)} - {"name"}
         unknown = sorted(set(entry) - known)
         if unknown:
@@ -80,7 +79,9 @@ class ModelSettings:
         values = dict(entry)
         layers = values.get("layers")
         if isinstance(layers, str) and layers != ALL_LAYERS:
-            raise ConfigError(f"models.{name}.layers must be a list of decoder blocks, {ALL_LAYERS} or null, not {layers!r}")
+            raise ConfigError(
+                f"models.{name}.layers must be a list of decoder blocks, {ALL_LAYERS} or null, not {layers!r}"
+            )
         if layers is not None and layers != ALL_LAYERS:
             values["layers"] = tuple(int(k) for k in layers)
         size = values.get("batch_size", cls.batch_size)

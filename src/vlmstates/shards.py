@@ -23,9 +23,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -53,7 +53,9 @@ def count_shards(num_rows: int, shard_size: int) -> int:
 
 def shard_rows(table: pd.DataFrame, shard: int, shard_size: int) -> pd.DataFrame:
     if not 0 <= shard < count_shards(len(table), shard_size):
-        raise ValueError(f"shard {shard} does not exist: {len(table)} rows make {count_shards(len(table), shard_size)} shards")
+        raise ValueError(
+            f"shard {shard} does not exist: {len(table)} rows make {count_shards(len(table), shard_size)} shards"
+        )
     return table.iloc[shard * shard_size : (shard + 1) * shard_size]
 
 
@@ -95,7 +97,9 @@ class Progress:
     """Finished samples of one shard, saved as numbered part files (each written atomically); each save
     logs a line with the count, the rate of this run and the time left."""
 
-    def __init__(self, folder: Path, identity: dict, vector_dims: dict[str, int], save_every: int, label: str, total: int):
+    def __init__(
+        self, folder: Path, identity: dict, vector_dims: dict[str, int], save_every: int, label: str, total: int
+    ):
         self.folder, self.identity, self.vector_dims, self.save_every = Path(folder), identity, vector_dims, save_every
         self.label, self.total = label, total
         self._unsaved: list[SampleResult] = []
@@ -111,7 +115,9 @@ class Progress:
         for part in parts:
             different = _differences(read_embeddings(part).attrs, self.identity)
             if different:
-                log.warning("progress in %s was written with different %s; starting the shard over", self.folder, different)
+                log.warning(
+                    "progress in %s was written with different %s; starting the shard over", self.folder, different
+                )
                 self.clear()
                 return {}
             finished.update((r.question_id, r) for r in read_results(part))
@@ -145,7 +151,10 @@ class Progress:
             self.flush()
         log.warning(
             "%s: interrupted; %d/%d samples are saved in %s, and running the shard again continues from there",
-            self.label, len(self._saved), self.total, self.folder,
+            self.label,
+            len(self._saved),
+            self.total,
+            self.folder,
         )
 
     def status(self) -> str:
@@ -189,8 +198,10 @@ def interrupts_deferred():
         yield
         return
     pending: list[int] = []
-    previous = {signum: signal.signal(signum, lambda received, frame: pending.append(received))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        signum: signal.signal(signum, lambda received, frame: pending.append(received))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -215,8 +226,11 @@ def recover_finished(folder: Path, identity: dict, out_path: str | Path) -> bool
         finished.unlink()
         return False
     place_shard(finished, out_path)
-    log.info("shard %d was finished before and its output removed since; put back from %s, nothing recomputed",
-             identity["shard"], finished)
+    log.info(
+        "shard %d was finished before and its output removed since; put back from %s, nothing recomputed",
+        identity["shard"],
+        finished,
+    )
     return True
 
 
@@ -258,8 +272,15 @@ def extract_shard(
     extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt)
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
-        settings.model, extractor.adapter.family, extractor.loaded.device, extractor.loaded.dtype,
-        extractor.loaded.attn_implementation, list(extractor.layers), extractor.batch_size, shard, len(questions),
+        settings.model,
+        extractor.adapter.family,
+        extractor.loaded.device,
+        extractor.loaded.dtype,
+        extractor.loaded.attn_implementation,
+        list(extractor.layers),
+        extractor.batch_size,
+        shard,
+        len(questions),
     )
     attrs = extractor.attributes() | identity
     progress = Progress(folder, attrs, extractor.vector_dims(), save_every, f"shard {shard:04d}", len(questions))

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -133,7 +133,7 @@ class SampleResult:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def failed(cls, question_id, image_id, question, ground_truth_answer, error: str) -> "SampleResult":
+    def failed(cls, question_id, image_id, question, ground_truth_answer, error: str) -> SampleResult:
         return cls(question_id, image_id, question, ground_truth_answer, status=STATUS_FAILED, error=error)
 
 
@@ -298,7 +298,8 @@ def merge_shards(shard_paths: Sequence[str | Path], expected_question_ids: Seque
             out.create_dataset(column, data=np.concatenate([s.table[column].to_numpy(np.int64) for s in shards]))
         if reference.attrs.get(PAPER_POSITIONS_ATTR):
             out.create_dataset(
-                PAPER_VISION_POSITION, data=np.concatenate([s.table[PAPER_VISION_POSITION].to_numpy(np.int64) for s in shards])
+                PAPER_VISION_POSITION,
+                data=np.concatenate([s.table[PAPER_VISION_POSITION].to_numpy(np.int64) for s in shards]),
             )
         for key in reference.representation_keys():
             out.create_dataset(key, data=np.concatenate([s.load(key) for s in shards]))

@@ -101,8 +101,7 @@ def build_standin_checkpoint(out_dir: str | Path, seed: int = 0, layout: str = "
     """
     from safetensors.torch import save_file
 
-    from . import configuration_molmo
-    from . import modeling_molmo
+    from . import configuration_molmo, modeling_molmo
     from .modeling_molmo import VISION
 
     config_class, model_class, text_config = LAYOUTS[layout]
@@ -115,7 +114,10 @@ def build_standin_checkpoint(out_dir: str | Path, seed: int = 0, layout: str = "
     vocab_size = _write_tokenizer(out_dir)
     config_values = dict(text_config, vocab_size=vocab_size, embedding_size=vocab_size + 8)
     if layout == "molmoe":  # MolmoE states its vision settings (the projector's input width among them)
-        config_values["vision_backbone"] = {"image_emb_dim": VISION.image_emb_dim, "image_num_layers": VISION.image_num_layers}
+        config_values["vision_backbone"] = {
+            "image_emb_dim": VISION.image_emb_dim,
+            "image_num_layers": VISION.image_num_layers,
+        }
     torch.manual_seed(seed)
     model = getattr(modeling_molmo, model_class)(getattr(configuration_molmo, config_class)(**config_values))
     with torch.no_grad():  # weights large enough that every block, norm and pad embedding matters

@@ -21,14 +21,38 @@ from vlmstates.settings import ModelSettings
 
 from . import build_standin_checkpoint
 
-ARGS = ["--device", "cpu", "--dtype", "float32", "--batch-sizes", "1", "4", "--samples", "16", "--new-tokens", "8",
-        "--repeats", "3", "--image-sizes", "160x120", "120x160", "100x100", "200x200"]
+ARGS = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--batch-sizes",
+    "1",
+    "4",
+    "--samples",
+    "16",
+    "--new-tokens",
+    "8",
+    "--repeats",
+    "3",
+    "--image-sizes",
+    "160x120",
+    "120x160",
+    "100x100",
+    "200x200",
+]
 
 
 def load_standin(family, args, device, dtype, checkpoints: Path):
     path = build_standin_checkpoint(checkpoints / f"{family}_standin", layout=family)
-    settings = ModelSettings(name=family, model=str(path), trust_remote_code=True, max_new_tokens=args.new_tokens,
-                             device=str(device), dtype="float32")
+    settings = ModelSettings(
+        name=family,
+        model=str(path),
+        trust_remote_code=True,
+        max_new_tokens=args.new_tokens,
+        device=str(device),
+        dtype="float32",
+    )
     return load_model(settings), f"stand-in {family}"
 
 
@@ -37,7 +61,10 @@ def main() -> None:
     args = benchmark.parse_args(ARGS)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
-        families = [benchmark.benchmark_family(f, args, torch.device("cpu"), torch.float32, Path(folder)) for f in ("molmo", "molmoe")]
+        families = [
+            benchmark.benchmark_family(f, args, torch.device("cpu"), torch.float32, Path(folder))
+            for f in ("molmo", "molmoe")
+        ]
     print(benchmark.format_table([r for family in families for r in family["results"]]))
 
 

@@ -96,16 +96,32 @@ def text_dims(config) -> TextDims:
     if hasattr(config, "d_model"):  # MolmoE: OLMo-style keys
         moe = config.block_type == "moe"
         return TextDims(
-            config.d_model, config.n_layers, config.n_heads, config.n_kv_heads or config.n_heads,
-            config.mlp_hidden_size, config.moe_num_experts if moe else 0, config.moe_top_k if moe else 0,
-            config.layer_norm_eps, config.rope_theta, config.include_bias,
-            config.embedding_size or config.vocab_size, config.init_std,
+            config.d_model,
+            config.n_layers,
+            config.n_heads,
+            config.n_kv_heads or config.n_heads,
+            config.mlp_hidden_size,
+            config.moe_num_experts if moe else 0,
+            config.moe_top_k if moe else 0,
+            config.layer_norm_eps,
+            config.rope_theta,
+            config.include_bias,
+            config.embedding_size or config.vocab_size,
+            config.init_std,
         )
     return TextDims(
-        config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-        config.num_key_value_heads or config.num_attention_heads, config.intermediate_size, 0, 0,
-        config.layer_norm_eps, config.rope_theta, config.qkv_bias,
-        config.embedding_size or config.vocab_size, config.initializer_range,
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads or config.num_attention_heads,
+        config.intermediate_size,
+        0,
+        0,
+        config.layer_norm_eps,
+        config.rope_theta,
+        config.qkv_bias,
+        config.embedding_size or config.vocab_size,
+        config.initializer_range,
     )
 
 
@@ -371,7 +387,9 @@ class Molmo(nn.Module):
         features, _ = self.vision_backbone(images, image_masks)
         crops, tokens = features.shape[1:3]
         if image_input_idx.shape != (batch, crops, tokens):
-            raise ValueError(f"image_input_idx has shape {tuple(image_input_idx.shape)}, expected {(batch, crops, tokens)}")
+            raise ValueError(
+                f"image_input_idx has shape {tuple(image_input_idx.shape)}, expected {(batch, crops, tokens)}"
+            )
         features = features.reshape(batch, crops * tokens, -1)
         index = image_input_idx.reshape(batch, crops * tokens).long()
         valid = index >= 0

@@ -84,7 +84,9 @@ class MolmoProcessor(ProcessorMixin):
     def _patchify(self, pixels: np.ndarray, coverage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = self.patch_size
         h, w = coverage.shape
-        patches = pixels.reshape(h // p, p, w // p, p, 3).transpose(0, 2, 1, 3, 4).reshape((h // p) * (w // p), p * p * 3)
+        patches = (
+            pixels.reshape(h // p, p, w // p, p, 3).transpose(0, 2, 1, 3, 4).reshape((h // p) * (w // p), p * p * 3)
+        )
         masks = coverage.reshape(h // p, p, w // p, p).mean(axis=(1, 3)).reshape(-1)
         return patches, masks
 
@@ -106,7 +108,9 @@ class MolmoProcessor(ProcessorMixin):
         pixels, coverage = self._resize_with_pad(image, rows * self.crop_size, cols * self.crop_size)
         for i in range(rows):
             for j in range(cols):
-                window = np.s_[i * self.crop_size : (i + 1) * self.crop_size, j * self.crop_size : (j + 1) * self.crop_size]
+                window = np.s_[
+                    i * self.crop_size : (i + 1) * self.crop_size, j * self.crop_size : (j + 1) * self.crop_size
+                ]
                 patches, masks = self._patchify(pixels[window], coverage[window])
                 crops_pixels.append(patches)
                 crops_masks.append(masks)

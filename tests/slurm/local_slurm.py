@@ -185,7 +185,9 @@ class LocalSlurm:
         while time.monotonic() < deadline:
             for name, process in self.processes.items():
                 if process.poll() is not None:
-                    raise SlurmStartError(f"{name} exited with {process.returncode} while waiting for {what}\n{self.logs()}")
+                    raise SlurmStartError(
+                        f"{name} exited with {process.returncode} while waiting for {what}\n{self.logs()}"
+                    )
             if check():
                 return
             time.sleep(0.3)
@@ -194,7 +196,7 @@ class LocalSlurm:
     def _run(self, *argv: str, timeout: float = 20) -> subprocess.CompletedProcess:
         return subprocess.run(argv, capture_output=True, text=True, env=self.env(), timeout=timeout)
 
-    def start(self, timeout: float = 90) -> "LocalSlurm":
+    def start(self, timeout: float = 90) -> LocalSlurm:
         """Write the configuration, start munged, slurmctld and slurmd, and wait until the node is idle.
 
         On failure, whatever was started is stopped again before the error is raised."""
@@ -207,7 +209,7 @@ class LocalSlurm:
             self.stop()
             raise
 
-    def _start(self, timeout: float) -> "LocalSlurm":
+    def _start(self, timeout: float) -> LocalSlurm:
         self.write_config()
         self._link_default_conf()
         key = self.root / "munge" / "munge.key"
@@ -216,9 +218,13 @@ class LocalSlurm:
         self._spawn(
             "munged",
             [
-                _which("munged"), "--foreground", "--force",
-                f"--socket={self.munge_socket}", f"--key-file={key}",
-                f"--pid-file={self.root / 'run' / 'munged.pid'}", f"--log-file={self.log('munged')}",
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self.root / 'run' / 'munged.pid'}",
+                f"--log-file={self.log('munged')}",
                 f"--seed-file={self.root / 'munge' / 'munged.seed'}",
             ],
         )

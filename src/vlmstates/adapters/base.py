@@ -25,7 +25,7 @@ from .processors import load_processor
 class LoadedModel:
     model: torch.nn.Module
     processor: object
-    adapter: "Adapter"
+    adapter: Adapter
     settings: ModelSettings
     device: torch.device
     dtype: torch.dtype
@@ -52,10 +52,29 @@ class Adapter:
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("family", "projector")
     OPTIONAL: ClassVar[tuple[str, ...]] = (
-        "max_batch_size", "legacy_image_processors", "semantics", "load", "load_processor", "prepare_model", "chat_prompt",
-        "processor_images", "build_batch", "batch_group", "image_token_estimate", "find_positions",
-        "image_token_id", "decoder_blocks", "block_hidden_states", "final_norm", "pool_projector_input", "hidden_size",
-        "vision_hidden_size", "max_prompt_tokens", "answer_generation_config", "effective_generation", "generate",
+        "max_batch_size",
+        "legacy_image_processors",
+        "semantics",
+        "load",
+        "load_processor",
+        "prepare_model",
+        "chat_prompt",
+        "processor_images",
+        "build_batch",
+        "batch_group",
+        "image_token_estimate",
+        "find_positions",
+        "image_token_id",
+        "decoder_blocks",
+        "block_hidden_states",
+        "final_norm",
+        "pool_projector_input",
+        "hidden_size",
+        "vision_hidden_size",
+        "max_prompt_tokens",
+        "answer_generation_config",
+        "effective_generation",
+        "generate",
     )
     BENCHMARK_ONLY: ClassVar[tuple[str, ...]] = ("vision_tower", "vision_features")
 
@@ -85,7 +104,11 @@ class Adapter:
     def load_processor(self, settings: ModelSettings, revision: str | None):
         """The checkpoint's processor (legacy image-processor names mapped), left-padding its tokenizer."""
         processor = load_processor(
-            settings.model, revision, settings.trust_remote_code, self.legacy_image_processors, f"models.{settings.name}"
+            settings.model,
+            revision,
+            settings.trust_remote_code,
+            self.legacy_image_processors,
+            f"models.{settings.name}",
         )
         processor.tokenizer.padding_side = "left"
         return processor
@@ -215,8 +238,15 @@ class Adapter:
 SAMPLING_ONLY_FIELDS = ("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
 #: Fields that decide a greedy answer, recorded even where nobody set them (with transformers' default).
 GREEDY_FIELDS = (
-    "do_sample", "num_beams", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "min_new_tokens",
-    "bos_token_id", "eos_token_id", "pad_token_id",
+    "do_sample",
+    "num_beams",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "max_new_tokens",
+    "min_new_tokens",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
 )
 
 

@@ -55,7 +55,9 @@ def _rows_by_tile_counts(loaded: LoadedModel, inputs: dict) -> list[int]:
     crop = loaded.model.config.vision_config.image_size
     counts = []
     for height, width in inputs["image_sizes"].tolist():
-        best_height, best_width = select_best_resolution((int(height), int(width)), image_processor.image_grid_pinpoints)
+        best_height, best_width = select_best_resolution(
+            (int(height), int(width)), image_processor.image_grid_pinpoints
+        )
         counts.append(1 + (best_height // crop) * (best_width // crop))
     if max(counts) > inputs["pixel_values"].shape[1]:
         raise RuntimeError(f"tile counts {counts} exceed the processor's {inputs['pixel_values'].shape[1]} tiles")
@@ -180,7 +182,10 @@ class EntryAdapter(Adapter):
         rows = ROW_COUNTS[self.entry.pooling](loaded, batch.inputs)
         select = ROW_SELECTIONS.get(self.entry.pooling)
         return PooledBatch(
-            batch.inputs, batch.input_ids, batch.attention_mask, projector_rows=rows,
+            batch.inputs,
+            batch.input_ids,
+            batch.attention_mask,
+            projector_rows=rows,
             projector_select=select(loaded, batch.inputs) if select is not None else None,
         )
 
@@ -217,7 +222,9 @@ class EntryAdapter(Adapter):
         select = getattr(batch, "projector_select", None)
         if select is not None:
             if tuple(select.shape) != tuple(projector_input.shape[: select.dim()]):
-                raise RuntimeError(f"the projector saw {tuple(projector_input.shape)}; the row mask is {tuple(select.shape)}")
+                raise RuntimeError(
+                    f"the projector saw {tuple(projector_input.shape)}; the row mask is {tuple(select.shape)}"
+                )
             projector_input = projector_input[select.to(projector_input.device)]
         return pool_rows(projector_input, rows)
 
@@ -235,11 +242,15 @@ class EntryAdapter(Adapter):
 def entry_adapter_class(family: str) -> type[EntryAdapter]:
     entry = ENTRIES[family]
     name = "".join(part.capitalize() for part in family.split("_")) + "Adapter"
-    return type(name, (EntryAdapter,), {
-        "family": family,
-        "entry": entry,
-        "max_batch_size": entry.max_batch_size,
-        "legacy_image_processors": dict(entry.legacy_image_processors),
-        "semantics": entry.semantics,
-        "__module__": __name__,
-    })
+    return type(
+        name,
+        (EntryAdapter,),
+        {
+            "family": family,
+            "entry": entry,
+            "max_batch_size": entry.max_batch_size,
+            "legacy_image_processors": dict(entry.legacy_image_processors),
+            "semantics": entry.semantics,
+            "__module__": __name__,
+        },
+    )

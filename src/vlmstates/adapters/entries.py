@@ -13,39 +13,41 @@ This module imports neither torch nor transformers: Snakemake reads the family t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 #: How the projector's input is split into samples before each sample's mean (never over padding):
-POOLINGS = MappingProxyType({
-    # [B, patches, Dv]: one row per sample (Gemma 3, LLaVA-1.5)
-    "per_sample": "one row of [B, patches, Dv] per sample",
-    # [sum of t*h*w, Dv]: all images' patches concatenated, split by the processor's image_grid_thw (Qwen family)
-    "image_grid_thw": "rows of [sum t*h*w, Dv] split by image_grid_thw",
-    # [sum of tiles, patches, Dv]: each image's anyres tiles (base image first), split by the image processor's
-    # own tile counts for each image's size; the processor's padding tiles never reach the projector
-    "tile_counts": "rows of [sum tiles, patches, Dv] split by the image processor's tile counts",
-    # [real images, patches, Dv]: the processor pads each sample's image list with all-zero images, which the
-    # model drops; split by each sample's number of real (not all-zero) images (Idefics3, SmolVLM)
-    "real_images": "rows of [real images, patches, Dv] split by each sample's non-zero images",
-    # [sum of crops, patches, Dv]: every image's crops (tiles and the global/thumbnail one) concatenated, none
-    # padded; each sample's crop count is its image placeholders over the placeholders one crop gives, which
-    # the processor writes alike for every crop (Aya Vision, InternVL: the processors drop their own counts)
-    "crops_by_image_tokens": "rows of [sum crops, patches, Dv] split by each sample's image placeholders per crop",
-    # [sum of t*h*w / merge**2, Dv]: each image's patches already merged 2x2 (GLM-4.1V's downsample conv runs
-    # before its merger), split by image_grid_thw over the vision config's spatial_merge_size squared
-    "merged_grid_thw": "rows of [sum t*h*w / merge**2, Dv] split by image_grid_thw",
-    # [sum of (h/patch)*(w/patch), Dv]: all images' own patches concatenated (the batch's padding pixels cut off
-    # by the tower), split by the processor's image_sizes, before the spatial merge (Mistral 3 / Pixtral)
-    "image_sizes": "rows of [sum (h/patch)*(w/patch), Dv] split by image_sizes",
-    # [sum of pooled image tokens, Dv]: every crop's pooled 2x2 windows, all images concatenated, split by the
-    # processor's image_grids (low-res rows x cols + high-res rows x cols per image; Molmo2)
-    "image_grids": "rows of [sum of pooled image tokens, Dv] split by image_grids",
-    # [B, images, tiles, CLS + patches, Dv]: every image always has max_num_tiles tiles, the unused ones masked by
-    # the processor's aspect_ratio_mask; the sample's real tiles are selected, each with all its rows (Mllama)
-    "aspect_ratio_mask": "the real tiles (aspect_ratio_mask) of [B, images, tiles, patches, Dv], per sample",
-})
+POOLINGS = MappingProxyType(
+    {
+        # [B, patches, Dv]: one row per sample (Gemma 3, LLaVA-1.5)
+        "per_sample": "one row of [B, patches, Dv] per sample",
+        # [sum of t*h*w, Dv]: all images' patches concatenated, split by the processor's image_grid_thw (Qwen family)
+        "image_grid_thw": "rows of [sum t*h*w, Dv] split by image_grid_thw",
+        # [sum of tiles, patches, Dv]: each image's anyres tiles (base image first), split by the image processor's
+        # own tile counts for each image's size; the processor's padding tiles never reach the projector
+        "tile_counts": "rows of [sum tiles, patches, Dv] split by the image processor's tile counts",
+        # [real images, patches, Dv]: the processor pads each sample's image list with all-zero images, which the
+        # model drops; split by each sample's number of real (not all-zero) images (Idefics3, SmolVLM)
+        "real_images": "rows of [real images, patches, Dv] split by each sample's non-zero images",
+        # [sum of crops, patches, Dv]: every image's crops (tiles and the global/thumbnail one) concatenated, none
+        # padded; each sample's crop count is its image placeholders over the placeholders one crop gives, which
+        # the processor writes alike for every crop (Aya Vision, InternVL: the processors drop their own counts)
+        "crops_by_image_tokens": "rows of [sum crops, patches, Dv] split by each sample's image placeholders per crop",
+        # [sum of t*h*w / merge**2, Dv]: each image's patches already merged 2x2 (GLM-4.1V's downsample conv runs
+        # before its merger), split by image_grid_thw over the vision config's spatial_merge_size squared
+        "merged_grid_thw": "rows of [sum t*h*w / merge**2, Dv] split by image_grid_thw",
+        # [sum of (h/patch)*(w/patch), Dv]: all images' own patches concatenated (the batch's padding pixels cut off
+        # by the tower), split by the processor's image_sizes, before the spatial merge (Mistral 3 / Pixtral)
+        "image_sizes": "rows of [sum (h/patch)*(w/patch), Dv] split by image_sizes",
+        # [sum of pooled image tokens, Dv]: every crop's pooled 2x2 windows, all images concatenated, split by the
+        # processor's image_grids (low-res rows x cols + high-res rows x cols per image; Molmo2)
+        "image_grids": "rows of [sum of pooled image tokens, Dv] split by image_grids",
+        # [B, images, tiles, CLS + patches, Dv]: every image always has max_num_tiles tiles, the unused ones masked by
+        # the processor's aspect_ratio_mask; the sample's real tiles are selected, each with all its rows (Mllama)
+        "aspect_ratio_mask": "the real tiles (aspect_ratio_mask) of [B, images, tiles, patches, Dv], per sample",
+    }
+)
 
 
 @dataclass(frozen=True)

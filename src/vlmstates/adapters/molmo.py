@@ -82,7 +82,9 @@ def left_pad_collate(samples: list[dict], dtype: torch.dtype, device: torch.devi
     attention_mask = torch.zeros((rows, length), dtype=torch.long)
     images = torch.full((rows, crops, *first["images"].shape[1:]), -1.0, dtype=first["images"].dtype)
     image_masks = torch.full((rows, crops, *first["image_masks"].shape[1:]), -1.0, dtype=first["image_masks"].dtype)
-    image_input_idx = torch.full((rows, crops, first["image_input_idx"].shape[-1]), -1, dtype=first["image_input_idx"].dtype)
+    image_input_idx = torch.full(
+        (rows, crops, first["image_input_idx"].shape[-1]), -1, dtype=first["image_input_idx"].dtype
+    )
     for row, sample in enumerate(samples):
         ids = torch.as_tensor(sample["input_ids"]).reshape(-1)
         pad = length - ids.shape[0]
@@ -265,7 +267,9 @@ class MolmoAdapter(Adapter):
         """`vision_backbone.image_emb_dim` where the config has it (MolmoE); 7B-O fixes its vision
         settings in code, so there the projector's input width is read off its first linear layer."""
         backbone = getattr(model.config, "vision_backbone", None)
-        width = backbone.get("image_emb_dim") if isinstance(backbone, dict) else getattr(backbone, "image_emb_dim", None)
+        width = (
+            backbone.get("image_emb_dim") if isinstance(backbone, dict) else getattr(backbone, "image_emb_dim", None)
+        )
         if width:
             return int(width)
         for module in self.projector(model).modules():

@@ -65,7 +65,7 @@ class ProjectionInputs(torch.nn.Module):
 
 
 # image embedding -> its tap; weak, so the tap goes with the model
-_TAPS: "weakref.WeakKeyDictionary[torch.nn.Module, ProjectionInputs]" = weakref.WeakKeyDictionary()
+_TAPS: weakref.WeakKeyDictionary[torch.nn.Module, ProjectionInputs] = weakref.WeakKeyDictionary()
 
 
 def install_projection_tap(image_embed: torch.nn.Module) -> ProjectionInputs:
@@ -192,7 +192,9 @@ class Phi4MultimodalAdapter(Adapter):
             )
         common = dict(revision=revision, trust_remote_code=settings.trust_remote_code)
         processor = self.load_processor(settings, revision)
-        model = Phi4MultimodalForCausalLM.from_pretrained(settings.model, dtype=dtype, attn_implementation=attn, **common)
+        model = Phi4MultimodalForCausalLM.from_pretrained(
+            settings.model, dtype=dtype, attn_implementation=attn, **common
+        )
         if use_lora:
             model.load_adapter(
                 settings.model,

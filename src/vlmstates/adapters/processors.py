@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..settings import ConfigError
 
@@ -125,8 +125,10 @@ def load_processor(
         import transformers
 
         known = family_image_processor(model, revision)
-        fix = f'set "{TYPE_FIELD}": "{known}" there (the class transformers uses for this model type)' if known else (
-            f"set {TYPE_FIELD} there to an image processor class of transformers {transformers.__version__}"
+        fix = (
+            f'set "{TYPE_FIELD}": "{known}" there (the class transformers uses for this model type)'
+            if known
+            else (f"set {TYPE_FIELD} there to an image processor class of transformers {transformers.__version__}")
         )
         raise ConfigError(
             f"{where}: {file_of(model, filename, revision)} has {TYPE_FIELD} {name!r}, an image processor class "
@@ -134,7 +136,11 @@ def load_processor(
         )
     log.warning(
         "%s: %s has the legacy %s %r; loading it as %s",
-        where, file_of(model, filename, revision), TYPE_FIELD, name, replacement,
+        where,
+        file_of(model, filename, revision),
+        TYPE_FIELD,
+        name,
+        replacement,
     )
     processor_class = checkpoint_processor_class(model, revision, config, trust_remote_code)
     return with_image_processor_class(processor_class, replacement).from_pretrained(model, **common)

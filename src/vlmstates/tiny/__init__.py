@@ -26,7 +26,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TINY_FAMILIES", "build_tiny_checkpoint", "atomic_output_dir", "seeded_model", "generation_config", "save_checkpoint"]
+__all__ = [
+    "TINY_FAMILIES",
+    "build_tiny_checkpoint",
+    "atomic_output_dir",
+    "seeded_model",
+    "generation_config",
+    "save_checkpoint",
+]
 
 #: family name -> module (relative to this package) exposing ``build(out_dir, seed)``, or "module:function".
 #: Add a family by adding a builder and an entry here.
@@ -63,9 +70,7 @@ def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike[str], seed: in
     """
     module_name = _FAMILY_MODULES.get(family)
     if module_name is None:
-        raise ValueError(
-            f"unknown tiny checkpoint family {family!r}; known families: {', '.join(TINY_FAMILIES)}"
-        )
+        raise ValueError(f"unknown tiny checkpoint family {family!r}; known families: {', '.join(TINY_FAMILIES)}")
     module_name, _, function = module_name.partition(":")
     module = importlib.import_module(module_name, __name__)
     return getattr(module, function or "build")(Path(out_dir), int(seed))

@@ -38,9 +38,26 @@ PAD, UNK, CLS, SEP, MASK, BOS, EOS = "<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_
 START_TURN, END_TURN = "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>"
 USER, CHATBOT, SYSTEM = "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>"
 START_RESPONSE, END_RESPONSE = "<|START_RESPONSE|>", "<|END_RESPONSE|>"
-START_IMG, END_IMG, IMG_PATCH, IMG_LINE_BREAK = "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"
+START_IMG, END_IMG, IMG_PATCH, IMG_LINE_BREAK = (
+    "<|START_OF_IMG|>",
+    "<|END_OF_IMG|>",
+    "<|IMG_PATCH|>",
+    "<|IMG_LINE_BREAK|>",
+)
 LEADING = (PAD, UNK, CLS, SEP, MASK, BOS, EOS)
-TRAILING = (START_TURN, END_TURN, USER, CHATBOT, SYSTEM, START_RESPONSE, END_RESPONSE, START_IMG, END_IMG, IMG_PATCH, IMG_LINE_BREAK)
+TRAILING = (
+    START_TURN,
+    END_TURN,
+    USER,
+    CHATBOT,
+    SYSTEM,
+    START_RESPONSE,
+    END_RESPONSE,
+    START_IMG,
+    END_IMG,
+    IMG_PATCH,
+    IMG_LINE_BREAK,
+)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are Aya Vision, a vision-language model. "
@@ -59,9 +76,13 @@ CHAT_TEMPLATE = (
 )
 
 
-
 def build(out_dir: Path, seed: int = 0) -> Path:
-    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, GotOcr2ImageProcessor
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionForConditionalGeneration,
+        AyaVisionProcessor,
+        GotOcr2ImageProcessor,
+    )
 
     tokenizer = build_tokenizer(
         leading_special_tokens=LEADING,
@@ -73,11 +94,19 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     )
     # as the real preprocessor_config.json: crop_to_patches false there, the processor asks for it
     image_processor = GotOcr2ImageProcessor(
-        size={"height": TILE, "width": TILE}, crop_to_patches=False, min_patches=1, max_patches=MAX_PATCHES,
-        image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, resample=3,
+        size={"height": TILE, "width": TILE},
+        crop_to_patches=False,
+        min_patches=1,
+        max_patches=MAX_PATCHES,
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+        resample=3,
     )
     processor = AyaVisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH * DOWNSAMPLE, img_size=TILE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH * DOWNSAMPLE,
+        img_size=TILE,
         chat_template=CHAT_TEMPLATE,
     )
     ids = tokenizer.convert_tokens_to_ids
@@ -96,9 +125,16 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         tie_word_embeddings=True,
     )
     config = AyaVisionConfig(
-        text_config=text, vision_config=siglip_vision_config(TILE, PATCH), image_token_index=ids(IMG_PATCH), downsample_factor=DOWNSAMPLE,
-        vision_feature_layer=-1, vision_feature_select_strategy="full", adapter_layer_norm_eps=1e-6,
-        alignment_intermediate_size=7 * TEXT_HIDDEN, tie_word_embeddings=True, dtype="float32",
+        text_config=text,
+        vision_config=siglip_vision_config(TILE, PATCH),
+        image_token_index=ids(IMG_PATCH),
+        downsample_factor=DOWNSAMPLE,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        adapter_layer_norm_eps=1e-6,
+        alignment_intermediate_size=7 * TEXT_HIDDEN,
+        tie_word_embeddings=True,
+        dtype="float32",
     )
     model = seeded_model(AyaVisionForConditionalGeneration, config, seed)
     model.generation_config = generation_config(ids(BOS), ids(PAD), [ids(END_TURN)])

@@ -70,12 +70,20 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     )
     ids = tokenizer.convert_tokens_to_ids
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP}, do_center_crop=True,
-        image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0], resample=3,
+        size={"shortest_edge": CROP},
+        crop_size={"height": CROP, "width": CROP},
+        do_center_crop=True,
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+        resample=3,
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=STRIDE, num_additional_image_tokens=0,
-        chat_template=CHAT_TEMPLATE, image_token=IMAGE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=STRIDE,
+        num_additional_image_tokens=0,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE,
     )
     vision = dict(
         model_type="timm_wrapper",
@@ -93,9 +101,16 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         eos_token_id=ids(ENDOFTEXT),
     )
     config = FastVlmConfig(
-        text_config=text, vision_config=vision, image_token_index=ids(IMAGE), image_seq_length=(CROP // STRIDE) ** 2,
-        projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
-        multimodal_projector_bias=True, tie_word_embeddings=False, dtype="float32",
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids(IMAGE),
+        image_seq_length=(CROP // STRIDE) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+        dtype="float32",
     )
     model = seeded_model(FastVlmForConditionalGeneration, config, seed)
     model.generation_config = generation_config(ids(ENDOFTEXT), ids(ENDOFTEXT), [ids(ENDOFTEXT)])

@@ -77,9 +77,7 @@ def gemma_chat_template(content_item: str) -> str:
         "{% if message['content'] is string %}"
         "{{ message['content'] | trim }}"
         "{% else %}"
-        "{% for item in message['content'] %}"
-        + content_item
-        + "{% endfor %}"
+        "{% for item in message['content'] %}" + content_item + "{% endfor %}"
         "{% endif %}"
         "<end_of_turn>\n"
         "{% endfor %}"

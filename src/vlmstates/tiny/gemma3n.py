@@ -84,9 +84,16 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         leading_special_tokens=(PAD, EOS, BOS, UNK),
         trailing_special_tokens=(START_OF_TURN, END_OF_TURN, BOI, BOA, *VISION_VOCAB, *AUDIO_VOCAB),
         named_special_tokens={
-            "pad_token": PAD, "eos_token": EOS, "bos_token": BOS, "unk_token": UNK,
-            "boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE_SOFT,
-            "boa_token": BOA, "eoa_token": EOA, "audio_token": AUDIO_SOFT,
+            "pad_token": PAD,
+            "eos_token": EOS,
+            "bos_token": BOS,
+            "unk_token": UNK,
+            "boi_token": BOI,
+            "eoi_token": EOI,
+            "image_token": IMAGE_SOFT,
+            "boa_token": BOA,
+            "eoa_token": EOA,
+            "audio_token": AUDIO_SOFT,
         },
         chat_template=CHAT_TEMPLATE,
         add_bos_token=True,
@@ -96,33 +103,68 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     text_vocab = ids(EOI)  # the vision vocabulary starts where the text one ends
     assert ids(EOA) == text_vocab + MODALITY_VOCAB and len(tokenizer) == text_vocab + 2 * MODALITY_VOCAB
     image_processor = SiglipImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=2, do_normalize=False,  # timm's cfg: mean 0, std 1
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=2,
+        do_normalize=False,  # timm's cfg: mean 0, std 1
     )
     processor = Gemma3nProcessor(
-        feature_extractor=Gemma3nAudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE, image_seq_length=SOFT_TOKENS,
+        feature_extractor=Gemma3nAudioFeatureExtractor(),
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=SOFT_TOKENS,
     )
     model_args = {"block_args": decode_arch_def(ARCH), "stem_size": 8, "msfa_output_resolution": GRID}
     vision = dict(
-        architecture="mobilenetv5_300m_enc", do_pooling=False, hidden_size=VISION_HIDDEN, model_args=copy.deepcopy(model_args),
-        vocab_size=MODALITY_VOCAB, vocab_offset=text_vocab, rms_norm_eps=1e-6,
+        architecture="mobilenetv5_300m_enc",
+        do_pooling=False,
+        hidden_size=VISION_HIDDEN,
+        model_args=copy.deepcopy(model_args),
+        vocab_size=MODALITY_VOCAB,
+        vocab_offset=text_vocab,
+        rms_norm_eps=1e-6,
     )
     audio = dict(
-        vocab_size=MODALITY_VOCAB, vocab_offset=text_vocab + MODALITY_VOCAB, hidden_size=32, conf_num_attention_heads=2,
-        conf_num_hidden_layers=1, sscp_conv_channel_size=[8, 4],
+        vocab_size=MODALITY_VOCAB,
+        vocab_offset=text_vocab + MODALITY_VOCAB,
+        hidden_size=32,
+        conf_num_attention_heads=2,
+        conf_num_hidden_layers=1,
+        sscp_conv_channel_size=[8, 4],
     )
     text = dict(
-        vocab_size=len(tokenizer), vocab_size_per_layer_input=text_vocab, hidden_size=TEXT_HIDDEN,
-        intermediate_size=[2 * TEXT_HIDDEN] * NUM_LAYERS, num_hidden_layers=NUM_LAYERS, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, hidden_size_per_layer_input=16, laurel_rank=8, sliding_window=32,
-        layer_types=LAYER_TYPES, num_kv_shared_layers=2, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
-        max_position_embeddings=32768, pad_token_id=ids(PAD), bos_token_id=ids(BOS), eos_token_id=[ids(EOS), ids(END_OF_TURN)],
+        vocab_size=len(tokenizer),
+        vocab_size_per_layer_input=text_vocab,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=[2 * TEXT_HIDDEN] * NUM_LAYERS,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        hidden_size_per_layer_input=16,
+        laurel_rank=8,
+        sliding_window=32,
+        layer_types=LAYER_TYPES,
+        num_kv_shared_layers=2,
+        activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
+        max_position_embeddings=32768,
+        pad_token_id=ids(PAD),
+        bos_token_id=ids(BOS),
+        eos_token_id=[ids(EOS), ids(END_OF_TURN)],
         dtype="float32",
     )
     config = Gemma3nConfig(
-        text_config=text, vision_config=vision, audio_config=audio, vision_soft_tokens_per_image=SOFT_TOKENS,
-        boi_token_id=ids(BOI), eoi_token_id=ids(EOI), image_token_id=ids(IMAGE_SOFT), boa_token_id=ids(BOA),
-        eoa_token_id=ids(EOA), audio_token_id=ids(AUDIO_SOFT), dtype="float32",
+        text_config=text,
+        vision_config=vision,
+        audio_config=audio,
+        vision_soft_tokens_per_image=SOFT_TOKENS,
+        boi_token_id=ids(BOI),
+        eoi_token_id=ids(EOI),
+        image_token_id=ids(IMAGE_SOFT),
+        boa_token_id=ids(BOA),
+        eoa_token_id=ids(EOA),
+        audio_token_id=ids(AUDIO_SOFT),
+        dtype="float32",
     )
     model = seeded_model(Gemma3nForConditionalGeneration, config, seed)
     # timm edits block_args in place when it builds the tower: save the arguments as given

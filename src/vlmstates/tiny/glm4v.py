@@ -47,8 +47,22 @@ END_OF_VIDEO = "<|end_of_video|>"
 IMAGE = "<|image|>"
 VIDEO = "<|video|>"
 SPECIAL_TOKENS = (
-    ENDOFTEXT, "[MASK]", GMASK, "[sMASK]", SOP, "<eop>", SYSTEM, USER, ASSISTANT, OBSERVATION,
-    BEGIN_OF_IMAGE, END_OF_IMAGE, BEGIN_OF_VIDEO, END_OF_VIDEO, IMAGE, VIDEO,
+    ENDOFTEXT,
+    "[MASK]",
+    GMASK,
+    "[sMASK]",
+    SOP,
+    "<eop>",
+    SYSTEM,
+    USER,
+    ASSISTANT,
+    OBSERVATION,
+    BEGIN_OF_IMAGE,
+    END_OF_IMAGE,
+    BEGIN_OF_VIDEO,
+    END_OF_VIDEO,
+    IMAGE,
+    VIDEO,
 )
 #: the Thinking model's reasoning and answer markers (added tokens of the real vocabulary, later ids)
 THINKING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -121,7 +135,10 @@ def build_processor():
     image_processor = Glm4vImageProcessor(size=size, **geometry)
     video_processor = Glm4vVideoProcessor(size=size, **geometry)
     return Glm4vProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -137,7 +154,9 @@ def build_config(tokenizer):
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": MROPE_SECTION,
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": MROPE_SECTION,
             "partial_rotary_factor": PARTIAL_ROTARY_FACTOR,
         },
         eos_token_id=[ids[ENDOFTEXT], ids[USER], ids[OBSERVATION]],

@@ -25,8 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
-from .text import BEGIN_OF_TEXT, END_OF_TEXT, EOM, EOT, llama3_text_config
 from .image import SIGLIP_MEAN, SIGLIP_STD
+from .text import BEGIN_OF_TEXT, END_OF_TEXT, EOM, EOT, llama3_text_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "idefics3"
@@ -67,8 +67,12 @@ def build_processor():
         add_bos_token=True,  # Llama 3's tokenizer starts every tokenizer(text) with <|begin_of_text|>
     )
     image_processor = Idefics3ImageProcessor(
-        do_image_splitting=True, size={"longest_edge": LONGEST_EDGE}, max_image_size={"longest_edge": TILE},
-        image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, resample=1,
+        do_image_splitting=True,
+        size={"longest_edge": LONGEST_EDGE},
+        max_image_size={"longest_edge": TILE},
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+        resample=1,
     )
     return Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IMAGE_SEQ_LEN, chat_template=CHAT_TEMPLATE
@@ -82,15 +86,31 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = processor.tokenizer
     ids = tokenizer.convert_tokens_to_ids
     text = llama3_text_config(
-        len(tokenizer), head_dim=16, bos_token_id=ids(BEGIN_OF_TEXT), eos_token_id=ids(END_OF_TEXT), pad_token_id=ids(PAD)
+        len(tokenizer),
+        head_dim=16,
+        bos_token_id=ids(BEGIN_OF_TEXT),
+        eos_token_id=ids(END_OF_TEXT),
+        pad_token_id=ids(PAD),
     )
     vision = dict(
-        model_type="idefics3_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=TILE, patch_size=PATCH, hidden_act="gelu_pytorch_tanh", dtype="float32",
+        model_type="idefics3_vision",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TILE,
+        patch_size=PATCH,
+        hidden_act="gelu_pytorch_tanh",
+        dtype="float32",
     )
     config = Idefics3Config(
-        text_config=text, vision_config=vision, scale_factor=SCALE_FACTOR, image_token_id=ids(IMAGE),
-        pad_token_id=text["pad_token_id"], tie_word_embeddings=False, dtype="float32",
+        text_config=text,
+        vision_config=vision,
+        scale_factor=SCALE_FACTOR,
+        image_token_id=ids(IMAGE),
+        pad_token_id=text["pad_token_id"],
+        tie_word_embeddings=False,
+        dtype="float32",
     )
     model = seeded_model(Idefics3ForConditionalGeneration, config, seed)
     eos = [ids(END_OF_TEXT), ids(EOM), ids(EOT), ids(END_OF_UTTERANCE)]

@@ -54,7 +54,6 @@ CHAT_TEMPLATE = (
 )
 
 
-
 def build(out_dir: Path, seed: int = 0) -> Path:
     from transformers import (
         GotOcr2ImageProcessor,
@@ -67,8 +66,12 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(
         trailing_special_tokens=SPECIAL_TOKENS,
         named_special_tokens={
-            "eos_token": IM_END, "pad_token": ENDOFTEXT, "start_image_token": IMG_START, "end_image_token": IMG_END,
-            "context_image_token": IMG_CONTEXT, "video_token": VIDEO,
+            "eos_token": IM_END,
+            "pad_token": ENDOFTEXT,
+            "start_image_token": IMG_START,
+            "end_image_token": IMG_END,
+            "context_image_token": IMG_CONTEXT,
+            "video_token": VIDEO,
         },
         chat_template=CHAT_TEMPLATE,
         add_bos_token=False,
@@ -76,28 +79,54 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     )
     normalise = dict(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
     image_processor = GotOcr2ImageProcessor(
-        size={"height": TILE, "width": TILE}, crop_to_patches=False, min_patches=1, max_patches=MAX_PATCHES,
-        resample=3, **normalise,
+        size={"height": TILE, "width": TILE},
+        crop_to_patches=False,
+        min_patches=1,
+        max_patches=MAX_PATCHES,
+        resample=3,
+        **normalise,
     )
     video_processor = InternVLVideoProcessor(size={"height": TILE, "width": TILE}, **normalise)
     processor = InternVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        image_seq_length=IMAGE_SEQ_LENGTH, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=IMAGE_SEQ_LENGTH,
+        chat_template=CHAT_TEMPLATE,
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = qwen2_text_config(
-        len(tokenizer), use_sliding_window=False, bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
+        len(tokenizer),
+        use_sliding_window=False,
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=ids[IM_END],
         pad_token_id=ids[ENDOFTEXT],
     )
     vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=[TILE, TILE],
-        patch_size=[PATCH, PATCH], hidden_act="gelu", norm_type="layer_norm", layer_scale_init_value=0.1,
-        use_mean_pooling=True, use_qk_norm=False, dtype="float32",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=[TILE, TILE],
+        patch_size=[PATCH, PATCH],
+        hidden_act="gelu",
+        norm_type="layer_norm",
+        layer_scale_init_value=0.1,
+        use_mean_pooling=True,
+        use_qk_norm=False,
+        dtype="float32",
     )
     config = InternVLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids[IMG_CONTEXT], image_seq_length=IMAGE_SEQ_LENGTH,
-        downsample_ratio=DOWNSAMPLE_RATIO, projector_hidden_act="gelu", vision_feature_layer=-1,
-        vision_feature_select_strategy="default", tie_word_embeddings=False, dtype="float32",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids[IMG_CONTEXT],
+        image_seq_length=IMAGE_SEQ_LENGTH,
+        downsample_ratio=DOWNSAMPLE_RATIO,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+        dtype="float32",
     )
     model = seeded_model(InternVLForConditionalGeneration, config, seed)
     model.generation_config = generation_config(ids[ENDOFTEXT], ids[ENDOFTEXT], [ids[IM_END], ids[ENDOFTEXT]])

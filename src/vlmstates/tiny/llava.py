@@ -23,8 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
-from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, START_HEADER, decoder_config, llama3_text_config
 from .image import CLIP_MEAN, CLIP_STD
+from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, START_HEADER, decoder_config, llama3_text_config
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 336
@@ -79,29 +79,56 @@ def build_llava(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(
         leading_special_tokens=(UNK, BOS, EOS),
         trailing_special_tokens=(IMAGE, PAD),
-        named_special_tokens={"unk_token": UNK, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "image_token": IMAGE},
+        named_special_tokens={
+            "unk_token": UNK,
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "image_token": IMAGE,
+        },
         chat_template=LLAVA_TEMPLATE,
         add_bos_token=True,  # the Llama-2 tokenizer prepends <s>
         padding_side="left",
     )
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, do_center_crop=True,
-        image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3,
+        size={"shortest_edge": TILE},
+        crop_size={"height": TILE, "width": TILE},
+        do_center_crop=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE, image_token=IMAGE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+        image_token=IMAGE,
     )
     ids = tokenizer.convert_tokens_to_ids
     text = decoder_config(  # Llama 2 7B's settings
-        len(tokenizer), model_type="llama", rms_norm_eps=1e-5, max_position_embeddings=4096,
+        len(tokenizer),
+        model_type="llama",
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=ids(BOS), eos_token_id=ids(EOS), pad_token_id=ids(PAD),
+        bos_token_id=ids(BOS),
+        eos_token_id=ids(EOS),
+        pad_token_id=ids(PAD),
     )
     config = LlavaConfig(
-        text_config=text, vision_config=dict(VISION), image_token_index=ids(IMAGE),
-        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=(TILE // PATCH) ** 2, tie_word_embeddings=False, pad_token_id=text["pad_token_id"], dtype="float32",
+        text_config=text,
+        vision_config=dict(VISION),
+        image_token_index=ids(IMAGE),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(TILE // PATCH) ** 2,
+        tie_word_embeddings=False,
+        pad_token_id=text["pad_token_id"],
+        dtype="float32",
     )
     model = seeded_model(LlavaForConditionalGeneration, config, seed)
     model.generation_config = generation_config(text["bos_token_id"], text["pad_token_id"], [text["eos_token_id"]])
@@ -109,7 +136,12 @@ def build_llava(out_dir: Path, seed: int = 0) -> Path:
 
 
 def build_llava_next(out_dir: Path, seed: int = 0) -> Path:
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     tokenizer = build_tokenizer(
         trailing_special_tokens=(*LLAMA3_SPECIAL, IMAGE, PAD),
@@ -119,20 +151,40 @@ def build_llava_next(out_dir: Path, seed: int = 0) -> Path:
         padding_side="left",
     )
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=GRID_PINPOINTS,
-        image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_pad=True,
+        size={"shortest_edge": TILE},
+        crop_size={"height": TILE, "width": TILE},
+        image_grid_pinpoints=GRID_PINPOINTS,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
+        do_pad=True,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=NEXT_TEMPLATE, image_token=IMAGE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=NEXT_TEMPLATE,
+        image_token=IMAGE,
     )
     ids = tokenizer.convert_tokens_to_ids
-    text = llama3_text_config(len(tokenizer), bos_token_id=ids(BEGIN_OF_TEXT), eos_token_id=ids(EOT), pad_token_id=ids(PAD))
+    text = llama3_text_config(
+        len(tokenizer), bos_token_id=ids(BEGIN_OF_TEXT), eos_token_id=ids(EOT), pad_token_id=ids(PAD)
+    )
     config = LlavaNextConfig(
-        text_config=text, vision_config=dict(VISION), image_token_index=ids(IMAGE),
-        image_grid_pinpoints=GRID_PINPOINTS, projector_hidden_act="gelu", vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=(TILE // PATCH) ** 2, use_image_newline_parameter=True,
-        tie_word_embeddings=False, pad_token_id=text["pad_token_id"], dtype="float32",
+        text_config=text,
+        vision_config=dict(VISION),
+        image_token_index=ids(IMAGE),
+        image_grid_pinpoints=GRID_PINPOINTS,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(TILE // PATCH) ** 2,
+        use_image_newline_parameter=True,
+        tie_word_embeddings=False,
+        pad_token_id=text["pad_token_id"],
+        dtype="float32",
     )
     model = seeded_model(LlavaNextForConditionalGeneration, config, seed)
     eos = [text["eos_token_id"], ids(END_OF_TEXT)]

@@ -22,8 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
-from .text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
 from .image import SIGLIP_MEAN, SIGLIP_STD, siglip_vision_config
+from .text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 384
@@ -47,7 +47,6 @@ CHAT_TEMPLATE = (
 )
 
 
-
 def build(out_dir: Path, seed: int = 0) -> Path:
     from transformers import (
         LlavaOnevisionConfig,
@@ -69,20 +68,37 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     image_processor = LlavaOnevisionImageProcessor(image_grid_pinpoints=GRID_PINPOINTS, do_pad=True, **common)
     video_processor = LlavaOnevisionVideoProcessor(**common)
     processor = LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        num_image_tokens=(TILE // PATCH) ** 2, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE, video_token=VIDEO, vision_aspect_ratio="anyres_max_9",
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        num_image_tokens=(TILE // PATCH) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE,
+        video_token=VIDEO,
+        vision_aspect_ratio="anyres_max_9",
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = qwen2_text_config(
-        len(tokenizer), use_sliding_window=False, bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END],
+        len(tokenizer),
+        use_sliding_window=False,
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=ids[IM_END],
         pad_token_id=ids[ENDOFTEXT],
     )
     config = LlavaOnevisionConfig(
-        text_config=text, vision_config=siglip_vision_config(TILE, PATCH), image_token_index=ids[IMAGE], video_token_index=ids[VIDEO],
-        image_grid_pinpoints=GRID_PINPOINTS, projector_hidden_act="gelu", vision_feature_layer=-1,
-        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", use_image_newline_parameter=True,
-        tie_word_embeddings=False, dtype="float32",
+        text_config=text,
+        vision_config=siglip_vision_config(TILE, PATCH),
+        image_token_index=ids[IMAGE],
+        video_token_index=ids[VIDEO],
+        image_grid_pinpoints=GRID_PINPOINTS,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        use_image_newline_parameter=True,
+        tie_word_embeddings=False,
+        dtype="float32",
     )
     model = seeded_model(LlavaOnevisionForConditionalGeneration, config, seed)
     model.generation_config = generation_config(ids[ENDOFTEXT], ids[ENDOFTEXT], [ids[IM_END]])

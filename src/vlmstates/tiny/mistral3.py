@@ -45,11 +45,40 @@ IMG, IMG_BREAK, IMG_END = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
 SYSTEM, END_SYSTEM = "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"
 # Tekken's control tokens in their real order: ids 0-19.
 CONTROL_TOKENS = (
-    UNK, BOS, EOS, INST, END_INST, "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
-    "[TOOL_CALLS]", IMG, PAD, IMG_BREAK, IMG_END, "[PREFIX]", "[MIDDLE]", "[SUFFIX]", SYSTEM, END_SYSTEM,
+    UNK,
+    BOS,
+    EOS,
+    INST,
+    END_INST,
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    IMG,
+    PAD,
+    IMG_BREAK,
+    IMG_END,
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    SYSTEM,
+    END_SYSTEM,
     "[TOOL_CONTENT]",
 )
-REAL_IDS = {UNK: 0, BOS: 1, EOS: 2, INST: 3, END_INST: 4, IMG: 10, PAD: 11, IMG_BREAK: 12, IMG_END: 13, SYSTEM: 17, END_SYSTEM: 18}
+REAL_IDS = {
+    UNK: 0,
+    BOS: 1,
+    EOS: 2,
+    INST: 3,
+    END_INST: 4,
+    IMG: 10,
+    PAD: 11,
+    IMG_BREAK: 12,
+    IMG_END: 13,
+    SYSTEM: 17,
+    END_SYSTEM: 18,
+}
 
 CHAT_TEMPLATE = (
     "{%- set today = strftime_now('%Y-%m-%d') %}"
@@ -101,12 +130,21 @@ def build_processor():
     if wrong:
         raise RuntimeError(f"control tokens without their real ids: {wrong}")
     image_processor = PixtralImageProcessor(
-        size={"longest_edge": LONGEST_EDGE}, patch_size={"height": PATCH, "width": PATCH},
-        image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3,
+        size={"longest_edge": LONGEST_EDGE},
+        patch_size={"height": PATCH, "width": PATCH},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
     )
     return PixtralProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH, spatial_merge_size=SPATIAL_MERGE,
-        chat_template=CHAT_TEMPLATE, image_token=IMG, image_break_token=IMG_BREAK, image_end_token=IMG_END,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        spatial_merge_size=SPATIAL_MERGE,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMG,
+        image_break_token=IMG_BREAK,
+        image_end_token=IMG_END,
     )
 
 
@@ -140,9 +178,15 @@ def build_config(tokenizer):
         dtype="float32",
     )
     return Mistral3Config(
-        text_config=text, vision_config=vision, image_token_index=ids(IMG), projector_hidden_act="gelu",
-        vision_feature_layer=-1, multimodal_projector_bias=False, spatial_merge_size=SPATIAL_MERGE,
-        tie_word_embeddings=False, dtype="float32",
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids(IMG),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        multimodal_projector_bias=False,
+        spatial_merge_size=SPATIAL_MERGE,
+        tie_word_embeddings=False,
+        dtype="float32",
     )
 
 

@@ -43,8 +43,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
-from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOM, EOT, START_HEADER
 from .image import CLIP_MEAN, CLIP_STD
+from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOM, EOT, START_HEADER
 from .tokenizer import build_tokenizer
 
 TILE = 28  # real 560
@@ -55,8 +55,17 @@ PAD, PYTHON = "<|finetune_right_pad_id|>", "<|python_tag|>"
 IMAGE = "<|image|>"
 # Llama 3's first special tokens in their real order (ids 128000-128010 there)
 LLAMA3_SPECIAL = (
-    BEGIN_OF_TEXT, END_OF_TEXT, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>", PAD,
-    "<|reserved_special_token_2|>", START_HEADER, END_HEADER, EOM, EOT, PYTHON,
+    BEGIN_OF_TEXT,
+    END_OF_TEXT,
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    PAD,
+    "<|reserved_special_token_2|>",
+    START_HEADER,
+    END_HEADER,
+    EOM,
+    EOT,
+    PYTHON,
 )
 
 CHAT_TEMPLATE = (
@@ -139,8 +148,16 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     image_token_id = ids(IMAGE)
     assert image_token_id == len(tokenizer) - 1
     image_processor = MllamaImageProcessor(
-        size={"height": TILE, "width": TILE}, max_image_tiles=MAX_TILES, resample=2, do_pad=True, do_resize=True,
-        do_rescale=True, do_normalize=True, do_convert_rgb=True, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        size={"height": TILE, "width": TILE},
+        max_image_tiles=MAX_TILES,
+        resample=2,
+        do_pad=True,
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
     )
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     eos = [ids(END_OF_TEXT), ids(EOM), ids(EOT)]
@@ -156,18 +173,29 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         rms_norm_eps=1e-5,
         max_position_embeddings=131072,
         rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
         },
         bos_token_id=ids(BEGIN_OF_TEXT),
         eos_token_id=eos,
         pad_token_id=ids(PAD),
         tie_word_embeddings=False,
     )
-    config = MllamaConfig(text_config=text, vision_config=dict(VISION), image_token_index=image_token_id, dtype="float32")
+    config = MllamaConfig(
+        text_config=text, vision_config=dict(VISION), image_token_index=image_token_id, dtype="float32"
+    )
     model = seeded_model(MllamaForConditionalGeneration, config, seed)
     _open_gates(model)
     model.generation_config = generation_config(
-        ids(BEGIN_OF_TEXT), ids(PAD), eos, do_sample=True, temperature=0.6, top_p=0.9,
+        ids(BEGIN_OF_TEXT),
+        ids(PAD),
+        eos,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
     )
     return save_checkpoint(model, processor, out_dir)

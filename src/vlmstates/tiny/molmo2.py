@@ -49,8 +49,16 @@ FEATURE_LAYERS = [2, 0]  # real [24, 18] of 25 layers
 
 ENDOFTEXT, IM_START_TURN, IM_END_TURN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 IMAGE_TOKENS = (
-    "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>", "<|image|>", "<im_low>",
-    "<frame_start>", "<frame_end>", "<|video|>",
+    "<im_start>",
+    "<im_end>",
+    "<im_patch>",
+    "<im_col>",
+    "<low_res_im_start>",
+    "<|image|>",
+    "<im_low>",
+    "<frame_start>",
+    "<frame_end>",
+    "<|video|>",
 )
 
 CHAT_TEMPLATE = (
@@ -88,13 +96,18 @@ def build_processor():
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
     )
-    common = dict(patch_size=PATCH, pooling_size=POOLING, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=2)
+    common = dict(
+        patch_size=PATCH, pooling_size=POOLING, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=2
+    )
     image_processor = Molmo2ImageProcessor(
         size={"height": CROP, "width": CROP}, max_crops=MAX_CROPS, overlap_margins=MARGINS, **common
     )
     video_processor = Molmo2VideoProcessor(size={"height": CROP, "width": CROP}, patch_size=PATCH, pooling_size=[3, 3])
     return Molmo2Processor(
-        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        video_processor=video_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -142,11 +155,17 @@ def build_config(tokenizer):
         dtype="float32",
     )
     return Molmo2Config(
-        text_config=text, vision_config=vision, adapter_config=adapter,
-        image_start_token_id=ids("<im_start>"), low_res_image_start_token_id=ids("<low_res_im_start>"),
-        image_end_token_id=ids("<im_end>"), image_patch_id=ids("<im_patch>"),
-        frame_start_token_id=ids("<frame_start>"), frame_end_token_id=ids("<frame_end>"),
-        tie_word_embeddings=False, dtype="float32",
+        text_config=text,
+        vision_config=vision,
+        adapter_config=adapter,
+        image_start_token_id=ids("<im_start>"),
+        low_res_image_start_token_id=ids("<low_res_im_start>"),
+        image_end_token_id=ids("<im_end>"),
+        image_patch_id=ids("<im_patch>"),
+        frame_start_token_id=ids("<frame_start>"),
+        frame_end_token_id=ids("<frame_end>"),
+        tie_word_embeddings=False,
+        dtype="float32",
     )
 
 

@@ -59,7 +59,10 @@ def build_processor():
     # unnamed special tokens, so that decode(skip_special_tokens=True) drops all three
     tokenizer.add_special_tokens({"additional_special_tokens": [START_OF_TURN, END_OF_TURN, IMAGE]})
     image_processor = SiglipImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=3,
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
         do_convert_rgb=True,
     )
     image_processor.image_seq_length = IMAGE_SEQ_LENGTH

@@ -59,17 +59,19 @@ def qwen_vl_chat_template(default_system_prompt: str | None) -> str:
     opened last. With ``default_system_prompt`` (Qwen2.5-VL's), a system turn of it comes first when the
     messages give none; without it (Qwen3-VL's), there is a system turn only when the messages give one.
     No whitespace control: the only whitespace in the output is the explicit \\n."""
-    default_system_turn = "" if default_system_prompt is None else (
-        "{% if loop.first and message['role'] != 'system' %}"
-        f"<|im_start|>system\n{default_system_prompt}<|im_end|>\n"
-        "{% endif %}"
+    default_system_turn = (
+        ""
+        if default_system_prompt is None
+        else (
+            "{% if loop.first and message['role'] != 'system' %}"
+            f"<|im_start|>system\n{default_system_prompt}<|im_end|>\n"
+            "{% endif %}"
+        )
     )
     return (
         "{% set image_count = namespace(value=0) %}"
         "{% set video_count = namespace(value=0) %}"
-        "{% for message in messages %}"
-        + default_system_turn
-        + "<|im_start|>{{ message['role'] }}\n"
+        "{% for message in messages %}" + default_system_turn + "<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}"
         "{{ message['content'] }}"
         "{% else %}"

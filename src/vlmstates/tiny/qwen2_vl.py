@@ -22,20 +22,39 @@ def build(out_dir: Path, seed: int = 0) -> Path:
 
     base = qwen.build_processor()
     processor = Qwen2VLProcessor(
-        image_processor=base.image_processor, tokenizer=base.tokenizer, video_processor=base.video_processor,
+        image_processor=base.image_processor,
+        tokenizer=base.tokenizer,
+        video_processor=base.video_processor,
         chat_template=qwen.CHAT_TEMPLATE,
     )
     reference = qwen.build_config(processor.tokenizer)
     text = reference.text_config.to_dict()
     vision = dict(
-        depth=2, embed_dim=32, hidden_size=qwen.TEXT_HIDDEN, mlp_ratio=2, num_heads=2, hidden_act="quick_gelu",
-        in_channels=3, patch_size=qwen.PATCH_SIZE, spatial_merge_size=qwen.MERGE_SIZE,
-        temporal_patch_size=qwen.TEMPORAL_PATCH_SIZE, dtype="float32",
+        depth=2,
+        embed_dim=32,
+        hidden_size=qwen.TEXT_HIDDEN,
+        mlp_ratio=2,
+        num_heads=2,
+        hidden_act="quick_gelu",
+        in_channels=3,
+        patch_size=qwen.PATCH_SIZE,
+        spatial_merge_size=qwen.MERGE_SIZE,
+        temporal_patch_size=qwen.TEMPORAL_PATCH_SIZE,
+        dtype="float32",
     )
-    ids = {name: getattr(reference, name) for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    ids = {
+        name: getattr(reference, name)
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    }
     config = Qwen2VLConfig(
-        text_config=text, vision_config=vision, bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"],
-        pad_token_id=text["pad_token_id"], tie_word_embeddings=False, dtype="float32", **ids,
+        text_config=text,
+        vision_config=vision,
+        bos_token_id=text["bos_token_id"],
+        eos_token_id=text["eos_token_id"],
+        pad_token_id=text["pad_token_id"],
+        tie_word_embeddings=False,
+        dtype="float32",
+        **ids,
     )
     return qwen.save_qwen_vl_checkpoint(
         Qwen2VLForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed

@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import qwen2_5_vl
-from .text import TEXT_HIDDEN, decoder_config
 from .qwen2_5_vl import (
     IM_END,
     IMAGE_PAD,
@@ -34,6 +33,7 @@ from .qwen2_5_vl import (
     qwen_vl_tokenizer,
     save_qwen_vl_checkpoint,
 )
+from .text import TEXT_HIDDEN, decoder_config
 
 FAMILY = "qwen3_vl"
 
@@ -81,11 +81,16 @@ def build_processor():
         min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, image_mean=IMAGE_MEAN, image_std=IMAGE_STD, **geometry
     )
     video_processor = Qwen3VLVideoProcessor(
-        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
         **geometry,
     )
     return Qwen3VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -103,7 +108,10 @@ def build_config(tokenizer):
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         rope_parameters={
-            "rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": MROPE_SECTION, "mrope_interleaved": True,
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": MROPE_SECTION,
+            "mrope_interleaved": True,
         },
         bos_token_id=bos_id,
         eos_token_id=eos_id,
@@ -143,7 +151,9 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     processor = build_processor()
     config = build_config(processor.tokenizer)
     # Greedy extraction ignores the real sampling settings; their repetition_penalty 1.0 changes nothing.
-    return save_qwen_vl_checkpoint(Qwen3VLForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed)
+    return save_qwen_vl_checkpoint(
+        Qwen3VLForConditionalGeneration, config, processor, REAL_GENERATION_SETTINGS, out_dir, seed
+    )
 
 
 def build_moe(out_dir: Path, seed: int = 0) -> Path:

@@ -21,8 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import generation_config, save_checkpoint, seeded_model
-from .text import ENDOFTEXT, IM_END, IM_START, decoder_config
 from .image import SIGLIP_MEAN, SIGLIP_STD
+from .text import ENDOFTEXT, IM_END, IM_START, decoder_config
 from .tokenizer import build_tokenizer
 
 FAMILY = "smolvlm"
@@ -59,19 +59,31 @@ def build_processor():
     tokenizer = build_tokenizer(
         leading_special_tokens=(ENDOFTEXT, IM_START, IM_END),
         trailing_special_tokens=(GLOBAL, *ROW_COL, FAKE, IMAGE, END_OF_UTTERANCE),
-        named_special_tokens={"bos_token": IM_START, "eos_token": END_OF_UTTERANCE, "pad_token": IM_END, "unk_token": ENDOFTEXT},
+        named_special_tokens={
+            "bos_token": IM_START,
+            "eos_token": END_OF_UTTERANCE,
+            "pad_token": IM_END,
+            "unk_token": ENDOFTEXT,
+        },
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
     )
     size = {"longest_edge": LONGEST_EDGE}
     image_processor = SmolVLMImageProcessor(
-        do_image_splitting=True, size=size, max_image_size={"longest_edge": TILE}, image_mean=SIGLIP_MEAN,
-        image_std=SIGLIP_STD, resample=1,
+        do_image_splitting=True,
+        size=size,
+        max_image_size={"longest_edge": TILE},
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+        resample=1,
     )
     video_processor = SmolVLMVideoProcessor(size=size, max_image_size={"longest_edge": TILE})
     return SmolVLMProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        image_seq_len=IMAGE_SEQ_LEN, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_len=IMAGE_SEQ_LEN,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -94,12 +106,24 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         pad_token_id=ids(IM_END),
     )
     vision = dict(
-        model_type="smolvlm_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=TILE, patch_size=PATCH, hidden_act="gelu_pytorch_tanh", dtype="float32",
+        model_type="smolvlm_vision",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TILE,
+        patch_size=PATCH,
+        hidden_act="gelu_pytorch_tanh",
+        dtype="float32",
     )
     config = SmolVLMConfig(
-        text_config=text, vision_config=vision, scale_factor=SCALE_FACTOR, image_token_id=ids(IMAGE),
-        pad_token_id=text["pad_token_id"], tie_word_embeddings=False, dtype="float32",
+        text_config=text,
+        vision_config=vision,
+        scale_factor=SCALE_FACTOR,
+        image_token_id=ids(IMAGE),
+        pad_token_id=text["pad_token_id"],
+        tie_word_embeddings=False,
+        dtype="float32",
     )
     model = seeded_model(SmolVLMForConditionalGeneration, config, seed)
     eos = [text["eos_token_id"], ids(IM_END)]

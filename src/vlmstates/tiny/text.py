@@ -16,16 +16,19 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 def decoder_config(vocab_size: int, **settings) -> dict:
     """The tiny text_config: 4 blocks of width 64, 4 heads sharing 2 kv heads, SiLU, fp32; ``settings`` add a
     family's fields or replace these."""
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_act="silu",
-        dtype="float32",
-    ) | settings
+    return (
+        dict(
+            vocab_size=vocab_size,
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=2 * TEXT_HIDDEN,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_act="silu",
+            dtype="float32",
+        )
+        | settings
+    )
 
 
 def llama3_text_config(vocab_size: int, **settings) -> dict:

@@ -131,12 +131,8 @@ def build_tokenizer(
     if missing:
         raise ValueError(f"named special tokens {missing} are not in the special token lists")
 
-    backend = train_byte_level_bpe(
-        vocab_size=bpe_vocab_size, leading_special_tokens=leading_special_tokens
-    )
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in trailing_special_tokens]
-    )
+    backend = train_byte_level_bpe(vocab_size=bpe_vocab_size, leading_special_tokens=leading_special_tokens)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in trailing_special_tokens])
     if add_bos_token:
         bos = named_special_tokens["bos_token"]
         backend.post_processor = processors.TemplateProcessing(
