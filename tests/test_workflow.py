@@ -247,6 +247,10 @@ def test_lint_and_format_are_clean():
     snakefmt = shutil.which("snakefmt")
     fmt = subprocess.run([snakefmt, "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stderr
+    ruff = shutil.which("ruff")
+    for check in (["format", "--check"], ["check"]):
+        python = subprocess.run([ruff, *check, "src", "tests", "scripts"], cwd=REPO, capture_output=True, text=True)
+        assert python.returncode == 0, python.stdout + python.stderr
 
 
 # --- every label method, each run on the demo's extraction -------------------------------------------------
