@@ -3,6 +3,7 @@ split gives back the test AUROC it recorded (synthetic embeddings with a planted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import h5py
@@ -141,6 +142,13 @@ def test_screening_extracts_just_the_probes_layer_prefill_only(trained):
     entry = ModelSettings.from_config("m", {"model": "x", "layers": "all", "multimodal_representation": True})
     screening = screening_settings(entry, probe)
     assert (screening.answers, screening.layers, screening.multimodal_representation) == (False, (1,), False)
+    assert not screening.paper_positions
+    # a probe of the paper's vision position needs those vectors recorded, and only then
+    paper = dataclasses.replace(probe, representation="VT_paper", key="paper_vision_token_representation/layer_1")
+    assert (
+        screening_settings(entry, paper).paper_positions
+        and not screening_settings(entry, paper).multimodal_representation
+    )
 
 
 def test_the_score_command(trained, tmp_path, capsys):

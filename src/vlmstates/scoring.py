@@ -19,7 +19,7 @@ import pandas as pd
 from .atomic import write_atomic
 from .labels import FALSE, TRUE
 from .saved_probes import INDEX, SavedProbe, SavedProbeError, load_probe, sigmoid
-from .store import STATUS_OK, read_embeddings
+from .store import MULTIMODAL, PAPER_VISION_TOKEN, STATUS_OK, parse_key, read_embeddings
 
 SCORES_FORMAT = "vlmstates-scores"
 SCORES_FORMAT_VERSION = 1
@@ -101,12 +101,15 @@ def score_embeddings(
 
 def screening_settings(settings, probe: SavedProbe):
     """The model entry, prefill-only and recording just the probe's layer (the vision-only vector, which
-    every file holds, takes the smallest recording, block 0), with the multimodal mean only for an MM probe."""
+    every file holds, takes the smallest recording, block 0), with the multimodal mean only for an MM probe
+    and the paper's vision positions only for a VT_paper one."""
+    representation, _ = parse_key(probe.key)
     return dataclasses.replace(
         settings,
         answers=False,
         layers=(0 if probe.layer is None else probe.layer,),
-        multimodal_representation=probe.representation == "MM",
+        multimodal_representation=representation == MULTIMODAL,
+        paper_positions=representation == PAPER_VISION_TOKEN,
     )
 
 
