@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .failpoints import failpoint
+from vlmstates.failpoints import failpoint
 
 
 @contextmanager

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import ExifTags, Image
 
-from .images import resolve_image_path
-from .settings import AUTO_BATCH_SIZE
-from .store import SampleResult
+from vlmstates.images import resolve_image_path
+from vlmstates.settings import AUTO_BATCH_SIZE
+from vlmstates.store import SampleResult
 
 if TYPE_CHECKING:
-    from .adapters.base import LoadedModel
-    from .engine import Question
+    from vlmstates.adapters.base import LoadedModel
+    from vlmstates.engine import Question
 
 log = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .adapters import adapter_for_family
-from .adapters.base import LoadedModel
-from .engine import Extractor, Prepared, Question, load_model, select_attention, select_device, select_dtype
-from .hooks import forward_hooks
-from .images import load_image, resolve_image_path
-from .settings import ModelSettings, default_layers
-from .store import write_embeddings
+from vlmstates.adapters import adapter_for_family
+from vlmstates.adapters.base import LoadedModel
+from vlmstates.engine import Extractor, Prepared, Question, load_model, select_attention, select_device, select_dtype
+from vlmstates.hooks import forward_hooks
+from vlmstates.images import load_image, resolve_image_path
+from vlmstates.settings import ModelSettings, default_layers
+from vlmstates.store import write_embeddings
 
 FAMILIES = ("qwen2_5_vl", "gemma3", "phi4_multimodal")
 #: The method name of the engine's prefill-only runs (no answers, no decoding).
@@ -179,7 +179,7 @@ def _full_size_qwen(spec: FullSize):
         Qwen2VLImageProcessor,
     )
 
-    from .tiny import qwen2_5_vl as tiny
+    from vlmstates.tiny import qwen2_5_vl as tiny
 
     small = tiny.build_processor()
     geometry = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
@@ -213,7 +213,7 @@ def _full_size_qwen(spec: FullSize):
 def _full_size_gemma(spec: FullSize):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
-    from .tiny import gemma3 as tiny
+    from vlmstates.tiny import gemma3 as tiny
 
     small = tiny.build_processor()
     size = spec.vision["image_size"]
@@ -252,7 +252,7 @@ def _full_size_gemma(spec: FullSize):
 def _full_size_phi4(spec: FullSize):
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
-    from .tiny import phi4_multimodal as tiny
+    from vlmstates.tiny import phi4_multimodal as tiny
 
     processor = tiny.build_processor()  # the real image geometry: 448-pixel crops, up to 36 of them
     tok = processor.tokenizer
@@ -565,7 +565,7 @@ def load_benchmark_model(family, args, device, dtype, checkpoints: Path) -> tupl
         spec = FULL_SIZE[family]
         name = f"random {spec.checkpoint}"
         return build_full_size(family, device, dtype, ModelSettings(name=family, model=name, **settings)), name
-    from .tiny import build_tiny_checkpoint
+    from vlmstates.tiny import build_tiny_checkpoint
 
     path = checkpoints / f"tiny-{family}"
     if not (path / "config.json").is_file():
@@ -686,7 +686,7 @@ def format_table(results: list[dict]) -> str:
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    from . import __version__
+    from vlmstates import __version__
 
     return dict(
         machine=dict(

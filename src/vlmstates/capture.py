@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .hooks import forward_hooks
-from .store import MULTIMODAL, PAPER_VISION_TOKEN, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN, layer_key
+from vlmstates.hooks import forward_hooks
+from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN, layer_key
 
 
 @dataclass

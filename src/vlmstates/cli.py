@@ -29,13 +29,13 @@ from pathlib import Path
 
 # light modules only: building the parser must not need torch or the probe extras (scikit-learn, scipy),
 # which a model's extraction environment lacks; each command imports what it runs
-from . import __version__, labels, probe_settings
-from .errors import VlmstatesError
-from .settings import ExtractionSettings
+from vlmstates import __version__, labels, probe_settings
+from vlmstates.errors import VlmstatesError
+from vlmstates.settings import ExtractionSettings
 
 
 def _validate(args) -> None:
-    from .dataset import validate_and_write
+    from vlmstates.dataset import validate_and_write
 
     result = validate_and_write(
         args.csv, args.images, args.table, args.report_json, args.report_md, strict=not args.lenient, limit=args.limit
@@ -44,11 +44,11 @@ def _validate(args) -> None:
 
 
 def _extract_shard(args) -> None:
-    from .gpu_lease import lease_gpu
+    from vlmstates.gpu_lease import lease_gpu
 
     lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
-    from .settings import ModelSettings
-    from .shards import extract_shard
+    from vlmstates.settings import ModelSettings
+    from vlmstates.shards import extract_shard
 
     entry = json.loads(args.settings)
     settings = ModelSettings.from_config(entry.pop("name"), entry)
@@ -67,14 +67,14 @@ def _extract_shard(args) -> None:
 
 
 def _merge(args) -> None:
-    from .shards import merge_model_shards
+    from vlmstates.shards import merge_model_shards
 
     merge_model_shards(args.table, args.shards, args.out)
     print(f"merged {len(args.shards)} shards into {args.out}")
 
 
 def _inspect(args) -> None:
-    from .inspection import describe, write_inspection_report
+    from vlmstates.inspection import describe, write_inspection_report
 
     print(describe(args.file))
     if args.html:
@@ -91,14 +91,14 @@ def _inspect(args) -> None:
 
 
 def _export(args) -> None:
-    from .seed_layout import export_seed_layout
+    from vlmstates.seed_layout import export_seed_layout
 
     parts = export_seed_layout(args.embeddings, args.out_dir, args.prefix, args.part_size)
     print(f"{len(parts)} part files in {parts[0].parent}, from {parts[0].name}")
 
 
 def _extract(args) -> None:
-    from .extract_command import run_extract
+    from vlmstates.extract_command import run_extract
 
     outputs = run_extract(
         args.vqa_dataset,
@@ -118,7 +118,7 @@ def _extract(args) -> None:
 
 
 def _predict(args) -> None:
-    from .predict import predict
+    from vlmstates.predict import predict
 
     prediction = predict(
         args.model,
@@ -181,7 +181,7 @@ def _probe_settings(args):
 
 
 def _probe(args) -> None:
-    from .probe_stats import run_probes
+    from vlmstates.probe_stats import run_probes
 
     settings = _probe_settings(args)
     if args.threads:
@@ -198,7 +198,7 @@ def _probe(args) -> None:
 
 
 def _probe_summary(args) -> None:
-    from .probe_summary import summarise_models
+    from vlmstates.probe_summary import summarise_models
 
     pairs = {}
     for item in args.metrics:
@@ -211,7 +211,7 @@ def _probe_summary(args) -> None:
 
 
 def _score(args) -> None:
-    from .scoring import extract_for_probe, score_embeddings, sidecar_path
+    from vlmstates.scoring import extract_for_probe, score_embeddings, sidecar_path
 
     if (args.embeddings is None) == (args.dataset is None):
         raise probe_settings.ProbeError(
@@ -223,9 +223,9 @@ def _score(args) -> None:
             raise probe_settings.ProbeError(
                 "--dataset needs --images DIR and --model JSON (a models entry with its name)"
             )
-        from .dataset import validate_and_write
-        from .gpu_lease import lease_gpu
-        from .settings import ModelSettings
+        from vlmstates.dataset import validate_and_write
+        from vlmstates.gpu_lease import lease_gpu
+        from vlmstates.settings import ModelSettings
 
         lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
         entry = json.loads(args.model)
@@ -248,13 +248,13 @@ def _score(args) -> None:
 
 
 def _demo(args) -> None:
-    from .demo import write_demo_dataset
+    from vlmstates.demo import write_demo_dataset
 
     print(write_demo_dataset(args.out))
 
 
 def _tiny(args) -> None:
-    from .tiny import build_tiny_checkpoint
+    from vlmstates.tiny import build_tiny_checkpoint
 
     print(build_tiny_checkpoint(args.family, args.out, seed=args.seed))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .settings import ConfigError
+from vlmstates.settings import ConfigError
 
 MAX_PROBLEMS = 5  # more than a few problems at once is a wrong file; the first ones say so
 MAX_VALUE_CHARS = 60

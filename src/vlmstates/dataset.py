@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_path
-from .errors import VlmstatesError
-from .images import SUPPORTED_IMAGE_FORMATS, ImageLoadError, ImagePathError, open_rgb, resolve_image_path
+from vlmstates.atomic import atomic_path
+from vlmstates.errors import VlmstatesError
+from vlmstates.images import SUPPORTED_IMAGE_FORMATS, ImageLoadError, ImagePathError, open_rgb, resolve_image_path
 
 __all__ = [
     "REQUIRED_COLUMNS",

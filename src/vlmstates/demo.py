@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .atomic import write_bytes_atomic
+from vlmstates.atomic import write_bytes_atomic
 
 __all__ = [
     "COLORS",

@@ -22,16 +22,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import __version__, batching
-from .adapters import adapter_for_family, family_of_model_type
-from .adapters.base import Batch, LoadedModel
-from .capture import PrefillCapture
-from .failpoints import failpoint
-from .images import ImageLoadError, load_image, resolve_image_path
-from .paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
-from .positions import Positions
-from .settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
-from .store import (
+from vlmstates import __version__, batching
+from vlmstates.adapters import adapter_for_family, family_of_model_type
+from vlmstates.adapters.base import Batch, LoadedModel
+from vlmstates.capture import PrefillCapture
+from vlmstates.failpoints import failpoint
+from vlmstates.images import ImageLoadError, load_image, resolve_image_path
+from vlmstates.paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
+from vlmstates.positions import Positions
+from vlmstates.settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
+from vlmstates.store import (
     ANSWERS_ATTR,
     GENERATION_CONFIG_ATTR,
     MULTIMODAL,

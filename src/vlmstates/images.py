@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import VlmstatesError
+from vlmstates.errors import VlmstatesError
 
 #: Lower-case file extensions (with the dot, as ``Path.suffix`` gives them).
 SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (

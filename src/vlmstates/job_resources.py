@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from .settings import ALL_LAYERS, DEFAULT_LAYER_COUNT
+from vlmstates.settings import ALL_LAYERS, DEFAULT_LAYER_COUNT
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 # A checkpoint whose size cannot be read (a hub id not in the local cache) is taken to be this big:

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .settings import ConfigError, ModelSettings
+from vlmstates.settings import ConfigError, ModelSettings
 
 if TYPE_CHECKING:
-    from .positions import Positions
+    from vlmstates.positions import Positions
 
 
 def _qwen2_5_vl(positions: Positions, inputs: dict) -> list[int]:

@@ -12,10 +12,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import VlmstatesError
-from .images import load_image, resolve_image_path
-from .settings import ModelSettings
-from .store import STATUS_FAILED
+from vlmstates.errors import VlmstatesError
+from vlmstates.images import load_image, resolve_image_path
+from vlmstates.settings import ModelSettings
+from vlmstates.store import STATUS_FAILED
 
 TASK_PROMPTS = {
     "vqa": "{question}",
@@ -100,7 +100,7 @@ def predict(
         trust_remote_code=trust_remote_code,
         device=device,
     )
-    from .engine import Extractor, Question, load_model  # torch is imported only once the input is checked
+    from vlmstates.engine import Extractor, Question, load_model  # torch is imported only once the input is checked
 
     started = time.perf_counter()
     extractor = Extractor(load_model(settings), progress=False, batch_size=1)

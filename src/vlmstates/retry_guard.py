@@ -55,7 +55,7 @@ def run_attempt(command: list[str], log: Path, marker: Path) -> int:
     """Run the command in this process; mark its error when a retry would repeat it."""
     import traceback
 
-    from .cli import main
+    from vlmstates.cli import main
 
     try:
         status = main(command)

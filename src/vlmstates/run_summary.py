@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .shards import count_shards
-from .store import STATUS_OK, read_embeddings
+from vlmstates.shards import count_shards
+from vlmstates.store import STATUS_OK, read_embeddings
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import write_atomic
-from .labels import FALSE, TRUE
-from .saved_probes import INDEX, SavedProbe, SavedProbeError, load_probe, sigmoid
-from .store import MULTIMODAL, PAPER_VISION_TOKEN, STATUS_OK, parse_key, read_embeddings
+from vlmstates.atomic import write_atomic
+from vlmstates.labels import FALSE, TRUE
+from vlmstates.saved_probes import INDEX, SavedProbe, SavedProbeError, load_probe, sigmoid
+from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, STATUS_OK, parse_key, read_embeddings
 
 SCORES_FORMAT = "vlmstates-scores"
 SCORES_FORMAT_VERSION = 1
@@ -116,8 +116,8 @@ def screening_settings(settings, probe: SavedProbe):
 def extract_for_probe(settings, probes_dir: str | Path, spec: str, table_path, images_dir, out_path) -> Path:
     """Prefill-only extraction of a validated table, of just what probe `spec` of `probes_dir` reads, as
     one shard (an embeddings file); its progress folder goes once the file is written, as merging would."""
-    from .dataset import read_validated_table
-    from .shards import extract_shard, progress_folder
+    from vlmstates.dataset import read_validated_table
+    from vlmstates.shards import extract_shard, progress_folder
 
     probe, _ = load_probe(probes_dir, spec)
     rows = len(read_validated_table(table_path))

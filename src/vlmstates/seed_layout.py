@@ -28,9 +28,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path
-from .errors import VlmstatesError
-from .store import (
+from vlmstates.atomic import atomic_path
+from vlmstates.errors import VlmstatesError
+from vlmstates.store import (
     INT_COLUMNS,
     QUERY_TOKEN,
     STATUS_FAILED,

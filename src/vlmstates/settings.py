@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import VlmstatesError
+from vlmstates.errors import VlmstatesError
 
 #: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.batching.AUTO_BATCH_START).
 AUTO_BATCH_SIZE = "auto"

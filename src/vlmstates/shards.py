@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_path
-from .dataset import read_validated_table
-from .errors import VlmstatesError
-from .settings import AUTO_BATCH_SIZE, ExtractionSettings
-from .store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
+from vlmstates.atomic import atomic_path
+from vlmstates.dataset import read_validated_table
+from vlmstates.errors import VlmstatesError
+from vlmstates.settings import AUTO_BATCH_SIZE, ExtractionSettings
+from vlmstates.store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def shard_rows(table: pd.DataFrame, shard: int, shard_size: int) -> pd.DataFrame
 
 
 def questions_of(rows: pd.DataFrame) -> list:
-    from .engine import Question
+    from vlmstates.engine import Question
 
     return [Question(r.question_id, r.image_id, r.question, r.answer) for r in rows.itertuples(index=False)]
 
@@ -299,7 +299,7 @@ def extract_shard(
 
 
 def _load_extractor(settings, attempt: int):
-    from .engine import Extractor, load_model  # torch is imported only by jobs that extract
+    from vlmstates.engine import Extractor, load_model  # torch is imported only by jobs that extract
 
     batch_size = batch_size_for_attempt(settings.batch_size, attempt)
     return Extractor(load_model(settings), batch_size=batch_size, progress=progress_bar_wanted())

@@ -22,8 +22,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path
-from .errors import VlmstatesError
+from vlmstates.atomic import atomic_path
+from vlmstates.errors import VlmstatesError
 
 SCHEMA_VERSION = 1
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from ..settings import ConfigError
-from .entries import ENTRIES
+from vlmstates.adapters.entries import ENTRIES
+from vlmstates.settings import ConfigError
 
 ENTRY = "entry"  # the adapter of a family that is an entry
 
@@ -32,7 +32,7 @@ def adapter_class(family: str):
     if family not in _FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; known: {', '.join(_FAMILIES)}")
     if _FAMILIES[family][0] == ENTRY:
-        from .declarative import entry_adapter_class
+        from vlmstates.adapters.declarative import entry_adapter_class
 
         return entry_adapter_class(family)
     module, cls = _FAMILIES[family][0].split(":")

@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
-from ..positions import Positions, find_positions
-from ..settings import ModelSettings
-from .processors import load_processor
+from vlmstates.adapters.processors import load_processor
+from vlmstates.positions import Positions, find_positions
+from vlmstates.settings import ModelSettings
 
 
 @dataclass

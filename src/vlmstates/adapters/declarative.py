@@ -15,9 +15,9 @@ from typing import ClassVar
 
 import torch
 
-from ..hooks import forward_hooks
-from .base import Adapter, Batch, LoadedModel
-from .entries import ENTRIES, FamilyEntry
+from vlmstates.adapters.base import Adapter, Batch, LoadedModel
+from vlmstates.adapters.entries import ENTRIES, FamilyEntry
+from vlmstates.hooks import forward_hooks
 
 
 @dataclass

@@ -43,10 +43,10 @@ import logging
 import torch
 from PIL import Image
 
-from ..hooks import forward_hooks
-from ..positions import Positions, positions_in_left_padded_batch
-from ..settings import ConfigError
-from .base import Adapter, Batch, LoadedModel, recorded_generation
+from vlmstates.adapters.base import Adapter, Batch, LoadedModel, recorded_generation
+from vlmstates.hooks import forward_hooks
+from vlmstates.positions import Positions, positions_in_left_padded_batch
+from vlmstates.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from typing import ClassVar
 
 import torch
 
-from ..settings import ConfigError, ModelSettings, read_checkpoint_config
-from .base import Adapter, Batch, LoadedModel
+from vlmstates.adapters.base import Adapter, Batch, LoadedModel
+from vlmstates.settings import ConfigError, ModelSettings, read_checkpoint_config
 
 VISION_LORA_SUBFOLDER = "vision-lora"
 VISION_ADAPTER_NAME = "vision"

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..settings import ConfigError
+from vlmstates.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

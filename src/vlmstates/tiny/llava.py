@@ -22,10 +22,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import generation_config, save_checkpoint, seeded_model
-from .image import CLIP_MEAN, CLIP_STD
-from .text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, START_HEADER, decoder_config, llama3_text_config
-from .tokenizer import build_tokenizer
+from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.tiny.image import CLIP_MEAN, CLIP_STD
+from vlmstates.tiny.text import (
+    BEGIN_OF_TEXT,
+    END_HEADER,
+    END_OF_TEXT,
+    EOT,
+    START_HEADER,
+    decoder_config,
+    llama3_text_config,
+)
+from vlmstates.tiny.tokenizer import build_tokenizer
 
 TILE = 28  # real 336
 PATCH = 7  # real 14; 336/14 = 28/7 = 4 ... patches per side: real 24, here 4

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import generation_config, save_checkpoint, seeded_model
-from .image import CLIP_MEAN, CLIP_STD
-from .text import decoder_config
-from .tokenizer import build_tokenizer
+from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.tiny.image import CLIP_MEAN, CLIP_STD
+from vlmstates.tiny.text import decoder_config
+from vlmstates.tiny.tokenizer import build_tokenizer
 
 FAMILY = "mistral3"
 

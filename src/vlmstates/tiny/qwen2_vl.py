@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import qwen2_5_vl as qwen
+from vlmstates.tiny import qwen2_5_vl as qwen
 
 #: Qwen/Qwen2-VL-7B-Instruct's generation_config.json besides the token ids (as Qwen2.5-VL's)
 REAL_GENERATION_SETTINGS = qwen.REAL_GENERATION_SETTINGS
