@@ -1,4 +1,4 @@
-"""Throughput of the extraction engine against a HALP-style loop; see vlmstates.benchmark (or --help).
+"""Throughput of the extraction engine against a HALP-style loop; see vlmstates.extraction.benchmark (or --help).
 
 python scripts/benchmark.py --models tiny --device cpu --json benchmark-cpu.json
 python scripts/benchmark.py --models full --device cuda --batch-sizes 1 8 16 32 64 --peak-tflops 989
@@ -13,7 +13,7 @@ _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-from vlmstates.benchmark import main  # noqa: E402
+from vlmstates.extraction.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

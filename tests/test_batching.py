@@ -12,13 +12,13 @@ import pytest
 import torch
 from oracle import assert_same_results
 
-from vlmstates import batching
-from vlmstates.adapters import adapter_class
-from vlmstates.batching import AUTO_BATCH_FIXED, SortKey, plan_batches, read_image_size, sort_keys
-from vlmstates.benchmark import synthetic_inputs
-from vlmstates.engine import Extractor, load_model
+from vlmstates.extraction import batching
+from vlmstates.extraction.adapters import adapter_class
+from vlmstates.extraction.batching import AUTO_BATCH_FIXED, SortKey, plan_batches, read_image_size, sort_keys
+from vlmstates.extraction.benchmark import synthetic_inputs
+from vlmstates.extraction.engine import Extractor, load_model
+from vlmstates.extraction.shards import batch_size_for_attempt
 from vlmstates.settings import ConfigError, ModelSettings
-from vlmstates.shards import batch_size_for_attempt
 from vlmstates.store import STATUS_FAILED, STATUS_OK
 
 # Mixed sizes: Qwen's dynamic resolution gives 6 to 32 image tokens, Phi-4 one to six crops (groups).
@@ -130,7 +130,7 @@ def test_the_adapters_max_batch_size_caps_the_batch(tiny_checkpoint, caplog, mon
 
     settings = ModelSettings.from_config("tiny", {"model": str(tiny_checkpoint("qwen2_5_vl")), "max_new_tokens": 2})
     loaded = replace(load_model(settings), adapter=CappedQwen())
-    with caplog.at_level(logging.INFO, logger="vlmstates.engine"):
+    with caplog.at_level(logging.INFO, logger="vlmstates.extraction.engine"):
         assert Extractor(loaded, progress=False, batch_size=8).batch_size == 2
         assert Extractor(loaded, progress=False, batch_size="auto").batch_size == 2
         assert Extractor(loaded, progress=False, batch_size=1).batch_size == 1

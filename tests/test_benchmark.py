@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from vlmstates.benchmark import FULL_SIZE, build_full_size, parameter_count
+from vlmstates.extraction.benchmark import FULL_SIZE, build_full_size, parameter_count
 from vlmstates.settings import ModelSettings
 
 RESULT_FIELDS = {

@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO
 from packaging.requirements import Requirement
 
-from vlmstates.adapters import families
+from vlmstates.extraction.adapters import families
 
 ENVS = REPO / "envs"
 ENV_FILES = sorted(ENVS.glob("*.yaml"))

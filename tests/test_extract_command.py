@@ -10,14 +10,14 @@ import sys
 import numpy as np
 import pytest
 
-import vlmstates.extract_command as extract_command
-from vlmstates import engine
+import vlmstates.extraction.command as extract_command
 from vlmstates.cli import main
 from vlmstates.dataset import validate_and_write
-from vlmstates.engine import load_model
+from vlmstates.extraction import engine
+from vlmstates.extraction.engine import load_model
+from vlmstates.extraction.shards import extract_shard, merge_model_shards
 from vlmstates.seed_layout import read_seed_layout
 from vlmstates.settings import ModelSettings
-from vlmstates.shards import extract_shard, merge_model_shards
 from vlmstates.store import VISION_ONLY, read_embeddings, read_results, write_embeddings
 
 SETTINGS = {"batch_size": 2, "max_new_tokens": 3}
@@ -182,7 +182,7 @@ def test_bad_checkpoint_interval_is_refused(demo, tmp_path, capsys):
 
 def test_cache_dir_becomes_the_hub_cache(tmp_path):
     code = (
-        "from vlmstates.extract_command import use_cache_dir\n"
+        "from vlmstates.extraction.command import use_cache_dir\n"
         f"use_cache_dir({str(tmp_path)!r})\n"
         "from huggingface_hub import constants\n"
         "print(constants.HF_HUB_CACHE)\n"

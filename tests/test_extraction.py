@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from vlmstates.dataset import read_validated_table
-from vlmstates.engine import Extractor, load_model
+from vlmstates.extraction.engine import Extractor, load_model
+from vlmstates.extraction.shards import questions_of
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ModelSettings
-from vlmstates.shards import questions_of
 
 QUESTION = "Is the red circle left of the blue square?"
 

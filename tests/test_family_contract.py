@@ -23,10 +23,10 @@ import pytest
 import torch
 from oracle import assert_decoder_vectors_match, rel_error
 
-from vlmstates.adapters import adapter_class, families, family_of_model_type
-from vlmstates.adapters.entries import ENTRIES
-from vlmstates.benchmark import synthetic_inputs
-from vlmstates.engine import Extractor, load_model
+from vlmstates.extraction.adapters import adapter_class, families, family_of_model_type
+from vlmstates.extraction.adapters.entries import ENTRIES
+from vlmstates.extraction.benchmark import synthetic_inputs
+from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.store import SEMANTICS, STATUS_OK, VISION_ONLY
@@ -540,7 +540,7 @@ def test_pooling_never_averages_padding(run):
     """Where a padded batch carries padding tiles or images, the adapter's row counts leave them out: the
     counts differ between samples, and sum to what the projector saw."""
     case, loaded, questions, images, _, _ = run
-    from vlmstates.adapters.declarative import ROW_COUNTS, EntryAdapter
+    from vlmstates.extraction.adapters.declarative import ROW_COUNTS, EntryAdapter
 
     if not isinstance(loaded.adapter, EntryAdapter):
         pytest.skip(f"{case.family} pools in its own code")

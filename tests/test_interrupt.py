@@ -24,9 +24,9 @@ import yaml
 from conftest import REPO
 from oracle import assert_same_results
 
-from vlmstates import shards
+from vlmstates.extraction import shards
+from vlmstates.extraction.shards import FINISHED, Progress, extract_shard, interrupts_deferred, merge_model_shards
 from vlmstates.settings import ModelSettings
-from vlmstates.shards import FINISHED, Progress, extract_shard, interrupts_deferred, merge_model_shards
 from vlmstates.store import STATUS_FAILED, VISION_ONLY, SampleResult, read_results
 
 # -- extract_shard with a stand-in extractor -----------------------------------------------------------

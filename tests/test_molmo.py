@@ -24,13 +24,19 @@ import torch
 from molmo_standin import build_standin_checkpoint
 from oracle import assert_decoder_vectors_match, assert_same_results, rel_error
 
-from vlmstates.adapters import family_of_model_type
-from vlmstates.adapters.molmo import STOP_STRING, MolmoAdapter, cut_at_stop_string, generation_inputs, left_pad_collate
 from vlmstates.dataset import read_validated_table
-from vlmstates.engine import Extractor, load_model
+from vlmstates.extraction.adapters import family_of_model_type
+from vlmstates.extraction.adapters.molmo import (
+    STOP_STRING,
+    MolmoAdapter,
+    cut_at_stop_string,
+    generation_inputs,
+    left_pad_collate,
+)
+from vlmstates.extraction.engine import Extractor, load_model
+from vlmstates.extraction.shards import questions_of
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ConfigError, ModelSettings
-from vlmstates.shards import questions_of
 from vlmstates.store import STATUS_OK, VISION_ONLY, layer_key
 
 N_SAMPLES = 8

@@ -19,10 +19,10 @@ from test_family_contract import single_batch
 from test_workflow import default_config, snakemake, workdir_with_config
 
 from vlmstates import job_resources
-from vlmstates.benchmark import synthetic_inputs
-from vlmstates.engine import Extractor, load_model
-from vlmstates.paper_positions import PAPER_VISION_RULES, check_paper_positions, paper_vision_positions
-from vlmstates.positions import Positions
+from vlmstates.extraction.benchmark import synthetic_inputs
+from vlmstates.extraction.engine import Extractor, load_model
+from vlmstates.extraction.paper_positions import PAPER_VISION_RULES, check_paper_positions, paper_vision_positions
+from vlmstates.extraction.positions import Positions
 from vlmstates.probe_summary import summarise_models
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.store import (

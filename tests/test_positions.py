@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlmstates.positions import find_positions
+from vlmstates.extraction.positions import find_positions
 
 IMAGE = 9
 

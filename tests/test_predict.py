@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vlmstates.cli import main
-from vlmstates.predict import TASK_PROMPTS, PredictError, prompt_template
+from vlmstates.extraction.predict import TASK_PROMPTS, PredictError, prompt_template
 
 
 @pytest.fixture(scope="module")

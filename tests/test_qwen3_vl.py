@@ -17,8 +17,8 @@ import torch
 from oracle import assert_decoder_vectors_match, rel_error
 from test_family_contract import qwen3_vl_vision
 
-from vlmstates.benchmark import synthetic_inputs
-from vlmstates.engine import Extractor, load_model
+from vlmstates.extraction.benchmark import synthetic_inputs
+from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ModelSettings
 from vlmstates.store import STATUS_OK, VISION_ONLY, layer_key

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlmstates.engine import load_model
+from vlmstates.extraction.engine import load_model
 from vlmstates.settings import ModelSettings
 
 

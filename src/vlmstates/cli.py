@@ -47,8 +47,8 @@ def _extract_shard(args) -> None:
     from vlmstates.gpu_lease import lease_gpu
 
     lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
+    from vlmstates.extraction.shards import extract_shard
     from vlmstates.settings import ModelSettings
-    from vlmstates.shards import extract_shard
 
     entry = json.loads(args.settings)
     settings = ModelSettings.from_config(entry.pop("name"), entry)
@@ -67,7 +67,7 @@ def _extract_shard(args) -> None:
 
 
 def _merge(args) -> None:
-    from vlmstates.shards import merge_model_shards
+    from vlmstates.extraction.shards import merge_model_shards
 
     merge_model_shards(args.table, args.shards, args.out)
     print(f"merged {len(args.shards)} shards into {args.out}")
@@ -98,7 +98,7 @@ def _export(args) -> None:
 
 
 def _extract(args) -> None:
-    from vlmstates.extract_command import run_extract
+    from vlmstates.extraction.command import run_extract
 
     outputs = run_extract(
         args.vqa_dataset,
@@ -118,7 +118,7 @@ def _extract(args) -> None:
 
 
 def _predict(args) -> None:
-    from vlmstates.predict import predict
+    from vlmstates.extraction.predict import predict
 
     prediction = predict(
         args.model,

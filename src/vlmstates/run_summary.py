@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlmstates.shards import count_shards
+from vlmstates.extraction.shards import count_shards
 from vlmstates.store import STATUS_OK, read_embeddings
 
 

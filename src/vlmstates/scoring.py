@@ -117,7 +117,7 @@ def extract_for_probe(settings, probes_dir: str | Path, spec: str, table_path, i
     """Prefill-only extraction of a validated table, of just what probe `spec` of `probes_dir` reads, as
     one shard (an embeddings file); its progress folder goes once the file is written, as merging would."""
     from vlmstates.dataset import read_validated_table
-    from vlmstates.shards import extract_shard, progress_folder
+    from vlmstates.extraction.shards import extract_shard, progress_folder
 
     probe, _ = load_probe(probes_dir, spec)
     rows = len(read_validated_table(table_path))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vlmstates.errors import VlmstatesError
 
-#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.batching.AUTO_BATCH_START).
+#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.extraction.batching.AUTO_BATCH_START).
 AUTO_BATCH_SIZE = "auto"
 #: `layers: all`: every decoder block.
 ALL_LAYERS = "all"

@@ -81,7 +81,7 @@ PREFILL_ONLY_ANSWER = "empty: prefill-only extraction (the model entry's answers
 
 #: The paper-position entries of the semantics of a file with paper positions (attribute paper_positions true).
 PAPER_POSITIONS_SEMANTICS = {
-    PAPER_VISION_POSITION: "where the HALP paper's code took the last image token for this family (vlmstates.positions.PAPER_VISION_RULES), in the sample's own prompt, padding excluded, the prompt length measured as at batch 1; not necessarily an image token",
+    PAPER_VISION_POSITION: "where the HALP paper's code took the last image token for this family (vlmstates.extraction.positions.PAPER_VISION_RULES), in the sample's own prompt, padding excluded, the prompt length measured as at batch 1; not necessarily an image token",
     PAPER_VISION_TOKEN: "decoder block k's output at paper_vision_token_position, for comparison with vision_token_representation",
 }
 

@@ -1,8 +1,8 @@
-"""The CPU benchmark (vlmstates.benchmark) on the Molmo stand-in, both layouts, at batch 1 and 4.
+"""The CPU benchmark (vlmstates.extraction.benchmark) on the Molmo stand-in, both layouts, at batch 1 and 4.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:tests python -m molmo_standin.benchmark
 
-vlmstates.benchmark builds its models from vlmstates.tiny, which has no Molmo (the stand-in lives in
+vlmstates.extraction.benchmark builds its models from vlmstates.tiny, which has no Molmo (the stand-in lives in
 tests/); this swaps in the stand-in's loading and runs the benchmark's own engine and HALP-style loop.
 Image sizes give the stand-in 2, 3 and 5 crops. Figures of a tiny random model: they show batching at
 work, not the speed of the real one.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-import vlmstates.benchmark as benchmark
-from vlmstates.engine import load_model
+import vlmstates.extraction.benchmark as benchmark
+from vlmstates.extraction.engine import load_model
 from vlmstates.settings import ModelSettings
 
 from . import build_standin_checkpoint

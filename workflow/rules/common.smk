@@ -19,10 +19,10 @@ VLMSTATES_NO_REPEAT = (
     f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates.retry_guard"
 )
 
-from vlmstates.adapters import families, family_of_model_type
+from vlmstates.extraction.adapters import families, family_of_model_type
 from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
-from vlmstates.paper_positions import check_paper_positions
+from vlmstates.extraction.paper_positions import check_paper_positions
 from vlmstates import job_resources
 from vlmstates.settings import (
     ConfigError,
@@ -32,7 +32,7 @@ from vlmstates.settings import (
     read_checkpoint_config,
 )
 from vlmstates.run_summary import run_summary
-from vlmstates.shards import count_shards
+from vlmstates.extraction.shards import count_shards
 
 # Logs written from here on are this run's: run_summary tells this run's failed steps by them.
 RUN_STARTED = time.time()

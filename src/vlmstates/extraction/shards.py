@@ -60,7 +60,7 @@ def shard_rows(table: pd.DataFrame, shard: int, shard_size: int) -> pd.DataFrame
 
 
 def questions_of(rows: pd.DataFrame) -> list:
-    from vlmstates.engine import Question
+    from vlmstates.extraction.engine import Question
 
     return [Question(r.question_id, r.image_id, r.question, r.answer) for r in rows.itertuples(index=False)]
 
@@ -299,7 +299,7 @@ def extract_shard(
 
 
 def _load_extractor(settings, attempt: int):
-    from vlmstates.engine import Extractor, load_model  # torch is imported only by jobs that extract
+    from vlmstates.extraction.engine import Extractor, load_model  # torch is imported only by jobs that extract
 
     batch_size = batch_size_for_attempt(settings.batch_size, attempt)
     return Extractor(load_model(settings), batch_size=batch_size, progress=progress_bar_wanted())

@@ -1,7 +1,7 @@
 """The model families the engine knows, looked up by config.json's model_type.
 
-A family in the common layout is an entry of vlmstates.adapters.entries (data, served by
-vlmstates.adapters.declarative.EntryAdapter); a family that truly differs has its own adapter module. This
+A family in the common layout is an entry of vlmstates.extraction.adapters.entries (data, served by
+vlmstates.extraction.adapters.declarative.EntryAdapter); a family that truly differs has its own adapter module. This
 table is read when Snakemake builds its DAG, so it names modules without importing them (and without
 importing torch); a family's conda environment is envs/<family>.yaml.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from vlmstates.adapters.entries import ENTRIES
+from vlmstates.extraction.adapters.entries import ENTRIES
 from vlmstates.settings import ConfigError
 
 ENTRY = "entry"  # the adapter of a family that is an entry
@@ -32,7 +32,7 @@ def adapter_class(family: str):
     if family not in _FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; known: {', '.join(_FAMILIES)}")
     if _FAMILIES[family][0] == ENTRY:
-        from vlmstates.adapters.declarative import entry_adapter_class
+        from vlmstates.extraction.adapters.declarative import entry_adapter_class
 
         return entry_adapter_class(family)
     module, cls = _FAMILIES[family][0].split(":")

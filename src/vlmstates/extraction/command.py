@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmstates.dataset import read_validated_table, validate_and_write
+from vlmstates.extraction.shards import count_shards, extract_shard, merge_model_shards, progress_bar_wanted, shard_rows
 from vlmstates.seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
 from vlmstates.settings import ConfigError, ExtractionSettings, ModelSettings
-from vlmstates.shards import count_shards, extract_shard, merge_model_shards, progress_bar_wanted, shard_rows
 from vlmstates.store import read_embeddings
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _extract_shards(
 
 
 def _extractor(settings: ModelSettings):
-    from vlmstates.engine import Extractor, load_model  # torch is imported only once there is work
+    from vlmstates.extraction.engine import Extractor, load_model  # torch is imported only once there is work
 
     return Extractor(load_model(settings), progress=progress_bar_wanted())
 

@@ -100,7 +100,11 @@ def predict(
         trust_remote_code=trust_remote_code,
         device=device,
     )
-    from vlmstates.engine import Extractor, Question, load_model  # torch is imported only once the input is checked
+    from vlmstates.extraction.engine import (  # torch is imported only once the input is checked
+        Extractor,
+        Question,
+        load_model,
+    )
 
     started = time.perf_counter()
     extractor = Extractor(load_model(settings), progress=False, batch_size=1)

@@ -43,9 +43,9 @@ import logging
 import torch
 from PIL import Image
 
-from vlmstates.adapters.base import Adapter, Batch, LoadedModel, recorded_generation
-from vlmstates.hooks import forward_hooks
-from vlmstates.positions import Positions, positions_in_left_padded_batch
+from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel, recorded_generation
+from vlmstates.extraction.hooks import forward_hooks
+from vlmstates.extraction.positions import Positions, positions_in_left_padded_batch
 from vlmstates.settings import ConfigError
 
 log = logging.getLogger(__name__)

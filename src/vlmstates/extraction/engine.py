@@ -1,6 +1,6 @@
 """The extraction engine: one batched generate() per batch captures the vectors and produces the answers.
 
-Batches are planned by vlmstates.batching (by estimated prompt length, before any pixel is decoded).
+Batches are planned by vlmstates.extraction.batching (by estimated prompt length, before any pixel is decoded).
 While the model runs one batch, a background thread decodes the images of the next ones and runs the
 processor on them.
 """
@@ -22,14 +22,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vlmstates import __version__, batching
-from vlmstates.adapters import adapter_for_family, family_of_model_type
-from vlmstates.adapters.base import Batch, LoadedModel
-from vlmstates.capture import PrefillCapture
+from vlmstates import __version__
+from vlmstates.extraction import batching
+from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
+from vlmstates.extraction.adapters.base import Batch, LoadedModel
+from vlmstates.extraction.capture import PrefillCapture
+from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
+from vlmstates.extraction.positions import Positions
 from vlmstates.failpoints import failpoint
 from vlmstates.images import ImageLoadError, load_image, resolve_image_path
-from vlmstates.paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
-from vlmstates.positions import Positions
 from vlmstates.settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
 from vlmstates.store import (
     ANSWERS_ATTR,

@@ -1,7 +1,7 @@
 """The vision-token positions the HALP paper's code used (a model entry's `paper_positions: true`).
 
 The paper's per-model scripts ran one sample at a time and took the "last image token" from heuristics
-rather than from input_ids (vlmstates.positions finds the exact one). Recording the vectors at the
+rather than from input_ids (vlmstates.extraction.positions finds the exact one). Recording the vectors at the
 scripts' positions as well, under their own names, lets a user reproduce the published VT numbers and
 see what the correction changes. `seq_len` in the scripts was input_ids.shape[1] of that single,
 unpadded prompt, so here it is each row's own prompt length (`num_prompt_tokens`): a batched run gives
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from vlmstates.settings import ConfigError, ModelSettings
 
 if TYPE_CHECKING:
-    from vlmstates.positions import Positions
+    from vlmstates.extraction.positions import Positions
 
 
 def _qwen2_5_vl(positions: Positions, inputs: dict) -> list[int]:

@@ -1,6 +1,6 @@
-"""`EntryAdapter`: the adapter protocol served from a `FamilyEntry` (vlmstates.adapters.entries).
+"""`EntryAdapter`: the adapter protocol served from a `FamilyEntry` (vlmstates.extraction.adapters.entries).
 
-The members an entry answers are the base protocol's (vlmstates.adapters.base): module paths resolved with
+The members an entry answers are the base protocol's (vlmstates.extraction.adapters.base): module paths resolved with
 `get_submodule`, the image token id read from the config attribute the entry names, and the pooling named by
 the entry. A pooling splits the projector's input (one forward's, the whole batch's) into per-sample groups of
 rows and takes each group's mean over all its patches; the group sizes come from the processor's outputs,
@@ -15,9 +15,9 @@ from typing import ClassVar
 
 import torch
 
-from vlmstates.adapters.base import Adapter, Batch, LoadedModel
-from vlmstates.adapters.entries import ENTRIES, FamilyEntry
-from vlmstates.hooks import forward_hooks
+from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel
+from vlmstates.extraction.adapters.entries import ENTRIES, FamilyEntry
+from vlmstates.extraction.hooks import forward_hooks
 
 
 @dataclass

@@ -16,8 +16,8 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
-from vlmstates.adapters.processors import load_processor
-from vlmstates.positions import Positions, find_positions
+from vlmstates.extraction.adapters.processors import load_processor
+from vlmstates.extraction.positions import Positions, find_positions
 from vlmstates.settings import ModelSettings
 
 
@@ -47,7 +47,7 @@ class Adapter:
 
     Which members a family must give is listed in REQUIRED (no default here), which it may override in
     OPTIONAL, and BENCHMARK_ONLY are read only by the benchmark and the tests, never by extraction. A family
-    in the common layout gives them all as data (vlmstates.adapters.entries).
+    in the common layout gives them all as data (vlmstates.extraction.adapters.entries).
     """
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("family", "projector")
@@ -82,7 +82,7 @@ class Adapter:
     #: Largest batch the family can run exactly; the engine caps the batch size there (None: no limit).
     max_batch_size: ClassVar[int | None] = None
     #: Legacy ``image_processor_type`` names of the family's checkpoints -> the transformers class they
-    #: now are (see vlmstates.adapters.processors); an unknown name stops the load with the fix.
+    #: now are (see vlmstates.extraction.adapters.processors); an unknown name stops the load with the fix.
     legacy_image_processors: ClassVar[dict[str, str]] = {}
     #: What the vision token (VT) and the vision-only vector (VF) hold in this family; written into each
     #: file's `semantics` attribute (key "family") and config/README.md.

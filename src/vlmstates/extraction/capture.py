@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmstates.hooks import forward_hooks
+from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN, layer_key
 
 

@@ -9,7 +9,7 @@ real processor classes and the tiny builders' local tokenizers (no download). In
 realistic sizes and HALP-like questions; every answer is exactly `--new-tokens` long (min = max), so
 random weights do not change the work.
 
-Measured in one run on the same inputs: the engine (`vlmstates.engine.Extractor`, its real code path) at
+Measured in one run on the same inputs: the engine (`vlmstates.extraction.engine.Extractor`, its real code path) at
 each `--batch-sizes`, the engine prefill-only (`answers: false`: the same prefill, no decoding) at each,
 and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass with
 output_hidden_states and a projector hook, and a separate vision-tower pass. Each configuration runs
@@ -39,10 +39,18 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from vlmstates.adapters import adapter_for_family
-from vlmstates.adapters.base import LoadedModel
-from vlmstates.engine import Extractor, Prepared, Question, load_model, select_attention, select_device, select_dtype
-from vlmstates.hooks import forward_hooks
+from vlmstates.extraction.adapters import adapter_for_family
+from vlmstates.extraction.adapters.base import LoadedModel
+from vlmstates.extraction.engine import (
+    Extractor,
+    Prepared,
+    Question,
+    load_model,
+    select_attention,
+    select_device,
+    select_dtype,
+)
+from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ModelSettings, default_layers
 from vlmstates.store import write_embeddings

@@ -46,7 +46,7 @@ from typing import ClassVar
 
 import torch
 
-from vlmstates.adapters.base import Adapter, Batch, LoadedModel
+from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel
 from vlmstates.settings import ConfigError, ModelSettings, read_checkpoint_config
 
 VISION_LORA_SUBFOLDER = "vision-lora"
