@@ -24,8 +24,8 @@ _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-from vlmstates.probe_settings import ProbeSettings  # noqa: E402
-from vlmstates.probe_stats import (  # noqa: E402
+from vlmstates.analysis.probes.settings import ProbeSettings  # noqa: E402
+from vlmstates.analysis.probes.stats import (  # noqa: E402
     _standardise,
     auroc,
     bootstrap_auroc,
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from vlmstates.probe_stats import resolve_device
+    from vlmstates.analysis.probes.stats import resolve_device
 
     device = resolve_device(args.device)
     settings = replace(ProbeSettings(), mlp_max_epochs=args.epochs, seed=args.seed, device=device)

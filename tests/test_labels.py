@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlmstates import labels as L
+from vlmstates.analysis import labels as L
 from vlmstates.cli import main
 from vlmstates.demo import write_demo_dataset
 from vlmstates.store import SampleResult, write_embeddings

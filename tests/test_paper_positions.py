@@ -19,11 +19,11 @@ from test_family_contract import single_batch
 from test_workflow import default_config, snakemake, workdir_with_config
 
 from vlmstates import job_resources
+from vlmstates.analysis.summary import summarise_models
 from vlmstates.extraction.benchmark import synthetic_inputs
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.extraction.paper_positions import PAPER_VISION_RULES, check_paper_positions, paper_vision_positions
 from vlmstates.extraction.positions import Positions
-from vlmstates.probe_summary import summarise_models
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.store import (
     PAPER_POSITIONS_ATTR,
@@ -192,7 +192,7 @@ def test_a_run_without_the_key_writes_no_paper_column_or_attribute(tiny_checkpoi
 
 
 def test_every_family_of_the_rules_is_one_the_paper_published():
-    from vlmstates.probe_summary import published_auroc
+    from vlmstates.analysis.summary import published_auroc
 
     assert set(PAPER_VISION_RULES) <= set(published_auroc()["family"])
 

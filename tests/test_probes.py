@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from vlmstates import probe_settings, probe_stats, probe_summary
+from vlmstates.analysis import summary as probe_summary
+from vlmstates.analysis.labels import label_embeddings
+from vlmstates.analysis.probes import settings as probe_settings
+from vlmstates.analysis.probes import stats as probe_stats
 from vlmstates.cli import main
-from vlmstates.labels import label_embeddings
 from vlmstates.store import SampleResult, write_embeddings
 
 torch = pytest.importorskip("torch")

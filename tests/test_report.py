@@ -11,10 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlmstates import probe_plots, probe_settings, probe_stats, probe_summary
+from vlmstates.analysis import summary as probe_summary
+from vlmstates.analysis.labels import label_embeddings
+from vlmstates.analysis.probes import plots as probe_plots
+from vlmstates.analysis.probes import settings as probe_settings
+from vlmstates.analysis.probes import stats as probe_stats
 from vlmstates.dataset import validate_and_write
 from vlmstates.inspection import example_answers, norms_by_representation, norms_figure, write_inspection_report
-from vlmstates.labels import label_embeddings
 from vlmstates.store import SampleResult, read_embeddings, write_embeddings
 
 matplotlib.use("Agg")

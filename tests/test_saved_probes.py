@@ -14,14 +14,14 @@ import yaml
 from test_probes import FAST, SIGNAL_KEY, make_embeddings
 from test_workflow import REPO, default_config, snakemake, workdir_with_config
 
-from vlmstates import probe_stats
+from vlmstates.analysis.labels import TRUE, label_embeddings
+from vlmstates.analysis.probes import stats as probe_stats
+from vlmstates.analysis.probes.saved import FORMAT, FORMAT_VERSION, INDEX, SavedProbeError, load_probe, read_index
+from vlmstates.analysis.probes.settings import ProbeSettings
+from vlmstates.analysis.screen import score_embeddings, screening_settings, sidecar_path
 from vlmstates.cli import main
 from vlmstates.config_check import check_config
 from vlmstates.demo import write_demo_dataset
-from vlmstates.labels import TRUE, label_embeddings
-from vlmstates.probe_settings import ProbeSettings
-from vlmstates.saved_probes import FORMAT, FORMAT_VERSION, INDEX, SavedProbeError, load_probe, read_index
-from vlmstates.scoring import score_embeddings, screening_settings, sidecar_path
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.store import read_embeddings
 

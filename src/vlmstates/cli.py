@@ -29,7 +29,9 @@ from pathlib import Path
 
 # light modules only: building the parser must not need torch or the probe extras (scikit-learn, scipy),
 # which a model's extraction environment lacks; each command imports what it runs
-from vlmstates import __version__, labels, probe_settings
+from vlmstates import __version__
+from vlmstates.analysis import labels
+from vlmstates.analysis.probes import settings as probe_settings
 from vlmstates.errors import VlmstatesError
 from vlmstates.settings import ExtractionSettings
 
@@ -181,7 +183,7 @@ def _probe_settings(args):
 
 
 def _probe(args) -> None:
-    from vlmstates.probe_stats import run_probes
+    from vlmstates.analysis.probes.stats import run_probes
 
     settings = _probe_settings(args)
     if args.threads:
@@ -198,7 +200,7 @@ def _probe(args) -> None:
 
 
 def _probe_summary(args) -> None:
-    from vlmstates.probe_summary import summarise_models
+    from vlmstates.analysis.summary import summarise_models
 
     pairs = {}
     for item in args.metrics:
@@ -211,7 +213,7 @@ def _probe_summary(args) -> None:
 
 
 def _score(args) -> None:
-    from vlmstates.scoring import extract_for_probe, score_embeddings, sidecar_path
+    from vlmstates.analysis.screen import extract_for_probe, score_embeddings, sidecar_path
 
     if (args.embeddings is None) == (args.dataset is None):
         raise probe_settings.ProbeError(

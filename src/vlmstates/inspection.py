@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vlmstates.analysis.labels import read_labels
 from vlmstates.atomic import atomic_path, write_text_atomic
 from vlmstates.errors import VlmstatesError
-from vlmstates.labels import read_labels
 from vlmstates.report_pages import esc, page, table
 from vlmstates.seed_layout import is_seed_layout, read_seed_layout
 from vlmstates.store import STATUS_FAILED, STATUS_OK, Embeddings, parse_key, read_embeddings

@@ -1,6 +1,6 @@
 # Hallucination labels and HALP probes, per model, and a summary across models beside the paper's numbers.
 # Conventions from common.smk: config["models"] (name -> settings), results_path("{model}/embeddings.h5"),
-# config["labels"] (method, file) and config["probes"] (vlmstates.probe_settings.ProbeSettings fields).
+# config["labels"] (method, file) and config["probes"] (vlmstates.analysis.probes.settings.ProbeSettings fields).
 # Every job runs the package's command line (shell:, never script:; see common.smk).
 
 
@@ -58,7 +58,7 @@ rule probe:
         ),
         json=results_path("{model}/probes/metrics.json"),
         splits=results_path("{model}/probes/splits.csv"),
-        # every trained probe, for rule screen and `vlmstates score` (format: vlmstates.saved_probes)
+        # every trained probe, for rule screen and `vlmstates score` (format: vlmstates.analysis.probes.saved)
         saved=directory(results_path("{model}/probes/saved")),
         heatmap=report(
             results_path("{model}/probes/heatmap.png"),
@@ -102,7 +102,7 @@ rule probe_summary:
             subcategory="Summary",
             labels={"model": "all", "figure": "summary table (CSV)"},
         ),
-        # written beside the CSV by probe-summary (vlmstates.probe_summary.summary_html_path)
+        # written beside the CSV by probe-summary (vlmstates.analysis.summary.summary_html_path)
         table_html=report(
             results_path("summary/probes.html"),
             caption="../report/probe_summary_table.rst",

@@ -1,5 +1,5 @@
 # Screening a dataset with a saved probe (config key `screen`): prefill-only extraction of just the layer
-# the probe reads, then per question the hallucination risk and predicted label (vlmstates.scoring).
+# the probe reads, then per question the hallucination risk and predicted label (vlmstates.analysis.screen).
 # One job: the dataset is validated, extracted as one shard and scored by `vlmstates score --dataset`.
 
 
@@ -11,7 +11,7 @@ rule screen:
         weights=built_weights,
     output:
         scores=results_path("{model}/screen/scores.csv"),
-        # written beside the scores by `vlmstates score` (vlmstates.scoring.sidecar_path)
+        # written beside the scores by `vlmstates score` (vlmstates.analysis.screen.sidecar_path)
         metadata=results_path("{model}/screen/scores.json"),
         embeddings=results_path("{model}/screen/embeddings.h5"),
     log:

@@ -18,12 +18,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
+from vlmstates.analysis.labels import FALSE, TRUE, read_labels
+from vlmstates.analysis.probes.plots import METRICS_PAGE_COLUMNS, plot_by_layer, plot_heatmap, write_table_html
+from vlmstates.analysis.probes.saved import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
+from vlmstates.analysis.probes.settings import REPRESENTATION_CODES, ProbeError, ProbeSettings
 from vlmstates.atomic import write_atomic
 from vlmstates.inspection import model_name
-from vlmstates.labels import FALSE, TRUE, read_labels
-from vlmstates.probe_plots import METRICS_PAGE_COLUMNS, plot_by_layer, plot_heatmap, write_table_html
-from vlmstates.probe_settings import REPRESENTATION_CODES, ProbeError, ProbeSettings
-from vlmstates.saved_probes import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
 from vlmstates.store import STATUS_OK, parse_key, read_embeddings
 
 SPLIT_NAMES = ("train", "val", "test")

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vlmstates.analysis.labels import FALSE, TRUE
+from vlmstates.analysis.probes.saved import INDEX, SavedProbe, SavedProbeError, load_probe, sigmoid
 from vlmstates.atomic import write_atomic
-from vlmstates.labels import FALSE, TRUE
-from vlmstates.saved_probes import INDEX, SavedProbe, SavedProbeError, load_probe, sigmoid
 from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, STATUS_OK, parse_key, read_embeddings
 
 SCORES_FORMAT = "vlmstates-scores"

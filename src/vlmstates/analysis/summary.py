@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vlmstates.analysis.probes.plots import REPRESENTATION_COLOURS, pyplot, save_png, write_table_html
+from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES
 from vlmstates.atomic import write_atomic
-from vlmstates.probe_plots import REPRESENTATION_COLOURS, pyplot, save_png, write_table_html
-from vlmstates.probe_settings import CODE_ORDER, PROBES
 
 # the summary page's first columns (the CSV keeps its own order)
 SUMMARY_PAGE_COLUMNS = (

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlmstates.probe_settings import CODE_ORDER, PROBES
+from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES
 from vlmstates.report_pages import table_page
 
 
