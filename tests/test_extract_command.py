@@ -16,7 +16,7 @@ from vlmstates.dataset import validate_and_write
 from vlmstates.extraction import engine
 from vlmstates.extraction.engine import load_model
 from vlmstates.extraction.shards import extract_shard, merge_model_shards
-from vlmstates.seed_layout import read_seed_layout
+from vlmstates.inspection.seed_layout import read_seed_layout
 from vlmstates.settings import ModelSettings
 from vlmstates.store import VISION_ONLY, read_embeddings, read_results, write_embeddings
 

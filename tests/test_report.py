@@ -17,7 +17,7 @@ from vlmstates.analysis.probes import plots as probe_plots
 from vlmstates.analysis.probes import settings as probe_settings
 from vlmstates.analysis.probes import stats as probe_stats
 from vlmstates.dataset import validate_and_write
-from vlmstates.inspection import example_answers, norms_by_representation, norms_figure, write_inspection_report
+from vlmstates.inspection.report import example_answers, norms_by_representation, norms_figure, write_inspection_report
 from vlmstates.store import SampleResult, read_embeddings, write_embeddings
 
 matplotlib.use("Agg")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from vlmstates.cli import main
-from vlmstates.inspection import describe, open_embeddings
-from vlmstates.seed_layout import (
+from vlmstates.inspection.report import describe, open_embeddings
+from vlmstates.inspection.seed_layout import (
     SeedLayoutError,
     export_seed_layout,
     is_seed_layout,

@@ -76,7 +76,7 @@ def _merge(args) -> None:
 
 
 def _inspect(args) -> None:
-    from vlmstates.inspection import describe, write_inspection_report
+    from vlmstates.inspection.report import describe, write_inspection_report
 
     print(describe(args.file))
     if args.html:
@@ -93,7 +93,7 @@ def _inspect(args) -> None:
 
 
 def _export(args) -> None:
-    from vlmstates.seed_layout import export_seed_layout
+    from vlmstates.inspection.seed_layout import export_seed_layout
 
     parts = export_seed_layout(args.embeddings, args.out_dir, args.prefix, args.part_size)
     print(f"{len(parts)} part files in {parts[0].parent}, from {parts[0].name}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vlmstates.dataset import read_validated_table, validate_and_write
 from vlmstates.extraction.shards import count_shards, extract_shard, merge_model_shards, progress_bar_wanted, shard_rows
-from vlmstates.seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
+from vlmstates.inspection.seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
 from vlmstates.settings import ConfigError, ExtractionSettings, ModelSettings
 from vlmstates.store import read_embeddings
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES
-from vlmstates.report_pages import table_page
+from vlmstates.inspection.pages import table_page
 
 
 def pyplot():

@@ -23,7 +23,7 @@ from vlmstates.analysis.probes.plots import METRICS_PAGE_COLUMNS, plot_by_layer,
 from vlmstates.analysis.probes.saved import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
 from vlmstates.analysis.probes.settings import REPRESENTATION_CODES, ProbeError, ProbeSettings
 from vlmstates.atomic import write_atomic
-from vlmstates.inspection import model_name
+from vlmstates.inspection.report import model_name
 from vlmstates.store import STATUS_OK, parse_key, read_embeddings
 
 SPLIT_NAMES = ("train", "val", "test")

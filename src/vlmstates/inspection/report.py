@@ -14,8 +14,8 @@ import pandas as pd
 from vlmstates.analysis.labels import read_labels
 from vlmstates.atomic import atomic_path, write_text_atomic
 from vlmstates.errors import VlmstatesError
-from vlmstates.report_pages import esc, page, table
-from vlmstates.seed_layout import is_seed_layout, read_seed_layout
+from vlmstates.inspection.pages import esc, page, table
+from vlmstates.inspection.seed_layout import is_seed_layout, read_seed_layout
 from vlmstates.store import STATUS_FAILED, STATUS_OK, Embeddings, parse_key, read_embeddings
 
 
