@@ -25,7 +25,7 @@ report: "workflow/report/workflow.rst"
 
 
 # The closing lines on the terminal: per model questions ok and failed, rows dropped by validation, the
-# failed steps with their logs, and what to run next (vlmstates.run_summary).
+# failed steps with their logs, and what to run next (vlmstates.workflow.run_summary).
 onsuccess:
     print(run_summary(config, succeeded=True))
 

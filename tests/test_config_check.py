@@ -9,8 +9,8 @@ import yaml
 from conftest import REPO
 from test_workflow import default_config, snakemake, workdir_with_config
 
-from vlmstates.config_check import check_config, fill_defaults, load_schema
 from vlmstates.settings import ConfigError
+from vlmstates.workflow.config_check import check_config, fill_defaults, load_schema
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 

@@ -608,7 +608,7 @@ def test_the_all_families_config_validates_and_names_every_family_once():
     import yaml
     from conftest import REPO
 
-    from vlmstates.config_check import check_config
+    from vlmstates.workflow.config_check import check_config
 
     config = yaml.safe_load((REPO / "config" / "all-families.yaml").read_text())
     check_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")  # as the workflow does (common.smk)

@@ -1,8 +1,8 @@
 """The memory and time an extraction job asks a scheduler for, from the model's size and the shard size."""
 
-from vlmstates import job_resources
-from vlmstates.job_resources import checkpoint_bytes, extraction_memory_mb, extraction_runtime_minutes
 from vlmstates.settings import DEFAULT_LAYER_COUNT, default_layers
+from vlmstates.workflow import resources as job_resources
+from vlmstates.workflow.resources import checkpoint_bytes, extraction_memory_mb, extraction_runtime_minutes
 
 
 def test_checkpoint_bytes_counts_the_weight_files_of_a_local_folder(tmp_path):

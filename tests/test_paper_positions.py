@@ -18,7 +18,6 @@ from oracle import assert_decoder_vectors_match, rel_error
 from test_family_contract import single_batch
 from test_workflow import default_config, snakemake, workdir_with_config
 
-from vlmstates import job_resources
 from vlmstates.analysis.summary import summarise_models
 from vlmstates.extraction.benchmark import synthetic_inputs
 from vlmstates.extraction.engine import Extractor, load_model
@@ -37,6 +36,7 @@ from vlmstates.store import (
     read_results,
     write_embeddings,
 )
+from vlmstates.workflow import resources as job_resources
 
 N_SAMPLES = 4
 # mixed image sizes, so that a batch of 4 pads rows of different prompt lengths

@@ -16,9 +16,7 @@ import pytest
 import yaml
 from test_workflow import REPO, default_config, snakemake, workdir_with_config
 
-from vlmstates import job_resources
 from vlmstates.analysis.labels import LabelError, label_embeddings
-from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
 from vlmstates.demo import write_demo_dataset
 from vlmstates.extraction.engine import Extractor, load_model
@@ -26,6 +24,8 @@ from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.extraction.shards import questions_of
 from vlmstates.settings import ConfigError, ModelSettings, read_checkpoint_config
 from vlmstates.store import PREFILL_ONLY_ANSWER, SEMANTICS, STATUS_OK, read_embeddings, write_embeddings
+from vlmstates.workflow import resources as job_resources
+from vlmstates.workflow.config_check import check_config
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 BATCH = 4

@@ -19,8 +19,8 @@ import yaml
 from conftest import REPO
 from oracle import assert_same_results
 
-from vlmstates.gpu_lease import lease_gpu
 from vlmstates.store import STATUS_FAILED, STATUS_OK, read_embeddings, read_results
+from vlmstates.workflow.gpu_lease import lease_gpu
 
 SHARD_SIZE = 16
 
@@ -159,7 +159,7 @@ def test_too_many_failures_fail_the_job_naming_them_after_saving_progress(qwen, 
 
 LEASE_AND_HOLD = """
 import sys, time
-from vlmstates.gpu_lease import lease_gpu
+from vlmstates.workflow.gpu_lease import lease_gpu
 env = {}
 print(lease_gpu(num_gpus=int(sys.argv[1]), lock_dir=sys.argv[2], env=env, poll_seconds=0.1), flush=True)
 time.sleep(60)

@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import REPO
 
-from vlmstates.retry_guard import repeats_on_retry
+from vlmstates.workflow.retry_guard import repeats_on_retry
 
 
 class FakeHubError(OSError):
@@ -49,7 +49,7 @@ def attempt(tmp_path, number: int, settings: dict, table, images) -> tuple[int, 
     """One attempt as rule extract_shard runs it: the guard's output redirected into the job's log."""
     log = tmp_path / "shard_0000.log"
     command = [
-        sys.executable, "-m", "vlmstates.retry_guard", "--attempt", str(number), "--log", str(log),
+        sys.executable, "-m", "vlmstates.workflow.retry_guard", "--attempt", str(number), "--log", str(log),
         "--marker", str(tmp_path / "shard_0000.no-retry.log"), "--", "extract-shard",
         "--settings", json.dumps(settings), "--table", str(table), "--images", str(images),
         "--shard", "0000", "--shard-size", "4", "--attempt", str(number), "--out", str(tmp_path / "shard_0000.h5"),
@@ -88,7 +88,7 @@ def test_a_bad_checkpoint_is_tried_once_per_run(tmp_path, demo):
 
 def test_an_error_a_retry_may_fix_leaves_no_marker(tmp_path, monkeypatch):
     import vlmstates.cli
-    from vlmstates import retry_guard
+    from vlmstates.workflow import retry_guard
 
     def out_of_memory(argv):
         raise FakeOutOfMemory("CUDA out of memory")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vlmstates.run_summary import dataset_line, error_excerpt, the_command
+from vlmstates.workflow.run_summary import dataset_line, error_excerpt, the_command
 
 TRACEBACK = """\
 2026-01-01 INFO loading /models/broken
@@ -53,7 +53,7 @@ def test_the_command_to_run_again_quotes_its_arguments():
 
 
 def test_an_unreadable_file_is_reported_not_raised(tmp_path, monkeypatch):
-    from vlmstates.run_summary import run_summary
+    from vlmstates.workflow.run_summary import run_summary
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results" / "m").mkdir(parents=True)

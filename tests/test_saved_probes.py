@@ -20,10 +20,10 @@ from vlmstates.analysis.probes.saved import FORMAT, FORMAT_VERSION, INDEX, Saved
 from vlmstates.analysis.probes.settings import ProbeSettings
 from vlmstates.analysis.screen import score_embeddings, screening_settings, sidecar_path
 from vlmstates.cli import main
-from vlmstates.config_check import check_config
 from vlmstates.demo import write_demo_dataset
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.store import read_embeddings
+from vlmstates.workflow.config_check import check_config
 
 torch = pytest.importorskip("torch")
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"

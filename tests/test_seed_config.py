@@ -5,8 +5,8 @@ from __future__ import annotations
 import yaml
 from conftest import REPO
 
-from vlmstates.config_check import check_config
 from vlmstates.settings import ModelSettings
+from vlmstates.workflow.config_check import check_config
 
 SEED_MODELS = {
     "Qwen/Qwen2.5-VL-7B-Instruct",

@@ -26,8 +26,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from vlmstates import job_resources
 from vlmstates.store import read_embeddings
+from vlmstates.workflow import resources as job_resources
 
 pytestmark = pytest.mark.slow
 

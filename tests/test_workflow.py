@@ -20,13 +20,13 @@ from conftest import REPO
 
 from vlmstates.analysis.probes.settings import ProbeSettings
 from vlmstates.analysis.probes.stats import OUTPUT_FILES
-from vlmstates.config_check import check_config
 from vlmstates.dataset import read_validated_table
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.extraction.shards import questions_of
-from vlmstates.run_summary import run_summary
 from vlmstates.settings import ExtractionSettings, ModelSettings
 from vlmstates.store import STATUS_OK, read_embeddings
+from vlmstates.workflow.config_check import check_config
+from vlmstates.workflow.run_summary import run_summary
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -46,7 +46,7 @@ def _validate(args) -> None:
 
 
 def _extract_shard(args) -> None:
-    from vlmstates.gpu_lease import lease_gpu
+    from vlmstates.workflow.gpu_lease import lease_gpu
 
     lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
     from vlmstates.extraction.shards import extract_shard
@@ -226,8 +226,8 @@ def _score(args) -> None:
                 "--dataset needs --images DIR and --model JSON (a models entry with its name)"
             )
         from vlmstates.dataset import validate_and_write
-        from vlmstates.gpu_lease import lease_gpu
         from vlmstates.settings import ModelSettings
+        from vlmstates.workflow.gpu_lease import lease_gpu
 
         lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
         entry = json.loads(args.model)

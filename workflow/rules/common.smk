@@ -14,16 +14,16 @@ if PACKAGE_SRC not in sys.path:
     sys.path.insert(0, PACKAGE_SRC)
 VLMSTATES = f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates"
 # An extraction job's command line, run so that an error a retry would repeat (a missing package, a bad
-# checkpoint) is not retried: vlmstates.retry_guard.
+# checkpoint) is not retried: vlmstates.workflow.retry_guard.
 VLMSTATES_NO_REPEAT = (
-    f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates.retry_guard"
+    f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates.workflow.retry_guard"
 )
 
 from vlmstates.extraction.adapters import families, family_of_model_type
-from vlmstates.config_check import check_config
+from vlmstates.workflow.config_check import check_config
 from vlmstates.dataset import read_validated_table
 from vlmstates.extraction.paper_positions import check_paper_positions
-from vlmstates import job_resources
+from vlmstates.workflow import resources as job_resources
 from vlmstates.settings import (
     ConfigError,
     ExtractionSettings,
@@ -31,14 +31,14 @@ from vlmstates.settings import (
     model_type_of,
     read_checkpoint_config,
 )
-from vlmstates.run_summary import run_summary
+from vlmstates.workflow.run_summary import run_summary
 from vlmstates.extraction.shards import count_shards
 
 # Logs written from here on are this run's: run_summary tells this run's failed steps by them.
 RUN_STARTED = time.time()
 
 # Not snakemake.utils.validate: that prints the whole schema with an error; this names the key, says what is
-# wrong and suggests the key meant (vlmstates.config_check). Defaults are filled in the same way.
+# wrong and suggests the key meant (vlmstates.workflow.config_check). Defaults are filled in the same way.
 check_config(
     config,
     Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",

@@ -18,7 +18,7 @@ rule extract_shard:
         # the batch size halves with each retry (--retries), e.g. after running out of GPU memory
         attempt=lambda wildcards, attempt: attempt,
     # retried (profile restart-times) for out of memory or time; an error that a retry would repeat
-    # leaves this marker (a copy of the log), and the retry then ends at once (vlmstates.retry_guard)
+    # leaves this marker (a copy of the log), and the retry then ends at once (vlmstates.workflow.retry_guard)
     params:
         cli=VLMSTATES_NO_REPEAT,
         marker="logs/extract/{model}/shard_{shard}.no-retry.log",

@@ -122,7 +122,7 @@ def error_excerpt(log: Path) -> list[str]:
 
 def failure_lines(step: Step) -> list[str]:
     lines = [f"  {step.name}: {step.log}"]
-    marker = step.log.with_name(step.log.stem + ".no-retry.log")  # vlmstates.retry_guard's marker
+    marker = step.log.with_name(step.log.stem + ".no-retry.log")  # vlmstates.workflow.retry_guard's marker
     if marker.exists():
         lines[0] += f" (not retried: the same error would repeat; first attempt's log {marker})"
     if step.name == "validate_dataset":

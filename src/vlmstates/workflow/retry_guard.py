@@ -7,7 +7,7 @@ attempt fails with such an error, this writes a copy of its log to a marker file
 attempt of the same run finds the marker and ends at once with one line. The first attempt of a later
 run (attempt 1) removes the marker and tries afresh, since the cause may have been fixed.
 
-    python -m vlmstates.retry_guard --attempt N --log LOG --marker MARKER -- extract-shard ARGS...
+    python -m vlmstates.workflow.retry_guard --attempt N --log LOG --marker MARKER -- extract-shard ARGS...
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def run_attempt(command: list[str], log: Path, marker: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlmstates.retry_guard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vlmstates.workflow.retry_guard", description=__doc__)
     parser.add_argument("--attempt", type=int, required=True, help="Snakemake's attempt number (1 first)")
     parser.add_argument("--log", type=Path, required=True, help="the job's log, where this attempt writes")
     parser.add_argument("--marker", type=Path, required=True, help="written when a retry would repeat the error")
