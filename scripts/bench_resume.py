@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from vlmstates.dataset import validate_dataset, write_validation_outputs
-from vlmstates.demo import write_demo_dataset
+from vlmstates.demo.dataset import write_demo_dataset
+from vlmstates.demo.tiny import build_tiny_checkpoint
 from vlmstates.store import read_results
-from vlmstates.tiny import build_tiny_checkpoint
 
 
 def run_shard(args, checkpoint: Path, table: Path, images: Path, out: Path, failpoint: str | None) -> float:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from vlmstates.dataset import validate_dataset, write_validation_outputs
-from vlmstates.demo import write_demo_dataset
-from vlmstates.tiny import build_tiny_checkpoint
+from vlmstates.demo.dataset import write_demo_dataset
+from vlmstates.demo.tiny import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for vlmstates.dataset (validation, image loading) and vlmstates.demo."""
+"""Tests for vlmstates.dataset (validation, image loading) and vlmstates.demo.dataset."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from vlmstates.dataset import (
     validate_dataset,
     write_validation_outputs,
 )
-from vlmstates.demo import COLORS, write_demo_dataset
+from vlmstates.demo.dataset import COLORS, write_demo_dataset
 from vlmstates.images import SUPPORTED_IMAGE_EXTENSIONS, ImageLoadError, ImagePathError, load_image, resolve_image_path
 
 HEADER = "question_id,image_id,question,answer\n"

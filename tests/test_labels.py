@@ -11,7 +11,7 @@ import pytest
 
 from vlmstates.analysis import labels as L
 from vlmstates.cli import main
-from vlmstates.demo import write_demo_dataset
+from vlmstates.demo.dataset import write_demo_dataset
 from vlmstates.store import SampleResult, write_embeddings
 
 # ---------------------------------------------------------------------------------------------

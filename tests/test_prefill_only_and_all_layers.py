@@ -18,7 +18,7 @@ from test_workflow import REPO, default_config, snakemake, workdir_with_config
 
 from vlmstates.analysis.labels import LabelError, label_embeddings
 from vlmstates.dataset import read_validated_table
-from vlmstates.demo import write_demo_dataset
+from vlmstates.demo.dataset import write_demo_dataset
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.extraction.shards import questions_of

@@ -6,7 +6,7 @@ block's forward hook, and transformers' `hidden_states[k + 1]`, see the state be
 reads the state after it. The engine records the block's output: this test shows it, on the tiny checkpoint.
 
 Qwen3-VL-MoE (model_type qwen3_vl_moe) differs only in its decoder blocks' MLPs (sparse MoE); the qwen3_vl entry
-serves it, and its tiny checkpoint (vlmstates.tiny.qwen3_vl.build_moe, no family of its own) keeps the contract of
+serves it, and its tiny checkpoint (vlmstates.demo.tiny.qwen3_vl.build_moe, no family of its own) keeps the contract of
 tests/test_family_contract.py here.
 """
 
@@ -17,12 +17,12 @@ import torch
 from oracle import assert_decoder_vectors_match, rel_error
 from test_family_contract import qwen3_vl_vision
 
+from vlmstates.demo.tiny.qwen3_vl import build_moe
 from vlmstates.extraction.benchmark import synthetic_inputs
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ModelSettings
 from vlmstates.store import STATUS_OK, VISION_ONLY, layer_key
-from vlmstates.tiny.qwen3_vl import build_moe
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from vlmstates.analysis.probes.saved import FORMAT, FORMAT_VERSION, INDEX, Saved
 from vlmstates.analysis.probes.settings import ProbeSettings
 from vlmstates.analysis.screen import score_embeddings, screening_settings, sidecar_path
 from vlmstates.cli import main
-from vlmstates.demo import write_demo_dataset
+from vlmstates.demo.dataset import write_demo_dataset
 from vlmstates.settings import ConfigError, ModelSettings
 from vlmstates.store import read_embeddings
 from vlmstates.workflow.config_check import check_config

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmstates.tiny import TINY_FAMILIES, atomic_output_dir, build_tiny_checkpoint
+from vlmstates.demo.tiny import TINY_FAMILIES, atomic_output_dir, build_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

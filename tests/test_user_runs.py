@@ -11,9 +11,9 @@ import pytest
 import yaml
 from test_workflow import default_config, snakemake, workdir_with_config
 
-from vlmstates.demo import write_demo_dataset
+from vlmstates.demo.dataset import write_demo_dataset
+from vlmstates.demo.tiny import TINY_FAMILIES
 from vlmstates.store import read_embeddings
-from vlmstates.tiny import TINY_FAMILIES
 
 QUESTIONS = 12
 

@@ -250,13 +250,13 @@ def _score(args) -> None:
 
 
 def _demo(args) -> None:
-    from vlmstates.demo import write_demo_dataset
+    from vlmstates.demo.dataset import write_demo_dataset
 
     print(write_demo_dataset(args.out))
 
 
 def _tiny(args) -> None:
-    from vlmstates.tiny import build_tiny_checkpoint
+    from vlmstates.demo.tiny import build_tiny_checkpoint
 
     print(build_tiny_checkpoint(args.family, args.out, seed=args.seed))
 

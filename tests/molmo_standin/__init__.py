@@ -76,7 +76,7 @@ def _write_tokenizer(out_dir: Path) -> int:
     """A byte-level BPE with Molmo's extra tokens; returns the vocabulary size."""
     from tokenizers import AddedToken
 
-    from vlmstates.tiny.tokenizer import train_byte_level_bpe
+    from vlmstates.demo.tiny.tokenizer import train_byte_level_bpe
 
     backend = train_byte_level_bpe(vocab_size=320)
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])

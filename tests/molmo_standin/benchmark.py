@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:tests python -m molmo_standin.benchmark
 
-vlmstates.extraction.benchmark builds its models from vlmstates.tiny, which has no Molmo (the stand-in lives in
+vlmstates.extraction.benchmark builds its models from vlmstates.demo.tiny, which has no Molmo (the stand-in lives in
 tests/); this swaps in the stand-in's loading and runs the benchmark's own engine and HALP-style loop.
 Image sizes give the stand-in 2, 3 and 5 crops. Figures of a tiny random model: they show batching at
 work, not the speed of the real one.

@@ -2,7 +2,7 @@ rule demo_dataset:
     output:
         csv="resources/demo/questions.csv",
         images=directory("resources/demo/images"),
-        # stand-in labels (vlmstates.demo): the demo config's labels.file, so rule label waits for it
+        # stand-in labels (vlmstates.demo.dataset): the demo config's labels.file, so rule label waits for it
         labels="resources/demo/labels.csv",
     log:
         "logs/demo_dataset.log",

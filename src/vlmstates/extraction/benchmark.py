@@ -3,7 +3,7 @@
     python scripts/benchmark.py --models tiny --device cpu          # the tiny checkpoints (CI smoke run)
     python scripts/benchmark.py --models full --device cuda --peak-tflops 989
 
-Models: the tiny checkpoints (`vlmstates.tiny`), or full-size architectures with random weights built from
+Models: the tiny checkpoints (`vlmstates.demo.tiny`), or full-size architectures with random weights built from
 the real checkpoints' dimensions (FULL_SIZE below), initialised directly on the device in bf16, with the
 real processor classes and the tiny builders' local tokenizers (no download). Inputs: synthetic images of
 realistic sizes and HALP-like questions; every answer is exactly `--new-tokens` long (min = max), so
@@ -187,7 +187,7 @@ def _full_size_qwen(spec: FullSize):
         Qwen2VLImageProcessor,
     )
 
-    from vlmstates.tiny import qwen2_5_vl as tiny
+    from vlmstates.demo.tiny import qwen2_5_vl as tiny
 
     small = tiny.build_processor()
     geometry = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
@@ -221,7 +221,7 @@ def _full_size_qwen(spec: FullSize):
 def _full_size_gemma(spec: FullSize):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
-    from vlmstates.tiny import gemma3 as tiny
+    from vlmstates.demo.tiny import gemma3 as tiny
 
     small = tiny.build_processor()
     size = spec.vision["image_size"]
@@ -260,7 +260,7 @@ def _full_size_gemma(spec: FullSize):
 def _full_size_phi4(spec: FullSize):
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
-    from vlmstates.tiny import phi4_multimodal as tiny
+    from vlmstates.demo.tiny import phi4_multimodal as tiny
 
     processor = tiny.build_processor()  # the real image geometry: 448-pixel crops, up to 36 of them
     tok = processor.tokenizer
@@ -573,7 +573,7 @@ def load_benchmark_model(family, args, device, dtype, checkpoints: Path) -> tupl
         spec = FULL_SIZE[family]
         name = f"random {spec.checkpoint}"
         return build_full_size(family, device, dtype, ModelSettings(name=family, model=name, **settings)), name
-    from vlmstates.tiny import build_tiny_checkpoint
+    from vlmstates.demo.tiny import build_tiny_checkpoint
 
     path = checkpoints / f"tiny-{family}"
     if not (path / "config.json").is_file():

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
-from vlmstates.tiny.image import SIGLIP_MEAN, SIGLIP_STD
-from vlmstates.tiny.text import BEGIN_OF_TEXT, END_OF_TEXT, EOM, EOT, llama3_text_config
-from vlmstates.tiny.tokenizer import build_tokenizer
+from vlmstates.demo.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.demo.tiny.image import SIGLIP_MEAN, SIGLIP_STD
+from vlmstates.demo.tiny.text import BEGIN_OF_TEXT, END_OF_TEXT, EOM, EOT, llama3_text_config
+from vlmstates.demo.tiny.tokenizer import build_tokenizer
 
 FAMILY = "idefics3"
 

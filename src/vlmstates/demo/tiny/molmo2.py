@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
-from vlmstates.tiny.tokenizer import build_tokenizer
+from vlmstates.demo.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.demo.tiny.tokenizer import build_tokenizer
 
 FAMILY = "molmo2"
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
-from vlmstates.tiny.text import TEXT_HIDDEN, decoder_config
-from vlmstates.tiny.tokenizer import build_tokenizer
+from vlmstates.demo.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.demo.tiny.text import TEXT_HIDDEN, decoder_config
+from vlmstates.demo.tiny.tokenizer import build_tokenizer
 
 FAMILY = "qwen2_5_vl"
 

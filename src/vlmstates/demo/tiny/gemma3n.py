@@ -30,9 +30,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
-from vlmstates.tiny.gemma3 import gemma_chat_template
-from vlmstates.tiny.tokenizer import build_tokenizer
+from vlmstates.demo.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.demo.tiny.gemma3 import gemma_chat_template
+from vlmstates.demo.tiny.tokenizer import build_tokenizer
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"

@@ -42,10 +42,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
-from vlmstates.tiny.image import CLIP_MEAN, CLIP_STD
-from vlmstates.tiny.text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOM, EOT, START_HEADER
-from vlmstates.tiny.tokenizer import build_tokenizer
+from vlmstates.demo.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.demo.tiny.image import CLIP_MEAN, CLIP_STD
+from vlmstates.demo.tiny.text import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOM, EOT, START_HEADER
+from vlmstates.demo.tiny.tokenizer import build_tokenizer
 
 TILE = 28  # real 560
 PATCH = 7  # real 14: 4x4 patches per tile (real 40x40)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
-from vlmstates.tiny.image import CLIP_MEAN, CLIP_STD
-from vlmstates.tiny.text import (
+from vlmstates.demo.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.demo.tiny.image import CLIP_MEAN, CLIP_STD
+from vlmstates.demo.tiny.text import (
     BEGIN_OF_TEXT,
     END_HEADER,
     END_OF_TEXT,
@@ -33,7 +33,7 @@ from vlmstates.tiny.text import (
     decoder_config,
     llama3_text_config,
 )
-from vlmstates.tiny.tokenizer import build_tokenizer
+from vlmstates.demo.tiny.tokenizer import build_tokenizer
 
 TILE = 28  # real 336
 PATCH = 7  # real 14; 336/14 = 28/7 = 4 ... patches per side: real 24, here 4

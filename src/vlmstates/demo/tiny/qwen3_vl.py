@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmstates.tiny import qwen2_5_vl
-from vlmstates.tiny.qwen2_5_vl import (
+from vlmstates.demo.tiny import qwen2_5_vl
+from vlmstates.demo.tiny.qwen2_5_vl import (
     IM_END,
     IMAGE_PAD,
     PAD_TOKEN,
@@ -33,7 +33,7 @@ from vlmstates.tiny.qwen2_5_vl import (
     qwen_vl_tokenizer,
     save_qwen_vl_checkpoint,
 )
-from vlmstates.tiny.text import TEXT_HIDDEN, decoder_config
+from vlmstates.demo.tiny.text import TEXT_HIDDEN, decoder_config
 
 FAMILY = "qwen3_vl"
 

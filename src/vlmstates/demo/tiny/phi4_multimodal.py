@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
-from vlmstates.tiny.tokenizer import build_tokenizer
+from vlmstates.demo.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.demo.tiny.tokenizer import build_tokenizer
 
 FAMILY = "phi4_multimodal"
 

@@ -4,14 +4,14 @@ As ``Qwen/Qwen2-VL-7B-Instruct``: the Qwen2.5-VL layout's predecessor, with the 
 chat template, ``Qwen2VLImageProcessor`` (14-px patches, 2x2 merge, temporal patch 2) and mrope decoder; its
 ViT has full attention in every block (no windows) and LayerNorm, its width is ``vision_config.embed_dim``
 (real 1280; ``vision_config.hidden_size`` is the decoder's width the merger projects to). Only the sizes are
-small; the processor and text settings are the tiny Qwen2.5-VL's (vlmstates.tiny.qwen2_5_vl).
+small; the processor and text settings are the tiny Qwen2.5-VL's (vlmstates.demo.tiny.qwen2_5_vl).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlmstates.tiny import qwen2_5_vl as qwen
+from vlmstates.demo.tiny import qwen2_5_vl as qwen
 
 #: Qwen/Qwen2-VL-7B-Instruct's generation_config.json besides the token ids (as Qwen2.5-VL's)
 REAL_GENERATION_SETTINGS = qwen.REAL_GENERATION_SETTINGS

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmstates.tiny import generation_config, save_checkpoint, seeded_model
-from vlmstates.tiny.text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
-from vlmstates.tiny.tokenizer import build_tokenizer
+from vlmstates.demo.tiny import generation_config, save_checkpoint, seeded_model
+from vlmstates.demo.tiny.text import ENDOFTEXT, IM_END, IM_START, qwen2_text_config
+from vlmstates.demo.tiny.tokenizer import build_tokenizer
 
 IMAGE = "<image>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, IMAGE)
