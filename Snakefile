@@ -17,6 +17,7 @@ include: "workflow/rules/dataset.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/inspect.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/labels.smk"
 include: "workflow/rules/probes.smk"
 include: "workflow/rules/screen.smk"
 

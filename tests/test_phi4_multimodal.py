@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from oracle import assert_decoder_vectors_match, fold_in_lora, rel_error
 from PIL import Image
 
-from vlmstates.dataset import read_validated_table
+from vlmstates.dataset import Question, read_validated_table
 from vlmstates.demo.tiny import phi4_multimodal as tiny_phi4
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
 from vlmstates.extraction.adapters.phi4_multimodal import Phi4MultimodalAdapter, crop_grid
-from vlmstates.extraction.engine import Extractor, Question, load_model
+from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.extraction.shards import questions_of
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ConfigError, ModelSettings

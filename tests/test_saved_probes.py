@@ -1,4 +1,4 @@
-"""Saved probes and `vlmstates score`: the probe rule keeps each trained probe, and scoring its own test
+"""Saved probes and `vlmstates screen`: the probe rule keeps each trained probe, and scoring its own test
 split gives back the test AUROC it recorded (synthetic embeddings with a planted signal, CPU, seconds)."""
 
 from __future__ import annotations
@@ -154,11 +154,11 @@ def test_screening_extracts_just_the_probes_layer_prefill_only(trained):
 def test_the_score_command(trained, tmp_path, capsys):
     root, _ = trained
     out = tmp_path / "scores.csv"
-    assert main(["score", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out)]) == 0
+    assert main(["screen", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out)]) == 0
     assert "test AUROC" in capsys.readouterr().out
     assert list(pd.read_csv(out).columns)[-2:] == ["hallucination_risk", "predicted_hallucinated"]
-    assert main(["score", str(root / "probes" / "saved"), "-o", str(out), "--probe", "XX/1/logreg"]) == 1
-    assert main(["score", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out),
+    assert main(["screen", str(root / "probes" / "saved"), "-o", str(out), "--probe", "XX/1/logreg"]) == 1
+    assert main(["screen", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out),
                  "--probe", "XX/1/logreg"]) == 1  # fmt: skip
     assert "has no probe 'XX/1/logreg'" in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ vlmstates predict --model M ...    answer one image (vqa, caption or ocr)
 vlmstates label FILE ...           hallucination labels of a model's answers (halp, yesno, exact, file)
 vlmstates probe FILE LABELS ...    probes per representation and layer: AUROC with intervals and a control
 vlmstates probe-summary ...        every model's best probes beside the HALP paper's published AUROCs
-vlmstates score PROBES ...         hallucination risk per question from a saved probe (no answer generated)
+vlmstates screen PROBES ...        hallucination risk per question from a saved probe (no answer generated)
 vlmstates demo OUT                 generate the bundled demo VQA set
 vlmstates tiny FAMILY OUT          build a tiny random checkpoint of a real architecture
 """
@@ -212,7 +212,7 @@ def _probe_summary(args) -> None:
     print(f"{args.output}: {int((summary['source'] == 'ours').sum())} rows for {len(pairs)} models")
 
 
-def _score(args) -> None:
+def _screen(args) -> None:
     from vlmstates.analysis.screen import extract_for_probe, score_embeddings, sidecar_path
 
     if (args.embeddings is None) == (args.dataset is None):
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_probe_summary)
 
     p = commands.add_parser(
-        "score",
+        "screen",
         help="hallucination risk per question from a saved probe",
         description="Score questions with a probe that `probe` saved (results/<model>/probes/saved/): from an "
         "embeddings file, or from a VQA table that is first extracted prefill-only (just the probe's layer). "
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--model", metavar="JSON", help="the model's config entry as JSON, with its name")
     extract.add_argument("--lenient", action="store_true", help="drop bad rows of the table instead of failing")
     extract.add_argument("--embeddings-out", metavar="H5", help="where the vectors go (default: beside the output)")
-    p.set_defaults(func=_score)
+    p.set_defaults(func=_screen)
 
     p = commands.add_parser("demo", help="generate the demo VQA set (questions.csv and images/)")
     p.add_argument("out")

@@ -83,6 +83,16 @@ class DatasetError(VlmstatesError):
 # --------------------------------------------------------------------------- records
 
 
+@dataclass(frozen=True)
+class Question:
+    """One row of a validated table, as the extraction runs it."""
+
+    question_id: str
+    image_id: str
+    question: str
+    answer: str
+
+
 @dataclass
 class Problem:
     row: int | None  # 1-based data row number (None: the file/header as a whole)

@@ -1,39 +1,7 @@
-# Hallucination labels and HALP probes, per model, and a summary across models beside the paper's numbers.
+# HALP probes, per model, on the labels of labels.smk, and a summary across models beside the paper's numbers.
 # Conventions from common.smk: config["models"] (name -> settings), results_path("{model}/embeddings.h5"),
-# config["labels"] (method, file) and config["probes"] (vlmstates.analysis.probes.settings.ProbeSettings fields).
+# config["probes"] (vlmstates.analysis.probes.settings.ProbeSettings fields).
 # Every job runs the package's command line (shell:, never script:; see common.smk).
-
-
-rule label:
-    input:
-        unpack(label_inputs),
-    output:
-        labels=results_path("{model}/labels.csv"),
-        summary=results_path("{model}/labels.summary.json"),
-    log:
-        "logs/label/{model}.log",
-    retries: 0  # deterministic: a retry repeats the same error
-    conda:
-        "../../envs/probes.yaml"
-    params:
-        cli=VLMSTATES,
-        method=config["labels"]["method"],
-        # only method `file` reads a labels file; the other methods judge the answers themselves
-        labels_file=lambda wildcards, input: (
-            f"--labels-file {shlex.quote(input.labels_file)}"
-            if "labels_file" in input.keys()
-            else ""
-        ),
-        # a labels file may name questions that dataset.limit or lenient validation left out
-        ignore_unknown=(
-            "--ignore-unknown"
-            if config["dataset"]["limit"]
-            or config["dataset"]["validation"] == "lenient"
-            else ""
-        ),
-    shell:
-        "{params.cli} label {input.embeddings:q} --method {params.method} {params.labels_file}"
-        " {params.ignore_unknown} --output {output.labels:q} --summary {output.summary:q} > {log:q} 2>&1"
 
 
 rule probe:
@@ -58,7 +26,7 @@ rule probe:
         ),
         json=results_path("{model}/probes/metrics.json"),
         splits=results_path("{model}/probes/splits.csv"),
-        # every trained probe, for rule screen and `vlmstates score` (format: vlmstates.analysis.probes.saved)
+        # every trained probe, for rule screen and `vlmstates screen` (format: vlmstates.analysis.probes.saved)
         saved=directory(results_path("{model}/probes/saved")),
         heatmap=report(
             results_path("{model}/probes/heatmap.png"),

@@ -1,6 +1,6 @@
 # Screening a dataset with a saved probe (config key `screen`): prefill-only extraction of just the layer
 # the probe reads, then per question the hallucination risk and predicted label (vlmstates.analysis.screen).
-# One job: the dataset is validated, extracted as one shard and scored by `vlmstates score --dataset`.
+# One job: the dataset is validated, extracted as one shard and scored by `vlmstates screen --dataset`.
 
 
 rule screen:
@@ -11,7 +11,7 @@ rule screen:
         weights=built_weights,
     output:
         scores=results_path("{model}/screen/scores.csv"),
-        # written beside the scores by `vlmstates score` (vlmstates.analysis.screen.sidecar_path)
+        # written beside the scores by `vlmstates screen` (vlmstates.analysis.screen.sidecar_path)
         metadata=results_path("{model}/screen/scores.json"),
         embeddings=results_path("{model}/screen/embeddings.h5"),
     log:
@@ -29,6 +29,6 @@ rule screen:
             "--lenient" if config["screen"]["validation"] == "lenient" else ""
         ),
     shell:
-        "{params.cli} score {input.probes:q} --probe {params.probe:q} --dataset {input.csv:q}"
+        "{params.cli} screen {input.probes:q} --probe {params.probe:q} --dataset {input.csv:q}"
         " --images {input.images:q} --model {params.settings:q} {params.lenient}"
         " --embeddings-out {output.embeddings:q} --output {output.scores:q} > {log:q} 2>&1"

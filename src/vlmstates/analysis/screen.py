@@ -46,7 +46,7 @@ def probe_vectors(probe: SavedProbe, embeddings, where: str) -> np.ndarray:
         raise SavedProbeError(
             f"{embeddings.path} has no vector {probe.key}, which probe {probe.id} ({where}) reads (the file holds "
             f"{held}); extract it with layers including {probe.layer} (a model entry's `layers`), or give "
-            "`vlmstates score` a dataset (--dataset) to extract just what the probe needs"
+            "`vlmstates screen` a dataset (--dataset) to extract just what the probe needs"
         )
     width = embeddings.vector_dims[probe.key]
     if width != probe.dim:

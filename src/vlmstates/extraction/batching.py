@@ -23,8 +23,8 @@ from vlmstates.settings import AUTO_BATCH_SIZE
 from vlmstates.store import SampleResult
 
 if TYPE_CHECKING:
+    from vlmstates.dataset import Question
     from vlmstates.extraction.adapters.base import LoadedModel
-    from vlmstates.extraction.engine import Question
 
 log = logging.getLogger(__name__)
 

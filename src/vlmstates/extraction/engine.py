@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlmstates import __version__
+from vlmstates.dataset import Question
 from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
@@ -50,14 +51,6 @@ log = logging.getLogger(__name__)
 
 #: Batches decoded and preprocessed ahead of the one the model runs.
 PREFETCH_BATCHES = 2
-
-
-@dataclass(frozen=True)
-class Question:
-    question_id: str
-    image_id: str
-    question: str
-    answer: str
 
 
 def select_device(setting: str = "auto") -> torch.device:

@@ -60,7 +60,7 @@ def shard_rows(table: pd.DataFrame, shard: int, shard_size: int) -> pd.DataFrame
 
 
 def questions_of(rows: pd.DataFrame) -> list:
-    from vlmstates.extraction.engine import Question
+    from vlmstates.dataset import Question
 
     return [Question(r.question_id, r.image_id, r.question, r.answer) for r in rows.itertuples(index=False)]
 

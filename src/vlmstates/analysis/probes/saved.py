@@ -1,4 +1,4 @@
-"""Saved probes: each probe that `vlmstates probe` trained, kept so that `vlmstates score` can screen new questions.
+"""Saved probes: each probe that `vlmstates probe` trained, kept so that `vlmstates screen` can screen new questions.
 
 A folder `results/<model>/probes/saved/` (format FORMAT, version FORMAT_VERSION):
 
