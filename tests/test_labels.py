@@ -289,3 +289,15 @@ def test_a_bad_labels_file_is_one_line_naming_file_and_line(tmp_path, capsys):
     assert code == 1 and "Traceback" not in error
     assert f"labels file {labels}, line 2: question_id 'not-a-question'" in error
     assert not (tmp_path / "l.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("ground_truth", "expected"),
+    [
+        ("yes", "yes/no"), ("No", "yes/no"), ("n, o", "yes/no"), ("y, e, s", "yes/no"), ("Y", "yes/no"),
+        ("3", "number"), ("-2.5", "number"), ("1,024", "number"), ("40%", "number"), ("seven", "number"),
+        ("3 apples", "other"), ("B", "other"), ("a red hat", "other"), ("", "other"), ("nothing", "other"),
+    ],
+)  # fmt: skip
+def test_answer_type_is_read_off_the_ground_truth(ground_truth, expected):
+    assert L.answer_type(ground_truth) == expected

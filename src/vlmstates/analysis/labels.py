@@ -115,6 +115,23 @@ def yes_no_value(ground_truth: str) -> str | None:
     return None
 
 
+#: The answer types of the per-subset probe metrics and the label summary, decided by the ground truth alone.
+ANSWER_TYPES = ("yes/no", "number", "other")
+_NUMERIC_GROUND_TRUTH = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?")
+
+
+def answer_type(ground_truth: str) -> str:
+    """'yes/no' for a bare yes/no ground truth (`yes_no_value`, so 'y' and 'n, o' too), 'number' for a
+    number written in digits (thousands separators, a decimal part and a percent sign allowed) or as a word
+    up to twenty, 'other' for everything else (open-ended, multiple choice, empty)."""
+    if yes_no_value(ground_truth) is not None:
+        return "yes/no"
+    text = str(ground_truth).strip().lower()
+    if _NUMERIC_GROUND_TRUTH.fullmatch(text) or text in _NUMBER_WORDS:
+        return "number"
+    return "other"
+
+
 def leading_yes_no(answer: str) -> str | None:
     """'yes' or 'no' when the normalised answer starts with a yes/no word, else None."""
     words = normalise(answer).split()
