@@ -54,7 +54,8 @@ def runs(tiny_checkpoint, demo):
         lm = load_model(qwen(tiny_checkpoint, answers=answers))
         extractor = Extractor(lm, progress=False)
         forwards = []
-        with forward_hooks(after=[(lm.model, lambda module, args, output: forwards.append(1))]):
+        # a pre-hook: prefill-only's forward ends inside the model (PrefillDone), so it never returns
+        with forward_hooks(before=[(lm.model, lambda module, args: forwards.append(1))]):
             results = extractor.extract(questions, images)
         out[answers] = extractor, results, len(forwards)
     return questions, out
@@ -82,6 +83,39 @@ def test_prefill_only_runs_one_forward_per_batch(runs):
     batches = math.ceil(len(questions) / BATCH)
     assert out[False][2] == batches
     assert out[True][2] > batches  # the generating path decodes after its prefill
+
+
+def test_prefill_only_computes_no_block_past_the_last_recorded_one_and_keeps_no_cache(tiny_checkpoint, demo):
+    """Recording block 0 only: prefill-only calls no later block and runs without a KV cache, and its
+    vectors still equal the generating path's (which runs every block, and decodes)."""
+    table, images = demo
+    questions = questions_of(read_validated_table(table).head(BATCH + 1))
+    out = {}
+    for answers in (True, False):
+        lm = load_model(qwen(tiny_checkpoint, answers=answers, layers=[0]))
+        blocks = lm.adapter.decoder_blocks(lm.model)
+        calls = [0] * len(blocks)
+        caches = []
+
+        def count(k):
+            return lambda module, args: calls.__setitem__(k, calls[k] + 1)
+
+        def record_cache(module, args, kwargs):
+            caches.append((kwargs.get("use_cache"), kwargs.get("past_key_values")))
+
+        handle = lm.model.register_forward_pre_hook(record_cache, with_kwargs=True)
+        with forward_hooks(before=[(block, count(k)) for k, block in enumerate(blocks)]):
+            results = Extractor(lm, progress=False).extract(questions, images)
+        handle.remove()
+        out[answers] = results, calls, caches
+    (answered, answered_calls, _), (prefill_only, calls, caches) = out[True], out[False]
+    assert len(calls) > 1 and calls[0] == math.ceil(len(questions) / BATCH) and not any(calls[1:])
+    assert all(n > calls[0] for n in answered_calls)  # the generating path runs every block, then decodes
+    assert caches and all(use_cache is False and cache is None for use_cache, cache in caches)
+    for a, b in zip(answered, prefill_only):
+        assert a.status == b.status == STATUS_OK and a.vectors.keys() == b.vectors.keys()
+        for key in a.vectors:
+            assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)
 
 
 def test_a_prefill_only_file_says_why_its_answers_are_empty(runs, tmp_path):

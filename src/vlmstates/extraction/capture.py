@@ -2,7 +2,9 @@
 
 Hooks return None (a returned value would replace the module's output). Each hook fires once per
 armed batch: the first call after `arm()` is the prefill; the decoding steps that follow are ignored.
-Only the needed positions are copied off the hidden states, never whole sequences.
+Only the needed positions are copied off the hidden states, never whole sequences. Prefill-only
+(`arm(..., stop_after_last_layer=True)`): once the last recorded block has given its vectors, its hook raises
+`PrefillDone`, so no later block, no LM head and no decoding step is computed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN, layer_key
 
 
+class PrefillDone(Exception):
+    """Raised by the last recorded block's hook in a prefill-only run: every vector is taken, the rest of
+    the forward is not needed. The engine ends generate() with it; it is never an error."""
+
+
 @dataclass
 class _Targets:
     vision_positions: torch.Tensor  # [B] indices into the padded batch
@@ -24,6 +31,7 @@ class _Targets:
     attention_mask: torch.Tensor  # [B, L]
     multimodal: bool
     paper_vision_positions: torch.Tensor | None  # [B], the paper code's vision positions, when recorded
+    stop_after_last_layer: bool = False
 
 
 @dataclass
@@ -46,11 +54,21 @@ class PrefillCapture:
         )
 
     def arm(
-        self, vision_positions, query_positions, attention_mask, multimodal: bool, pool, paper_vision_positions=None
+        self,
+        vision_positions,
+        query_positions,
+        attention_mask,
+        multimodal: bool,
+        pool,
+        paper_vision_positions=None,
+        stop_after_last_layer: bool = False,
     ) -> None:
         """Target the next prefill; `pool` turns the projector's input into one vector per sample;
-        `paper_vision_positions` also takes each block's output there (PAPER_VISION_TOKEN)."""
-        self._targets = _Targets(vision_positions, query_positions, attention_mask, multimodal, paper_vision_positions)
+        `paper_vision_positions` also takes each block's output there (PAPER_VISION_TOKEN);
+        `stop_after_last_layer`: raise PrefillDone once the last recorded block is captured."""
+        self._targets = _Targets(
+            vision_positions, query_positions, attention_mask, multimodal, paper_vision_positions, stop_after_last_layer
+        )
         self._pool = pool
         self._captured = {}
 
@@ -83,6 +101,8 @@ class PrefillCapture:
                 mask = targets.attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
                 mean = (hidden * mask).sum(dim=1, dtype=torch.float32) / mask.sum(dim=1, dtype=torch.float32)
                 self._store(layer_key(MULTIMODAL, layer), mean)
+            if targets.stop_after_last_layer and layer == max(self.layers):
+                raise PrefillDone
             return None
 
         return hook

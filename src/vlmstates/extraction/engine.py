@@ -27,7 +27,7 @@ from vlmstates.dataset import Question
 from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
-from vlmstates.extraction.capture import PrefillCapture
+from vlmstates.extraction.capture import PrefillCapture, PrefillDone
 from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
 from vlmstates.extraction.positions import Positions
 from vlmstates.failpoints import failpoint
@@ -223,6 +223,19 @@ class BatchPreparer:
         return Prepared(batch, positions, paper)
 
 
+@contextlib.contextmanager
+def _without_kv_cache(model) -> Iterator[None]:
+    """generate() without a KV cache: nothing reads it when the forward ends after the prefill's last
+    recorded block. The answer's GenerationConfig starts from the model's, so the flag is set there."""
+    config = model.generation_config
+    before = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = before
+
+
 # -- the engine ---------------------------------------------------------------------------------------
 class Extractor:
     """A loaded model with its hooks; turns questions into `SampleResult`s in the order given.
@@ -280,11 +293,21 @@ class Extractor:
         return dims
 
     def _generation(self) -> tuple[int, int]:
-        """(max_new_tokens, min_new_tokens) of each batch's generate() call. Prefill-only: one new token,
-        discarded, so that generate() runs its prefill forward (the same one, with the same inputs, as
-        when it answers) and stops; a bare forward would not build the inputs the way generate() does
-        (e.g. the position ids of left-padded rows)."""
+        """(max_new_tokens, min_new_tokens) of each batch's generate() call. Prefill-only: at most one new
+        token, so that generate() runs its prefill forward (the same one, with the same inputs, as when it
+        answers), which the last recorded block's hook then ends; a bare forward would not build the inputs
+        the way generate() does (e.g. the position ids of left-padded rows)."""
         return (self.settings.max_new_tokens, self.min_new_tokens) if self.settings.answers else (1, 0)
+
+    def _generate(self, batch: Batch) -> list[str]:
+        """The batch's answers from one generate() call whose prefill the hooks capture. Prefill-only: the
+        same call, without a KV cache, ended by the last recorded block's hook (PrefillDone), so blocks past
+        it, the LM head and the discarded token are never computed; the answers are empty."""
+        if self.settings.answers:
+            return self.adapter.generate(self.loaded, batch, *self._generation())
+        with _without_kv_cache(self.loaded.model), contextlib.suppress(PrefillDone):
+            self.adapter.generate(self.loaded, batch, *self._generation())
+        return [""] * batch.input_ids.shape[0]
 
     def attributes(self) -> dict:
         import transformers
@@ -436,8 +459,9 @@ class Extractor:
                 self.settings.multimodal_representation,
                 lambda projector_input: self.adapter.pool_projector_input(projector_input, batch),
                 torch.tensor(in_padded_batch(paper, positions)) if paper is not None else None,
+                stop_after_last_layer=not self.settings.answers,
             )
-            answers = self.adapter.generate(self.loaded, batch, *self._generation())
+            answers = self._generate(batch)
             vectors = self.capture.collect()
         return [
             SampleResult(
@@ -445,7 +469,7 @@ class Extractor:
                 image_id=q.image_id,
                 question=q.question,
                 ground_truth_answer=q.answer,
-                answer=answers[row] if self.settings.answers else "",
+                answer=answers[row],
                 vision_token_position=positions.vision[row],
                 query_token_position=positions.query[row],
                 num_prompt_tokens=positions.num_prompt_tokens[row],
