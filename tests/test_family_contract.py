@@ -10,13 +10,15 @@ the real architecture, fp32 on CPU, with 4 questions of different lengths and im
 * the vision-only vector equals the independent pooled projector input;
 * the vision position holds the image token and is the last one; the query position is the last prompt token;
   the prompt is the processor's own chat-template route;
-* a left-padded batch of 4 equals batch 1 (< 1e-4), the answers are identical, and equal unbatched generate().
+* a left-padded batch of 4 equals batch 1 (< 1e-4), the answers are identical, and equal unbatched generate();
+* prefill-only (`answers: false`: no KV cache, the forward ended after the last recorded block) gives the
+  generating path's vectors exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -514,6 +516,16 @@ def test_batch_of_four_equals_batch_of_one(run):
         assert a.vectors.keys() == b.vectors.keys()
         for key, value in b.vectors.items():
             assert rel_error(a.vectors[key], value) < 1e-4, (case.family, a.question_id, key)
+
+
+def test_prefill_only_gives_the_generating_paths_vectors_exactly(run):
+    case, loaded, questions, images, batched, _ = run
+    prefill_only = replace(loaded, settings=replace(loaded.settings, answers=False))
+    results = Extractor(prefill_only, progress=False, batch_size=4).extract(questions, images)
+    for a, b in zip(batched, results):
+        assert b.status == STATUS_OK and b.answer == "" and a.vectors.keys() == b.vectors.keys()
+        for key, value in a.vectors.items():
+            assert np.array_equal(value, b.vectors[key]), (case.family, a.question_id, key)
 
 
 def test_answers_equal_unbatched_generate(run):

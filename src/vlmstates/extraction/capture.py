@@ -2,7 +2,8 @@
 
 Hooks return None (a returned value would replace the module's output). Each hook fires once per
 armed batch: the first call after `arm()` is the prefill; the decoding steps that follow are ignored.
-Only the needed positions are copied off the hidden states, never whole sequences. Prefill-only
+Only the needed positions are copied off the hidden states, never whole sequences; the position indices go
+to the device once per batch, and the batch's vectors leave it in one copy, in `collect()`. Prefill-only
 (`arm(..., stop_after_last_layer=True)`): once the last recorded block has given its vectors, its hook raises
 `PrefillDone`, so no later block, no LM head and no decoding step is computed.
 """
@@ -46,6 +47,8 @@ class PrefillCapture:
     _pool: Callable[[torch.Tensor], torch.Tensor] | None = None
     _targets: _Targets | None = None
     _captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: (what, device) -> the armed batch's index tensor or mask there, copied once per batch
+    _on_device: dict[tuple[str, torch.device], torch.Tensor] = field(default_factory=dict)
 
     def installed(self) -> contextlib.AbstractContextManager[None]:
         return forward_hooks(
@@ -71,6 +74,7 @@ class PrefillCapture:
         )
         self._pool = pool
         self._captured = {}
+        self._on_device = {}
 
     def collect(self) -> dict[str, torch.Tensor]:
         """The captured vectors ([B, D] float32 on the CPU), keyed as in the HDF5 file."""
@@ -78,8 +82,8 @@ class PrefillCapture:
         missing = expected - set(self._captured)
         if missing:
             raise RuntimeError(f"the prefill step did not reach {sorted(missing)}")
-        captured, self._captured, self._targets = self._captured, {}, None
-        return captured
+        captured, self._captured, self._targets, self._on_device = self._captured, {}, None, {}
+        return _to_host_in_one_copy(captured)
 
     def _block_hook(self, layer: int):
         def hook(module, args, output):
@@ -91,14 +95,16 @@ class PrefillCapture:
                 hidden = self.block_hidden_states(output)  # [B, L, D]
             else:
                 hidden = output[0] if isinstance(output, tuple) else output  # [B, L, D]
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            self._store(key, hidden[rows, targets.query_positions.to(hidden.device)])
-            self._store(layer_key(VISION_TOKEN, layer), hidden[rows, targets.vision_positions.to(hidden.device)])
+            rows = self._there("rows", hidden.device, lambda: torch.arange(hidden.shape[0]))
+            self._store(key, hidden[rows, self._there("query", hidden.device, lambda: targets.query_positions)])
+            vision = self._there("vision", hidden.device, lambda: targets.vision_positions)
+            self._store(layer_key(VISION_TOKEN, layer), hidden[rows, vision])
             if targets.paper_vision_positions is not None:
-                paper = targets.paper_vision_positions.to(hidden.device)
+                paper = self._there("paper", hidden.device, lambda: targets.paper_vision_positions)
                 self._store(layer_key(PAPER_VISION_TOKEN, layer), hidden[rows, paper])
             if targets.multimodal:
-                mask = targets.attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+                mask = self._there("mask", hidden.device, lambda: targets.attention_mask.unsqueeze(-1))
+                mask = mask.to(hidden.dtype)
                 mean = (hidden * mask).sum(dim=1, dtype=torch.float32) / mask.sum(dim=1, dtype=torch.float32)
                 self._store(layer_key(MULTIMODAL, layer), mean)
             if targets.stop_after_last_layer and layer == max(self.layers):
@@ -113,5 +119,23 @@ class PrefillCapture:
         self._store(VISION_ONLY, self._pool(args[0]))
         return None
 
+    def _there(self, what: str, device: torch.device, tensor: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The armed batch's `what` on `device`, copied there on first use (blocks may sit on several devices)."""
+        if (what, device) not in self._on_device:
+            self._on_device[what, device] = tensor().to(device)
+        return self._on_device[what, device]
+
     def _store(self, key: str, value: torch.Tensor) -> None:
-        self._captured[key] = value.detach().to(device="cpu", dtype=torch.float32)
+        # float32 on the device: bf16 and fp16 widen exactly, and collect() copies everything at once
+        self._captured[key] = value.detach().to(torch.float32)
+
+
+def _to_host_in_one_copy(captured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The vectors on the CPU, copied off the device in one transfer (one sync) instead of one per vector."""
+    if not captured:
+        return {}
+    keys = list(captured)
+    device = captured[keys[0]].device
+    flat = torch.cat([captured[k].to(device).reshape(-1) for k in keys]).cpu()
+    sizes = [captured[k].numel() for k in keys]
+    return {k: part.view(captured[k].shape) for k, part in zip(keys, flat.split(sizes))}
