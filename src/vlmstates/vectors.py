@@ -132,6 +132,16 @@ def _iter_chunks(path, representations, layers, rows, chunk_rows) -> Iterator[Ve
         yield from _chunks(f, keys, _kept_rows(f, rows), chunk_rows or _default_chunk_rows(f, keys))
 
 
+def empty(
+    path: str | Path, representations: Sequence[str] | None = None, layers: Sequence[int] | None = None
+) -> Vectors:
+    """The selection with no rows: its columns, and its vectors' widths and dtypes, read off the file."""
+    with _open(path) as f:
+        keys = select_keys(f, path, representations, layers)
+        vectors = {vector_column(key): np.empty((0, f[key].shape[1]), f[key].dtype) for key in keys}
+        return Vectors(Path(path), read_table(f, slice(0, 0)).rename_axis("row"), vectors, read_attrs(f))
+
+
 def select_keys(
     f: h5py.File, path: str | Path, representations: Sequence[str] | None, layers: Sequence[int] | None
 ) -> list[str]:
@@ -150,7 +160,7 @@ def select_keys(
     keys = [key for key in present if wanted is None or parse_key(key)[0] in wanted]
     if layers is not None:
         layers = [int(layer) for layer in layers]
-        for name in {parse_key(key)[0] for key in keys} - {VISION_ONLY}:
+        for name in dict.fromkeys(parse_key(key)[0] for key in keys if key != VISION_ONLY):  # in file order
             have = sorted(layer for rep, layer in map(parse_key, present) if rep == name)
             absent = [layer for layer in layers if layer not in have]
             if absent:
@@ -170,8 +180,7 @@ def _representation_name(representation: str) -> str:
     if representation in _NAMES:
         return _NAMES[representation]
     raise VectorsError(
-        f"unknown representation {representation!r}: use {', '.join(CODE_ORDER)} "
-        f"(or {', '.join(REPRESENTATION_CODES)})"
+        f"unknown representation {representation!r}: use {', '.join(CODE_ORDER)} (or {', '.join(REPRESENTATION_CODES)})"
     )
 
 
