@@ -129,10 +129,12 @@ def _write_parquet(folder: Path, tables, features: datasets.Features, descriptio
     data = folder / "data"
     data.mkdir(parents=True)
     metadata = {**features.arrow_schema.metadata, b"vlmstates": description.encode()}
+    # dictionary encoding only where values repeat: on float vectors it doubles the writing time for nothing
+    scalar = [name for name, feature in features.items() if not isinstance(feature, datasets.List)]
     written = []
     for number, table in enumerate(tables):
         written.append(data / f"part-{number}.parquet")
-        pq.write_table(table.replace_schema_metadata(metadata), written[-1])
+        pq.write_table(table.replace_schema_metadata(metadata), written[-1], use_dictionary=scalar)
     if not written:  # no rows kept: one empty file, so that the columns are still there to read
         written.append(data / "part-0.parquet")
         pq.write_table(features.arrow_schema.empty_table().replace_schema_metadata(metadata), written[-1])

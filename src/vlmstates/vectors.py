@@ -39,7 +39,7 @@ from vlmstates.store import (
 
 ROWS = ("ok", "all")
 #: Bytes of vectors read per slice of rows when no chunk size is given.
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 64 * 2**20
 _NAMES = {code: name for name, code in REPRESENTATION_CODES.items()}
 
 
@@ -118,7 +118,7 @@ def iter_chunks(
     chunk_rows: int | None = None,
 ) -> Iterator[Vectors]:
     """`load`'s rows and vectors a slice of the file at a time: each chunk holds the kept rows of
-    `chunk_rows` consecutive rows of the file (default: about 256 MiB of the chosen vectors), in file order.
+    `chunk_rows` consecutive rows of the file (default: about 64 MiB of the chosen vectors), in file order.
     The file and the selection are checked here, before the first chunk is asked for."""
     with _open(path) as f:
         select_keys(f, path, representations, layers)
@@ -240,5 +240,6 @@ def _chunks(f: h5py.File, keys: Sequence[str], kept: np.ndarray, chunk_rows: int
             continue
         table = read_table(f, rows)[mask]
         table.index = pd.Index(np.arange(rows.start, rows.stop)[mask], name="row")
-        vectors = {vector_column(key): f[key][rows][mask] for key in keys}
+        every = mask.all()  # then the slice as read, without the copy that masking makes
+        vectors = {vector_column(key): f[key][rows] if every else f[key][rows][mask] for key in keys}
         yield Vectors(Path(f.filename), table, vectors, attrs)
