@@ -4,6 +4,7 @@ wrote, and `export-hf` read back by the `datasets` library equal to the HDF5, co
 from __future__ import annotations
 
 import json
+import logging
 
 import datasets
 import h5py
@@ -88,8 +89,10 @@ def ok_mask(path):
 # ------------------------------------------------------------------ load
 
 
-def test_load_picks_the_chosen_representations_and_layers_of_the_ok_rows(embeddings):
-    vectors = vlmstates.load(embeddings, representations=["VT", "QT"], layers=[3])
+def test_load_picks_the_chosen_representations_and_layers_of_the_ok_rows(embeddings, caplog):
+    with caplog.at_level(logging.INFO):
+        vectors = vlmstates.load(embeddings, representations=["VT", "QT"], layers=[3])
+    assert f"{embeddings}: 3 rows that failed are left out (rows='all' keeps them)" in caplog.messages
     ok = ok_mask(embeddings)
     assert list(vectors.vectors) == ["VT_layer_3", "QT_layer_3"]
     np.testing.assert_array_equal(vectors["VT_layer_3"], raw(embeddings, layer_key(VISION_TOKEN, 3))[ok])

@@ -27,7 +27,7 @@ __version__ = _version()
 
 #: `vlmstates.load` and friends, imported on first use so that `import vlmstates` (every command's first
 #: import) stays free of h5py and pandas.
-_LAZY = {"load": "vlmstates.vectors", "iter_chunks": "vlmstates.vectors", "Vectors": "vlmstates.vectors"}
+_LAZY = {name: "vlmstates.vectors" for name in ("load", "iter_chunks", "Vectors", "VectorsError")}
 __all__ = ["__version__", *_LAZY]
 
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmstates.store import STRING_COLUMNS
-from vlmstates.vectors import Vectors, VectorsError, empty, iter_chunks
+from vlmstates.vectors import Vectors, VectorsError, empty_selection, iter_chunks
 
 FORMATS = ("arrow", "parquet")
 #: How each form is read back, for the command's last line.
@@ -59,7 +59,7 @@ def export_hf_dataset(
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     path, out = Path(path), Path(out)
-    selection = empty(path, representations, layers)
+    selection = empty_selection(path, representations, layers)
     if out.exists() and not _is_export(out):
         raise ExportError(f"{out} exists and is not an earlier export; give a new folder or remove it")
     features = _features(selection, path)

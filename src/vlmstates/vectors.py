@@ -16,6 +16,7 @@ larger than memory. A merged file and a shard have the same layout and read alik
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from vlmstates.store import (
     read_table,
     vector_dims,
 )
+
+log = logging.getLogger(__name__)
 
 ROWS = ("ok", "all")
 #: Bytes of vectors read per slice of rows when no chunk size is given.
@@ -132,7 +135,7 @@ def _iter_chunks(path, representations, layers, rows, chunk_rows) -> Iterator[Ve
         yield from _chunks(f, keys, _kept_rows(f, rows), chunk_rows or _default_chunk_rows(f, keys))
 
 
-def empty(
+def empty_selection(
     path: str | Path, representations: Sequence[str] | None = None, layers: Sequence[int] | None = None
 ) -> Vectors:
     """The selection with no rows: its columns, and its vectors' widths and dtypes, read off the file."""
@@ -221,9 +224,14 @@ def _check_rows(rows: str, chunk_rows: int | None) -> None:
 
 
 def _kept_rows(f: h5py.File, rows: str) -> np.ndarray:
-    """A mask over the file's rows: those with status ok, or all."""
+    """A mask over the file's rows: those with status ok (the others counted in the log), or all."""
     status = f["status"].asstr()[()]
-    return status == STATUS_OK if rows == "ok" else np.ones(len(status), dtype=bool)
+    if rows == "all":
+        return np.ones(len(status), dtype=bool)
+    kept = status == STATUS_OK
+    if not kept.all():
+        log.info("%s: %d rows that failed are left out (rows='all' keeps them)", f.filename, (~kept).sum())
+    return kept
 
 
 def _default_chunk_rows(f: h5py.File, keys: Sequence[str]) -> int:
