@@ -119,6 +119,7 @@ def test_hdf5_names_select_as_the_codes_do_and_vf_ignores_layers(embeddings):
     by_code = vlmstates.load(embeddings, representations=["VF", "VT_paper"], layers=[7])
     by_name = vlmstates.load(embeddings, representations=[VISION_ONLY, PAPER_VISION_TOKEN], layers=[7])
     assert list(by_code.vectors) == list(by_name.vectors) == ["VF", "VT_paper_layer_7"]
+    assert list(vlmstates.load(embeddings, "VT_paper", 7).vectors) == ["VT_paper_layer_7"]  # one of each, unlisted
     np.testing.assert_array_equal(by_code["VF"], raw(embeddings, VISION_ONLY)[ok_mask(embeddings)])
 
 

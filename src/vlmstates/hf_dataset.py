@@ -49,8 +49,8 @@ def export_hf_dataset(
     path: str | Path,
     out: str | Path,
     format: str = "arrow",
-    representations: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
+    representations: Sequence[str] | str | None = None,
+    layers: Sequence[int] | int | None = None,
     rows: str = "all",
     shard_bytes: int = SHARD_BYTES,
 ) -> Path:

@@ -89,8 +89,8 @@ class Vectors:
 
 def load(
     path: str | Path,
-    representations: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
+    representations: Sequence[str] | str | None = None,
+    layers: Sequence[int] | int | None = None,
     rows: str = "ok",
     chunk_rows: int | None = None,
 ) -> Vectors:
@@ -115,8 +115,8 @@ def load(
 
 def iter_chunks(
     path: str | Path,
-    representations: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
+    representations: Sequence[str] | str | None = None,
+    layers: Sequence[int] | int | None = None,
     rows: str = "ok",
     chunk_rows: int | None = None,
 ) -> Iterator[Vectors]:
@@ -146,10 +146,14 @@ def empty_selection(
 
 
 def select_keys(
-    f: h5py.File, path: str | Path, representations: Sequence[str] | None, layers: Sequence[int] | None
+    f: h5py.File, path: str | Path, representations: Sequence[str] | str | None, layers: Sequence[int] | int | None
 ) -> list[str]:
     """The vector datasets of `f` that the selection names, in the file's order; an error naming the file
     and what it holds when a representation or layer is not there."""
+    if isinstance(representations, str):  # load(path, "VT", 12): one of each, as typed
+        representations = [representations]
+    if isinstance(layers, (int, np.integer)):
+        layers = [layers]
     present = list(vector_dims(f))
     if not present:
         raise VectorsError(f"{path} holds no vectors")
