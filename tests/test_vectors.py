@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO
+from test_envs import run_in_environment
 from test_workflow import default_config, snakemake, workdir_with_config
 
 import vlmstates
@@ -267,6 +268,16 @@ def test_export_refuses_a_folder_it_did_not_write_and_a_bad_layer(embeddings, tm
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert main(["export-hf", str(embeddings), str(tmp_path / "hf"), "--layers", "5"]) == 1
     assert "embeddings.h5 has no VT vectors at layer 5; its VT layers are 0, 3, 7" in capsys.readouterr().err
+
+
+def test_export_hf_runs_in_the_core_environment_of_its_rule(embeddings, tmp_path):
+    """The rule's environment (envs/core.yaml) holds what the command imports: datasets and pyarrow."""
+    run_in_environment("core", tmp_path, "export-hf", str(embeddings), str(tmp_path / "hf"), "--format", "parquet")
+    assert_dataset_equals_file(
+        datasets.load_dataset("parquet", data_dir=str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "c")),
+        embeddings,
+        "all",
+    )
 
 
 # ------------------------------------------------------------------ the workflow target
