@@ -24,3 +24,16 @@ def _version() -> str:
 
 
 __version__ = _version()
+
+#: `vlmstates.load` and friends, imported on first use so that `import vlmstates` (every command's first
+#: import) stays free of h5py and pandas.
+_LAZY = {name: "vlmstates.vectors" for name in ("load", "iter_chunks", "Vectors", "VectorsError")}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlmstates' has no attribute {name!r}")

@@ -5,6 +5,7 @@ vlmstates extract-shard ...        one extraction job (what the workflow runs)
 vlmstates merge --table T ...      merge shards into one embeddings file
 vlmstates inspect FILE             print structure and summary of an embeddings file (either layout)
 vlmstates export FILE OUT_DIR      write an embeddings file in the seed scripts' per-question layout
+vlmstates export-hf FILE OUT       write an embeddings file as a Hugging Face dataset (arrow or parquet)
 vlmstates extract --vqa-dataset ...  the workflow's steps for one model, with the seed scripts' flags
 vlmstates predict --model M ...    answer one image (vqa, caption or ocr)
 vlmstates label FILE ...           hallucination labels of a model's answers (halp, yesno, exact, file)
@@ -97,6 +98,20 @@ def _export(args) -> None:
 
     parts = export_seed_layout(args.embeddings, args.out_dir, args.prefix, args.part_size)
     print(f"{len(parts)} part files in {parts[0].parent}, from {parts[0].name}")
+
+
+def _export_hf(args) -> None:
+    from vlmstates.hf_dataset import READ_BACK, export_hf_dataset
+
+    out = export_hf_dataset(
+        args.embeddings,
+        args.out,
+        format=args.format,
+        representations=args.representations,
+        layers=args.layers,
+        rows=args.rows,
+    )
+    print(f"Hugging Face dataset in {out}; read it with {READ_BACK[args.format].format(out=str(out))}")
 
 
 def _extract(args) -> None:
@@ -318,6 +333,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="file name prefix (default: from the model id, e.g. qwen2_5_vl_7b_instruct)")
     p.add_argument("--part-size", type=int, default=1000, help="questions per file (the seeds' checkpoint interval)")
     p.set_defaults(func=_export)
+
+    p = commands.add_parser(
+        "export-hf",
+        help="write an embeddings file as a Hugging Face dataset, one array column per representation and layer",
+    )
+    p.add_argument("embeddings", metavar="EMBEDDINGS.h5")
+    p.add_argument("out", metavar="OUT_DIR", help="the dataset's folder (an earlier export there is replaced)")
+    p.add_argument(
+        "--format",
+        choices=("arrow", "parquet"),
+        default="arrow",
+        help="arrow: save_to_disk's form, for datasets.load_from_disk (default); parquet: the Hub's data/ layout",
+    )
+    p.add_argument(
+        "--representations",
+        nargs="+",
+        metavar="REP",
+        help=f"representations to export (default: all): {', '.join(probe_settings.CODE_ORDER)}",
+    )
+    p.add_argument("--layers", nargs="+", type=int, help="decoder layers to export (default: all)")
+    p.add_argument("--rows", choices=("all", "ok"), default="all", help="all rows (default) or only status ok")
+    p.set_defaults(func=_export_hf)
 
     p = commands.add_parser("extract", help="validate, extract every shard (resuming) and merge, with the seeds' flags")
     p.add_argument("--vqa-dataset", required=True, help="the VQA table (CSV)")

@@ -240,18 +240,32 @@ def vector_dims(group: h5py.Group) -> dict[str, int]:
     return {key: dims[key] for key in sorted(dims, key=_representation_sort_key)}
 
 
+def check_columnar(f: h5py.File, path: str | Path) -> None:
+    """Refuse a file that lacks a column of this schema (a seed-layout part, another program's HDF5)."""
+    missing = [c for c in STRING_COLUMNS + INT_COLUMNS if c not in f]
+    if missing:
+        raise ValueError(f"{path}: not an embeddings file of this schema (missing {', '.join(missing)})")
+
+
+def read_table(f: h5py.File, rows: slice = slice(None)) -> pd.DataFrame:
+    """The scalar columns of an open columnar file (the string ones first, then the int ones), for `rows`
+    only: each column is read from disk for that slice alone."""
+    table = pd.DataFrame({c: f[c].asstr()[rows] for c in STRING_COLUMNS})
+    for c in INT_COLUMNS + ((PAPER_VISION_POSITION,) if PAPER_VISION_POSITION in f else ()):
+        table[c] = f[c][rows]
+    return table
+
+
+def read_attrs(f: h5py.File) -> dict:
+    return {name: decode_attr(value) for name, value in f.attrs.items()}
+
+
 def read_embeddings(path: str | Path) -> Embeddings:
     path = Path(path)
     with h5py.File(path, "r") as f:
-        missing = [c for c in STRING_COLUMNS + INT_COLUMNS if c not in f]
-        if missing:
-            raise ValueError(f"{path}: not an embeddings file of this schema (missing {', '.join(missing)})")
-        table = pd.DataFrame({c: f[c].asstr()[()] for c in STRING_COLUMNS})
-        for c in INT_COLUMNS:
-            table[c] = f[c][()]
-        if PAPER_VISION_POSITION in f:
-            table[PAPER_VISION_POSITION] = f[PAPER_VISION_POSITION][()]
-        attrs = {name: decode_attr(value) for name, value in f.attrs.items()}
+        check_columnar(f, path)
+        table = read_table(f)
+        attrs = read_attrs(f)
         dims = vector_dims(f)
     return Embeddings(path=path, table=table, attrs=attrs, vector_dims=dims)
 

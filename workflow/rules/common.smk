@@ -200,6 +200,8 @@ def all_targets():
         ]
         if config["export"]["seed_layout"]:
             targets.append(results_path(f"{model}/seed_layout"))
+        if config["export"]["hf_dataset"]:
+            targets.append(results_path(f"{model}/hf_dataset"))
     if config["screen"]:
         targets.append(results_path(f"{config['screen']['model']}/screen/scores.csv"))
     return targets + [results_path("summary/probes.csv")]

@@ -18,3 +18,22 @@ rule export_seed_layout:
     shell:
         "{params.cli} export {input:q} {output:q} --prefix {wildcards.model}"
         " --part-size {params.part_size} > {log:q} 2>&1"
+
+
+# The embeddings as a Hugging Face dataset, one array column per representation and layer (config:
+# export.hf_dataset); read back with datasets.load_from_disk, or load_dataset for the parquet form.
+rule export_hf_dataset:
+    input:
+        results_path("{model}/embeddings.h5"),
+    output:
+        directory(results_path("{model}/hf_dataset")),
+    log:
+        "logs/export_hf/{model}.log",
+    retries: 0  # deterministic: a retry repeats the same error
+    conda:
+        "../../envs/core.yaml"
+    params:
+        cli=VLMSTATES,
+        format=config["export"]["hf_format"],
+    shell:
+        "{params.cli} export-hf {input:q} {output:q} --format {params.format} > {log:q} 2>&1"
