@@ -37,7 +37,7 @@ OPERATIONS = {
 MEASURE = """
 import time, json
 import vlmstates, vlmstates.vectors
-from vlmstates.hf_dataset import export_hf_dataset
+from vlmstates.inspection.hf_dataset import export_hf_dataset
 def status(field):
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
     return int(line.split()[1])

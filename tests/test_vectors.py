@@ -19,7 +19,7 @@ from test_workflow import default_config, snakemake, workdir_with_config
 
 import vlmstates
 from vlmstates.cli import main
-from vlmstates.hf_dataset import ExportError, export_hf_dataset
+from vlmstates.inspection.hf_dataset import ExportError, export_hf_dataset
 from vlmstates.store import (
     INT_COLUMNS,
     LAYERED_REPRESENTATIONS,

@@ -101,7 +101,7 @@ def _export(args) -> None:
 
 
 def _export_hf(args) -> None:
-    from vlmstates.hf_dataset import READ_BACK, export_hf_dataset
+    from vlmstates.inspection.hf_dataset import READ_BACK, export_hf_dataset
 
     out = export_hf_dataset(
         args.embeddings,
