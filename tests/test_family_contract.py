@@ -25,6 +25,7 @@ import torch
 from oracle import assert_decoder_vectors_match, rel_error
 
 from vlmstates.extraction.adapters import adapter_class, families, family_of_model_type
+from vlmstates.extraction.adapters.base import Adapter
 from vlmstates.extraction.adapters.entries import ENTRIES
 from vlmstates.extraction.benchmark import synthetic_inputs
 from vlmstates.extraction.engine import Extractor, load_model
@@ -376,6 +377,12 @@ def test_an_entrys_family_serves_its_model_types():
     for family, entry in ENTRIES.items():
         assert all(family_of_model_type(t) == family for t in entry.model_types)
         assert adapter_class(family).family == family and adapter_class(family).entry is entry
+
+
+def test_every_family_loads_through_the_one_load():
+    """Families differ in the hooks load() calls (revision, check_settings, attention, load_processor, load_model,
+    prepare_model), never in load() itself."""
+    assert [family for family in families() if adapter_class(family).load is not Adapter.load] == []
 
 
 def test_an_unknown_model_type_names_every_supported_family():
