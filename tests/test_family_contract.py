@@ -1,9 +1,10 @@
 """The contract every family keeps, one test module for all (the pattern of transformers' ModelTesterMixin).
 
-Adding a family adds a row to CASES: its name, image sizes that make its processor give different image-token,
-tile or sub-image counts, and an independent computation of the projector's input for one sample (the vision
-tower run alone, as the real model's config says its features are taken). Per family, on its tiny checkpoint of
-the real architecture, fp32 on CPU, with 4 questions of different lengths and images of different sizes:
+Adding a family adds a row to CASES (docs/adding-a-family.md): its name, image sizes that make its processor
+give different image-token, tile or sub-image counts, and an independent computation of the projector's input
+for one sample (the vision tower run alone, as the real model's config says its features are taken). Per
+family, on its tiny checkpoint of the real architecture, fp32 on CPU, with 4 questions of different lengths and
+images of different sizes:
 
 * every captured vector equals an unbatched forward with output_hidden_states=True at the recorded positions
   (tests/oracle.py; the last block compared before the final norm);
@@ -26,6 +27,7 @@ import torch
 from oracle import assert_decoder_vectors_match, rel_error
 
 from vlmstates.extraction.adapters import adapter_class, families, family_of_model_type
+from vlmstates.extraction.adapters.base import Adapter
 from vlmstates.extraction.adapters.entries import ENTRIES
 from vlmstates.extraction.benchmark import synthetic_inputs
 from vlmstates.extraction.engine import Extractor, load_model
@@ -372,13 +374,17 @@ def single_batch(loaded, question, images):
     return loaded.adapter.build_batch(loaded, [loaded.settings.format_prompt(question.question)], [image])
 
 
-def test_every_family_has_a_case_an_entry_or_its_own_adapter():
-    """Every family of the table is tested here (Molmo, remote code under transformers 4.48, in tests/test_molmo.py),
-    and an entry's family serves its model types."""
-    assert {case.family for case in CASES} == set(families()) - {"molmo"}
+def test_an_entrys_family_serves_its_model_types():
+    """(That every family has a case here, or an exemption: tests/test_family_completeness.py.)"""
     for family, entry in ENTRIES.items():
         assert all(family_of_model_type(t) == family for t in entry.model_types)
         assert adapter_class(family).family == family and adapter_class(family).entry is entry
+
+
+def test_every_family_loads_through_the_one_load():
+    """Families differ in the hooks load() calls (revision, check_settings, attention, load_processor, load_model,
+    prepare_model), never in load() itself."""
+    assert [family for family in families() if adapter_class(family).load is not Adapter.load] == []
 
 
 def test_an_unknown_model_type_names_every_supported_family():
@@ -615,8 +621,8 @@ def test_mllama_auto_attention_is_sdpa_where_flash_attention_would_be_picked(tin
     assert loaded.attn_implementation == "sdpa" == loaded.model.config._attn_implementation
 
 
-def test_the_all_families_config_validates_and_names_every_family_once():
-    """config/all-families.yaml: a valid config with one hub checkpoint per family (Molmo's MolmoE aside)."""
+def test_the_all_families_config_validates():
+    """config/all-families.yaml is a valid config (that it names every family once: test_family_completeness.py)."""
     import yaml
     from conftest import REPO
 
@@ -624,29 +630,3 @@ def test_the_all_families_config_validates_and_names_every_family_once():
 
     config = yaml.safe_load((REPO / "config" / "all-families.yaml").read_text())
     check_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")  # as the workflow does (common.smk)
-    hub_ids = {
-        "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
-        "gemma3": "google/gemma-3-12b-it",
-        "phi4_multimodal": "microsoft/Phi-4-multimodal-instruct",
-        "molmo": "allenai/Molmo-7B-O-0924",
-        "llava_next": "llava-hf/llama3-llava-next-8b-hf",
-        "smolvlm": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
-        "llava": "llava-hf/llava-1.5-7b-hf",
-        "qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct",
-        "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-        "aya_vision": "CohereLabs/aya-vision-8b",
-        "internvl": "OpenGVLab/InternVL3-8B-hf",
-        "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct",
-        "glm4v": "zai-org/GLM-4.1V-9B-Thinking",
-        "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
-        "molmo2": "allenai/Molmo2-8B",
-        "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct",
-        "fast_vlm": "KamilaMila/FastVLM-7B",
-        "gemma3n": "google/gemma-3n-E4B-it",
-        "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
-        "paligemma": "google/paligemma2-3b-mix-448",
-    }
-    assert set(hub_ids) == set(families())
-    assert sorted(ModelSettings.from_config(n, e).model for n, e in config["models"].items()) == sorted(
-        hub_ids.values()
-    )

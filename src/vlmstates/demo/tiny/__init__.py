@@ -23,11 +23,12 @@ import importlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
     "TINY_FAMILIES",
+    "tiny_builder",
     "build_tiny_checkpoint",
     "atomic_output_dir",
     "seeded_model",
@@ -62,18 +63,22 @@ _FAMILY_MODULES: dict[str, str] = {
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_MODULES)
 
 
+def tiny_builder(family: str) -> Callable[[Path, int], Path]:
+    """The function that builds ``family``'s tiny checkpoint, as its row above names it (module imported now)."""
+    module_name = _FAMILY_MODULES.get(family)
+    if module_name is None:
+        raise ValueError(f"unknown tiny checkpoint family {family!r}; known families: {', '.join(TINY_FAMILIES)}")
+    module_name, _, function = module_name.partition(":")
+    return getattr(importlib.import_module(module_name, __name__), function or "build")
+
+
 def build_tiny_checkpoint(family: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     """Build the tiny checkpoint of ``family`` into ``out_dir`` and return its path.
 
     An existing ``out_dir`` is replaced.  The same ``family`` and ``seed`` give
     the same weights and the same tokenizer.
     """
-    module_name = _FAMILY_MODULES.get(family)
-    if module_name is None:
-        raise ValueError(f"unknown tiny checkpoint family {family!r}; known families: {', '.join(TINY_FAMILIES)}")
-    module_name, _, function = module_name.partition(":")
-    module = importlib.import_module(module_name, __name__)
-    return getattr(module, function or "build")(Path(out_dir), int(seed))
+    return tiny_builder(family)(Path(out_dir), int(seed))
 
 
 def seeded_model(model_class, config, seed: int):

@@ -2,14 +2,22 @@
 
 The engine never names a model. An adapter says how to load a checkpoint, how to turn samples into a
 left-padded batch, where the image placeholder tokens are, which modules are the decoder blocks and the
-vision-to-language projector, and how to pool the projector's input per sample. The defaults here serve
-native transformers image-text-to-text models; a family overrides what differs.
+vision-to-language projector, and how to pool the projector's input per sample.
+
+`Adapter` declares what every family must give as abstract members (a family class that lacks one cannot be
+instantiated) and implements the rest once, after transformers' image-text-to-text processors (the chat
+template, `processor(text=..., images=...)`, `generate`); a family overrides only what differs. `load()` is
+one sequence for every family; the hooks it calls are what families vary. What only the tests and the
+benchmark read, never extraction, is declared apart, in `BenchmarkAndTestMembers`. The families of the
+common layout give every member as data (vlmstates.extraction.adapters.entries); docs/adding-a-family.md
+says where else a family is named.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,44 +49,31 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L]
 
 
-class Adapter:
+class BenchmarkAndTestMembers(ABC):
+    """What every family gives for the benchmark and the tests only: extraction never calls these."""
+
+    @abstractmethod
+    def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The decoder's final norm, which output_hidden_states applies to its last entry (tests/oracle.py)."""
+
+    @abstractmethod
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The vision encoder, before the projector (its parameters; the vision tokens the benchmark counts)."""
+
+    @abstractmethod
+    def vision_features(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """The vision encoder run on its own on one sample's inputs ([tokens, D]): the separate vision
+        pass of a HALP-style loop, which the benchmark compares the engine with."""
+
+
+class Adapter(BenchmarkAndTestMembers):
     """One family's answers to the engine. Arguments throughout: `loaded` (a LoadedModel) where the
     processor or settings matter, else `model`; `batch` (a Batch that this adapter's build_batch made).
 
-    Which members a family must give is listed in REQUIRED (no default here), which it may override in
-    OPTIONAL, and BENCHMARK_ONLY are read only by the benchmark and the tests, never by extraction. A family
-    in the common layout gives them all as data (vlmstates.extraction.adapters.entries).
+    The abstract members are what every family gives; the others are defaults that a family overrides
+    where it differs.
     """
 
-    REQUIRED: ClassVar[tuple[str, ...]] = ("family", "projector")
-    OPTIONAL: ClassVar[tuple[str, ...]] = (
-        "max_batch_size",
-        "legacy_image_processors",
-        "semantics",
-        "load",
-        "load_processor",
-        "prepare_model",
-        "chat_prompt",
-        "processor_images",
-        "build_batch",
-        "batch_group",
-        "image_token_estimate",
-        "find_positions",
-        "image_token_id",
-        "decoder_blocks",
-        "block_hidden_states",
-        "final_norm",
-        "pool_projector_input",
-        "hidden_size",
-        "vision_hidden_size",
-        "max_prompt_tokens",
-        "answer_generation_config",
-        "effective_generation",
-        "generate",
-    )
-    BENCHMARK_ONLY: ClassVar[tuple[str, ...]] = ("vision_tower", "vision_features")
-
-    family: ClassVar[str]
     #: Largest batch the family can run exactly; the engine caps the batch size there (None: no limit).
     max_batch_size: ClassVar[int | None] = None
     #: Legacy ``image_processor_type`` names of the family's checkpoints -> the transformers class they
@@ -88,18 +83,35 @@ class Adapter:
     #: file's `semantics` attribute (key "family") and config/README.md.
     semantics: ClassVar[str] = ""
 
+    @property
+    @abstractmethod
+    def family(self) -> str:
+        """The family's name (a class attribute in each family): the key of the family table, envs/<family>.yaml."""
+
     # -- loading ---------------------------------------------------------------------------------
     def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
-        from transformers import AutoModelForImageTextToText
-
-        common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
-        processor = self.load_processor(settings, settings.revision)
-        model = AutoModelForImageTextToText.from_pretrained(
-            settings.model, dtype=dtype, attn_implementation=attn, **common
-        )
+        """The checkpoint's processor and model, on `device` in eval mode. `attn`: the engine's choice of
+        attention implementation. The steps are every family's; the hooks are where families differ."""
+        revision = self.revision(settings)
+        self.check_settings(settings, revision)
+        attn = self.attention(settings, attn)
+        processor = self.load_processor(settings, revision)
+        model = self.load_model(settings, revision, dtype, attn)
         self.prepare_model(model)
         model.to(device).eval()
         return LoadedModel(model, processor, self, settings, device, dtype, attn)
+
+    def revision(self, settings: ModelSettings) -> str | None:
+        """The checkpoint revision to load: the configured one."""
+        return settings.revision
+
+    def check_settings(self, settings: ModelSettings, revision: str | None) -> None:
+        """Refuse, before anything is loaded, settings or a checkpoint the family cannot run (a ConfigError
+        naming the key); nothing to refuse by default."""
+
+    def attention(self, settings: ModelSettings, attn: str) -> str:
+        """The attention implementation the model is loaded with and the file records: the engine's choice."""
+        return attn
 
     def load_processor(self, settings: ModelSettings, revision: str | None):
         """The checkpoint's processor (legacy image-processor names mapped), left-padding its tokenizer."""
@@ -112,6 +124,12 @@ class Adapter:
         )
         processor.tokenizer.padding_side = "left"
         return processor
+
+    @abstractmethod
+    def load_model(
+        self, settings: ModelSettings, revision: str | None, dtype: torch.dtype, attn: str
+    ) -> torch.nn.Module:
+        """The checkpoint's model, its weights in `dtype` (on the CPU: `load` moves it)."""
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """What the family's model needs once its weights are in, before it runs (none by default)."""
@@ -159,34 +177,26 @@ class Adapter:
         """Last image-placeholder token (the config's image token id) and last prompt token per row."""
         return find_positions(batch.input_ids, batch.attention_mask, self.image_token_id(loaded.model))
 
+    @abstractmethod
     def image_token_id(self, model: torch.nn.Module) -> int:
-        return int(model.config.image_token_id)
+        """The id of the image placeholder token in `input_ids`."""
 
+    @abstractmethod
     def decoder_blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
-        return model.model.language_model.layers
+        """The decoder blocks, in order: their outputs are the recorded layers."""
 
     def block_hidden_states(self, output) -> torch.Tensor:
         """A decoder block's output -> its hidden states [B, L, D], what VT, QT and MM are taken from."""
         return output[0] if isinstance(output, tuple) else output
 
-    def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.model.language_model.norm
-
+    @abstractmethod
     def projector(self, model: torch.nn.Module) -> torch.nn.Module:
-        raise NotImplementedError
+        """The vision-to-language projector: its input, captured by a hook, is the vision-only vector."""
 
-    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The vision encoder, before the projector."""
-        raise NotImplementedError
-
-    def vision_features(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-        """The vision encoder run on its own on one sample's inputs ([tokens, D]): the separate vision
-        pass of a HALP-style loop, which the benchmark compares the engine with."""
-        raise NotImplementedError
-
+    @abstractmethod
     def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Mean over each sample's patches: [B, Dv]. Default: input is [B, patches, Dv]."""
-        return projector_input.float().mean(dim=1)
+        """The projector's input of one forward (the whole batch's) -> each sample's mean over its own rows
+        and patches, never over padding: [B, Dv]."""
 
     def hidden_size(self, model: torch.nn.Module) -> int:
         return int(model.config.get_text_config().hidden_size)

@@ -142,21 +142,26 @@ class EntryAdapter(Adapter):
 
     entry: ClassVar[FamilyEntry]
 
-    def load(self, settings, device, dtype, attn) -> LoadedModel:
+    def attention(self, settings, attn):
+        """The engine's choice, or under `attn_implementation: auto` the one the entry runs instead of it."""
+        if settings.attn_implementation == "auto":
+            return self.entry.auto_attention.get(attn, attn)
+        return attn
+
+    def load_model(self, settings, revision, dtype, attn):
         import transformers
 
         auto_class = getattr(transformers, self.entry.auto_class)
-        if settings.attn_implementation == "auto":
-            attn = self.entry.auto_attention.get(attn, attn)
-        common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
-        processor = self.load_processor(settings, settings.revision)
         implementation = attn
         if self.entry.vision_attention is not None:  # per sub-model: the decoder's, and the tower's own
             implementation = {"": attn, "text_config": attn, "vision_config": self.entry.vision_attention}
-        model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=implementation, **common)
-        self.prepare_model(model)
-        model.to(device).eval()
-        return LoadedModel(model, processor, self, settings, device, dtype, attn)
+        return auto_class.from_pretrained(
+            settings.model,
+            revision=revision,
+            trust_remote_code=settings.trust_remote_code,
+            dtype=dtype,
+            attn_implementation=implementation,
+        )
 
     def chat_prompt(self, loaded, text):
         """The chat template's prompt, with the tokenizer's own leading <bos> where the template writes none
@@ -200,14 +205,8 @@ class EntryAdapter(Adapter):
             return super().block_hidden_states(output)
         return output[self.entry.block_output_stream]
 
-    def final_norm(self, model):
-        return model.get_submodule(self.entry.final_norm)
-
     def projector(self, model):
         return model.get_submodule(self.entry.projector)
-
-    def vision_tower(self, model):
-        return model.get_submodule(self.entry.vision_tower)
 
     def vision_hidden_size(self, model):
         width = int(config_attribute(model.config, self.entry.vision_hidden_size))
@@ -227,6 +226,13 @@ class EntryAdapter(Adapter):
                 )
             projector_input = projector_input[select.to(projector_input.device)]
         return pool_rows(projector_input, rows)
+
+    # -- benchmark and tests only ------------------------------------------------------------------
+    def final_norm(self, model):
+        return model.get_submodule(self.entry.final_norm)
+
+    def vision_tower(self, model):
+        return model.get_submodule(self.entry.vision_tower)
 
     def vision_features(self, model, inputs) -> torch.Tensor:
         """The projector's input from the model's own image path alone (`get_image_features`, no decoder):

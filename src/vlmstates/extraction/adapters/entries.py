@@ -55,8 +55,9 @@ class FamilyEntry:
     """What an adapter needs to know about a family in the common layout.
 
     Required: `family`, `model_types`, `projector`, `vision_tower`, `pooling`. The rest has the common
-    layout's value as default. `vision_tower` is read only by the benchmark and the tests (the separate vision
-    pass, parameter counts); everything else drives extraction.
+    layout's value as default. `vision_tower` and `final_norm` are read only by the benchmark and the tests
+    (the separate vision pass, parameter counts, the check against output_hidden_states); everything else
+    drives extraction.
     """
 
     family: str
@@ -71,6 +72,7 @@ class FamilyEntry:
     #: transformers auto class that loads the checkpoint
     auto_class: str = "AutoModelForImageTextToText"
     decoder_blocks: str = "model.language_model.layers"
+    #: module path of the decoder's final norm (tests only: output_hidden_states applies it to its last entry)
     final_norm: str = "model.language_model.norm"
     #: dotted config attribute holding the image placeholder token id
     image_token_id: str = "image_token_id"

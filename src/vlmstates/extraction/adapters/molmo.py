@@ -146,7 +146,7 @@ class MolmoAdapter(Adapter):
         self._layouts: dict[tuple[int, int], tuple[int, int]] = {}
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, settings, device, dtype, attn) -> LoadedModel:
+    def check_settings(self, settings, revision) -> None:
         key = f"models.{settings.name}"
         if not settings.trust_remote_code:
             raise ConfigError(
@@ -158,30 +158,44 @@ class MolmoAdapter(Adapter):
             raise ConfigError(
                 f"{key}.attn_implementation: Molmo's remote code chooses its own attention; leave it at auto"
             )
-        from transformers import AutoModelForCausalLM, AutoProcessor
+
+    def attention(self, settings, attn) -> str:
+        """What the file records: the remote code chooses its own attention."""
+        return "remote_code"
+
+    def load_processor(self, settings, revision):
+        """The remote code's processor as it is (its `process` builds one sample; batches are collated here).
+        The `<im_patch>` id is read from its tokenizer here, for image_token_id."""
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(settings.model, revision=revision, trust_remote_code=True)
+        ids = processor.tokenizer.encode(IMAGE_PATCH_TOKEN, add_special_tokens=False)
+        self._patch_token_id = int(ids[0]) if len(ids) == 1 else -1
+        return processor
+
+    def load_model(self, settings, revision, dtype, attn):
+        from transformers import AutoModelForCausalLM
 
         version = _transformers_version()
-        common = dict(revision=settings.revision, trust_remote_code=True)
         dtype_key = "dtype" if version >= (5, 0) else "torch_dtype"
-        processor = AutoProcessor.from_pretrained(settings.model, **common)
         try:
-            model = AutoModelForCausalLM.from_pretrained(settings.model, **{dtype_key: dtype}, **common)
+            return AutoModelForCausalLM.from_pretrained(
+                settings.model, revision=revision, trust_remote_code=True, **{dtype_key: dtype}
+            )
         except Exception as error:
             if version >= (4, 49):
                 raise RuntimeError(
-                    f"{key}: loading {settings.model} failed under transformers {'.'.join(map(str, version))}; "
-                    f"Molmo's remote code runs unchanged with transformers<={REAL_CODE_TRANSFORMERS} "
-                    f"(envs/molmo.yaml): {type(error).__name__}: {error}"
+                    f"models.{settings.name}: loading {settings.model} failed under transformers "
+                    f"{'.'.join(map(str, version))}; Molmo's remote code runs unchanged with "
+                    f"transformers<={REAL_CODE_TRANSFORMERS} (envs/molmo.yaml): {type(error).__name__}: {error}"
                 ) from error
             raise
-        if (4, 49) <= version < (5, 0):
+
+    def prepare_model(self, model) -> None:
+        if (4, 49) <= _transformers_version() < (5, 0):
             # From 4.49 generation turns a model's cache into a DynamicCache unless the class says it
             # does not support one; Molmo's code passes its own tuples. (Not exercised by the tests.)
             type(model)._supports_default_dynamic_cache = classmethod(lambda cls: False)
-        model.to(device).eval()
-        ids = processor.tokenizer.encode(IMAGE_PATCH_TOKEN, add_special_tokens=False)
-        self._patch_token_id = int(ids[0]) if len(ids) == 1 else -1
-        return LoadedModel(model, processor, self, settings, device, dtype, "remote_code")
 
     # -- batches ---------------------------------------------------------------------------------
     def build_batch(self, loaded: LoadedModel, texts, images) -> Batch:
@@ -224,23 +238,8 @@ class MolmoAdapter(Adapter):
     def decoder_blocks(self, model):
         return model.model.transformer.blocks
 
-    def final_norm(self, model):
-        return model.model.transformer.ln_f
-
     def projector(self, model):
         return model.model.vision_backbone.image_projector
-
-    def vision_tower(self, model):
-        return model.model.vision_backbone.image_vit
-
-    def vision_features(self, model, inputs: dict) -> torch.Tensor:
-        """The vision backbone alone on one sample: the projector's input at the tokens that enter the
-        prompt ([tokens, D]), what the vision-only vector averages."""
-        seen = []
-        with forward_hooks(before=[(self.projector(model), lambda module, args: seen.append(args[0]))]):
-            model.model.vision_backbone(inputs["images"], inputs["image_masks"])
-        features = seen[0]
-        return features.reshape(-1, features.shape[-1])[inputs["image_input_idx"].reshape(-1) >= 0]
 
     def pool_projector_input(self, projector_input: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean over the pooled image tokens that enter the prompt (image_input_idx >= 0) of each sample.
@@ -280,6 +279,22 @@ class MolmoAdapter(Adapter):
     def max_prompt_tokens(self, model) -> int | None:
         config = model.config
         return getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", None)
+
+    # -- benchmark and tests only ------------------------------------------------------------------
+    def final_norm(self, model):
+        return model.model.transformer.ln_f
+
+    def vision_tower(self, model):
+        return model.model.vision_backbone.image_vit
+
+    def vision_features(self, model, inputs: dict) -> torch.Tensor:
+        """The vision backbone alone on one sample: the projector's input at the tokens that enter the
+        prompt ([tokens, D]), what the vision-only vector averages."""
+        seen = []
+        with forward_hooks(before=[(self.projector(model), lambda module, args: seen.append(args[0]))]):
+            model.model.vision_backbone(inputs["images"], inputs["image_masks"])
+        features = seen[0]
+        return features.reshape(-1, features.shape[-1])[inputs["image_input_idx"].reshape(-1) >= 0]
 
     # -- generation ------------------------------------------------------------------------------
     def _stop_token_id(self, loaded: LoadedModel) -> int | None:

@@ -173,11 +173,9 @@ class Phi4MultimodalAdapter(Adapter):
             ) from error
         return True
 
-    def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
-        from transformers import Phi4MultimodalForCausalLM
-
-        want_lora = self.use_vision_lora(settings)
-        revision = self.revision(settings)
+    def check_settings(self, settings: ModelSettings, revision: str | None) -> None:
+        """The options, and a checkpoint in the native format."""
+        self.use_vision_lora(settings)
         model_type = read_checkpoint_config(settings.model, revision).get("model_type")
         if model_type != "phi4_multimodal":
             raise ConfigError(
@@ -185,15 +183,23 @@ class Phi4MultimodalAdapter(Adapter):
                 f"the native Phi4MultimodalForCausalLM needs a 'phi4_multimodal' checkpoint "
                 f"(for microsoft/Phi-4-multimodal-instruct, revision {self.default_revision})"
             )
+
+    def load_model(self, settings: ModelSettings, revision: str | None, dtype: torch.dtype, attn: str):
+        """The causal LM class (no image-text-to-text class serves it), with the vision LoRA where it is used."""
+        from transformers import Phi4MultimodalForCausalLM
+
+        want_lora = self.use_vision_lora(settings)
         use_lora = want_lora is not False and self.has_vision_lora(settings.model, revision)
         if want_lora and not use_lora:
             raise ConfigError(
                 f"models.{settings.name}.options.vision_lora is true, but {settings.model} has no {VISION_LORA_SUBFOLDER}/"
             )
-        common = dict(revision=revision, trust_remote_code=settings.trust_remote_code)
-        processor = self.load_processor(settings, revision)
         model = Phi4MultimodalForCausalLM.from_pretrained(
-            settings.model, dtype=dtype, attn_implementation=attn, **common
+            settings.model,
+            revision=revision,
+            trust_remote_code=settings.trust_remote_code,
+            dtype=dtype,
+            attn_implementation=attn,
         )
         if use_lora:
             model.load_adapter(
@@ -202,9 +208,7 @@ class Phi4MultimodalAdapter(Adapter):
                 adapter_kwargs={"subfolder": VISION_LORA_SUBFOLDER, "revision": revision},
             )
             model.set_adapter(VISION_ADAPTER_NAME)
-        self.prepare_model(model)
-        model.to(device).eval()
-        return LoadedModel(model, processor, self, settings, device, dtype, attn)
+        return model
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         make_vision_attention_bidirectional(model)
@@ -228,6 +232,17 @@ class Phi4MultimodalAdapter(Adapter):
     def decoder_blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.model.layers
 
+    def projector(self, model: torch.nn.Module) -> torch.nn.Module:
+        return install_projection_tap(model.model.embed_tokens_extend.image_embed)
+
+    def pool_projector_input(self, projector_input: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+        """Mean over each image's rows of the projection MLP's input: [B, Dv] (one image per sample)."""
+        rows = batch.input_ids.shape[0]
+        if len(projector_input) != rows:
+            raise RuntimeError(f"the image projection ran on {len(projector_input)} images for a batch of {rows}")
+        return torch.stack([x.reshape(-1, x.shape[-1]).float().mean(dim=0) for x in projector_input])
+
+    # -- benchmark and tests only ------------------------------------------------------------------
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model.norm
 
@@ -238,16 +253,6 @@ class Phi4MultimodalAdapter(Adapter):
         pixels = inputs["image_pixel_values"].flatten(0, 1).to(model.dtype)
         mask = inputs["image_attention_mask"].flatten(0, 1).bool()
         return model.model.embed_tokens_extend.image_embed.get_img_features(pixels, attention_mask=mask)
-
-    def projector(self, model: torch.nn.Module) -> torch.nn.Module:
-        return install_projection_tap(model.model.embed_tokens_extend.image_embed)
-
-    def pool_projector_input(self, projector_input: list[torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Mean over each image's rows of the projection MLP's input: [B, Dv] (one image per sample)."""
-        rows = batch.input_ids.shape[0]
-        if len(projector_input) != rows:
-            raise RuntimeError(f"the image projection ran on {len(projector_input)} images for a batch of {rows}")
-        return torch.stack([x.reshape(-1, x.shape[-1]).float().mean(dim=0) for x in projector_input])
 
 
 def install_output_capturing_hooks(model: torch.nn.Module) -> None:
