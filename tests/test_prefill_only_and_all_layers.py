@@ -125,6 +125,7 @@ def test_a_prefill_only_file_says_why_its_answers_are_empty(runs, tmp_path):
     emb = read_embeddings(path)
     assert not emb.attrs["answers"] and emb.attrs["max_new_tokens"] == 0
     assert emb.generation_config["max_new_tokens"] == 1  # what generate() ran with: its prefill, one token
+    assert emb.generation_config["use_cache"] is False
     assert json.loads(emb.attrs["semantics"])["answer"] == PREFILL_ONLY_ANSWER
     answered = out[True][0]
     assert (

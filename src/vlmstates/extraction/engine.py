@@ -309,6 +309,12 @@ class Extractor:
             self.adapter.generate(self.loaded, batch, *self._generation())
         return [""] * batch.input_ids.shape[0]
 
+    def _effective_generation(self) -> dict:
+        if self.settings.answers:
+            return self.adapter.effective_generation(self.loaded, *self._generation())
+        with _without_kv_cache(self.loaded.model):  # as _generate runs it: the record says use_cache false
+            return self.adapter.effective_generation(self.loaded, *self._generation())
+
     def attributes(self) -> dict:
         import transformers
 
@@ -328,7 +334,7 @@ class Extractor:
             "max_new_tokens": s.max_new_tokens if s.answers else 0,
             # what each batch's generate() runs with: the checkpoint's generation_config.json, the
             # config's `generation` over it, the engine's fixed fields (GENERATION_CONFIG_ATTR)
-            GENERATION_CONFIG_ATTR: self.adapter.effective_generation(self.loaded, *self._generation()),
+            GENERATION_CONFIG_ATTR: self._effective_generation(),
             "prompt_template": s.prompt,
             "multimodal_representation": s.multimodal_representation,
             # only when on, so that the files of every other run keep exactly the attributes they had
