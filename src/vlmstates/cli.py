@@ -32,7 +32,7 @@ from pathlib import Path
 from vlmstates import __version__
 from vlmstates.analysis import labels
 from vlmstates.analysis.probes import settings as probe_settings
-from vlmstates.errors import VlmstatesError
+from vlmstates.errors import EXIT_RESTART, RestartJob, VlmstatesError
 from vlmstates.settings import ExtractionSettings
 
 
@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; the exit status is 0, 1 for a refused step, 128 + N when signal N stopped it."""
+    """Run one command; the exit status is 0, 1 for a refused step, EXIT_RESTART when a fresh process can
+    go on where this one cannot (out of device memory), 128 + N when signal N stopped it."""
     try:
         try:
             with _terminate_as_interrupt():
@@ -472,6 +473,9 @@ def _run(argv: list[str] | None) -> int:
     except VlmstatesError as error:  # bad input or a refused step: a message, not a traceback
         print(f"vlmstates {args.command}: {error}", file=sys.stderr)
         return 1
+    except RestartJob as error:  # progress saved; a retry (fresh process) goes on
+        print(f"vlmstates {args.command}: {error}", file=sys.stderr)
+        return EXIT_RESTART
     return 0
 
 
