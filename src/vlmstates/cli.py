@@ -46,14 +46,19 @@ def _validate(args) -> None:
 
 
 def _extract_shard(args) -> None:
-    from vlmstates.workflow.gpu_lease import lease_gpu
+    from dataclasses import replace
 
-    lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
-    from vlmstates.extraction.shards import extract_shard
     from vlmstates.settings import ModelSettings
+    from vlmstates.workflow.gpu_lease import check_gpu_usable, cuda_index, device_after_lease, lease_gpu
 
     entry = json.loads(args.settings)
     settings = ModelSettings.from_config(entry.pop("name"), entry)
+    # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
+    leased = lease_gpu(wanted=cuda_index(settings.device))
+    settings = replace(settings, device=device_after_lease(settings.device, leased))
+    check_gpu_usable(settings.device, leased)
+    from vlmstates.extraction.shards import extract_shard
+
     extract_shard(
         settings,
         args.table,
