@@ -23,8 +23,9 @@ class OutOfDeviceMemory(RestartJob):
 
     def __init__(self, batch_size: int, error: str):
         super().__init__(
-            f"out of device memory in a batch of {batch_size} ({error}); the samples done so far are saved, "
-            f"and the job's retry runs with half the batch size"
+            f"out of device memory in a batch of {batch_size} ({error}); the samples done so far are saved. "
+            f"The workflow retries the job with half the batch size; elsewhere, lower the model's batch_size "
+            f"and run again"
         )
         self.batch_size = batch_size
 

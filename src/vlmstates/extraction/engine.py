@@ -443,7 +443,11 @@ class Extractor:
             fetched = self.preparer.fetch(batch_questions, images_dir, self.preparer.host)
             if fetched.prepared is None or any(fetched.image_errors):
                 return None
-            return self._execute(batch_questions, fetched.prepared)
+            try:
+                return self._execute(batch_questions, fetched.prepared)
+            except Exception:
+                self.capture.disarm()  # what a failed try captured; the search drops the error itself
+                raise
 
         blocks = self.adapter.decoder_blocks(self.loaded.model)
         with self.capture.installed(), oom_failpoint(blocks), torch.inference_mode():
