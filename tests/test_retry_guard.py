@@ -98,3 +98,19 @@ def test_an_error_a_retry_may_fix_leaves_no_marker(tmp_path, monkeypatch):
     with pytest.raises(FakeOutOfMemory):
         retry_guard.main(["--attempt", "1", "--log", str(log), "--marker", str(marker), "--", "extract-shard"])
     assert not marker.exists()
+
+
+def test_a_job_ended_for_a_fresh_process_is_retried_not_marked(tmp_path, monkeypatch):
+    """Out of device memory: the command saves its samples and exits EXIT_RESTART; Snakemake retries it."""
+    import vlmstates.cli
+    from vlmstates.errors import EXIT_RESTART, OutOfDeviceMemory
+    from vlmstates.workflow import retry_guard
+
+    def ran_out(args):
+        raise OutOfDeviceMemory(8, "OutOfMemoryError: CUDA out of memory")
+
+    monkeypatch.setattr(vlmstates.cli, "_merge", ran_out)  # any command's body: the CLI's handling is shared
+    log, marker = tmp_path / "x.log", tmp_path / "x.no-retry.log"
+    command = ["merge", "--table", "t.csv", "--out", "o.h5", "s.h5"]
+    status = retry_guard.main(["--attempt", "1", "--log", str(log), "--marker", str(marker), "--", *command])
+    assert status == EXIT_RESTART and not marker.exists()

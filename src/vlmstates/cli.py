@@ -33,7 +33,7 @@ from pathlib import Path
 from vlmstates import __version__
 from vlmstates.analysis import labels
 from vlmstates.analysis.probes import settings as probe_settings
-from vlmstates.errors import VlmstatesError
+from vlmstates.errors import EXIT_RESTART, RestartJob, VlmstatesError
 from vlmstates.settings import ExtractionSettings
 
 
@@ -47,14 +47,19 @@ def _validate(args) -> None:
 
 
 def _extract_shard(args) -> None:
-    from vlmstates.workflow.gpu_lease import lease_gpu
+    from dataclasses import replace
 
-    lease_gpu()  # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
-    from vlmstates.extraction.shards import extract_shard
     from vlmstates.settings import ModelSettings
+    from vlmstates.workflow.gpu_lease import check_gpu_usable, cuda_index, device_after_lease, lease_gpu
 
     entry = json.loads(args.settings)
     settings = ModelSettings.from_config(entry.pop("name"), entry)
+    # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
+    leased = lease_gpu(wanted=cuda_index(settings.device))
+    settings = replace(settings, device=device_after_lease(settings.device, leased))
+    check_gpu_usable(settings.device, leased)
+    from vlmstates.extraction.shards import extract_shard
+
     extract_shard(
         settings,
         args.table,
@@ -486,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; the exit status is 0, 1 for a refused step, 128 + N when signal N stopped it."""
+    """Run one command; the exit status is 0, 1 for a refused step, EXIT_RESTART when a fresh process can
+    go on where this one cannot (out of device memory), 128 + N when signal N stopped it."""
     try:
         try:
             with _terminate_as_interrupt():
@@ -509,6 +515,9 @@ def _run(argv: list[str] | None) -> int:
     except VlmstatesError as error:  # bad input or a refused step: a message, not a traceback
         print(f"vlmstates {args.command}: {error}", file=sys.stderr)
         return 1
+    except RestartJob as error:  # progress saved; a retry (fresh process) goes on
+        print(f"vlmstates {args.command}: {error}", file=sys.stderr)
+        return EXIT_RESTART
     return 0
 
 

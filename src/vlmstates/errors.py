@@ -6,3 +6,33 @@ class VlmstatesError(Exception):
 
     Each module derives its own error from this (most also from ValueError or RuntimeError, which
     `retry_guard` tells apart), so that `cli` catches this one class."""
+
+
+#: The exit status of a command that ended for a fresh process to take over (`RestartJob`): EX_TEMPFAIL.
+EXIT_RESTART = 75
+
+
+class RestartJob(Exception):
+    """The process cannot go on but a fresh one can (out of device memory, a CUDA error that poisoned the
+    process); the step saved its progress. `vlmstates` prints the message and exits EXIT_RESTART, which
+    `retry_guard` leaves to Snakemake to retry. Not a VlmstatesError: those are refusals, not retried."""
+
+
+class OutOfDeviceMemory(RestartJob):
+    """A batch did not fit in device memory (a lone sample: not even after freeing and retrying once)."""
+
+    def __init__(self, batch_size: int, error: str):
+        super().__init__(
+            f"out of device memory in a batch of {batch_size} ({error}); the samples done so far are saved. "
+            f"The workflow retries the job with half the batch size; elsewhere, lower the model's batch_size "
+            f"and run again"
+        )
+        self.batch_size = batch_size
+
+
+class DeviceFailed(RestartJob):
+    """A CUDA error after which every CUDA call of the process fails (device-side assert, illegal memory
+    access): a fresh process continues from the saved samples."""
+
+    def __init__(self, error: str):
+        super().__init__(f"the device failed ({error}); the samples done so far are saved for a fresh process")

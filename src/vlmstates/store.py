@@ -4,6 +4,8 @@ Columnar layout, row i = sample i:
   strings   question_id, image_id, question, ground_truth_answer, answer, status, error
   ints      vision_token_position, query_token_position, num_prompt_tokens, num_image_tokens
             (and paper_vision_token_position in a file with paper positions)
+            batch_size: the rows of the batch the sample ran in (0: it did not run; a file written before
+            this column existed has none)
   vectors   vision_only_representation [N, Dv]
             {vision_token,query_token,multimodal,paper_vision_token}_representation/layer_k [N, D]
 File attributes describe the model and the exact semantics of every vector.
@@ -40,6 +42,9 @@ PAPER_VISION_TOKEN = "paper_vision_token_representation"
 LAYERED_REPRESENTATIONS = (VISION_TOKEN, QUERY_TOKEN, MULTIMODAL, PAPER_VISION_TOKEN)
 #: The int column of a file with paper positions (file attribute PAPER_POSITIONS_ATTR true), -1 in failed rows.
 PAPER_VISION_POSITION = "paper_vision_token_position"
+#: The int column of the batch size each row ran in (0 in failed rows): on a GPU, low-precision vectors
+#: depend on it (kernels and GEMM shapes differ with the batch). Optional on reading: older files lack it.
+BATCH_SIZE_COLUMN = "batch_size"
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
@@ -49,6 +54,18 @@ GENERATION_CONFIG_ATTR = "generation_config"
 ANSWERS_ATTR = "answers"
 #: File attribute: true when the file also holds PAPER_VISION_TOKEN vectors and the PAPER_VISION_POSITION column.
 PAPER_POSITIONS_ATTR = "paper_positions"
+#: File attributes of the machine the vectors were computed on: the device's name (the GPU's, or the CPU's
+#: architecture), torch's CUDA and cuDNN versions ("" without CUDA), and the attention implementation each
+#: sub-model ran with (JSON: "model" for the top config, then its sub-configs' names, e.g. text_config).
+DEVICE_NAME_ATTR = "device_name"
+CUDA_VERSION_ATTR = "cuda_version"
+CUDNN_VERSION_ATTR = "cudnn_version"
+ATTENTION_IMPLEMENTATIONS_ATTR = "attn_implementations"
+#: Attributes that may differ between the shards of one merged file (shards run on different nodes): the
+#: merged file lists each shard's value under shard_<name>s, and keeps the value itself only where all agree.
+SHARD_MACHINE_ATTRS = ("device", DEVICE_NAME_ATTR, CUDA_VERSION_ATTR, CUDNN_VERSION_ATTR, "torch_version")
+#: The merged attribute's value where the shards' values differ.
+MIXED_ATTR_VALUE = "mixed: see shard_{name}s"
 
 # Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
@@ -66,6 +83,8 @@ SHARD_INVARIANT_ATTRS = (
     PAPER_POSITIONS_ATTR,
     "config_hash",
     "schema_version",
+    # the kernels are part of the numbers: one file runs with one attention implementation per sub-model
+    ATTENTION_IMPLEMENTATIONS_ATTR,
 )
 
 SEMANTICS = {
@@ -130,6 +149,8 @@ class SampleResult:
     num_image_tokens: int = 0
     #: the paper code's vision position (PAPER_VISION_POSITION), None when not recorded
     paper_vision_token_position: int | None = None
+    #: the rows of the batch the sample ran in (BATCH_SIZE_COLUMN), 0 if it did not run
+    batch_size: int = 0
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
@@ -179,6 +200,7 @@ def write_embeddings(
         if attrs.get(PAPER_POSITIONS_ATTR):
             paper = [-1 if r.paper_vision_token_position is None else r.paper_vision_token_position for r in results]
             f.create_dataset(PAPER_VISION_POSITION, data=np.array(paper, dtype=np.int64))
+        f.create_dataset(BATCH_SIZE_COLUMN, data=np.array([r.batch_size for r in results], dtype=np.int64))
         for key, dim in vector_dims.items():
             data = np.full((n, dim), np.nan, dtype=np.float32)
             for i, r in enumerate(results):
@@ -251,7 +273,8 @@ def read_table(f: h5py.File, rows: slice = slice(None)) -> pd.DataFrame:
     """The scalar columns of an open columnar file (the string ones first, then the int ones), for `rows`
     only: each column is read from disk for that slice alone."""
     table = pd.DataFrame({c: f[c].asstr()[rows] for c in STRING_COLUMNS})
-    for c in INT_COLUMNS + ((PAPER_VISION_POSITION,) if PAPER_VISION_POSITION in f else ()):
+    optional = tuple(c for c in (PAPER_VISION_POSITION, BATCH_SIZE_COLUMN) if c in f)  # columns that came later
+    for c in INT_COLUMNS + optional:
         table[c] = f[c][rows]
     return table
 
@@ -280,6 +303,8 @@ def read_results(path: str | Path) -> list[SampleResult]:
         ok = values["status"] == STATUS_OK
         if PAPER_VISION_POSITION in emb.table and ok:
             values[PAPER_VISION_POSITION] = int(getattr(row, PAPER_VISION_POSITION))
+        if BATCH_SIZE_COLUMN in emb.table:
+            values[BATCH_SIZE_COLUMN] = int(getattr(row, BATCH_SIZE_COLUMN))
         results.append(SampleResult(**values, vectors={k: v[i] for k, v in vectors.items()} if ok else {}))
     return results
 
@@ -315,15 +340,26 @@ def merge_shards(shard_paths: Sequence[str | Path], expected_question_ids: Seque
                 PAPER_VISION_POSITION,
                 data=np.concatenate([s.table[PAPER_VISION_POSITION].to_numpy(np.int64) for s in shards]),
             )
+        out.create_dataset(BATCH_SIZE_COLUMN, data=np.concatenate([_batch_sizes(s) for s in shards]))
         for key in reference.representation_keys():
             out.create_dataset(key, data=np.concatenate([s.load(key) for s in shards]))
         for name, value in reference.attrs.items():
             out.attrs[name] = _to_attr(value)
         out.attrs["num_shards"] = len(shards)
         out.attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
-        for name in ("device", "created"):
-            out.attrs[f"shard_{name}s"] = json.dumps([str(s.attrs.get(name, "")) for s in shards])
+        for name in (*SHARD_MACHINE_ATTRS, "created"):
+            values = [str(s.attrs.get(name, "")) for s in shards]
+            out.attrs[f"shard_{name}s"] = json.dumps(values)
+            if name in SHARD_MACHINE_ATTRS and len(set(values)) > 1:
+                out.attrs[name] = MIXED_ATTR_VALUE.format(name=name)
     return Path(out_path)
+
+
+def _batch_sizes(shard: Embeddings) -> np.ndarray:
+    """The shard's batch-size column; zeros (not recorded) for a shard written before it existed."""
+    if BATCH_SIZE_COLUMN in shard.table:
+        return shard.table[BATCH_SIZE_COLUMN].to_numpy(np.int64)
+    return np.zeros(len(shard.table), dtype=np.int64)
 
 
 def _check_shard_agrees(shard: Embeddings, reference: Embeddings) -> None:

@@ -15,7 +15,7 @@ rule extract_shard:
         # requests of a cluster job (profiles/slurm); a site may override them per model there
         mem_mb=extraction_memory_mb,
         runtime=extraction_runtime,
-        # the batch size halves with each retry (--retries), e.g. after running out of GPU memory
+        # each retry halves the batch size (at most half the one that ran out of GPU memory, auto included)
         attempt=lambda wildcards, attempt: attempt,
     # retried (profile restart-times) for out of memory or time; an error that a retry would repeat
     # leaves this marker (a copy of the log), and the retry then ends at once (vlmstates.workflow.retry_guard)

@@ -9,6 +9,7 @@ their image headers and the batch size, so a resumed shard forms the same batche
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ def plan(
     return found
 
 
+_OUT_OF_MEMORY = object()
+
+
 def find_batch_size(
     keys: Sequence[SortKey | None],
     unfinished: Callable[[list[int]], bool],
@@ -137,10 +141,13 @@ def find_batch_size(
         try:
             results = try_batch(first)
         except torch.OutOfMemoryError:
+            results = _OUT_OF_MEMORY  # the error is dropped here: its traceback holds the attempt's tensors
+        except Exception:  # not a memory question either
+            return BatchPlan(size, batches)
+        if results is _OUT_OF_MEMORY:
+            gc.collect()
             torch.cuda.empty_cache()
             log.info("batch size auto: %d does not fit, trying %d", size, size // 2)
             size //= 2
             continue
-        except Exception:  # not a memory question either
-            return BatchPlan(size, batches)
         return BatchPlan(size, batches) if results is None else BatchPlan(size, batches, first, results)

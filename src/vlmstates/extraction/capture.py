@@ -76,6 +76,10 @@ class PrefillCapture:
         self._captured = {}
         self._on_device = {}
 
+    def disarm(self) -> None:
+        """Drop the targets and whatever a failed prefill captured (device tensors of the failed attempt)."""
+        self._targets, self._pool, self._captured, self._on_device = None, None, {}, {}
+
     def collect(self) -> dict[str, torch.Tensor]:
         """The captured vectors ([B, D] float32 on the CPU), keyed as in the HDF5 file."""
         expected = {VISION_ONLY} | {layer_key(QUERY_TOKEN, k) for k in self.layers}

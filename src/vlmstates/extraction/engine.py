@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import platform
 import sys
@@ -24,17 +25,23 @@ from tqdm import tqdm
 
 from vlmstates import __version__
 from vlmstates.dataset import Question
+from vlmstates.errors import DeviceFailed, OutOfDeviceMemory
 from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
 from vlmstates.extraction.capture import PrefillCapture, PrefillDone
+from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
 from vlmstates.extraction.positions import Positions
-from vlmstates.failpoints import failpoint
+from vlmstates.failpoints import failpoint, oom_above_rows
 from vlmstates.images import ImageLoadError, load_image, resolve_image_path
 from vlmstates.settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
 from vlmstates.store import (
     ANSWERS_ATTR,
+    ATTENTION_IMPLEMENTATIONS_ATTR,
+    CUDA_VERSION_ATTR,
+    CUDNN_VERSION_ATTR,
+    DEVICE_NAME_ATTR,
     GENERATION_CONFIG_ATTR,
     MULTIMODAL,
     PAPER_POSITIONS_ATTR,
@@ -80,6 +87,30 @@ def select_attention(setting: str, device: torch.device) -> str:
         except ImportError:
             pass
     return "sdpa"
+
+
+def attention_implementations(model: torch.nn.Module) -> dict[str, str]:
+    """The attention implementation each (sub-)model was loaded with, as transformers reports it: "model"
+    for the top config, then each sub-config by name (text_config, vision_config, ...); "" where a config
+    does not say (remote code that picks its own)."""
+    config = getattr(model, "config", None)
+    found = {"model": str(getattr(config, "_attn_implementation", None) or "")}
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None:
+            found[name] = str(getattr(sub, "_attn_implementation", None) or "")
+    return found
+
+
+def machine_attributes(device: torch.device) -> dict[str, str]:
+    """The device's name and torch's CUDA and cuDNN versions ("" where there is no CUDA)."""
+    on_cuda = device.type == "cuda"
+    cudnn = torch.backends.cudnn.version() if on_cuda and torch.backends.cudnn.is_available() else None
+    return {
+        DEVICE_NAME_ATTR: torch.cuda.get_device_name(device) if on_cuda else f"{device.type} ({platform.machine()})",
+        CUDA_VERSION_ATTR: (torch.version.cuda or "") if on_cuda else "",
+        CUDNN_VERSION_ATTR: str(cudnn or ""),
+    }
 
 
 def load_model(settings: ModelSettings) -> LoadedModel:
@@ -236,6 +267,54 @@ def _without_kv_cache(model) -> Iterator[None]:
         config.use_cache = before
 
 
+# -- failed attempts -------------------------------------------------------------------------------
+#: What made an attempt at a batch fail: a sample's own fault (split the batch to find it), running out of
+#: device memory, or a CUDA error after which every CUDA call of the process fails (device-side assert,
+#: illegal memory access). The last two are nobody's fault and end the job (errors.RestartJob).
+SAMPLE_FAULT, OUT_OF_MEMORY, DEVICE_ERROR = "sample", "out of memory", "device"
+
+
+@dataclass(frozen=True)
+class AttemptFailed:
+    """Why an attempt at a batch failed, as text. The exception itself is not kept: its traceback holds the
+    attempt's frames, and with them its device tensors (inputs, activations, the KV cache)."""
+
+    error: str
+    kind: str = SAMPLE_FAULT
+
+
+def failure_kind(error: BaseException) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return OUT_OF_MEMORY
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8 raises CUDA errors as this
+    if isinstance(error, accelerator_error) or (isinstance(error, RuntimeError) and "CUDA error" in str(error)):
+        return DEVICE_ERROR
+    return SAMPLE_FAULT
+
+
+def free_device_memory() -> None:
+    """Return a failed attempt's memory: collect what only reference cycles still hold, then hand the
+    allocator's cached blocks back, so that the retry starts from an unfragmented pool."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def oom_failpoint(blocks: Sequence[torch.nn.Module]) -> contextlib.AbstractContextManager[None]:
+    """`VLMSTATES_FAILPOINT=oom_above:<n>`: the first decoder block raises torch.OutOfMemoryError after its
+    forward whenever the batch has more than n rows (its activations then exist, as in a real one)."""
+    rows = oom_above_rows()
+    if rows is None:
+        return contextlib.nullcontext()
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[0] > rows:
+            raise torch.OutOfMemoryError(f"failpoint oom_above:{rows}: a forward of {hidden.shape[0]} rows")
+
+    return forward_hooks(after=[(blocks[0], hook)])
+
+
 # -- the engine ---------------------------------------------------------------------------------------
 class Extractor:
     """A loaded model with its hooks; turns questions into `SampleResult`s in the order given.
@@ -342,6 +421,8 @@ class Extractor:
             "trust_remote_code": s.trust_remote_code,
             "device": str(self.loaded.device),
             "attn_implementation": self.loaded.attn_implementation,
+            ATTENTION_IMPLEMENTATIONS_ATTR: attention_implementations(self.loaded.model),
+            **machine_attributes(self.loaded.device),
             "transformers_version": transformers.__version__,
             "torch_version": str(torch.__version__),
             "python_version": platform.python_version(),
@@ -391,9 +472,14 @@ class Extractor:
             fetched = self.preparer.fetch(batch_questions, images_dir, self.preparer.host)
             if fetched.prepared is None or any(fetched.image_errors):
                 return None
-            return self._execute(batch_questions, fetched.prepared)
+            try:
+                return self._execute(batch_questions, fetched.prepared)
+            except Exception:
+                self.capture.disarm()  # what a failed try captured; the search drops the error itself
+                raise
 
-        with self.capture.installed(), torch.inference_mode():
+        blocks = self.adapter.decoder_blocks(self.loaded.model)
+        with self.capture.installed(), oom_failpoint(blocks), torch.inference_mode():
             keys = batching.sort_keys(self.loaded, questions, images_dir)
             plan = batching.plan(self.batch_size, self.loaded.device, keys, unfinished, try_batch)
             self.batch_size = plan.batch_size
@@ -422,36 +508,57 @@ class Extractor:
             else:
                 usable.append(k)
         if usable:
+            error = None if fetched.error is None else f"{type(fetched.error).__name__}: {fetched.error}"
             ran = self._run_isolating_failures(
-                [questions[k] for k in usable], [fetched.images[k] for k in usable], fetched.prepared, fetched.error
+                [questions[k] for k in usable], [fetched.images[k] for k in usable], fetched.prepared, error
             )
             for k, result in zip(usable, ran):
                 results[k] = result
         return results
 
     def _run_isolating_failures(
-        self, questions: list[Question], images: list, prepared: Prepared | None = None, error: Exception | None = None
+        self, questions: list[Question], images: list, prepared: Prepared | None = None, error: str | None = None
     ) -> list[SampleResult]:
-        """Run a batch (`prepared`, else prepared here; `error`: why preparing it failed); if it fails,
-        split it until the failing sample stands alone and record it."""
-        if error is None:
-            try:
-                if prepared is None:
-                    prepared = self.preparer.prepare(questions, images, self.preparer.host)
-                return self._execute(questions, prepared)
-            except Exception as raised:  # any per-sample fault: out of memory, processor, model
-                error = raised
-        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        """Run a batch (`prepared`, else prepared here; `error`: why preparing it failed); if a sample is
+        faulty, split the batch until it stands alone and record it failed.
+
+        Out of device memory is no sample's fault and never a failed row: a lone sample is retried once
+        after the failed attempt's memory is freed; a batch of several rows, or a lone sample that still
+        does not fit, ends the job (OutOfDeviceMemory) for a retry with half the batch size, in a fresh
+        process whose memory is not fragmented and whose every batch is planned at the smaller size. A CUDA
+        error that poisons the process ends it too (DeviceFailed), instead of failing every later sample."""
+        outcome = AttemptFailed(error) if error is not None else self._attempt(questions, images, prepared)
+        if isinstance(outcome, AttemptFailed) and outcome.kind == OUT_OF_MEMORY and len(questions) == 1:
+            free_device_memory()
+            log.warning("%s: out of device memory alone; retrying once after freeing", questions[0].question_id)
+            outcome = self._attempt(questions, images, prepared)
+        if not isinstance(outcome, AttemptFailed):
+            return outcome
+        if outcome.kind == OUT_OF_MEMORY:
+            free_device_memory()
+            raise OutOfDeviceMemory(len(questions), outcome.error)
+        if outcome.kind == DEVICE_ERROR:
+            raise DeviceFailed(outcome.error)
         if len(questions) == 1:
             q = questions[0]
-            return [
-                SampleResult.failed(q.question_id, q.image_id, q.question, q.answer, f"{type(error).__name__}: {error}")
-            ]
+            return [SampleResult.failed(q.question_id, q.image_id, q.question, q.answer, outcome.error)]
         half = len(questions) // 2
         return self._run_isolating_failures(questions[:half], images[:half]) + self._run_isolating_failures(
             questions[half:], images[half:]
         )
+
+    def _attempt(
+        self, questions: list[Question], images: list, prepared: Prepared | None
+    ) -> list[SampleResult] | AttemptFailed:
+        """A batch's results, or why it failed. Only the error's text leaves here: once this returns, nothing
+        refers to the failed attempt's frames, so its device tensors can be freed before any retry."""
+        try:
+            if prepared is None:
+                prepared = self.preparer.prepare(questions, images, self.preparer.host)
+            return self._execute(questions, prepared)
+        except Exception as raised:  # any fault: a sample's, out of memory, the device's
+            self.capture.disarm()  # what the failed prefill captured
+            return AttemptFailed(f"{type(raised).__name__}: {raised}", failure_kind(raised))
 
     def _execute(self, questions: list[Question], prepared: Prepared) -> list[SampleResult]:
         with self.timed("model", prepared):
@@ -481,6 +588,7 @@ class Extractor:
                 num_prompt_tokens=positions.num_prompt_tokens[row],
                 num_image_tokens=positions.num_image_tokens[row],
                 paper_vision_token_position=paper[row] if paper is not None else None,
+                batch_size=len(questions),
                 vectors={key: value[row].numpy() for key, value in vectors.items()},
             )
             for row, q in enumerate(questions)

@@ -15,6 +15,7 @@ that consumes them, removes their progress folders.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import pandas as pd
 
 from vlmstates.atomic import atomic_path
 from vlmstates.dataset import read_validated_table
-from vlmstates.errors import VlmstatesError
+from vlmstates.errors import OutOfDeviceMemory, RestartJob, VlmstatesError
 from vlmstates.settings import AUTO_BATCH_SIZE, ExtractionSettings
 from vlmstates.store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 # current run to be reused.
 _RESUME_IDENTITY = ("config_hash", "shard", "shard_size", "shard_questions")
 FINISHED = "finished.h5"  # the finished shard in its progress folder, kept until the shards are merged
+#: In the progress folder: the batch size that ran out of device memory, for the job's retry to halve.
+OUT_OF_MEMORY_RECORD = "out_of_memory.json"
 
 
 class ShardFailed(VlmstatesError, RuntimeError):
@@ -65,13 +68,30 @@ def questions_of(rows: pd.DataFrame) -> list:
     return [Question(r.question_id, r.image_id, r.question, r.answer) for r in rows.itertuples(index=False)]
 
 
-def batch_size_for_attempt(batch_size: int | str, attempt: int) -> int | str:
-    """Halve the batch size with each retry of a job (Snakemake's --retries), down to one.
+def batch_size_for_attempt(batch_size: int | str, attempt: int, ran_out_at: int | None = None) -> int | str:
+    """Halve the batch size with each retry of a job (Snakemake's --retries), down to one; after an
+    attempt ran out of device memory in a batch of `ran_out_at` rows, at most half of that.
 
-    `auto` stays auto: each attempt searches for the batch size that fits the GPU afresh."""
-    if batch_size == AUTO_BATCH_SIZE:
-        return batch_size
-    return max(1, batch_size >> max(0, attempt - 1))
+    `auto` stays auto (each attempt searches for the batch size that fits the GPU afresh) unless an
+    attempt ran out of memory: then half the size it ran out at, since the search would find it again."""
+    halved = batch_size if batch_size == AUTO_BATCH_SIZE else max(1, batch_size >> max(0, attempt - 1))
+    if ran_out_at is None:
+        return halved
+    below = max(1, ran_out_at // 2)
+    return below if halved == AUTO_BATCH_SIZE else min(halved, below)
+
+
+def record_out_of_memory(folder: Path, batch_size: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OUT_OF_MEMORY_RECORD).write_text(json.dumps({"batch_size": batch_size}))
+
+
+def ran_out_of_memory_at(folder: Path) -> int | None:
+    """The batch size an earlier attempt of this job ran out of device memory at, if one did."""
+    try:
+        return int(json.loads((folder / OUT_OF_MEMORY_RECORD).read_text())["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def progress_folder(out_path: str | Path) -> Path:
@@ -269,7 +289,9 @@ def extract_shard(
     folder = Path(progress_dir) if progress_dir else progress_folder(out_path)
     if recover_finished(folder, identity, out_path):
         return Path(out_path)
-    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt)
+    # only a retry halves: a later run's first attempt (maybe on a larger GPU) starts from the config's size
+    ran_out_at = ran_out_of_memory_at(folder) if attempt > 1 else None
+    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt, ran_out_at)
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model,
@@ -289,6 +311,11 @@ def extract_shard(
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI raises it
         progress.save_interrupted()
         raise
+    except RestartJob as error:  # out of device memory, or a poisoned device: a fresh process continues
+        progress.flush()
+        if isinstance(error, OutOfDeviceMemory):
+            record_out_of_memory(folder, error.batch_size)
+        raise
     _check_failures(results, max_failed_share, progress)
     attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
     with interrupts_deferred():
@@ -298,10 +325,10 @@ def extract_shard(
     return Path(out_path)
 
 
-def _load_extractor(settings, attempt: int):
+def _load_extractor(settings, attempt: int, ran_out_at: int | None):
     from vlmstates.extraction.engine import Extractor, load_model  # torch is imported only by jobs that extract
 
-    batch_size = batch_size_for_attempt(settings.batch_size, attempt)
+    batch_size = batch_size_for_attempt(settings.batch_size, attempt, ran_out_at)
     return Extractor(load_model(settings), batch_size=batch_size, progress=progress_bar_wanted())
 
 

@@ -7,6 +7,10 @@ attempt fails with such an error, this writes a copy of its log to a marker file
 attempt of the same run finds the marker and ends at once with one line. The first attempt of a later
 run (attempt 1) removes the marker and tries afresh, since the cause may have been fixed.
 
+A job that ran out of device memory (or whose CUDA context broke) saves its samples and exits with
+errors.EXIT_RESTART: never marked, so Snakemake retries it, and the retry (`--attempt`) runs with half the
+batch size (vlmstates.extraction.shards.batch_size_for_attempt).
+
     python -m vlmstates.workflow.retry_guard --attempt N --log LOG --marker MARKER -- extract-shard ARGS...
 """
 
