@@ -276,13 +276,13 @@ HALP_PAPER_VARIANT_OF_FAMILY = {"gemma3": "gemma3", "qwen2_5_vl": "qwen25vl", "l
 HALP_PAPER_DEFAULT_VARIANT = "gemma3"
 
 # The branches, as `decided_by` names them; the three of HALP_PAPER_POSITIVE return True.
-NO_TRUTH_NO_CUE = "no truth, no negative cue in first 100"
-NO_TRUTH_NEGATIVE_CUE = "no truth, negative cue in first 100"
-YES_TRUTH_AFFIRMATIVE_CUE = "yes truth, affirmative cue in first 100"
-YES_TRUTH_DENIAL = "yes truth, no affirmative cue, negative cue in first 50"
-YES_TRUTH_NO_CUE = "yes truth, no cue"
+NO_TRUTH_NO_CUE = "no truth: no negative cue in first 100"
+NO_TRUTH_NEGATIVE_CUE = "no truth: negative cue in first 100"
+YES_TRUTH_AFFIRMATIVE_CUE = "yes truth: affirmative cue in first 100"
+YES_TRUTH_DENIAL = "yes truth: negative cue in first 50 and no affirmative"
+YES_TRUTH_NO_CUE = "yes truth: no cue"
 HAT_CASE = "hat case"
-HAT_CASE_NEGATION_AGREES = "hat case, negation agreement first"
+HAT_CASE_NEGATION_AGREES = "hat case: negation agreement first"
 NOT_YES_NO = "truth not yes/no: never positive"
 HALP_PAPER_BRANCHES = (
     NO_TRUTH_NO_CUE, NO_TRUTH_NEGATIVE_CUE, YES_TRUTH_AFFIRMATIVE_CUE, YES_TRUTH_DENIAL, YES_TRUTH_NO_CUE, HAT_CASE,
