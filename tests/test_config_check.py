@@ -19,7 +19,7 @@ def test_defaults_are_filled_in_for_sections_and_model_entries():
     config = {"dataset": {"csv": "q.csv", "images": "img"}, "models": {"m": {"model": "x"}}}
     check_config(config, SCHEMA)
     assert config["results"] == "results"
-    assert config["extraction"]["save_every"] == 64 and config["labels"]["method"] == "halp"
+    assert config["extraction"]["save_every"] == 64 and config["labels"]["method"] == "halp_paper"
     assert config["models"]["m"]["batch_size"] == 8 and config["models"]["m"]["options"] == {}
     assert config["probes"]["mlp_hidden"] == [512, 256, 128]
 
@@ -44,12 +44,20 @@ def test_given_values_are_kept():
     "change, expected",
     [
         (lambda c: c.update(reslts="out"), "`reslts`: unknown key; did you mean `results`?"),
-        (lambda c: c["labels"].update(metod="halp"), "`labels.metod`: unknown key; did you mean `method`?"),
+        (lambda c: c["labels"].update(metod="halp_paper"), "`labels.metod`: unknown key; did you mean `method`?"),
         (
             lambda c: c["models"]["tiny-gemma3"].update(batchsize=2),
             "`models.tiny-gemma3.batchsize`: unknown key; did you mean `batch_size`?",
         ),
-        (lambda c: c["labels"].update(method="judge"), "`labels.method`: 'judge' is not one of: halp, yesno"),
+        (
+            lambda c: c["labels"].update(method="judge"),
+            "`labels.method`: 'judge' is not one of: halp_paper, difflib_lenient, yesno, exact, file\n",
+        ),
+        (
+            lambda c: c["labels"].update(method="halp"),
+            "`labels.method`: 'halp' is not one of: halp_paper, difflib_lenient, yesno, exact, file; renamed: "
+            "`halp_paper` is the HALP paper's label (the rule its probes learn), `difflib_lenient` is what `halp` was",
+        ),
         (lambda c: c["extraction"].update(shard_size="big"), "`extraction.shard_size`: expected integer, got 'big'"),
         (lambda c: c["dataset"].pop("csv"), "`dataset.csv`: required, but not set"),
         (lambda c: c["models"]["tiny-gemma3"].update(batch_size=0), "`models.tiny-gemma3.batch_size`: 0 is none of"),

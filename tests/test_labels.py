@@ -62,65 +62,161 @@ def test_numbers_digits_and_words():
 
 
 # ---------------------------------------------------------------------------------------------
-# The halp rule
+# The difflib_lenient rule (the former halp)
 
 
-def test_halp_similarity_decides_first():
+def test_difflib_lenient_similarity_decides_first():
     # ratio("dog", "a dog") = 2*3/8 = 0.75 >= 0.5: not hallucinated on similarity alone
     assert difflib.SequenceMatcher(None, "dog", "a dog").ratio() == pytest.approx(0.75)
-    assert L.judge("halp", "A dog", "dog") == L.Judgement("false", "similarity")
+    assert L.judge("difflib_lenient", "A dog", "dog") == L.Judgement("false", "similarity")
     # ratio("cat", "dog") = 0 and nothing clears it
-    assert L.judge("halp", "cat", "dog") == L.Judgement("true", "similarity")
+    assert L.judge("difflib_lenient", "cat", "dog") == L.Judgement("true", "similarity")
 
 
-def test_halp_threshold_is_inclusive_at_one_half():
+def test_difflib_lenient_threshold_is_inclusive_at_one_half():
     # "ab" vs "ax": one matching character of four -> 2*1/4 = 0.5, not below the threshold
     assert L.similarity("ax", "ab") == pytest.approx(0.5)
-    assert L.judge("halp", "ax", "ab").hallucinated == "false"
-    assert L.judge("halp", "xyz", "ab").hallucinated == "true"
+    assert L.judge("difflib_lenient", "ax", "ab").hallucinated == "false"
+    assert L.judge("difflib_lenient", "xyz", "ab").hallucinated == "true"
 
 
-def test_halp_yes_no_with_negation():
+def test_difflib_lenient_yes_no_with_negation():
     # a long "no" answer is far from "no" by similarity but agrees by negation
     answer = "There isn't any chair visible anywhere in this picture."
     assert L.similarity(answer, "no") < 0.5
-    assert L.judge("halp", answer, "no") == L.Judgement("false", "yesno")
+    assert L.judge("difflib_lenient", answer, "no") == L.Judgement("false", "yesno")
     # a negative answer to a "yes" question is hallucinated
     answer = "No, there is no sports ball visible in the image."
-    assert L.judge("halp", answer, "yes") == L.Judgement("true", "yesno")
+    assert L.judge("difflib_lenient", answer, "yes") == L.Judgement("true", "yesno")
     # an affirmative answer to a "no" question (AMBER spells it "n, o")
-    assert L.judge("halp", "Yes, there is a beach in the image.", "n, o") == L.Judgement("true", "yesno")
-    assert L.judge("halp", "Yes.", "no") == L.Judgement("true", "yesno")
+    assert L.judge("difflib_lenient", "Yes, there is a beach in the image.", "n, o") == L.Judgement("true", "yesno")
+    assert L.judge("difflib_lenient", "Yes.", "no") == L.Judgement("true", "yesno")
 
 
-def test_halp_negation_agreement_on_free_text():
+def test_difflib_lenient_negation_agreement_on_free_text():
     ground_truth = "He does not have a hat; He is without a hat"
     answer = "I can't tell what it says because the man is not wearing anything on his head."
     assert L.similarity(answer, ground_truth) < 0.5
-    assert L.judge("halp", answer, ground_truth) == L.Judgement("false", "yesno")
+    assert L.judge("difflib_lenient", answer, ground_truth) == L.Judgement("false", "yesno")
     answer = 'Based on the image, the hat says "Make America Great Again".'
-    assert L.judge("halp", answer, ground_truth) == L.Judgement("true", "similarity")
+    assert L.judge("difflib_lenient", answer, ground_truth) == L.Judgement("true", "similarity")
 
 
-def test_halp_numbers():
-    assert L.judge("halp", "There are 3 dogs in the picture.", "3") == L.Judgement("false", "number")
-    assert L.judge("halp", "I count three dogs on the grass.", "3") == L.Judgement("false", "number")
-    assert L.judge("halp", "There are 4 dogs in the picture.", "3") == L.Judgement("true", "similarity")
+def test_difflib_lenient_numbers():
+    assert L.judge("difflib_lenient", "There are 3 dogs in the picture.", "3") == L.Judgement("false", "number")
+    assert L.judge("difflib_lenient", "I count three dogs on the grass.", "3") == L.Judgement("false", "number")
+    assert L.judge("difflib_lenient", "There are 4 dogs in the picture.", "3") == L.Judgement("true", "similarity")
 
 
-def test_halp_keywords():
+def test_difflib_lenient_keywords():
     answer = "The woman is holding a red umbrella on a rainy street corner."
     assert L.similarity(answer, "red umbrella") < 0.5
-    assert L.judge("halp", answer, "red umbrella") == L.Judgement("false", "keywords")
+    assert L.judge("difflib_lenient", answer, "red umbrella") == L.Judgement("false", "keywords")
     # one of the two keywords is half of them: still cleared
     answer = "It is a bright red kite flying over the beach on a sunny day."
-    assert L.judge("halp", answer, "red umbrella") == L.Judgement("false", "keywords")
+    assert L.judge("difflib_lenient", answer, "red umbrella") == L.Judgement("false", "keywords")
     answer = "It is a blue kite flying over the beach on a sunny day."
-    assert L.judge("halp", answer, "red umbrella") == L.Judgement("true", "similarity")
+    assert L.judge("difflib_lenient", answer, "red umbrella") == L.Judgement("true", "similarity")
+
+
+# ---------------------------------------------------------------------------------------------
+# halp_paper: the HALP code's semantic_review, worked by hand (question, ground truth, answer -> branch)
+
+ASKED = "Is there a dog in the image?"
+HAT_QUESTION = "Is the man wearing a hat?"
+HAT_TRUTH = "He does not have a hat"
+
+
+@pytest.mark.parametrize(
+    ("question", "ground_truth", "answer", "branch"),
+    [
+        # a "no" truth: any negative cue in the first 100 characters agrees, by substring
+        (ASKED, "no", "No, there is none.", L.NO_TRUTH_NEGATIVE_CUE),
+        (ASKED, "no", "Yes, there is a dog.", L.NO_TRUTH_NO_CUE),
+        (ASKED, "no", "I know there is a dog.", L.NO_TRUTH_NEGATIVE_CUE),  # "know" contains "no"
+        (ASKED, "no", "Yes, a dog in the snow.", L.NO_TRUTH_NEGATIVE_CUE),  # so does "snow"
+        (ASKED, "no", "Yes, and it doesn't bark.", L.NO_TRUTH_NEGATIVE_CUE),
+        (ASKED, " NO \n", "Yes", L.NO_TRUTH_NO_CUE),  # the truth is lower-cased and stripped
+        (ASKED, "n", "A dog.", L.NO_TRUTH_NO_CUE),
+        (ASKED, "N, O", "Yes, there is.", L.NO_TRUTH_NO_CUE),  # "n, o" is read as no ...
+        (ASKED, "y, e, s", "No, there is not.", L.NOT_YES_NO),  # ... "y, e, s" not as yes: never positive
+        (ASKED, "n,o", "Yes.", L.NOT_YES_NO),  # only that exact spelling
+        (ASKED, "Yes.", "No.", L.NOT_YES_NO),  # nor with punctuation
+        (ASKED, "no", "z" * 98 + "no", L.NO_TRUTH_NEGATIVE_CUE),  # "no" ends at character 100: inside
+        (ASKED, "no", "z" * 99 + "no", L.NO_TRUTH_NO_CUE),  # ends at 101: outside the window
+        (ASKED, "no", "   " + "z" * 98 + "no", L.NO_TRUTH_NEGATIVE_CUE),  # the answer is stripped first
+        (ASKED, "no", "", L.NO_TRUTH_NO_CUE),  # an empty answer disagrees with "no"
+        # a "yes" truth: an affirmative cue in the first 100 agrees; else a negative one in the first 50 denies
+        (ASKED, "yes", "Yes, there is.", L.YES_TRUTH_AFFIRMATIVE_CUE),
+        (ASKED, "Y", "It appears to be a dog.", L.YES_TRUTH_AFFIRMATIVE_CUE),
+        (ASKED, "yes", "No, only its eyes.", L.YES_TRUTH_AFFIRMATIVE_CUE),  # "eyes" contains "yes"
+        (ASKED, "yes", "No, that is incorrect.", L.YES_TRUTH_AFFIRMATIVE_CUE),  # "incorrect" contains "correct"
+        (ASKED, "yes", "No, there is no dog.", L.YES_TRUTH_DENIAL),
+        (ASKED, "yes", "There is nothing.", L.YES_TRUTH_DENIAL),  # "nothing" contains "no"
+        (ASKED, "yes", "z" * 48 + "no", L.YES_TRUTH_DENIAL),  # ends at character 50: inside
+        (ASKED, "yes", "z" * 49 + "no", L.YES_TRUTH_NO_CUE),  # ends at 51: outside, and no other cue
+        (ASKED, "yes", "no" + "z" * 95 + "yes", L.YES_TRUTH_AFFIRMATIVE_CUE),  # "yes" ends at 100: agrees
+        (ASKED, "yes", "no" + "z" * 96 + "yes", L.YES_TRUTH_DENIAL),  # ends at 101: the "no" decides
+        (ASKED, "yes", "A brown dog.", L.YES_TRUTH_NO_CUE),
+        (ASKED, "yes", "", L.YES_TRUTH_NO_CUE),
+        # every other truth is negative, whatever the answer
+        ("What colour is the car?", "red", "The car is blue.", L.NOT_YES_NO),
+        ("How many dogs are there?", "3", "There are 7 dogs.", L.NOT_YES_NO),
+        ("Which one?", "B", "A", L.NOT_YES_NO),
+        (ASKED, "", "No.", L.NOT_YES_NO),
+        # the hat case: a negated hat truth, "hat" in the question, MAGA in the answer
+        (HAT_QUESTION, HAT_TRUTH, "He wears a red MAGA cap.", L.HAT_CASE),
+        ("What does he wear?", "The man is without a hat", "A Make America Great Again hat.", L.HAT_CASE),  # wHAT
+        ("Describe him.", HAT_TRUTH, "He wears a MAGA cap.", L.NOT_YES_NO),  # no "hat" in the question
+        (HAT_QUESTION, "He does not have a cap", "A MAGA cap.", L.NOT_YES_NO),  # no "hat" in the truth
+        (HAT_QUESTION, "The hat is red", "A MAGA hat.", L.NOT_YES_NO),  # the truth does not negate
+        (HAT_QUESTION, HAT_TRUTH, "He is not wearing a hat; the sign says MAGA.", L.HAT_CASE_NEGATION_AGREES),
+        ("Is there a shark with a hat?", HAT_TRUTH, "Not a shark. MAGA hat.", L.HAT_CASE_NEGATION_AGREES),
+        ("What is in the forest?", HAT_TRUTH, "Trees, not withering. MAGA hat.", L.HAT_CASE_NEGATION_AGREES),
+    ],
+)
+def test_halp_paper_hand_worked(question, ground_truth, answer, branch):
+    assert L.halp_paper_branch(question, ground_truth, answer) == branch
+    expected = L.TRUE if branch in (L.NO_TRUTH_NO_CUE, L.YES_TRUTH_DENIAL, L.HAT_CASE) else L.FALSE
+    assert L.judge_halp_paper(answer, ground_truth, question, "gemma3") == L.Judgement(expected, branch)
+
+
+@pytest.mark.parametrize(
+    ("answer", "positive_in"),
+    [
+        # "don't see" is a negation and a hat cue in the llava and molmo copies only
+        ("I don't see a hat, only a MAGA sign.", {"gemma3", "qwen25vl"}),
+        # "does not show" is a hat cue in the qwen25vl copy only
+        ("The image does not show a hat, only MAGA.", {"gemma3", "llava", "molmo"}),
+        # "appears to" is a hat cue in the llava copy only
+        ("It appears to say MAGA; he is not in a cap.", {"gemma3", "qwen25vl", "molmo"}),
+    ],
+)
+def test_halp_paper_copies_differ_only_in_the_hat_case(answer, positive_in):
+    for variant in L.HALP_PAPER_VARIANTS:
+        branch = L.halp_paper_branch(HAT_QUESTION, HAT_TRUTH, answer, variant)
+        assert (branch == L.HAT_CASE) == (variant in positive_in), variant
+        assert branch in (L.HAT_CASE, L.HAT_CASE_NEGATION_AGREES)
+
+
+def test_halp_paper_shark_rule_differs_by_copy():
+    """With "shark" in the question, the copies read different agreement cues ("not", "not depicted", "none")."""
+    question = "Is there a shark? What hat?"
+    assert L.halp_paper_branch(question, HAT_TRUTH, "Not one, zero. MAGA", "gemma3") == L.HAT_CASE_NEGATION_AGREES
+    assert L.halp_paper_branch(question, HAT_TRUTH, "Not one, zero. MAGA", "llava") == L.HAT_CASE
+    assert L.halp_paper_branch(question, HAT_TRUTH, "none not here. MAGA", "molmo") == L.HAT_CASE_NEGATION_AGREES
+    assert L.halp_paper_branch(question, HAT_TRUTH, "not depicted. MAGA", "llava") == L.HAT_CASE_NEGATION_AGREES
+
+
+def test_halp_paper_copy_of_each_family():
+    assert {f: L.halp_paper_variant(f) for f in ("gemma3", "qwen2_5_vl", "llava_next", "molmo")} == {
+        "gemma3": "gemma3", "qwen2_5_vl": "qwen25vl", "llava_next": "llava", "molmo": "molmo",
+    }  # fmt: skip
+    assert L.halp_paper_variant("phi4_multimodal") == L.halp_paper_variant(None) == "gemma3"
 
 
 def test_empty_ground_truth_is_unjudged_by_every_rule():
-    for method in ("halp", "yesno", "exact"):
+    for method in L.TEXT_METHODS:
         assert L.judge(method, "yes", "  ") == L.Judgement("", L.UNJUDGED_EMPTY_GT)
 
 
@@ -183,7 +279,7 @@ ROWS = [
 def test_label_embeddings_writes_csv_and_summary(tmp_path):
     h5 = _write(tmp_path / "embeddings.h5", ROWS)
     out = tmp_path / "labels.csv"
-    summary = L.label_embeddings(h5, out, "halp")
+    summary = L.label_embeddings(h5, out, "difflib_lenient")
     table = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert list(table.columns) == list(L.LABEL_COLUMNS)
     assert table["question_id"].tolist() == [r[0] for r in ROWS]
@@ -195,6 +291,115 @@ def test_label_embeddings_writes_csv_and_summary(tmp_path):
     assert summary["unjudged_by_reason"] == {L.UNJUDGED_EMPTY_GT: 1, L.UNJUDGED_FAILED: 1}
     assert json.loads(L.summary_path(out).read_text()) == json.loads(json.dumps(summary))
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_halp_paper_labels_say_branch_and_answer_type_and_the_summary_counts_them(tmp_path, caplog):
+    rows = [*ROWS, ("q7", "i4", "no", "I know it is there.", "ok"), ("q8", "i4", "yes", "No, none.", "ok")]
+    h5 = _write(tmp_path / "embeddings.h5", rows)
+    summary = L.label_embeddings(h5, tmp_path / "labels.csv", "halp_paper")
+    table = pd.read_csv(tmp_path / "labels.csv", dtype=str, keep_default_na=False)
+    assert table["hallucinated"].tolist() == ["false", "true", "false", "", "", "false", "false", "true"]
+    assert table["decided_by"].tolist() == [
+        L.YES_TRUTH_AFFIRMATIVE_CUE, L.NO_TRUTH_NO_CUE, L.NOT_YES_NO, L.UNJUDGED_EMPTY_GT, L.UNJUDGED_FAILED,
+        L.NOT_YES_NO, L.NO_TRUTH_NEGATIVE_CUE, L.YES_TRUTH_DENIAL,
+    ]  # fmt: skip
+    assert table["answer_type"].tolist() == [
+        "yes/no",
+        "yes/no",
+        "number",
+        "other",
+        "other",
+        "other",
+        "yes/no",
+        "yes/no",
+    ]
+    assert table["question"].tolist() == ["question?"] * len(rows)
+    assert summary["method"] == "halp_paper" and summary["positive_rate"] == pytest.approx(2 / 6)
+    assert summary["decided_by"] == {
+        L.YES_TRUTH_AFFIRMATIVE_CUE: 1, L.NO_TRUTH_NO_CUE: 1, L.NOT_YES_NO: 2, L.NO_TRUTH_NEGATIVE_CUE: 1,
+        L.YES_TRUTH_DENIAL: 1,
+    }  # fmt: skip
+    by_type = summary["by_answer_type"]
+    assert list(by_type) == list(L.ANSWER_TYPES)
+    assert by_type["yes/no"]["n_judged"] == 4 and by_type["yes/no"]["n_hallucinated"] == 2
+    assert by_type["number"] == {
+        "n_total": 1, "n_judged": 1, "n_unjudged": 0, "n_hallucinated": 0, "n_not_hallucinated": 1,
+        "positive_rate": 0.0, "decided_by": {L.NOT_YES_NO: 1},
+    }  # fmt: skip
+    assert by_type["other"]["n_total"] == 3 and by_type["other"]["n_judged"] == 1
+    assert by_type["other"]["decided_by"] == {L.UNJUDGED_EMPTY_GT: 1, L.UNJUDGED_FAILED: 1, L.NOT_YES_NO: 1}
+    assert summary["halp_paper_variant"] == "gemma3" and summary["family"] is None  # the test file has none
+    assert summary["warnings"] == [] and "WARNING" not in caplog.text
+
+
+def test_halp_paper_follows_the_copy_of_the_files_family(tmp_path):
+    """The embeddings file's `family` attribute picks the copy: llava's reads "don't see" as agreement."""
+    rows = [("q1", "i1", "He does not have a hat", "I don't see a hat, only a MAGA sign.", "ok")]
+    for family, expected in (("gemma3", "true"), ("llava_next", "false")):
+        h5 = tmp_path / f"{family}.h5"
+        results = [
+            SampleResult(
+                qid,
+                image,
+                "Is the man wearing a hat?",
+                gt,
+                answer=answer,
+                vectors={"vision_only_representation": np.zeros(2)},
+            )
+            for qid, image, gt, answer, _ in rows
+        ]
+        write_embeddings(
+            h5, results, {"vision_only_representation": 2}, {"model": "m", "layers": [0], "family": family}
+        )
+        summary = L.label_embeddings(h5, tmp_path / f"{family}.csv", "halp_paper")
+        table = pd.read_csv(tmp_path / f"{family}.csv", dtype=str, keep_default_na=False)
+        assert table["hallucinated"].tolist() == [expected], family
+        assert summary["family"] == family and summary["halp_paper_variant"] == L.halp_paper_variant(family)
+
+
+def test_summary_warns_of_spelled_out_truths_and_an_empty_class(tmp_path, caplog):
+    rows = [
+        ("q1", "i1", "y, e, s", "Yes.", "ok"), ("q2", "i1", "Y, E, S", "No.", "ok"), ("q3", "i2", "n, o", "No.", "ok"),
+        ("q4", "i2", "yes", "Yes.", "ok"),
+    ]  # fmt: skip
+    h5 = _write(tmp_path / "embeddings.h5", rows)
+    summary = L.label_embeddings(h5, tmp_path / "labels.csv", "halp_paper")
+    assert summary["n_hallucinated"] == 0  # "Y, E, S" / "No." is a disagreement the paper's rule cannot see
+    spelled, empty = summary["warnings"]
+    assert spelled.startswith("3 ground truths look spelled out letter by letter ('y, e, s' x2, 'n, o' x1)")
+    assert "'y, e, s') as not yes/no, never positive" in spelled
+    assert empty == "no question is labelled hallucinated (4 judged): a probe needs both classes"
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert logged == [f"labels {tmp_path / 'labels.csv'}: {w}" for w in summary["warnings"]]
+    assert json.loads((tmp_path / "labels.summary.json").read_text())["warnings"] == summary["warnings"]
+    # yesno reads them as the words and finds both classes; the spelling is still pointed out
+    summary = L.label_embeddings(h5, tmp_path / "labels.csv", "yesno")
+    assert summary["n_hallucinated"] == 1 and len(summary["warnings"]) == 1
+    assert summary["warnings"][0].endswith("check that the method reads them as meant")
+    # nothing judged: both classes are empty
+    failed = _write(tmp_path / "failed.h5", [("q1", "i1", "yes", "", "failed")])
+    assert L.label_embeddings(failed, tmp_path / "f.csv", "yesno")["warnings"] == [
+        "no question was judged: both classes are empty, no probe can be trained"
+    ]
+
+
+def test_the_old_method_name_halp_is_refused_with_the_new_names(tmp_path, capsys):
+    h5 = _write(tmp_path / "embeddings.h5", ROWS)
+    with pytest.raises(
+        L.LabelError, match="'halp': renamed: `halp_paper` is the HALP paper's label.*`difflib_lenient`"
+    ):
+        L.label_embeddings(h5, tmp_path / "labels.csv", "halp")
+    with pytest.raises(SystemExit):
+        main(["label", str(h5), "--method", "halp"])
+    error = capsys.readouterr().err
+    assert "renamed: `halp_paper`" in error and "`difflib_lenient` is what `halp` was" in error
+    assert not (tmp_path / "labels.csv").exists()
+
+
+def test_cli_default_method_is_halp_paper(tmp_path):
+    h5 = _write(tmp_path / "embeddings.h5", ROWS)
+    assert main(["label", str(h5)]) == 0
+    assert json.loads((tmp_path / "labels.summary.json").read_text())["method"] == L.DEFAULT_METHOD == "halp_paper"
 
 
 def test_yesno_method_counts_non_yes_no_questions(tmp_path):

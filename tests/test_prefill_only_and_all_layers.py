@@ -25,7 +25,7 @@ from vlmstates.extraction.shards import questions_of
 from vlmstates.settings import ConfigError, ModelSettings, read_checkpoint_config
 from vlmstates.store import PREFILL_ONLY_ANSWER, SEMANTICS, STATUS_OK, read_embeddings, write_embeddings
 from vlmstates.workflow import resources as job_resources
-from vlmstates.workflow.config_check import check_config
+from vlmstates.workflow.config_check import check_config, unlabelled_line, unlabelled_models
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 BATCH = 4
@@ -133,7 +133,7 @@ def test_a_prefill_only_file_says_why_its_answers_are_empty(runs, tmp_path):
         and answered.attributes()["config_hash"] != extractor.attributes()["config_hash"]
     )
     with pytest.raises(LabelError, match="prefill-only"):
-        label_embeddings(path, tmp_path / "labels.csv", "halp")
+        label_embeddings(path, tmp_path / "labels.csv", "halp_paper")
     labels_file = tmp_path / "mine.csv"
     labels_file.write_text("question_id,hallucinated\n" + "".join(f"{r.question_id},true\n" for r in results))
     assert label_embeddings(path, tmp_path / "labels.csv", "file", labels_file)["n_total"] == len(results)
@@ -167,12 +167,50 @@ def config_with(entry: dict, labels: dict | None = None) -> dict:
     return config | ({"labels": labels} if labels else {})
 
 
-@pytest.mark.parametrize("method", ["halp", "yesno", "exact"])
-def test_label_methods_that_judge_answers_refuse_a_prefill_only_model(method):
-    with pytest.raises(
-        ConfigError, match=rf"`models\.mine\.answers`: false .* `labels\.method` {method} judges answers"
-    ):
-        check_config(config_with({"answers": False}, {"method": method}), SCHEMA)
+@pytest.mark.parametrize("method", ["halp_paper", "difflib_lenient", "yesno", "exact"])
+def test_label_methods_that_judge_answers_leave_a_prefill_only_model_out_with_one_line(method):
+    config = check_config(config_with({"answers": False}, {"method": method}), SCHEMA)
+    config["models"]["talker"] = {"model": "org/other"}
+    assert unlabelled_models(config) == ["mine"]
+    assert unlabelled_line(config) == (
+        f"vlmstates: mine: prefill-only (answers: false), so extracted and inspected but left out of labels and "
+        f"probes (labels.method {method} judges answers; labels.method: file with a labels file brings it in)"
+    )
+    config["labels"] = {"method": "file", "file": "l.csv"}
+    assert unlabelled_models(config) == [] and unlabelled_line(config) is None
+
+
+def test_a_prefill_only_model_cannot_be_screened_without_labels():
+    config = config_with({"answers": False}) | {"screen": {"csv": "s.csv", "images": "i", "model": "mine"}}
+    with pytest.raises(ConfigError, match=r"`screen\.model`: mine is prefill-only \(answers: false\) and labels"):
+        check_config(config, SCHEMA)
+
+
+def planned_commands(output: str, command: str) -> dict[str, str]:
+    """model -> the shell command of its `vlmstates COMMAND` job in a dry run's output (-n -p)."""
+    found = re.findall(rf"^Shell command: .* -m vlmstates {command} \S+/([\w-]+)/embeddings\.h5 (.*)$", output, re.M)
+    return dict(found)
+
+
+@pytest.mark.parametrize("labels", [{}, {"method": "file", "file": "resources/demo/labels.csv"}])
+def test_the_workflow_plans_a_prefill_only_model_without_labels_or_probes(tmp_path, labels):
+    """The default label method (halp_paper) judges answers: the prefill-only model is extracted and
+    inspected, not labelled or probed, and one line says so; a labels file brings it in."""
+    config = default_config()
+    config["models"]["tiny-gemma3"]["answers"] = False
+    config["labels"] = labels
+    result = snakemake(workdir_with_config(tmp_path, config), "-n", "-p")
+    output = result.stdout + result.stderr
+    models = set(config["models"])
+    inspected = planned_commands(output, "inspect")
+    assert set(inspected) == set(planned_commands(output, "merge --table \\S+ --out")) == models
+    line = "vlmstates: tiny-gemma3: prefill-only (answers: false), so extracted and inspected but left out"
+    labelled = models if labels else models - {"tiny-gemma3"}
+    assert set(planned_commands(output, "label")) == set(planned_commands(output, "probe")) == labelled
+    assert output.count(line) == (0 if labels else 1)
+    assert {model for model, options in inspected.items() if "--labels " in options} == labelled
+    summary = re.search(r"^Shell command: .* -m vlmstates probe-summary (.*)$", output, re.M).group(1)
+    assert set(re.findall(r"/([\w-]+)/probes/metrics\.csv", summary)) == labelled
 
 
 def test_label_method_file_labels_a_prefill_only_model_and_layers_all_validates():

@@ -41,7 +41,7 @@ def own_config_run(tmp_path_factory):
         "dataset": {"csv": str(data_csv), "images": str(images)},
         "extraction": {"shard_size": 8},
         "models": {"mine": {"model": "resources/checkpoints/tiny-qwen2_5_vl", "batch_size": 4, "max_new_tokens": 4}},
-        "labels": {"method": "halp"},
+        "labels": {"method": "halp_paper"},
         "probes": {"mlp_max_epochs": 2, "bootstrap": 10},
     }
     user_file = root / "user.yaml"
@@ -68,7 +68,7 @@ def test_own_config_runs_through_probes_and_summary(own_config_run):
     emb = read_embeddings(results / "mine" / "embeddings.h5")
     assert len(emb.table) == QUESTIONS
     summary = json.loads((results / "mine" / "labels.summary.json").read_text())
-    assert summary["method"] == "halp" and summary["n_total"] == QUESTIONS
+    assert summary["method"] == "halp_paper" and summary["n_total"] == QUESTIONS
     metrics = pd.read_csv(results / "mine" / "probes" / "metrics.csv", dtype={"reason": str})
     assert len(metrics) and set(metrics["status"]) <= {"ok", "skipped"}
     assert (results / "summary" / "probes.csv").stat().st_size > 0

@@ -257,7 +257,7 @@ def test_lint_and_format_are_clean():
 
 SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
 # The methods run end to end below: every one the schema allows (file is the demo's own).
-LABEL_METHODS = ("file", "halp", "yesno", "exact")
+LABEL_METHODS = ("file", "halp_paper", "difflib_lenient", "yesno", "exact")
 
 
 def with_defaults(config: dict) -> dict:
@@ -270,7 +270,11 @@ def test_label_methods_run_below_cover_the_schema_and_what_configs_choose():
     without_labels = {k: v for k, v in default_config().items() if k != "labels"}
     seed = yaml.safe_load((REPO / "config" / "all-seed-models.yaml").read_text())
     chosen = [with_defaults(config)["labels"]["method"] for config in (without_labels, seed, default_config())]
-    assert chosen == ["halp", "halp", "file"]  # the schema's default, the seed models' and the demo's choice
+    assert chosen == [
+        "halp_paper",
+        "halp_paper",
+        "file",
+    ]  # the schema's default, the seed models' and the demo's choice
     assert set(chosen) <= set(LABEL_METHODS)
 
 

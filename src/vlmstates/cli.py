@@ -8,7 +8,7 @@ vlmstates export FILE OUT_DIR      write an embeddings file in the seed scripts'
 vlmstates export-hf FILE OUT       write an embeddings file as a Hugging Face dataset (arrow or parquet)
 vlmstates extract --vqa-dataset ...  the workflow's steps for one model, with the seed scripts' flags
 vlmstates predict --model M ...    answer one image (vqa, caption or ocr)
-vlmstates label FILE ...           hallucination labels of a model's answers (halp, yesno, exact, file)
+vlmstates label FILE ...           hallucination labels of a model's answers (halp_paper, difflib_lenient, ...)
 vlmstates probe FILE LABELS ...    probes per representation and layer: AUROC with intervals and a control
 vlmstates probe-summary ...        every model's best probes beside the HALP paper's published AUROCs
 vlmstates screen PROBES ...        hallucination risk per question from a saved probe (no answer generated)
@@ -154,6 +154,14 @@ def _predict(args) -> None:
         trust_remote_code=args.trust_remote_code,
     )
     print(json.dumps(prediction.as_dict(), indent=2) if args.format == "json" else prediction.answer)
+
+
+def _label_method(name: str) -> str:
+    """--method's value; an old name (halp) is refused with what to write instead."""
+    try:
+        return labels.check_method(name)
+    except labels.LabelError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _label(args) -> None:
@@ -405,7 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("embeddings", metavar="EMBEDDINGS.h5", help="embeddings file of the vlmstates schema")
-    p.add_argument("--method", choices=labels.METHODS, default="halp", help="labelling rule (default: halp)")
+    p.add_argument(
+        "--method",
+        type=_label_method,
+        choices=labels.METHODS,
+        default=labels.DEFAULT_METHOD,
+        help=f"labelling rule, as above (default: {labels.DEFAULT_METHOD}, the HALP paper's label)",
+    )
     p.add_argument("--labels-file", metavar="CSV", help="for --method file: CSV with columns question_id, hallucinated")
     p.add_argument(
         "--ignore-unknown",

@@ -20,7 +20,11 @@ VLMSTATES_NO_REPEAT = (
 )
 
 from vlmstates.extraction.adapters import families, family_of_model_type
-from vlmstates.workflow.config_check import check_config
+from vlmstates.workflow.config_check import (
+    check_config,
+    unlabelled_line,
+    unlabelled_models,
+)
 from vlmstates.dataset import read_validated_table
 from vlmstates.extraction.paper_positions import check_paper_positions
 from vlmstates.workflow import resources as job_resources
@@ -44,6 +48,14 @@ check_config(
     Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
     source=", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml",
 )
+
+# Prefill-only models whose answers the label method would judge: extracted and inspected, not labelled or
+# probed; one line says so when the run starts (not again in the jobs a cluster runs).
+LABELLED_MODELS = [
+    name for name in config["models"] if name not in unlabelled_models(config)
+]
+if unlabelled_line(config) and workflow.is_main_process:
+    print(unlabelled_line(config), file=sys.stderr)
 
 RESULTS = str(Path(config["results"]))  # "results/" -> "results", "" -> "."
 EXTRACTION = ExtractionSettings(**config["extraction"])
@@ -189,6 +201,20 @@ def label_inputs(wildcards):
     return inputs
 
 
+def inspection_inputs(wildcards):
+    """The embeddings and the dataset's validation, plus the labels of a model that is labelled."""
+    inputs = {
+        "embeddings": results_path(f"{wildcards.model}/embeddings.h5"),
+        "validation": results_path("dataset/validation.json"),
+    }
+    if wildcards.model in LABELLED_MODELS:
+        inputs["labels"] = results_path(f"{wildcards.model}/labels.csv")
+        inputs["labels_summary"] = results_path(
+            f"{wildcards.model}/labels.summary.json"
+        )
+    return inputs
+
+
 def all_targets():
     targets = []
     for model in MODEL_FAMILIES:
@@ -196,12 +222,15 @@ def all_targets():
             results_path(f"{model}/embeddings.h5"),
             results_path(f"{model}/inspection/summary.html"),
             results_path(f"{model}/inspection/norms.png"),
-            results_path(f"{model}/probes/metrics.csv"),
         ]
+        if model in LABELLED_MODELS:
+            targets.append(results_path(f"{model}/probes/metrics.csv"))
         if config["export"]["seed_layout"]:
             targets.append(results_path(f"{model}/seed_layout"))
         if config["export"]["hf_dataset"]:
             targets.append(results_path(f"{model}/hf_dataset"))
     if config["screen"]:
         targets.append(results_path(f"{config['screen']['model']}/screen/scores.csv"))
-    return targets + [results_path("summary/probes.csv")]
+    if LABELLED_MODELS:
+        targets.append(results_path("summary/probes.csv"))
+    return targets

@@ -1,11 +1,9 @@
 rule inspect_embeddings:
     input:
-        embeddings=results_path("{model}/embeddings.h5"),
         # the page also shows what came before the vectors and after them: the dataset's validation (a log
-        # of validate_dataset, so it exists whenever the table does) and the answers' labels
-        validation=results_path("dataset/validation.json"),
-        labels=results_path("{model}/labels.csv"),
-        labels_summary=results_path("{model}/labels.summary.json"),
+        # of validate_dataset, so it exists whenever the table does) and the answers' labels, for a model
+        # that is labelled (common.smk: LABELLED_MODELS)
+        unpack(inspection_inputs),
     output:
         summary=report(
             results_path("{model}/inspection/summary.html"),
@@ -29,7 +27,12 @@ rule inspect_embeddings:
         "../../envs/core.yaml"
     params:
         cli=VLMSTATES,
+        labels=lambda wildcards, input: (
+            f"--labels {shlex.quote(input.labels)} --labels-summary {shlex.quote(input.labels_summary)}"
+            if "labels" in input.keys()
+            else ""
+        ),
     shell:
         "{params.cli} inspect {input.embeddings:q} --name {wildcards.model:q} --html {output.summary:q}"
         " --png {output.norms:q} --json {output.json:q} --validation {input.validation:q}"
-        " --labels {input.labels:q} --labels-summary {input.labels_summary:q} > {log:q} 2>&1"
+        " {params.labels} > {log:q} 2>&1"

@@ -59,8 +59,9 @@ rule probe:
 
 rule probe_summary:
     input:
+        # the labelled models (common.smk: LABELLED_MODELS, not the prefill-only ones left out)
         metrics=expand(
-            results_path("{model}/probes/metrics.csv"), model=list(config["models"])
+            results_path("{model}/probes/metrics.csv"), model=LABELLED_MODELS
         ),
     output:
         table=report(

@@ -14,8 +14,11 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from vlmstates.analysis.labels import FILE, RENAMED_METHODS
 from vlmstates.settings import ConfigError
 
+#: Values a key no longer takes, by its dotted path, with what to write instead.
+RENAMED_VALUES = {"labels.method": RENAMED_METHODS}
 MAX_PROBLEMS = 5  # more than a few problems at once is a wrong file; the first ones say so
 MAX_VALUE_CHARS = 60
 
@@ -74,7 +77,8 @@ def problem_lines(error) -> list[str]:
         return [f"`{key_path([*error.absolute_path, key])}`: required, but not set" for key in missing]
     if kind == "enum":
         choices = ", ".join(map(str, error.validator_value))
-        return [f"`{where}`: {short(error.instance)} is not one of: {choices}"]
+        renamed = RENAMED_VALUES.get(where, {}).get(error.instance)
+        return [f"`{where}`: {short(error.instance)} is not one of: {choices}" + (f"; {renamed}" if renamed else "")]
     if kind == "type":
         expected = error.validator_value
         expected = " or ".join(expected) if isinstance(expected, list) else expected
@@ -88,18 +92,25 @@ def problem_lines(error) -> list[str]:
     return [f"`{where}`: {message}"]
 
 
-def answerless_label_problems(config: dict) -> list[str]:
-    """A prefill-only model (`answers: false`) has no answers for a label method to judge: only method
-    `file`, which reads the labels from a file, can label it."""
-    method = config.get("labels", {}).get("method")
-    if method == "file":
+def unlabelled_models(config: dict) -> list[str]:
+    """The prefill-only models (`answers: false`) when the label method judges answers: they have none to
+    judge, so the workflow extracts and inspects them but leaves them out of labels and probes. Method
+    `file`, which reads the labels from a file, labels them too."""
+    if config["labels"]["method"] == FILE:
         return []
-    return [
-        f"`models.{name}.answers`: false (prefill-only, no answers), but `labels.method` {method} judges "
-        f"answers; set labels.method: file (with labels.file), or answers: true"
-        for name, entry in config["models"].items()
-        if entry.get("answers") is False
-    ]
+    return [name for name, entry in config["models"].items() if entry.get("answers") is False]
+
+
+def unlabelled_line(config: dict) -> str | None:
+    """The one line a run starts with when it leaves models out of labels and probes, else None."""
+    names = unlabelled_models(config)
+    if not names:
+        return None
+    return (
+        f"vlmstates: {', '.join(names)}: prefill-only (answers: false), so extracted and inspected but left out "
+        f"of labels and probes (labels.method {config['labels']['method']} judges answers; labels.method: file "
+        f"with a labels file brings {'them' if len(names) > 1 else 'it'} in)"
+    )
 
 
 def screen_problems(config: dict) -> list[str]:
@@ -110,6 +121,12 @@ def screen_problems(config: dict) -> list[str]:
     if screen["model"] not in config["models"]:
         known = ", ".join(config["models"])
         return [f"`screen.model`: {screen['model']!r} is not a model of `models` (known: {known})"]
+    if screen["model"] in unlabelled_models(config):
+        return [
+            f"`screen.model`: {screen['model']} is prefill-only (answers: false) and labels.method "
+            f"{config['labels']['method']} judges answers, so it has no probes to screen with; choose a model "
+            "with answers, or set labels.method: file (with labels.file)"
+        ]
     probes = config["probes"]
     if probes["split"] == "kfold":
         return ["`screen`: probes.split kfold keeps no probe to screen with; set probes.split: grouped (or halp)"]
@@ -133,7 +150,7 @@ def check_config(config: dict, schema_path, source: str = "the config file") -> 
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     lines = [line for error in errors for line in problem_lines(error)]
     if not lines:
-        lines = answerless_label_problems(config) + screen_problems(config)
+        lines = screen_problems(config)
     if lines:
         shown = lines[:MAX_PROBLEMS]
         if len(lines) > MAX_PROBLEMS:
