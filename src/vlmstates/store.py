@@ -49,6 +49,9 @@ GENERATION_CONFIG_ATTR = "generation_config"
 ANSWERS_ATTR = "answers"
 #: File attribute: true when the file also holds PAPER_VISION_TOKEN vectors and the PAPER_VISION_POSITION column.
 PAPER_POSITIONS_ATTR = "paper_positions"
+#: File attribute: where the questions came from (JSON: the dataset source(s) with kind, path or Hub id, config,
+#: split, revision, file SHA-256 or dataset fingerprint, and column map; vlmstates.sources), "{}" when unknown.
+DATASET_SOURCE_ATTR = "dataset_source"
 
 # Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
@@ -64,6 +67,7 @@ SHARD_INVARIANT_ATTRS = (
     GENERATION_CONFIG_ATTR,
     "prompt_template",
     PAPER_POSITIONS_ATTR,
+    DATASET_SOURCE_ATTR,
     "config_hash",
     "schema_version",
 )
