@@ -256,6 +256,10 @@ def test_duplicated_ids_name_both_source_rows(tmp_path):
         validate({"kind": "parquet", "path": str(folder)}, tmp_path)
     duplicated = [p for p in report(tmp_path)["problems"] if p["kind"] == "duplicate_question_id"]
     assert [(p["row"], p["question_id"]) for p in duplicated] == [(1, "1"), (3, "1")]
+    # MME's copies repeat question_id for the two questions of an image: "#row" numbers the rows instead
+    result, _ = validate({"kind": "parquet", "path": str(folder), "columns": {"question_id": "#row"}}, tmp_path)
+    assert result.table["question_id"].tolist() == ["1", "2", "3", "4"]
+    assert result.table["question"][2] == "Is there a thing 2 in the image?"
 
 
 def test_sources_combined_with_a_dataset_column(tmp_path):
@@ -358,6 +362,7 @@ def test_config_takes_a_source_or_a_list_of_them(tmp_path):
         ({"csv": "q.csv"}, "`dataset.images`: required"),
         ({"source": {"kind": "tsv", "path": "a", "colums": {}}}, "did you mean `columns`"),
         ({"source": {"kind": "zip", "path": "a"}}, "not one of"),
+        ({"source": [{"kind": "tsv", "path": "a"}, {"kind": "tsv", "path": "b"}]}, "different `name` for each"),
         ({"source": {"kind": "tsv", "path": "a", "columns": {"answr": "x"}}}, "did you mean `answer`"),
     ]:
         with pytest.raises(ConfigError, match=message):

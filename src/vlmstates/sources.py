@@ -13,7 +13,7 @@ one of :data:`SOURCE_KINDS`:
 - ``csv``: a CSV whose image column holds paths in the ``images`` folder (today's form, with a column map).
 
 ``columns`` maps the roles ``question_id``, ``image``, ``question``, ``answer`` to the source's column names
-(defaults: :data:`DEFAULT_COLUMNS`, the first name present) and ``keep`` lists the other columns to carry
+(defaults: :data:`DEFAULT_COLUMNS`, the first name present; ``question_id: "#row"`` numbers the rows) and ``keep`` lists the other columns to carry
 through (default: every other column but those holding images). A list of sources, each with a ``name``, is
 one set: the rows in order, ``question_id`` prefixed with ``<name>_`` and a ``dataset`` column holding the name.
 
@@ -69,6 +69,9 @@ DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "question": ("question", "query"),
     "answer": ("answer", "gt_answer"),
 }
+#: `columns.question_id` value that numbers the rows instead (1-based, in the source's order): for a source
+#: without a unique id column.
+ROW_NUMBER_ID = "#row"
 #: The column that names each row's source when several are combined.
 DATASET_COLUMN = "dataset"
 #: Bumped when the materialised form changes, so that older materialised sets are written again.
@@ -280,6 +283,9 @@ def _column_map(source: Source, columns: list[str], image_columns: set[str]) -> 
     found = ", ".join(columns) or "(none)"
     roles = {}
     for role in ROLES:
+        if role == "question_id" and given.get(role) == ROW_NUMBER_ID:
+            roles[role] = ROW_NUMBER_ID
+            continue
         if given.get(role):
             if given[role] not in columns:
                 raise DatasetError(
@@ -399,11 +405,13 @@ def _source_rows(source: Source, store: _ImageStore, first_row: int, prefix: str
     read = _read_source(source)
     roles, keep, left_out = _column_map(source, read.columns, read.image_columns)
     qid_column, image_column = roles["question_id"], roles["image"]
-    rows_by_index = {_cell(r.get(qid_column)): r for r in read.rows} if source.kind == "tsv" else {}
+    # VLMEvalKit's image pointers name a row by its `index`
+    pointer_column = "index" if "index" in read.columns else qid_column
+    rows_by_index = {_cell(r.get(pointer_column)): r for r in read.rows} if source.kind == "tsv" else {}
     table, problems = [], []
     for offset, row in enumerate(read.rows):
         rownum = first_row + offset
-        qid = _cell(row.get(qid_column)).strip()
+        qid = str(offset + 1) if qid_column == ROW_NUMBER_ID else _cell(row.get(qid_column)).strip()
         out = {
             "question_id": f"{prefix}{qid}" if qid else "",
             "image_id": "",

@@ -109,6 +109,10 @@ def dataset_problems(config: dict) -> list[str]:
         extra = [key for key in ("csv", "images") if key in dataset]
         if extra:
             return [f"`dataset.{extra[0]}`: set together with `dataset.source`; give one of the two"]
+        sources = dataset["source"] if isinstance(dataset["source"], list) else []
+        names = [entry.get("name") for entry in sources]
+        if len(sources) > 1 and (None in names or len(set(names)) < len(names)):
+            return ["`dataset.source`: a list of sources needs a different `name` for each (its `dataset` column)"]
         return []
     return [
         f"`dataset.{key}`: required, but not set (or give `dataset.source`)"
