@@ -409,3 +409,31 @@ def test_extract_from_a_source_records_it_in_every_embeddings_file(kind, source_
     assert recorded["sources"][0]["kind"] == kind and recorded["sources"][0]["columns"]["question_id"]
     shard = read_embeddings(out / name / "shards" / "shard_0000.h5")
     assert shard.attrs[DATASET_SOURCE_ATTR] == merged.attrs[DATASET_SOURCE_ATTR]
+
+
+# --------------------------------------------------------------------------- the workflow
+
+
+@pytest.mark.slow
+def test_workflow_runs_a_pope_shaped_parquet_with_only_a_dataset_section(tmp_path):
+    """The whole workflow (validation, extraction, merge, labels, probes, inspection) from a source."""
+    folder = write_pope_parquet(tmp_path / "pope")
+    config = {
+        "dataset": {"source": {"kind": "parquet", "path": str(folder), "split": "adversarial"}},
+        "models": {"tiny": {"model": "resources/checkpoints/tiny-qwen2_5_vl", "max_new_tokens": 2}},
+    }
+    workdir = tmp_path / "run"
+    (workdir / "config").mkdir(parents=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-5000:]
+    merged = read_embeddings(workdir / "results" / "tiny" / "embeddings.h5")
+    assert merged.table["question_id"].tolist() == ["1", "2", "3", "4"]
+    recorded = json.loads(merged.attrs[DATASET_SOURCE_ATTR])
+    assert recorded["sources"][0]["path"] == str(folder) and recorded["sources"][0]["split"] == "adversarial"
+    assert (workdir / "results" / "tiny" / "probes" / "metrics.csv").exists()
+    assert (workdir / "results" / "dataset" / "source" / "questions.csv").exists()
+    # an unchanged source is not validated again
+    again = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=600)
+    assert "validate_dataset" not in again.stdout + again.stderr
