@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -129,6 +130,7 @@ def test_hub_style_parquet_folder_becomes_the_validated_form(tmp_path):
     # identical images are stored once, under the SHA-256 of their bytes
     assert table["image_id"][0] == table["image_id"][1] != table["image_id"][2]
     assert len(list(materialised.images.iterdir())) == 3
+    assert table["image_id"][2] == hashlib.sha256(png(COLOURS[1])).hexdigest()[:32] + ".png"  # stable names
     stored = Image.open(materialised.images / table["image_id"][2])
     assert stored.getpixel((0, 0)) == COLOURS[1]
     entry = report(tmp_path)["source"]["sources"][0]

@@ -34,7 +34,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,7 +162,7 @@ def _parse_source(entry, index: int | None) -> Source:
 class _Rows:
     """A source's rows (dicts, in order) and how to get a row's image."""
 
-    rows: list[dict]
+    rows: Sequence[dict]  # a list, or a datasets.Dataset
     columns: list[str]
     image_columns: set[str]  # columns whose cells hold images (not carried through as text)
     fingerprint: dict
@@ -234,7 +234,8 @@ def _read_arrow(source: Source) -> _Rows:
     fingerprint = {"dataset_fingerprint": dataset._fingerprint}
     if source.kind != "hub":
         fingerprint |= _file_fingerprint(source)
-    return _Rows(list(dataset), list(dataset.column_names), image_columns, fingerprint)
+    # the Dataset itself: its rows are read from Arrow one at a time, not held in memory with their images
+    return _Rows(dataset, list(dataset.column_names), image_columns, fingerprint)
 
 
 def _one_split(loaded, source: Source):
