@@ -339,6 +339,22 @@ def test_hub_dataset_is_read_offline_from_the_datasets_cache(tmp_path):
     assert result.returncode != 0 and "hub source 'lab/absent' (split adversarial) cannot be loaded" in result.stderr
 
 
+def test_validation_of_a_source_runs_in_the_core_environment(tmp_path):
+    """The validate_dataset job's environment (envs/core.yaml) holds what a source needs: datasets, pyarrow."""
+    from test_envs import run_in_environment
+
+    folder = write_pope_parquet(tmp_path / "pope")
+    source = json.dumps({"kind": "parquet", "path": str(folder), "split": "adversarial"})
+    out = tmp_path / "out"
+    run_in_environment(
+        "core",
+        tmp_path,
+        *("validate", "--source", source, "--table", str(out / "q.csv")),
+        *("--report-json", str(out / "v.json"), "--report-md", str(out / "v.md")),
+    )
+    assert pd.read_csv(out / "q.csv", dtype=str)["question_id"].tolist() == ["1", "2", "3", "4"]
+
+
 def test_plain_csv_validation_records_the_csv_hash(demo, tmp_path):
     table, images = demo
     validate_and_write(table, images, tmp_path / "q.csv", tmp_path / "v.json", tmp_path / "v.md")
