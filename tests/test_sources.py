@@ -282,6 +282,13 @@ def test_sources_combined_with_a_dataset_column(tmp_path):
     assert [s["name"] for s in materialised.provenance["sources"]] == ["pope", "mme"]
 
 
+def test_a_named_source_alone_gets_its_dataset_column(tmp_path):
+    tsv = write_vlmevalkit_tsv(tmp_path / "MME.tsv")
+    result, _ = validate({"kind": "tsv", "path": str(tsv), "name": "mme"}, tmp_path)
+    assert result.table["question_id"].tolist() == ["mme_10", "mme_11", "mme_12"]
+    assert result.table["dataset"].tolist() == ["mme"] * 3
+
+
 def test_materialised_set_is_reused_until_the_source_or_column_map_changes(tmp_path):
     path, images = write_amber_jsonl(tmp_path / "amber")
     source = Source(kind="json", path=str(path), images=str(images), columns=AMBER_COLUMNS)

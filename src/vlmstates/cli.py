@@ -1,6 +1,6 @@
 """Command line: each step of the workflow, for users who run one by hand.
 
-vlmstates validate CSV IMAGES      check and normalise a VQA table
+vlmstates validate CSV IMAGES      check and normalise a VQA table (or --source: a Hub dataset, parquet, TSV, JSON)
 vlmstates extract-shard ...        one extraction job (what the workflow runs)
 vlmstates merge --table T ...      merge shards into one embeddings file
 vlmstates inspect FILE             print structure and summary of an embeddings file (either layout)

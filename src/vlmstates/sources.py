@@ -15,7 +15,8 @@ one of :data:`SOURCE_KINDS`:
 ``columns`` maps the roles ``question_id``, ``image``, ``question``, ``answer`` to the source's column names
 (defaults: :data:`DEFAULT_COLUMNS`, the first name present; ``question_id: "#row"`` numbers the rows) and ``keep`` lists the other columns to carry
 through (default: every other column but those holding images). A list of sources, each with a ``name``, is
-one set: the rows in order, ``question_id`` prefixed with ``<name>_`` and a ``dataset`` column holding the name.
+one set: the rows in order. A named source's question ids are prefixed with ``<name>_`` and its rows get a
+``dataset`` column holding the name.
 
 :func:`materialise` writes the rows once into ``<folder>/questions.csv`` and the images into
 ``<folder>/images/``, named by the SHA-256 of their bytes (identical images stored once), and keeps
@@ -454,7 +455,6 @@ def materialise(sources: Source | Iterable[Source], folder: os.PathLike | str) -
     csv_path, images, record_path = folder / "questions.csv", folder / "images", folder / "source.json"
     settings_fingerprint = _fingerprint(sources)
     reusable = _reusable(record_path, csv_path, settings_fingerprint)
-    combined = len(sources) > 1
     if reusable is not None and not _source_changed(sources, reusable):
         return Materialised(csv_path, images, reusable["provenance"], _problems(reusable["problems"]), reused=True)
 
@@ -464,7 +464,7 @@ def materialise(sources: Source | Iterable[Source], folder: os.PathLike | str) -
     store = _ImageStore(staging)
     rows, entries, problems = [], [], []
     for source in sources:
-        prefix = f"{source.name}_" if combined else ""
+        prefix = f"{source.name}_" if source.name else ""
         table, entry, found = _source_rows(source, store, len(rows) + 1, prefix)
         rows += table
         entries.append(entry)
