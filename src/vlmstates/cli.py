@@ -1,6 +1,6 @@
 """Command line: each step of the workflow, for users who run one by hand.
 
-vlmstates validate CSV IMAGES      check and normalise a VQA table
+vlmstates validate CSV IMAGES      check and normalise a VQA table (or --source: a Hub dataset, parquet, TSV, JSON)
 vlmstates extract-shard ...        one extraction job (what the workflow runs)
 vlmstates merge --table T ...      merge shards into one embeddings file
 vlmstates inspect FILE             print structure and summary of an embeddings file (either layout)
@@ -38,11 +38,18 @@ from vlmstates.settings import ExtractionSettings
 
 
 def _validate(args) -> None:
-    from vlmstates.dataset import validate_and_write
+    from vlmstates.dataset import DatasetError, validate_and_write
+    from vlmstates.sources import load_source_setting, validate_source_and_write
 
-    result = validate_and_write(
-        args.csv, args.images, args.table, args.report_json, args.report_md, strict=not args.lenient, limit=args.limit
-    )
+    if bool(args.source) == bool(args.csv and args.images) or (args.csv and not args.images):
+        raise DatasetError("give CSV and IMAGES, or --source, not both")
+    options = dict(strict=not args.lenient, limit=args.limit)
+    if args.source:
+        folder = args.materialise_dir or Path(args.table).parent / "source"
+        value = load_source_setting(args.source)
+        result, _ = validate_source_and_write(value, folder, args.table, args.report_json, args.report_md, **options)
+    else:
+        result = validate_and_write(args.csv, args.images, args.table, args.report_json, args.report_md, **options)
     print(f"{len(result.table)} questions kept; table {args.table}, report {args.report_md}")
 
 
@@ -122,6 +129,8 @@ def _export_hf(args) -> None:
 def _extract(args) -> None:
     from vlmstates.extraction.command import run_extract
 
+    if bool(args.source) == bool(args.vqa_dataset and args.images_dir):
+        raise VlmstatesError("give --vqa-dataset and --images-dir, or --source")
     outputs = run_extract(
         args.vqa_dataset,
         args.images_dir,
@@ -134,6 +143,7 @@ def _extract(args) -> None:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         trust_remote_code=args.trust_remote_code,
+        source=args.source,
     )
     print(f"embeddings: {outputs.embeddings}")
     print(f"seed layout: {len(outputs.seed_parts)} part files in {outputs.seed_parts[0].parent}")
@@ -297,8 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("validate", help="check and normalise a VQA table")
-    p.add_argument("csv")
-    p.add_argument("images")
+    p.add_argument("csv", nargs="?", help="the VQA table (CSV), or give --source")
+    p.add_argument("images", nargs="?", help="its images folder")
+    p.add_argument(
+        "--source",
+        metavar="YAML",
+        help="a dataset source instead (config key dataset.source): a YAML/JSON file, or the mapping as text",
+    )
+    p.add_argument(
+        "--materialise-dir", help="where --source is written as CSV + images (default: TABLE's folder/source)"
+    )
     p.add_argument("--table", required=True, help="normalised table to write")
     p.add_argument("--report-json", required=True)
     p.add_argument("--report-md", required=True)
@@ -370,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export_hf)
 
     p = commands.add_parser("extract", help="validate, extract every shard (resuming) and merge, with the seeds' flags")
-    p.add_argument("--vqa-dataset", required=True, help="the VQA table (CSV)")
-    p.add_argument("--images-dir", required=True)
+    p.add_argument("--vqa-dataset", help="the VQA table (CSV), or give --source")
+    p.add_argument("--images-dir")
+    p.add_argument("--source", metavar="YAML", help="a dataset source instead (as validate --source)")
     p.add_argument("--output-dir", required=True, help="results-style folder: dataset/, <model>/shards/, ...")
     p.add_argument("--model", required=True, help="hub id or local checkpoint folder")
     p.add_argument("--cache-dir", help="Hugging Face hub cache folder (sets HF_HUB_CACHE)")

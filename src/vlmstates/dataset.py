@@ -49,6 +49,8 @@ __all__ = [
     "write_validation_outputs",
     "validate_and_write",
     "read_validated_table",
+    "source_record_path",
+    "read_source_record",
 ]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("question_id", "image_id", "question", "answer")
@@ -123,6 +125,7 @@ class ValidationResult:
     renamed_columns: dict[str, str] = field(default_factory=dict)
     images_checked: int = 0
     fatal: bool = False  # the file could not be read as a dataset at all
+    source: dict | None = None  # provenance: where the rows came from (vlmstates.sources)
 
     @property
     def errors(self) -> list[Problem]:
@@ -322,6 +325,7 @@ def validate_dataset(
     strict: bool = True,
     limit: int | None = None,
     workers: int | None = None,
+    source_problems: Iterable[Problem] = (),
 ) -> ValidationResult:
     """Validate a VQA CSV and its images folder.
 
@@ -331,7 +335,9 @@ def validate_dataset(
     returned in ``result.problems``.  ``table`` holds the validated rows without errors
     (in both modes); in strict mode :func:`write_validation_outputs` refuses to write it
     when there is any error.  ``limit`` validates and keeps only the first ``limit``
-    data rows.  ``workers`` threads decode images (default: up to 8).
+    data rows.  ``workers`` threads decode images (default: up to 8).  ``source_problems`` are errors
+    found while reading a dataset source (:mod:`vlmstates.sources`), e.g. an embedded image that cannot be
+    decoded; they are problems of their rows, whose ``image_id`` is then left unchecked.
     """
     csv_path = Path(csv_path)
     images_dir = Path(images_dir)
@@ -370,6 +376,14 @@ def validate_dataset(
         all_row_problems.append(p)
         if p.severity == "error":
             row_errors[p.row].append(p)
+
+    validated_rows = {rownum for rownum, _, _ in records}
+    source_image_rows = set()
+    for p in source_problems:
+        if p.row in validated_rows:
+            add(p)
+            if p.column == "image_id":
+                source_image_rows.add(p.row)
 
     parsed: list[tuple[int, dict[str, str]]] = []
     qid_rows: dict[str, list[int]] = defaultdict(list)
@@ -422,7 +436,7 @@ def validate_dataset(
                     "warning",
                 )
             )
-        if not values["image_id"].strip():
+        if not values["image_id"].strip() and rownum not in source_image_rows:
             add(Problem(rownum, qid or None, "image_id", "empty_image_id", f"{label}: image_id is empty"))
 
     # Resolve each distinct image_id once, then decode each distinct file once.
@@ -449,7 +463,7 @@ def validate_dataset(
 
     for rownum, values in parsed:
         iid = values["image_id"]
-        if not iid.strip():
+        if not iid.strip() or rownum in source_image_rows:
             continue
         qid = values["question_id"]
         label = _row_label(rownum, qid)
@@ -506,6 +520,7 @@ def _report_dict(result: ValidationResult) -> dict:
         "fatal": result.fatal,
         "csv_path": result.csv_path,
         "images_dir": result.images_dir,
+        "source": result.source,
         "settings": {"strict": result.strict, "limit": result.limit},
         "counts": result.counts(),
         "columns": result.columns,
@@ -551,6 +566,18 @@ def _report_markdown(result: ValidationResult) -> str:
         f"| Errors | {c['errors']} |",
         f"| Warnings | {c['warnings']} |",
     ]
+    for entry in (result.source or {}).get("sources", []):
+        where = entry.get("id") or entry.get("path")
+        detail = ", ".join(f"{k} {entry[k]}" for k in ("name", "config", "split", "revision") if entry.get(k))
+        digest = entry.get("sha256") or entry.get("dataset_fingerprint", "")
+        lines.append(
+            f"| Source | {_md_cell(entry['kind'])} `{_md_cell(where)}`"
+            + (f" ({_md_cell(detail)})" if detail else "")
+            + (f", {'sha256' if entry.get('sha256') else 'fingerprint'} `{digest}`" if digest else "")
+            + " |"
+        )
+        if entry.get("columns"):
+            lines.append(f"| Column map | `{_md_cell(json.dumps(entry['columns']))}` |")
     if result.renamed_columns:
         lines.append(
             "| Renamed columns | " + ", ".join(f"`{a}` → `{t}`" for a, t in result.renamed_columns.items()) + " |"
@@ -621,14 +648,13 @@ def write_validation_outputs(
     _write_atomic(report_json_path, lambda fh: fh.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
     _write_atomic(report_md_path, lambda fh: fh.write(_report_markdown(result)))
     if not result.ok:
-        try:
-            table_path.unlink()
-        except FileNotFoundError:
-            pass
+        for stale in (table_path, source_record_path(table_path)):
+            stale.unlink(missing_ok=True)
         raise DatasetError(
             _failure_message(result, report_md_path, report_json_path), problems=result.errors, result=result
         )
     table = result.table.astype(str)
+    _write_atomic(source_record_path(table_path), lambda fh: fh.write(json.dumps(result.source or {}, indent=2) + "\n"))
     _write_atomic(table_path, lambda fh: table.to_csv(fh, index=False, lineterminator="\n"))
 
 
@@ -641,15 +667,25 @@ def validate_and_write(
     *,
     strict: bool = True,
     limit: int | None = None,
+    source: dict | None = None,
+    source_problems: Iterable[Problem] = (),
 ) -> ValidationResult:
     """:func:`validate_dataset` + :func:`write_validation_outputs`; the reports are
-    written even when the CSV cannot be read at all.  Raises :class:`DatasetError`."""
+    written even when the CSV cannot be read at all.  Raises :class:`DatasetError`.
+
+    ``source`` is the provenance recorded in the report and beside the table (:func:`source_record_path`);
+    by default the CSV's own (its SHA-256): pass a materialised source's (:mod:`vlmstates.sources`)."""
+    from vlmstates.sources import csv_provenance  # the sources module builds on this one
+
     try:
-        result = validate_dataset(csv_path, images_dir, strict=strict, limit=limit)
+        result = validate_dataset(csv_path, images_dir, strict=strict, limit=limit, source_problems=source_problems)
     except DatasetError as exc:
         if exc.result is None:
             raise
         result = exc.result
+    if source is None and Path(csv_path).is_file():
+        source = csv_provenance(csv_path, images_dir)
+    result.source = source
     write_validation_outputs(result, table_path, report_json_path, report_md_path)
     return result
 
@@ -667,3 +703,16 @@ def read_validated_table(path: os.PathLike | str) -> pd.DataFrame:
     if missing:
         raise DatasetError(f"validated table '{path}' lacks column(s) {', '.join(missing)}")
     return df
+
+
+def source_record_path(table_path: os.PathLike | str) -> Path:
+    """Where the provenance of a validated table is kept: beside it, ``questions.source.json``."""
+    return Path(table_path).with_suffix(".source.json")
+
+
+def read_source_record(table_path: os.PathLike | str) -> dict:
+    """The provenance of a validated table ({} when it was not written by validation, e.g. by hand)."""
+    try:
+        return json.loads(source_record_path(table_path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}

@@ -66,6 +66,9 @@ ATTENTION_IMPLEMENTATIONS_ATTR = "attn_implementations"
 SHARD_MACHINE_ATTRS = ("device", DEVICE_NAME_ATTR, CUDA_VERSION_ATTR, CUDNN_VERSION_ATTR, "torch_version")
 #: The merged attribute's value where the shards' values differ.
 MIXED_ATTR_VALUE = "mixed: see shard_{name}s"
+#: File attribute: where the questions came from (JSON: the dataset source(s) with kind, path or Hub id, config,
+#: split, revision, file SHA-256 or dataset fingerprint, and column map; vlmstates.sources), "{}" when unknown.
+DATASET_SOURCE_ATTR = "dataset_source"
 
 # Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
@@ -81,6 +84,7 @@ SHARD_INVARIANT_ATTRS = (
     GENERATION_CONFIG_ATTR,
     "prompt_template",
     PAPER_POSITIONS_ATTR,
+    DATASET_SOURCE_ATTR,
     "config_hash",
     "schema_version",
     # the kernels are part of the numbers: one file runs with one attention implementation per sub-model

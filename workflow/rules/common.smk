@@ -67,6 +67,8 @@ def results_path(path):
 
 
 VALIDATED_TABLE = results_path("dataset/questions.csv")
+# A dataset source (config key dataset.source) is materialised here, as CSV + images, by validate_dataset.
+MATERIALISED_SOURCE = results_path("dataset/source")
 TINY_CHECKPOINTS = "resources/checkpoints/tiny-"
 
 
@@ -105,6 +107,35 @@ wildcard_constraints:
     model="|".join(map(re.escape, MODEL_FAMILIES)),
     shard=r"\d{4}",
     family="|".join(families()),
+
+
+def dataset_images():
+    """The images folder extraction reads: the config's, or the materialised source's."""
+    if "source" in config["dataset"]:
+        return f"{MATERIALISED_SOURCE}/images"
+    return config["dataset"]["images"]
+
+
+def dataset_inputs(wildcards):
+    """The local files validation reads, so that a changed one validates again (a Hub source has none)."""
+    dataset = config["dataset"]
+    if "source" not in dataset:
+        return [dataset["csv"], dataset["images"]]
+    sources = (
+        dataset["source"]
+        if isinstance(dataset["source"], list)
+        else [dataset["source"]]
+    )
+    return [s[key] for s in sources for key in ("path", "images") if s.get(key)]
+
+
+def dataset_arguments():
+    """validate's dataset arguments: CSV IMAGES, or the source (as JSON) and where to materialise it."""
+    dataset = config["dataset"]
+    if "source" not in dataset:
+        return " ".join(map(shlex.quote, (dataset["csv"], dataset["images"])))
+    source = shlex.quote(json.dumps(dataset["source"]))
+    return f"--source {source} --materialise-dir {shlex.quote(MATERIALISED_SOURCE)}"
 
 
 def validation_options():

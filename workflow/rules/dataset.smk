@@ -1,7 +1,6 @@
 checkpoint validate_dataset:
     input:
-        csv=config["dataset"]["csv"],
-        images=config["dataset"]["images"],
+        dataset_inputs,
     output:
         table=VALIDATED_TABLE,
     # The reports are logs so that they survive a failed (strict) validation.
@@ -16,6 +15,8 @@ checkpoint validate_dataset:
     params:
         cli=VLMSTATES,
         options=validation_options(),
+        # the source's settings are a param: a changed source (or column map) validates again
+        dataset=dataset_arguments(),
     shell:
-        "{params.cli} validate {input.csv:q} {input.images:q} --table {output.table:q}"
+        "{params.cli} validate {params.dataset} --table {output.table:q}"
         " --report-json {log.json:q} --report-md {log.markdown:q} {params.options} > {log.main:q} 2>&1"

@@ -23,7 +23,7 @@ rule extract_shard:
         cli=VLMSTATES_NO_REPEAT,
         marker="logs/extract/{model}/shard_{shard}.no-retry.log",
         settings=settings_json,
-        images=config["dataset"]["images"],
+        images=dataset_images(),
         shard_size=EXTRACTION.shard_size,
         max_failed_share=EXTRACTION.max_failed_share,
         save_every=EXTRACTION.save_every,

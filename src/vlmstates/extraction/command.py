@@ -22,6 +22,7 @@ from vlmstates.dataset import read_validated_table, validate_and_write
 from vlmstates.extraction.shards import count_shards, extract_shard, merge_model_shards, progress_bar_wanted, shard_rows
 from vlmstates.inspection.seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
 from vlmstates.settings import ConfigError, ExtractionSettings, ModelSettings
+from vlmstates.sources import load_source_setting, validate_source_and_write
 from vlmstates.store import read_embeddings
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,10 @@ def run_extract(
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     trust_remote_code: bool = False,
+    source: str | None = None,
 ) -> ExtractOutputs:
-    """The workflow's steps for one model; batch size and answer length default to the models config's."""
+    """The workflow's steps for one model; batch size and answer length default to the models config's.
+    `source` (a dataset source: vlmstates.sources.load_source_setting) replaces the CSV and images folder."""
     for option, value in (("--checkpoint-interval", checkpoint_interval), ("--shard-size", shard_size)):
         if value < 1:
             raise ConfigError(f"{option} must be at least 1, got {value}")
@@ -82,7 +85,11 @@ def run_extract(
     entry |= {k: v for k, v in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)) if v is not None}
     settings = ModelSettings.from_config(name, entry)
     out = Path(output_dir)
-    table = _validate(vqa_dataset, images_dir, out / "dataset", limit=TEST_QUESTIONS if test else None)
+    limit = TEST_QUESTIONS if test else None
+    if source:
+        table, images_dir = _validate_source(source, out / "dataset", limit)
+    else:
+        table = _validate(vqa_dataset, images_dir, out / "dataset", limit=limit)
     shards = _extract_shards(settings, table, images_dir, out / name / "shards", shard_size, checkpoint_interval)
     embeddings = merge_model_shards(table, shards, out / name / "embeddings.h5")
     log.info("merged %d shards into %s", len(shards), embeddings)
@@ -97,6 +104,22 @@ def _validate(vqa_dataset, images_dir, folder: Path, limit: int | None) -> Path:
     )
     log.info("%d questions validated into %s", len(result.table), table)
     return table
+
+
+def _validate_source(source: str, folder: Path, limit: int | None) -> tuple[Path, Path]:
+    """The source materialised (in dataset/source/, reused while unchanged) and validated."""
+    table = folder / "questions.csv"
+    result, materialised = validate_source_and_write(
+        load_source_setting(source),
+        folder / "source",
+        table,
+        folder / "validation.json",
+        folder / "validation.md",
+        strict=True,
+        limit=limit,
+    )
+    log.info("%d questions validated into %s", len(result.table), table)
+    return table, materialised.images
 
 
 def _extract_shards(

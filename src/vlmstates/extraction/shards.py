@@ -31,10 +31,18 @@ from pathlib import Path
 import pandas as pd
 
 from vlmstates.atomic import atomic_path
-from vlmstates.dataset import read_validated_table
+from vlmstates.dataset import read_source_record, read_validated_table
 from vlmstates.errors import OutOfDeviceMemory, RestartJob, VlmstatesError
 from vlmstates.settings import AUTO_BATCH_SIZE, ExtractionSettings
-from vlmstates.store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
+from vlmstates.store import (
+    DATASET_SOURCE_ATTR,
+    STATUS_FAILED,
+    SampleResult,
+    merge_shards,
+    read_embeddings,
+    read_results,
+    write_embeddings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +312,8 @@ def extract_shard(
         shard,
         len(questions),
     )
-    attrs = extractor.attributes() | identity
+    # the questions' provenance, recorded beside the validated table (vlmstates.dataset.source_record_path)
+    attrs = extractor.attributes() | identity | {DATASET_SOURCE_ATTR: json.dumps(read_source_record(table_path))}
     progress = Progress(folder, attrs, extractor.vector_dims(), save_every, f"shard {shard:04d}", len(questions))
     try:
         results = extractor.extract(questions, Path(images_dir), finished=progress.load(), on_batch=progress.add)

@@ -113,6 +113,25 @@ def unlabelled_line(config: dict) -> str | None:
     )
 
 
+def dataset_problems(config: dict) -> list[str]:
+    """`dataset` names its questions one way: `csv` with `images`, or `source`."""
+    dataset = config["dataset"]
+    if "source" in dataset:
+        extra = [key for key in ("csv", "images") if key in dataset]
+        if extra:
+            return [f"`dataset.{extra[0]}`: set together with `dataset.source`; give one of the two"]
+        sources = dataset["source"] if isinstance(dataset["source"], list) else []
+        names = [entry.get("name") for entry in sources]
+        if len(sources) > 1 and (None in names or len(set(names)) < len(names)):
+            return ["`dataset.source`: a list of sources needs a different `name` for each (its `dataset` column)"]
+        return []
+    return [
+        f"`dataset.{key}`: required, but not set (or give `dataset.source`)"
+        for key in ("csv", "images")
+        if key not in dataset
+    ]
+
+
 def screen_problems(config: dict) -> list[str]:
     """`screen` must name a model of `models` and a probe that the probe settings train and keep."""
     screen = config.get("screen")
@@ -150,7 +169,7 @@ def check_config(config: dict, schema_path, source: str = "the config file") -> 
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     lines = [line for error in errors for line in problem_lines(error)]
     if not lines:
-        lines = screen_problems(config)
+        lines = dataset_problems(config) + screen_problems(config)
     if lines:
         shown = lines[:MAX_PROBLEMS]
         if len(lines) > MAX_PROBLEMS:
