@@ -24,8 +24,8 @@ from vlmstates.store import (
     INT_COLUMNS,
     LAYERED_REPRESENTATIONS,
     MULTIMODAL,
+    OPTIONAL_INT_COLUMNS,
     PAPER_POSITIONS_ATTR,
-    PAPER_VISION_POSITION,
     PAPER_VISION_TOKEN,
     QUERY_TOKEN,
     STRING_COLUMNS,
@@ -100,7 +100,7 @@ def test_load_picks_the_chosen_representations_and_layers_of_the_ok_rows(embeddi
     np.testing.assert_array_equal(vectors["QT_layer_3"], raw(embeddings, layer_key(QUERY_TOKEN, 3))[ok])
     assert vectors["VT_layer_3"].dtype == np.float32
     assert vectors.rows.index.tolist() == np.flatnonzero(ok).tolist()
-    for column in (*STRING_COLUMNS, *INT_COLUMNS, PAPER_VISION_POSITION):
+    for column in (*STRING_COLUMNS, *INT_COLUMNS, *OPTIONAL_INT_COLUMNS):
         assert vectors.rows[column].tolist() == raw(embeddings, column)[ok].tolist(), column
     assert vectors.attrs["model"] == "Org/Tiny"
 
@@ -202,7 +202,7 @@ def assert_dataset_equals_file(dataset, path, rows):
     kept = ok_mask(path) if rows == "ok" else np.ones(len(raw(path, "status")), bool)
     table = dataset.with_format("arrow")[:]
     assert table.num_rows == kept.sum()
-    for column in (*STRING_COLUMNS, *INT_COLUMNS, PAPER_VISION_POSITION):
+    for column in (*STRING_COLUMNS, *INT_COLUMNS, *OPTIONAL_INT_COLUMNS):
         assert table[column].to_pylist() == raw(path, column)[kept].tolist(), column
         assert dataset.features[column].dtype == ("string" if column in STRING_COLUMNS else "int64")
     with h5py.File(path, "r") as f:
@@ -214,7 +214,7 @@ def assert_dataset_equals_file(dataset, path, rows):
             assert values.dtype == stored.dtype, column
             np.testing.assert_array_equal(values, stored)  # NaN of failed rows included
             np.testing.assert_array_equal(dataset.with_format("numpy")[:][column], stored)
-        assert set(dataset.column_names) == {*STRING_COLUMNS, *INT_COLUMNS, PAPER_VISION_POSITION} | {
+        assert set(dataset.column_names) == {*STRING_COLUMNS, *INT_COLUMNS, *OPTIONAL_INT_COLUMNS} | {
             "VF" if k == VISION_ONLY else f"{CODES[k.split('/')[0]]}_layer_{k.split('_')[-1]}" for k in DIMS
         }
 

@@ -45,6 +45,8 @@ PAPER_VISION_POSITION = "paper_vision_token_position"
 #: The int column of the batch size each row ran in (0 in failed rows): on a GPU, low-precision vectors
 #: depend on it (kernels and GEMM shapes differ with the batch). Optional on reading: older files lack it.
 BATCH_SIZE_COLUMN = "batch_size"
+#: Int columns that came later: files written before them still read (without the column).
+OPTIONAL_INT_COLUMNS = (PAPER_VISION_POSITION, BATCH_SIZE_COLUMN)
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
@@ -277,7 +279,7 @@ def read_table(f: h5py.File, rows: slice = slice(None)) -> pd.DataFrame:
     """The scalar columns of an open columnar file (the string ones first, then the int ones), for `rows`
     only: each column is read from disk for that slice alone."""
     table = pd.DataFrame({c: f[c].asstr()[rows] for c in STRING_COLUMNS})
-    optional = tuple(c for c in (PAPER_VISION_POSITION, BATCH_SIZE_COLUMN) if c in f)  # columns that came later
+    optional = tuple(c for c in OPTIONAL_INT_COLUMNS if c in f)
     for c in INT_COLUMNS + optional:
         table[c] = f[c][rows]
     return table
