@@ -354,6 +354,23 @@ def test_subsets_count_both_classes_and_say_too_few_positives(typed):
     assert "query_token_representation/layer_0" not in page  # the type cue is not the best layer
 
 
+def test_cli_takes_the_dataset_table_and_the_labels_summary_as_the_rule_passes_them(typed, tmp_path):
+    root, _ = typed
+    (tmp_path / "elsewhere.json").write_text(json.dumps({"method": "file"}))
+    code = main(
+        [
+            "probe", str(root / "embeddings.h5"), str(root / "labels.csv"), "-o", str(tmp_path / "p"),
+            "--labels-summary", str(tmp_path / "elsewhere.json"), "--dataset", str(root / "questions.csv"),
+            "--breakdown", "category", "--probes", "logreg", "--representations", "QT", "--layers", "1",
+            "--bootstrap", "0", "--no-control", "--threads", "1",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert pd.read_csv(tmp_path / "p" / "metrics.csv")["label_method"].tolist() == ["file"]
+    subsets = pd.read_csv(tmp_path / "p" / "subsets.csv")
+    assert set(subsets["subset"]) == {"answer_type", "category"}
+
+
 def test_a_breakdown_column_the_dataset_lacks_is_a_config_error(typed, tmp_path):
     root, _ = typed
     settings = probe_settings.ProbeSettings(probes=["logreg"], representations=["QT"], breakdown=["source"], **FAST)
