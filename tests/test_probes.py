@@ -422,7 +422,9 @@ def probe_with_label_method(planted, folder, method: str, **settings):
 
 def test_summary_sets_published_numbers_beside_ours_only_on_the_papers_labels(planted, tmp_path):
     """The labels' summary names their method; only the paper's rule (halp_paper) is compared like for like."""
-    ours, summary = probe_with_label_method(planted, tmp_path / "paper", "halp_paper", representations=["VF", "QT"])
+    ours, summary = probe_with_label_method(
+        planted, tmp_path / "paper", "halp_paper", representations=["VF", "QT"], shuffled_control=False
+    )
     assert ours.loc["QT", "layer"] == 1 and ours.loc["QT", "layer_selected_by"] == "validation AUROC"
     assert ours.loc["QT", "pos_rate"] == pytest.approx(237 / 799)  # the share of positives among usable questions
     assert ours.loc["QT", "paper_model"] == "Qwen2.5-VL-7B" and ours.loc["QT", "published_auroc"] == 0.915
@@ -446,7 +448,9 @@ def test_summary_sets_published_numbers_beside_ours_only_on_the_papers_labels(pl
 def test_labels_without_their_summary_have_an_unknown_method(planted, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_bytes((planted / "labels.csv").read_bytes())
-    settings = probe_settings.ProbeSettings(probes=["logreg"], representations=["QT"], layers=[1], **FAST)
+    settings = probe_settings.ProbeSettings(
+        probes=["logreg"], representations=["QT"], layers=[1], **{**FAST, "bootstrap": 0}, shuffled_control=False
+    )
     metrics = probe_stats.run_probes(planted / "embeddings.h5", labels, tmp_path / "out", settings)
     assert (metrics["label_method"] == probe_stats.UNKNOWN_LABEL_METHOD).all()
     with pytest.raises(probe_settings.ProbeError, match="no such file"):

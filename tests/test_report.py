@@ -267,7 +267,7 @@ def test_tables_are_written_as_pages_too(tmp_path):
     assert header.index("<th>model</th>") < header.index("<th>auroc</th>") < header.index("<th>model_id</th>")
 
 
-def test_probe_run_writes_its_metrics_page(tmp_path):
+def test_probe_run_writes_its_metrics_page_and_the_subsets_of_each_best_layer(tmp_path):
     folder = tmp_path / "m"
     write_synthetic_embeddings(folder / "embeddings.h5")
     label_embeddings(folder / "embeddings.h5", folder / "labels.csv", "yesno")
@@ -277,14 +277,7 @@ def test_probe_run_writes_its_metrics_page(tmp_path):
     assert page.count("<tr>") == len(metrics) + 1
     assert f"{metrics['auroc'].dropna().iloc[0]:.3f}" in page
     assert "(method yesno)" in page
-
-
-def test_the_subsets_page_shows_the_best_layer_of_each_representation(tmp_path):
-    folder = tmp_path / "m"
-    write_synthetic_embeddings(folder / "embeddings.h5")
-    label_embeddings(folder / "embeddings.h5", folder / "labels.csv", "yesno")
-    settings = probe_settings.ProbeSettings(probes=["logreg"], bootstrap=0, shuffled_control=False)
-    metrics = probe_stats.run_probes(folder / "embeddings.h5", folder / "labels.csv", folder / "probes", settings)
+    # the subsets page: the best layer of each representation (every layer: subsets.csv)
     every_layer = pd.read_csv(folder / "probes" / "subsets.csv")
     assert len(every_layer) == len(metrics) + 1  # one answer type (yes/no), every layer and the baseline
     best = probe_summary.best_rows(metrics)

@@ -210,7 +210,12 @@ def _probe_summary(args) -> None:
             name, path = Path(item).parent.parent.name or item, item
         pairs[name] = path
     summary = summarise_models(pairs, args.output, args.plot)
-    print(f"{args.output}: {int((summary['source'] == 'ours').sum())} rows for {len(pairs)} models")
+    ours = summary[summary["source"] == "ours"]
+    compared = ours.loc[ours["published_auroc"].notna(), "model"].nunique()
+    print(
+        f"{args.output}: {len(ours)} rows for {len(pairs)} models, {compared} set beside the paper's AUROCs "
+        f"(labels by its rule; label methods: {', '.join(dict.fromkeys(ours['label_method'].astype(str)))})"
+    )
 
 
 def _screen(args) -> None:
