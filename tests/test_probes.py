@@ -452,7 +452,7 @@ def test_labels_without_their_summary_have_an_unknown_method(planted, tmp_path):
         probes=["logreg"], representations=["QT"], layers=[1], **{**FAST, "bootstrap": 0}, shuffled_control=False
     )
     metrics = probe_stats.run_probes(planted / "embeddings.h5", labels, tmp_path / "out", settings)
-    assert (metrics["label_method"] == probe_stats.UNKNOWN_LABEL_METHOD).all()
+    assert (metrics["label_method"] == probe_settings.UNKNOWN_LABEL_METHOD).all()
     with pytest.raises(probe_settings.ProbeError, match="no such file"):
         probe_stats.run_probes(planted / "embeddings.h5", labels, tmp_path / "out", settings, None, tmp_path / "x.json")
 

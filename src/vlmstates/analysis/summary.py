@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from vlmstates.analysis.probes.plots import REPRESENTATION_COLOURS, pyplot, save_png, write_table_html
-from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES
+from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES, UNKNOWN_LABEL_METHOD
 from vlmstates.atomic import write_atomic
 
 # the summary page's first columns (the CSV keeps its own order)
@@ -21,9 +21,6 @@ SUMMARY_PAGE_COLUMNS = (
     "auroc_ci_high", "auroc_within_answer_type", "baseline_auroc", "baseline_auroc_within_answer_type",
     "control_auroc", "published_auroc", "paper_model", "difference", "n_test",
 )  # fmt: skip
-#: the columns that set the paper's numbers beside ours, left off the page when no model is compared
-COMPARISON_COLUMNS = ("published_auroc", "difference")
-
 #: The label method whose labels are the paper's (the HALP code's semantic_review; vlmstates.analysis.labels):
 #: only probes on these labels learn the paper's task, so only they are set beside its published AUROCs.
 PAPER_LABEL_METHOD = "halp_paper"
@@ -83,11 +80,11 @@ def _run_document(metrics_csv) -> dict:
     return json.loads(document.read_text()) if document.exists() else {}
 
 
-def label_method_of(metrics: pd.DataFrame, document: dict) -> str:
-    """The label method a run recorded (its metrics table, else its metrics.json), or 'unknown'."""
+def recorded_label_method(metrics: pd.DataFrame, document: dict) -> str:
+    """The label method a run recorded (its metrics table, else its metrics.json; older runs: neither)."""
     if "label_method" in metrics.columns and metrics["label_method"].notna().any():
         return str(metrics["label_method"].dropna().iloc[0])
-    return str(document.get("label_method") or "unknown")
+    return str(document.get("label_method") or UNKNOWN_LABEL_METHOD)
 
 
 def comparison_note(label_method: str, paper_model: str | None) -> str:
@@ -127,7 +124,7 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
         document = _run_document(path)
         model_id = str(metrics["model"].dropna().iloc[0]) if metrics["model"].notna().any() else ""
         family = document.get("family") or None
-        label_method = label_method_of(metrics, document)
+        label_method = recorded_label_method(metrics, document)
         paper_model = published_model_for(family, model_id, published)
         compared = bool(paper_model) and label_method == PAPER_LABEL_METHOD
         for _, row in best_rows(metrics).iterrows():

@@ -41,6 +41,8 @@ class ProbeError(VlmstatesError, ValueError):
 
 
 SPLITS = ("grouped", "halp", "kfold")
+#: what a run records as its label method when the labels came without their summary (labels.summary.json)
+UNKNOWN_LABEL_METHOD = "unknown"
 #: the subset column derived from the ground truth (vlmstates.analysis.labels.answer_type), always broken down
 ANSWER_TYPE = "answer_type"
 PROBES = ("logreg", "mlp")

@@ -27,7 +27,13 @@ from vlmstates.analysis.probes.plots import (
     write_table_html,
 )
 from vlmstates.analysis.probes.saved import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
-from vlmstates.analysis.probes.settings import ANSWER_TYPE, REPRESENTATION_CODES, ProbeError, ProbeSettings
+from vlmstates.analysis.probes.settings import (
+    ANSWER_TYPE,
+    REPRESENTATION_CODES,
+    UNKNOWN_LABEL_METHOD,
+    ProbeError,
+    ProbeSettings,
+)
 from vlmstates.analysis.probes.subsets import question_subsets
 from vlmstates.analysis.summary import best_rows
 from vlmstates.atomic import write_atomic
@@ -58,8 +64,6 @@ SUBSET_COLUMNS = (
 TOO_FEW_POSITIVES, TOO_FEW_NEGATIVES, NOT_TESTED = "too few positives", "too few negatives", "no test questions"
 #: the question-only baseline's name in subsets.csv (representation and probe)
 BASELINE_REPRESENTATION, BASELINE_PROBE = "question", "bow_logreg"
-#: what a run records as its label method when the labels came without their summary (labels.summary.json)
-UNKNOWN_LABEL_METHOD = "unknown"
 
 
 def resolve_device(device: str = "auto") -> str:
