@@ -1,5 +1,6 @@
-"""Probe statistics: the splits, the AUROC and its bootstrap interval, the logreg and MLP probes, and the
-run over every representation and layer of an embeddings file (what each setting means: probe_settings)."""
+"""Probe statistics: the splits, the AUROC and its bootstrap interval (overall, within answer types, per
+subset), the logreg and MLP probes and the question-only baseline, and the run over every representation and
+layer of an embeddings file (what each setting means: probe_settings)."""
 
 from __future__ import annotations
 
