@@ -3,9 +3,10 @@
     python scripts/bench_probes.py [--n 10000] [--dim 3584] [--epochs 50] [--threads 2] [--device cpu]
 
 Prints one table row per step: standardisation, logistic regression (the whole C grid on validation AUROC,
-then a single fit at C=1), the MLP probe (all epochs, epoch chosen on validation AUROC) and the bootstrap
-interval. A full probe run costs, per representation-layer and probe, the fit plus the same fit again for
-the shuffled-label control.
+then a single fit at C=1), the MLP probe (all epochs, epoch chosen on validation AUROC), the bootstrap
+interval, the per-subset AUROCs (3 answer types and 35 dataset-column values, each with its interval) and the
+question-only baseline. A full probe run costs, per representation-layer and probe, the fit plus the same fit
+again for the shuffled-label control, and the subset AUROCs; the baseline once per run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
@@ -32,6 +34,8 @@ from vlmstates.analysis.probes.stats import (  # noqa: E402
     fit_logreg,
     fit_mlp,
     make_folds,
+    question_baseline,
+    subset_aurocs,
 )
 
 
@@ -43,6 +47,24 @@ def synthetic(n: int, dim: int, rate: float, seed: int):
     x[:, :32] += (0.25 * y)[:, None].astype(np.float32)
     groups = np.arange(n) // 2
     return x, y, groups
+
+
+def synthetic_questions(n: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """Question texts of three answer types, and per question its answer type and two dataset columns with 5
+    and 30 values (as the HALP set's `dataset` and `category`)."""
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(["yes/no", "number", "other"], n)
+    things = rng.choice(["cat", "dog", "car", "tree", "person", "cup", "bus", "chair"], n)
+    templates = {
+        "yes/no": "Is there a {} in the image?",
+        "number": "How many {}s are there?",
+        "other": "What is the {} doing?",
+    }
+    questions = np.array([templates[kind].format(thing) for kind, thing in zip(kinds, things)])
+    subsets = pd.DataFrame(
+        {"answer_type": kinds, "dataset": rng.choice(list("ABCDE"), n), "category": rng.integers(0, 30, n).astype(str)}
+    )
+    return questions, subsets
 
 
 def main(argv=None) -> int:
@@ -109,6 +131,12 @@ def main(argv=None) -> int:
     scores = fit.test_scores
     timed("bootstrap CI (1000 resamples)", lambda r: f"[{r[0]:.3f}, {r[1]:.3f}]",
           lambda: bootstrap_auroc(y[fold.test], scores, 1000, 0.95, 0))  # fmt: skip
+    questions, subsets = synthetic_questions(args.n, args.seed)
+    values = sum(subsets[column].nunique() for column in subsets.columns)
+    timed(f"subsets: {values} values, 1000 resamples", lambda r: f"{len(r)} subset AUROCs, per probe and layer",
+          lambda: subset_aurocs(y, fold.test, scores, subsets, settings))  # fmt: skip
+    timed("question-only baseline (words)", lambda r: f"test AUROC {r.result['auroc']:.3f}; once per run",
+          lambda: question_baseline(questions, y, [fold], subsets["answer_type"].to_numpy(), settings))  # fmt: skip
     return 0
 
 

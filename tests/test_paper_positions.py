@@ -216,7 +216,8 @@ def test_the_summary_shows_the_paper_position_row_beside_the_exact_one_against_t
     folder = tmp_path / "qwen" / "probes"
     folder.mkdir(parents=True)
     metrics.to_csv(folder / "metrics.csv", index=False)
-    (folder / "metrics.json").write_text(json.dumps({"family": "qwen2_5_vl"}))
+    # on the paper's labels: only those are set beside its numbers
+    (folder / "metrics.json").write_text(json.dumps({"family": "qwen2_5_vl", "label_method": "halp_paper"}))
     # the packaged table has no VT values yet, so a table of the same format with one
     published = tmp_path / "published.csv"
     published_vt = 0.69

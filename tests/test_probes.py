@@ -248,6 +248,141 @@ def test_labels_from_another_file_are_rejected(planted, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Answer types, dataset columns and the question-only baseline, on labels as the paper's rule makes them
+
+TYPE_CUE_KEY, SIGNAL_KEY_TYPED = "query_token_representation/layer_0", "query_token_representation/layer_1"
+TYPED_QUESTIONS = {  # answer type: (question, ground truth, category)
+    "yes/no": ("Is there a cat in the picture?", "yes", "existence"),
+    "number": ("How many cats are there?", "2", "counting"),
+    "other": ("What colour is the cat?", "black", "colour"),
+}
+
+
+def make_typed_run(root, n_images=150, rate=0.4, seed=0):
+    """One question of each answer type per image; as under the paper's rule, only yes/no questions are ever
+    hallucinated. TYPE_CUE_KEY marks yes/no questions (a question-type cue, no hallucination signal),
+    SIGNAL_KEY_TYPED carries the hallucination itself. Writes the embeddings, labels.csv with its summary
+    (method halp_paper) and the validated dataset table, whose extra columns are `dataset` and `category`."""
+    rng = np.random.default_rng(seed)
+    dims = {TYPE_CUE_KEY: 4, SIGNAL_KEY_TYPED: 4}
+    results, labels, dataset = [], [], []
+    for i in range(n_images * 3):
+        kind = list(TYPED_QUESTIONS)[i % 3]
+        question, truth, category = TYPED_QUESTIONS[kind]
+        qid, image = f"q{i:04d}", f"img{i // 3:03d}"
+        hallucinated = kind == "yes/no" and bool(rng.random() < rate)
+        vectors = {key: rng.normal(size=d).astype(np.float32) for key, d in dims.items()}
+        vectors[TYPE_CUE_KEY][0] += 3.0 * (kind == "yes/no")
+        vectors[SIGNAL_KEY_TYPED][0] += 1.5 * hallucinated
+        results.append(SampleResult(qid, image, question, truth, answer="an answer", vectors=vectors))
+        labels.append({"question_id": qid, "image_id": image, "hallucinated": "true" if hallucinated else "false"})
+        part = "A" if i < n_images * 3 // 2 else "B"
+        dataset.append({"question_id": qid, "image_id": image, "question": question, "answer": truth})
+        dataset[-1].update(dataset=part, category=category)
+    write_embeddings(root / "embeddings.h5", results, dims, {"model": "org/Model-7B", "family": "qwen2_5_vl"})
+    pd.DataFrame(labels).to_csv(root / "labels.csv", index=False)
+    (root / "labels.summary.json").write_text(json.dumps({"method": "halp_paper"}))
+    pd.DataFrame(dataset).to_csv(root / "questions.csv", index=False)
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory):
+    """One probe run on the typed questions, broken down by both dataset columns."""
+    root = tmp_path_factory.mktemp("typed")
+    make_typed_run(root)
+    settings = probe_settings.ProbeSettings(
+        probes=["logreg"], representations=["QT"], breakdown=["dataset", "category"], **FAST
+    )
+    metrics = probe_stats.run_probes(
+        root / "embeddings.h5", root / "labels.csv", root / "probes", settings, dataset_csv=root / "questions.csv"
+    )
+    return root, metrics.set_index("key")
+
+
+def test_stratified_auroc_compares_within_strata_only():
+    y = np.array([1, 0, 0, 1, 0, 0])
+    scores = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.5])
+    strata = np.array(["a", "a", "a", "b", "b", "b"])
+    # a: the positive beats both negatives (2 of 2 pairs); b: it beats one of two (1 of 2)
+    assert probe_stats.stratified_auroc(y, scores, strata) == pytest.approx(3 / 4)
+    assert probe_stats.auroc(y, scores) == pytest.approx(5 / 8)  # across strata 0.3 also loses to 0.8 and 0.7
+    # a score that only tells the strata apart is at chance within them
+    assert probe_stats.stratified_auroc(y, (strata == "a").astype(float), strata) == 0.5
+    assert math.isnan(probe_stats.stratified_auroc(np.zeros(3), np.arange(3.0), np.array(["a", "b", "c"])))
+
+
+def test_a_question_type_cue_scores_overall_but_not_within_answer_types(typed):
+    root, metrics = typed
+    cue, signal = metrics.loc[TYPE_CUE_KEY], metrics.loc[SIGNAL_KEY_TYPED]
+    assert cue["auroc"] > 0.75 and abs(cue["auroc_within_answer_type"] - 0.5) < 0.12
+    assert signal["auroc"] > 0.75 and signal["auroc_within_answer_type"] > 0.75
+    # the question text alone tells yes/no questions apart (well above chance) and nothing within them
+    assert (metrics["baseline_auroc"] > 0.75).all()
+    assert (metrics["baseline_auroc_within_answer_type"] == 0.5).all()
+    document = json.loads((root / "probes" / "metrics.json").read_text())
+    assert document["label_method"] == "halp_paper" and document["positive_rate"] == pytest.approx(cue["pos_rate"])
+    assert document["question_baseline"]["auroc"] == pytest.approx(cue["baseline_auroc"])
+    assert document["answer_types"] == {"yes/no": 150, "number": 150, "other": 150}
+
+
+def test_subsets_count_both_classes_and_say_too_few_positives(typed):
+    root, metrics = typed
+    subsets = pd.read_csv(root / "probes" / "subsets.csv", keep_default_na=False, na_values=[""])
+    signal = subsets[subsets["key"] == SIGNAL_KEY_TYPED].set_index(["subset", "value"])
+    assert list(signal.index) == [
+        ("answer_type", "yes/no"), ("answer_type", "number"), ("answer_type", "other"),
+        ("dataset", "A"), ("dataset", "B"), ("category", "colour"), ("category", "counting"),
+        ("category", "existence"),
+    ]  # fmt: skip
+    assert (signal["n_pos"] + signal["n_neg"] == signal["n_test"]).all()
+    by_type = signal.loc["answer_type"]
+    assert by_type["n_test"].sum() == metrics.loc[SIGNAL_KEY_TYPED, "n_test"]
+    for kind in ("number", "other"):
+        assert by_type.loc[kind, "status"] == "too few positives" and math.isnan(by_type.loc[kind, "auroc"])
+        assert by_type.loc[kind, "n_pos"] == 0 and by_type.loc[kind, "n_neg"] > 0
+    yes_no = by_type.loc["yes/no"]
+    assert yes_no["status"] == "ok" and yes_no["auroc_ci_low"] < yes_no["auroc"] < yes_no["auroc_ci_high"]
+    # only yes/no questions have both classes, so the AUROC within answer types is theirs
+    assert yes_no["auroc"] == pytest.approx(metrics.loc[SIGNAL_KEY_TYPED, "auroc_within_answer_type"])
+    assert signal.loc[("category", "counting"), "status"] == "too few positives"
+    assert (signal.loc["dataset", "status"] == "ok").all()
+    baseline = subsets[subsets["representation"] == probe_stats.BASELINE_REPRESENTATION]
+    assert len(baseline) == len(signal) and baseline["probe"].eq(probe_stats.BASELINE_PROBE).all()
+    page = (root / "probes" / "subsets.html").read_text()
+    # the baseline and the best layer (not the type cue's): answer types number and other, categories colour and counting
+    assert page.count("<td>too few positives</td>") == 2 * 4
+    assert "query_token_representation/layer_0" not in page  # the type cue is not the best layer
+
+
+def test_cli_takes_the_dataset_table_and_the_labels_summary_as_the_rule_passes_them(typed, tmp_path):
+    root, _ = typed
+    (tmp_path / "elsewhere.json").write_text(json.dumps({"method": "file"}))
+    code = main(
+        [
+            "probe", str(root / "embeddings.h5"), str(root / "labels.csv"), "-o", str(tmp_path / "p"),
+            "--labels-summary", str(tmp_path / "elsewhere.json"), "--dataset", str(root / "questions.csv"),
+            "--breakdown", "category", "--probes", "logreg", "--representations", "QT", "--layers", "1",
+            "--bootstrap", "0", "--no-control", "--threads", "1",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert pd.read_csv(tmp_path / "p" / "metrics.csv")["label_method"].tolist() == ["file"]
+    subsets = pd.read_csv(tmp_path / "p" / "subsets.csv")
+    assert set(subsets["subset"]) == {"answer_type", "category"}
+
+
+def test_a_breakdown_column_the_dataset_lacks_is_a_config_error(typed, tmp_path):
+    root, _ = typed
+    settings = probe_settings.ProbeSettings(probes=["logreg"], representations=["QT"], breakdown=["source"], **FAST)
+    with pytest.raises(probe_settings.ProbeError, match=r"probes.breakdown names source.*its columns: .*category"):
+        probe_stats.run_probes(root / "embeddings.h5", root / "labels.csv", tmp_path, settings, root / "questions.csv")
+    with pytest.raises(probe_settings.ProbeError, match="no dataset table was given"):
+        probe_stats.run_probes(root / "embeddings.h5", root / "labels.csv", tmp_path, settings)
+    with pytest.raises(probe_settings.ProbeError, match="always broken down"):
+        probe_settings.ProbeSettings.from_mapping({"breakdown": ["answer_type"]})
+
+
+# ---------------------------------------------------------------------------------------------
 # Settings, summary, command line
 
 
@@ -269,18 +404,57 @@ def test_published_reference_data():
     assert published["citation"].str.contains("EACL 2026").all()
 
 
-def test_summary_places_published_numbers_beside_ours(planted, tmp_path):
-    settings = probe_settings.ProbeSettings(probes=["logreg"], representations=["VF", "QT"], **FAST)
-    probe_stats.run_probes(planted / "embeddings.h5", planted / "labels.csv", tmp_path / "qwen", settings)
+def probe_with_label_method(planted, folder, method: str, **settings):
+    """The planted run with its labels' summary naming `method`; returns the summary of that one model."""
+    folder.mkdir()
+    (folder / "labels.csv").write_bytes((planted / "labels.csv").read_bytes())
+    summary_json = json.loads((planted / "labels.summary.json").read_text())
+    (folder / "labels.summary.json").write_text(json.dumps({**summary_json, "method": method}))
+    settings = probe_settings.ProbeSettings(probes=["logreg"], **settings, **FAST)
+    metrics = probe_stats.run_probes(planted / "embeddings.h5", folder / "labels.csv", folder / "probes", settings)
+    assert (metrics["label_method"] == method).all()
+    assert json.loads((folder / "probes" / "metrics.json").read_text())["label_method"] == method
     summary = probe_summary.summarise_models(
-        {"model_a": tmp_path / "qwen" / "metrics.csv"}, tmp_path / "summary.csv", tmp_path / "summary.png"
+        {"model_a": folder / "probes" / "metrics.csv"}, folder / "summary.csv", folder / "summary.png"
     )
-    ours = summary[summary["source"] == "ours"].set_index("representation")
+    return summary[summary["source"] == "ours"].set_index("representation"), summary
+
+
+def test_summary_sets_published_numbers_beside_ours_only_on_the_papers_labels(planted, tmp_path):
+    """The labels' summary names their method; only the paper's rule (halp_paper) is compared like for like."""
+    ours, summary = probe_with_label_method(
+        planted, tmp_path / "paper", "halp_paper", representations=["VF", "QT"], shuffled_control=False
+    )
     assert ours.loc["QT", "layer"] == 1 and ours.loc["QT", "layer_selected_by"] == "validation AUROC"
+    assert ours.loc["QT", "pos_rate"] == pytest.approx(237 / 799)  # the share of positives among usable questions
     assert ours.loc["QT", "paper_model"] == "Qwen2.5-VL-7B" and ours.loc["QT", "published_auroc"] == 0.915
+    assert ours.loc["QT", "difference"] == pytest.approx(ours.loc["QT", "auroc"] - 0.915)
+    assert ours.loc["QT", "comparison"].startswith("like for like")
+    assert "<th>difference</th>" in (tmp_path / "paper" / "summary.html").read_text()
     assert math.isnan(ours.loc["VF", "published_auroc"])
     assert (summary["source"] == "published").sum() == len(probe_summary.published_auroc())
-    assert (tmp_path / "summary.png").stat().st_size > 0
+    assert (tmp_path / "paper" / "summary.png").stat().st_size > 0
+
+    ours, _ = probe_with_label_method(
+        planted, tmp_path / "own", "yesno", representations=["QT"], layers=[1], shuffled_control=False
+    )
+    assert ours.loc["QT", "label_method"] == "yesno" and ours.loc["QT", "paper_model"] == "Qwen2.5-VL-7B"
+    assert ours[["published_auroc", "difference"]].isna().all().all()
+    assert ours.loc["QT", "comparison"].startswith("not compared: labels by yesno")
+    page = (tmp_path / "own" / "summary.html").read_text()
+    assert "<th>difference</th>" not in page and "<td>yesno</td>" in page
+
+
+def test_labels_without_their_summary_have_an_unknown_method(planted, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes((planted / "labels.csv").read_bytes())
+    settings = probe_settings.ProbeSettings(
+        probes=["logreg"], representations=["QT"], layers=[1], **{**FAST, "bootstrap": 0}, shuffled_control=False
+    )
+    metrics = probe_stats.run_probes(planted / "embeddings.h5", labels, tmp_path / "out", settings)
+    assert (metrics["label_method"] == probe_settings.UNKNOWN_LABEL_METHOD).all()
+    with pytest.raises(probe_settings.ProbeError, match="no such file"):
+        probe_stats.run_probes(planted / "embeddings.h5", labels, tmp_path / "out", settings, None, tmp_path / "x.json")
 
 
 def test_cli(planted, tmp_path):

@@ -32,14 +32,14 @@ def _close_figures():
     plt.close("all")
 
 
-def metrics_table(aurocs: dict, model: str = "org/Some-Checkpoint-7B") -> pd.DataFrame:
+def metrics_table(aurocs: dict, model: str = "org/Some-Checkpoint-7B", label_method="halp_paper") -> pd.DataFrame:
     """A metrics table as `probe` writes it, from {(representation, layer, probe): auroc}."""
     rows = []
     for (code, layer, probe), value in aurocs.items():
         rows.append(
             {
                 "model": model, "representation": code, "layer": layer, "probe": probe, "split": "grouped",
-                "n_test": 20, "auroc": value, "auroc_ci_low": value - 0.1, "auroc_ci_high": value + 0.1,
+                "label_method": label_method, "pos_rate": 0.25, "n_test": 20, "auroc": value, "auroc_ci_low": value - 0.1, "auroc_ci_high": value + 0.1,
                 "val_auroc": value, "control_auroc": 0.5, "status": "ok", "reason": "",
             }
         )  # fmt: skip
@@ -192,12 +192,13 @@ def test_every_published_family_has_a_known_hub_id():
     assert set(published_families()["family"]) == set(HUB_IDS)
 
 
-def write_metrics(folder, family: str, checkpoint: str):
-    """metrics.csv and metrics.json as `probe` writes them, for a model of `family`."""
+def write_metrics(folder, family: str, checkpoint: str, label_method: str = "halp_paper"):
+    """metrics.csv and metrics.json as `probe` writes them, for a model of `family` on labels by `label_method`."""
     folder.mkdir(parents=True)
     aurocs = {("VF", None, "mlp"): 0.6, ("QT", 1, "mlp"): 0.8, ("QT", 2, "mlp"): 0.7}
-    metrics_table(aurocs, checkpoint).to_csv(folder / "metrics.csv", index=False)
-    (folder / "metrics.json").write_text(json.dumps({"model": checkpoint, "family": family}))
+    metrics_table(aurocs, checkpoint, label_method).to_csv(folder / "metrics.csv", index=False)
+    document = {"model": checkpoint, "family": family, "label_method": label_method}
+    (folder / "metrics.json").write_text(json.dumps(document))
     return folder / "metrics.csv"
 
 
@@ -237,14 +238,17 @@ def test_summary_plot_groups_and_legend(tmp_path):
     metrics = {
         "tiny-qwen": write_metrics(tmp_path / "a" / "probes", "qwen2_5_vl", "resources/checkpoints/tiny-qwen2_5_vl"),
         "molmoe": write_metrics(tmp_path / "b" / "probes", "molmo", "allenai/MolmoE-1B-0924"),
+        # the paper's model, on labels of another rule: not set beside the paper's number
+        "gemma": write_metrics(tmp_path / "c" / "probes", "gemma3", "google/gemma-3-12b-it", "halp_lenient"),
     }
     summary = probe_summary.summarise_models(metrics, tmp_path / "s.csv", tmp_path / "s.png")
     groups = probe_summary.summary_groups(summary)
-    assert groups[:2] == [("tiny-qwen", "Qwen2.5-VL-7B"), ("molmoe", "")]
+    assert groups[:3] == [("tiny-qwen", "Qwen2.5-VL-7B"), ("molmoe", ""), ("gemma", "")]
     assert {paper for model, paper in groups if not model} == {"Gemma-3-12B", "Molmo-7B", "Phi-4"}
     fig = probe_summary.summary_figure(summary, "HALP, EACL 2026")
     labels = tick_texts(fig.axes[-1])
-    assert labels[0] == "tiny-qwen\nvs Qwen2.5-VL-7B" and labels[1] == "molmoe"
+    assert labels[0] == "tiny-qwen\nvs Qwen2.5-VL-7B" and labels[1] == "molmoe\nlabels: halp_paper"
+    assert labels[2] == "gemma\nlabels: halp_lenient"
     assert fig.legends and not any(ax.get_legend() for ax in fig.axes)  # one legend, outside the bars
 
 
@@ -263,7 +267,7 @@ def test_tables_are_written_as_pages_too(tmp_path):
     assert header.index("<th>model</th>") < header.index("<th>auroc</th>") < header.index("<th>model_id</th>")
 
 
-def test_probe_run_writes_its_metrics_page(tmp_path):
+def test_probe_run_writes_its_metrics_page_and_the_subsets_of_each_best_layer(tmp_path):
     folder = tmp_path / "m"
     write_synthetic_embeddings(folder / "embeddings.h5")
     label_embeddings(folder / "embeddings.h5", folder / "labels.csv", "yesno")
@@ -272,6 +276,17 @@ def test_probe_run_writes_its_metrics_page(tmp_path):
     page = (folder / "probes" / "metrics.html").read_text()
     assert page.count("<tr>") == len(metrics) + 1
     assert f"{metrics['auroc'].dropna().iloc[0]:.3f}" in page
+    assert "(method yesno)" in page
+    # the subsets page: the best layer of each representation (every layer: subsets.csv)
+    every_layer = pd.read_csv(folder / "probes" / "subsets.csv")
+    assert len(every_layer) == len(metrics) + 1  # one answer type (yes/no), every layer and the baseline
+    best = probe_summary.best_rows(metrics)
+    page = (folder / "probes" / "subsets.html").read_text()
+    rows = [row.split("</td>")[0].removeprefix("<td>") for row in page.split("<tr>")[2:]]  # first cells
+    assert rows == [probe_stats.BASELINE_REPRESENTATION, *best["representation"]] == ["question", "VF", "VT", "QT"]
+    for row in best.itertuples():
+        if pd.notna(row.layer):
+            assert f'{row.representation}</td><td class="n">{row.layer}</td>' in page
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,6 +209,7 @@ def _probe_settings(args):
         "split": args.split, "seed": args.seed, "folds": args.folds, "probes": args.probes,
         "representations": args.representations, "layers": args.layers, "mlp_max_epochs": args.max_epochs,
         "mlp_patience": args.patience, "bootstrap": args.bootstrap, "device": args.device,
+        "breakdown": args.breakdown,
     }  # fmt: skip
     mapping.update({k: v for k, v in overrides.items() if v is not None})
     if args.fractions:
@@ -229,7 +230,7 @@ def _probe(args) -> None:
 
         torch.set_num_threads(args.threads)
     out_dir = Path(args.output) if args.output else Path(args.embeddings).with_name("probes")
-    metrics = run_probes(args.embeddings, args.labels, out_dir, settings)
+    metrics = run_probes(args.embeddings, args.labels, out_dir, settings, args.dataset, args.labels_summary)
     ok = metrics[metrics["status"] == "ok"]
     print(f"{out_dir}: {len(ok)} of {len(metrics)} probes evaluated")
     if len(ok):
@@ -247,7 +248,12 @@ def _probe_summary(args) -> None:
             name, path = Path(item).parent.parent.name or item, item
         pairs[name] = path
     summary = summarise_models(pairs, args.output, args.plot)
-    print(f"{args.output}: {int((summary['source'] == 'ours').sum())} rows for {len(pairs)} models")
+    ours = summary[summary["source"] == "ours"]
+    compared = ours.loc[ours["published_auroc"].notna(), "model"].nunique()
+    print(
+        f"{args.output}: {len(ours)} rows for {len(pairs)} models, {compared} set beside the paper's AUROCs "
+        f"(labels by its rule; label methods: {', '.join(dict.fromkeys(ours['label_method'].astype(str)))})"
+    )
 
 
 def _screen(args) -> None:
@@ -463,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", metavar="EMBEDDINGS.h5")
     p.add_argument("labels", metavar="LABELS.csv", help="labels as written by `label`")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: probes/ beside the embeddings)")
+    p.add_argument(
+        "--labels-summary", metavar="JSON", help="the labels' summary, which names their method "
+        "(default: LABELS.summary.json beside LABELS.csv; without one the method is recorded as unknown)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dataset", metavar="TABLE.csv", help="the validated dataset table (`validate --table`), whose "
+        "columns --breakdown names",
+    )  # fmt: skip
+    p.add_argument("--breakdown", nargs="+", metavar="COLUMN", help="dataset columns to break the AUROC down by")
     p.add_argument("--settings", metavar="FILE", help="JSON or YAML mapping of probe settings (flags override)")
     p.add_argument("--settings-json", metavar="TEXT", help="the same mapping given inline as a JSON object")
     p.add_argument("--split", choices=probe_settings.SPLITS)

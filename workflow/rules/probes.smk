@@ -8,6 +8,10 @@ rule probe:
     input:
         embeddings=results_path("{model}/embeddings.h5"),
         labels=results_path("{model}/labels.csv"),
+        # names the label method, which metrics and summary record (the paper's numbers sit beside halp_paper only)
+        labels_summary=results_path("{model}/labels.summary.json"),
+        # the dataset's own columns (beyond the required four), which probes.breakdown names
+        dataset=VALIDATED_TABLE,
     output:
         metrics=report(
             results_path("{model}/probes/metrics.csv"),
@@ -25,6 +29,15 @@ rule probe:
             labels={"model": "{model}", "figure": "metrics table"},
         ),
         json=results_path("{model}/probes/metrics.json"),
+        # the test AUROC per answer type and breakdown value, every layer (the page: the best layers only)
+        subsets=results_path("{model}/probes/subsets.csv"),
+        subsets_html=report(
+            results_path("{model}/probes/subsets.html"),
+            caption="../report/probe_subsets.rst",
+            category="Probes",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "AUROC per subset"},
+        ),
         splits=results_path("{model}/probes/splits.csv"),
         # every trained probe, for rule screen and `vlmstates screen` (format: vlmstates.analysis.probes.saved)
         saved=directory(results_path("{model}/probes/saved")),
@@ -54,6 +67,7 @@ rule probe:
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
     shell:
         "{params.cli} probe {input.embeddings:q} {input.labels:q} --output {params.out_dir:q}"
+        " --labels-summary {input.labels_summary:q} --dataset {input.dataset:q}"
         " --settings-json {params.settings:q} --threads {threads} > {log:q} 2>&1"
 
 

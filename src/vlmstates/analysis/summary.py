@@ -11,15 +11,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vlmstates.analysis.labels import HALP_PAPER
 from vlmstates.analysis.probes.plots import REPRESENTATION_COLOURS, pyplot, save_png, write_table_html
-from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES
+from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES, UNKNOWN_LABEL_METHOD
 from vlmstates.atomic import write_atomic
 
 # the summary page's first columns (the CSV keeps its own order)
 SUMMARY_PAGE_COLUMNS = (
-    "source", "model", "representation", "probe", "layer", "auroc", "auroc_ci_low", "auroc_ci_high", "control_auroc",
-    "published_auroc", "paper_model", "difference", "n_test",
+    "source", "model", "representation", "probe", "layer", "label_method", "pos_rate", "auroc", "auroc_ci_low",
+    "auroc_ci_high", "auroc_within_answer_type", "baseline_auroc", "baseline_auroc_within_answer_type",
+    "control_auroc", "published_auroc", "paper_model", "difference", "n_test",
 )  # fmt: skip
+#: The label method whose labels are the paper's (the HALP code's semantic_review): only probes on these
+#: labels learn the paper's task, so only they are set beside its published AUROCs.
+PAPER_LABEL_METHOD = HALP_PAPER
 
 
 def published_auroc(path=None) -> pd.DataFrame:
@@ -70,12 +75,26 @@ def published_model_for(family: str | None, checkpoint: str, published: pd.DataF
     return None
 
 
-def _family_of(metrics_csv) -> str | None:
-    """The adapter family that `probe` recorded in metrics.json beside a metrics.csv (None if absent)."""
+def _run_document(metrics_csv) -> dict:
+    """metrics.json, which `probe` writes beside a metrics.csv ({} if absent)."""
     document = Path(metrics_csv).with_name("metrics.json")
-    if not document.exists():
-        return None
-    return json.loads(document.read_text()).get("family") or None
+    return json.loads(document.read_text()) if document.exists() else {}
+
+
+def recorded_label_method(metrics: pd.DataFrame, document: dict) -> str:
+    """The label method a run recorded (its metrics table, else its metrics.json; older runs: neither)."""
+    if "label_method" in metrics.columns and metrics["label_method"].notna().any():
+        return str(metrics["label_method"].dropna().iloc[0])
+    return str(document.get("label_method") or UNKNOWN_LABEL_METHOD)
+
+
+def comparison_note(label_method: str, paper_model: str | None) -> str:
+    """Why a row has (or lacks) the paper's number beside it."""
+    if not paper_model:
+        return "no paper model of this family and size"
+    if label_method != PAPER_LABEL_METHOD:
+        return f"not compared: labels by {label_method}, not the paper's rule ({PAPER_LABEL_METHOD})"
+    return f"like for like: labels by the paper's rule ({PAPER_LABEL_METHOD})"
 
 
 def best_rows(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -101,21 +120,21 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
     published = published_auroc(published_csv)
     citation = published["citation"].iloc[0] if len(published) else ""
     rows = []
-    matched = set()
     for name, path in metrics_csvs.items():
-        metrics = pd.read_csv(path, dtype={"selected": str, "reason": str, "model": str})
+        metrics = pd.read_csv(path, dtype={"selected": str, "reason": str, "model": str, "label_method": str})
+        document = _run_document(path)
         model_id = str(metrics["model"].dropna().iloc[0]) if metrics["model"].notna().any() else ""
-        family = _family_of(path)
+        family = document.get("family") or None
+        label_method = recorded_label_method(metrics, document)
         paper_model = published_model_for(family, model_id, published)
-        if paper_model:
-            matched.add(paper_model)
+        compared = bool(paper_model) and label_method == PAPER_LABEL_METHOD
         for _, row in best_rows(metrics).iterrows():
             reference = published[
                 (published["model"] == paper_model)
                 & (published["representation"] == published_code(row["representation"]))
                 & published["auroc"].notna()
             ]
-            value = float(reference["auroc"].iloc[0]) if len(reference) else math.nan
+            value = float(reference["auroc"].iloc[0]) if len(reference) and compared else math.nan
             rows.append(
                 {
                     "source": "ours",
@@ -127,16 +146,22 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
                     "layer": row["layer"],
                     "layer_selected_by": row["layer_selected_by"],
                     "split": row["split"],
+                    "label_method": label_method,
+                    "pos_rate": row.get("pos_rate", math.nan),
                     "n_test": row["n_test"],
                     "auroc": row["auroc"],
                     "auroc_ci_low": row["auroc_ci_low"],
                     "auroc_ci_high": row["auroc_ci_high"],
+                    "auroc_within_answer_type": row.get("auroc_within_answer_type", math.nan),
+                    "baseline_auroc": row.get("baseline_auroc", math.nan),
+                    "baseline_auroc_within_answer_type": row.get("baseline_auroc_within_answer_type", math.nan),
                     "control_auroc": row["control_auroc"],
                     "paper_model": paper_model or "",
+                    "comparison": comparison_note(label_method, paper_model),
                     "published_auroc": value,
-                    "published_probe": reference["probe"].iloc[0] if len(reference) else "",
+                    "published_probe": reference["probe"].iloc[0] if len(reference) and compared else "",
                     "difference": row["auroc"] - value if np.isfinite(value) else math.nan,
-                    "citation": reference["citation"].iloc[0] if len(reference) else "",
+                    "citation": reference["citation"].iloc[0] if len(reference) and compared else "",
                 }
             )
     for record in published.itertuples(index=False):
@@ -156,19 +181,32 @@ def summarise_models(metrics_csvs: dict, out_csv, out_png, published_csv=None) -
             }
         )
     columns = [
-        "source", "model", "model_id", "family", "representation", "probe", "layer", "layer_selected_by", "split", "n_test",
-        "auroc", "auroc_ci_low", "auroc_ci_high", "control_auroc", "paper_model", "published_auroc",
-        "published_probe", "difference", "citation",
+        "source", "model", "model_id", "family", "representation", "probe", "layer", "layer_selected_by", "split",
+        "label_method", "pos_rate", "n_test", "auroc", "auroc_ci_low", "auroc_ci_high", "auroc_within_answer_type",
+        "baseline_auroc", "baseline_auroc_within_answer_type", "control_auroc", "paper_model", "comparison",
+        "published_auroc", "published_probe", "difference", "citation",
     ]  # fmt: skip
     summary = pd.DataFrame(rows, columns=columns)
     for column in ("layer", "n_test"):
         summary[column] = pd.to_numeric(summary[column], errors="coerce").astype("Int64")
     write_atomic(Path(out_csv), lambda p: summary.to_csv(p, index=False))
-    note = f"best layer per model, representation and probe, beside {citation or 'the published numbers'}"
-    page = summary_html_path(out_csv)
-    write_atomic(page, lambda p: write_table_html(summary, p, "Probes across models", note, SUMMARY_PAGE_COLUMNS))
+    write_atomic(summary_html_path(out_csv), lambda p: write_summary_page(summary, p, citation))
     write_atomic(Path(out_png), lambda p: plot_summary(summary, p, citation))
     return summary
+
+
+def write_summary_page(summary: pd.DataFrame, path, citation: str = "") -> None:
+    """The summary as a page; without a model on the paper's labels, our rows stand without the paper's
+    numbers and differences beside them (the published rows still list the paper's own)."""
+    ours = summary[summary["source"] == "ours"]
+    compared = ours["published_auroc"].notna().any()
+    shown = summary if compared else summary.drop(columns=["difference"])
+    note = (
+        f"best layer per model, representation and probe; the paper's AUROC ({citation or 'published'}) beside "
+        f"ours only where our labels come from the paper's rule ({PAPER_LABEL_METHOD}); label methods here: "
+        f"{', '.join(dict.fromkeys(ours['label_method'].astype(str))) or 'none'}"
+    )
+    write_table_html(shown, path, "Probes across models", note, SUMMARY_PAGE_COLUMNS)
 
 
 def summary_html_path(out_csv) -> Path:
@@ -182,18 +220,20 @@ def plot_summary(summary: pd.DataFrame, path, citation: str = "") -> None:
 
 def summary_groups(summary: pd.DataFrame) -> list[tuple[str, str]]:
     """The plot's groups as (our model or '', paper model or ''): our models in order, each with the paper's
-    model it is compared with, then the paper's models that none of ours matched."""
+    model it is compared with (labels by the paper's rule only), then the paper's models none of ours is set
+    beside."""
     ours = summary[summary["source"] == "ours"]
-    paper_for = {model: paper or "" for model, paper in zip(ours["model"], ours["paper_model"].fillna(""))}
+    compared = ours["label_method"] == PAPER_LABEL_METHOD
+    paper_for = {model: paper or "" for model, paper in zip(ours["model"], ours["paper_model"].where(compared, ""))}
     published = summary[(summary["source"] == "published") & summary["auroc"].notna()]
     alone = [m for m in dict.fromkeys(published["model"]) if m not in set(paper_for.values())]
     return list(paper_for.items()) + [("", model) for model in alone]
 
 
-def _group_label(model: str, paper_model: str) -> str:
+def _group_label(model: str, paper_model: str, label_method: str) -> str:
     if not model:
         return f"{paper_model}\n(paper only)"
-    return f"{model}\nvs {paper_model}" if paper_model else model
+    return f"{model}\nvs {paper_model}" if paper_model else f"{model}\nlabels: {label_method}"
 
 
 def _our_bar(ax, x: float, width: float, row: pd.Series, colour: str) -> None:
@@ -244,10 +284,14 @@ def summary_figure(summary: pd.DataFrame, citation: str = ""):
         ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
         ax.set_ylabel(f"{probe}: test AUROC", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[-1, 0].set_xticks(range(len(groups)), [_group_label(*g) for g in groups], fontsize=8)
+    method_of = dict(zip(ours["model"], ours["label_method"].astype(str)))
+    labels = [_group_label(model, paper, method_of.get(model, "")) for model, paper in groups]
+    axes[-1, 0].set_xticks(range(len(groups)), labels, fontsize=8)
     axes[-1, 0].set_xlim(-0.6, len(groups) - 0.4)
     handles = [Patch(color=REPRESENTATION_COLOURS[c], label=f"{c} (ours, best layer)") for c in codes]
-    handles += [Line2D([], [], color="black", lw=2.5, label="published (HALP paper, MLP)")]
+    handles += [
+        Line2D([], [], color="black", lw=2.5, label=f"published (HALP paper, MLP; beside {PAPER_LABEL_METHOD} labels)")
+    ]
     handles += [Line2D([], [], color="black", lw=0.8, ls="--", label="chance")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=8, frameon=False)
     fig.suptitle(f"Hallucination probes across models, beside {citation or 'the published numbers'}", fontsize=10)

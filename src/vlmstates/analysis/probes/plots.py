@@ -42,6 +42,13 @@ METRICS_PAGE_COLUMNS = (
 )  # fmt: skip
 
 
+# the subsets page likewise (`question` is the question-only baseline)
+SUBSET_PAGE_COLUMNS = (
+    "representation", "layer", "probe", "subset", "value", "n_test", "n_pos", "n_neg", "auroc", "auroc_ci_low",
+    "auroc_ci_high",
+)  # fmt: skip
+
+
 # one colour per representation in every plot, this module's and the summary's
 REPRESENTATION_COLOURS = {
     "VF": "tab:gray",

@@ -15,6 +15,13 @@ Splits (one split per run, shared by every representation and layer):
 Per probe: test AUROC with a bootstrap interval, accuracy at p=0.5, positive rates and n per split,
 and a shuffled-label control (the same pipeline on labels permuted within each split, so every split keeps
 its class counts and the control is defined wherever the probe is; it should sit near 0.5).
+
+What the probe adds over the question: beside each AUROC, the AUROC within answer types (hallucinated and
+other answers compared only within the same answer type of the ground truth: yes/no, number, other), and a
+question-only baseline (bag-of-words logistic regression on the question text, same split, same labels).
+Per subset (subsets.csv): the test AUROC per answer type and per value of each `breakdown` column of the
+dataset table (--dataset), with its bootstrap interval and the positives and negatives counted.
+The label method is read from the labels' summary (LABELS.summary.json beside LABELS.csv) and recorded.
 """
 
 # This module is light on purpose: the command line builds its options (and `probe --help`, from this
@@ -34,6 +41,10 @@ class ProbeError(VlmstatesError, ValueError):
 
 
 SPLITS = ("grouped", "halp", "kfold")
+#: what a run records as its label method when the labels came without their summary (labels.summary.json)
+UNKNOWN_LABEL_METHOD = "unknown"
+#: the subset column derived from the ground truth (vlmstates.analysis.labels.answer_type), always broken down
+ANSWER_TYPE = "answer_type"
 PROBES = ("logreg", "mlp")
 REPRESENTATION_CODES = {
     VISION_ONLY: "VF", VISION_TOKEN: "VT", QUERY_TOKEN: "QT", MULTIMODAL: "MM", PAPER_VISION_TOKEN: "VT_paper",
@@ -69,6 +80,8 @@ class ProbeSettings:
     shuffled_control: bool = True
     min_per_class: int = 2
     device: str = "auto"
+    #: dataset columns whose values each get their own test AUROC (beside the answer types, always broken down)
+    breakdown: list[str] = field(default_factory=list)
 
     @classmethod
     def from_mapping(cls, mapping: dict | None) -> ProbeSettings:
@@ -113,5 +126,9 @@ class ProbeSettings:
             problems.append("bootstrap must be >= 0 and confidence in (0, 1)")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             problems.append(f"device must be auto, cpu or cuda[:N], not {self.device!r}")
+        if len(set(self.breakdown)) != len(self.breakdown) or not all(str(c).strip() for c in self.breakdown):
+            problems.append(f"breakdown must name distinct dataset columns (got {self.breakdown})")
+        if ANSWER_TYPE in self.breakdown:
+            problems.append(f"breakdown: {ANSWER_TYPE} is always broken down (from the ground truth); leave it out")
         if problems:
             raise ProbeError("invalid probe settings: " + "; ".join(problems))

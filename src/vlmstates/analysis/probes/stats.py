@@ -1,5 +1,6 @@
-"""Probe statistics: the splits, the AUROC and its bootstrap interval, the logreg and MLP probes, and the
-run over every representation and layer of an embeddings file (what each setting means: probe_settings)."""
+"""Probe statistics: the splits, the AUROC and its bootstrap interval (overall, within answer types, per
+subset), the logreg and MLP probes and the question-only baseline, and the run over every representation and
+layer of an embeddings file (what each setting means: probe_settings)."""
 
 from __future__ import annotations
 
@@ -18,24 +19,52 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from vlmstates.analysis.labels import FALSE, TRUE, read_labels
-from vlmstates.analysis.probes.plots import METRICS_PAGE_COLUMNS, plot_by_layer, plot_heatmap, write_table_html
+from vlmstates.analysis.labels import ANSWER_TYPES, FALSE, TRUE, read_labels, summary_path
+from vlmstates.analysis.probes.plots import (
+    METRICS_PAGE_COLUMNS,
+    SUBSET_PAGE_COLUMNS,
+    plot_by_layer,
+    plot_heatmap,
+    write_table_html,
+)
 from vlmstates.analysis.probes.saved import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
-from vlmstates.analysis.probes.settings import REPRESENTATION_CODES, ProbeError, ProbeSettings
+from vlmstates.analysis.probes.settings import (
+    ANSWER_TYPE,
+    REPRESENTATION_CODES,
+    UNKNOWN_LABEL_METHOD,
+    ProbeError,
+    ProbeSettings,
+)
+from vlmstates.analysis.probes.subsets import question_subsets
+from vlmstates.analysis.summary import best_rows
 from vlmstates.atomic import write_atomic
 from vlmstates.inspection.report import model_name
 from vlmstates.store import STATUS_OK, parse_key, read_embeddings
 
 SPLIT_NAMES = ("train", "val", "test")
-OUTPUT_FILES = ("metrics.csv", "metrics.html", "metrics.json", "splits.csv", "heatmap.png", "auroc_by_layer.png")
+OUTPUT_FILES = (
+    "metrics.csv", "metrics.html", "metrics.json", "splits.csv", "subsets.csv", "subsets.html", "heatmap.png",
+    "auroc_by_layer.png",
+)  # fmt: skip
 SAVED_FOLDER = "saved"  # the trained probes (format: saved_probes)
 
 METRIC_COLUMNS = (
-    "model", "representation", "layer", "key", "dim", "probe", "split",
+    "model", "representation", "layer", "key", "dim", "probe", "split", "label_method",
     "n_train", "n_val", "n_test", "pos_rate", "pos_rate_train", "pos_rate_val", "pos_rate_test",
-    "auroc", "auroc_ci_low", "auroc_ci_high", "accuracy", "val_auroc", "selected",
-    "auroc_fold_mean", "auroc_fold_std", "control_auroc", "seconds", "device", "status", "reason",
+    "auroc", "auroc_ci_low", "auroc_ci_high", "auroc_within_answer_type", "accuracy", "val_auroc", "selected",
+    "auroc_fold_mean", "auroc_fold_std", "control_auroc", "baseline_auroc", "baseline_auroc_within_answer_type",
+    "seconds", "device", "status", "reason",
 )  # fmt: skip
+
+#: subsets.csv: one row per probe (every layer), subset column and value, on the probe's (pooled) test questions
+SUBSET_COLUMNS = (
+    "model", "representation", "layer", "key", "probe", "subset", "value", "n_test", "n_pos", "n_neg",
+    "auroc", "auroc_ci_low", "auroc_ci_high", "status",
+)  # fmt: skip
+#: a subset's status where it has no AUROC: said in words, never a number
+TOO_FEW_POSITIVES, TOO_FEW_NEGATIVES, NOT_TESTED = "too few positives", "too few negatives", "no test questions"
+#: the question-only baseline's name in subsets.csv (representation and probe)
+BASELINE_REPRESENTATION, BASELINE_PROBE = "question", "bow_logreg"
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -228,6 +257,56 @@ def bootstrap_auroc(
     alpha = (1 - confidence) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
     return float(low), float(high)
+
+
+def stratified_auroc(y: np.ndarray, scores: np.ndarray, strata: np.ndarray) -> float:
+    """AUROC over the pairs of a positive and a negative of the same stratum only (each stratum's AUROC
+    weighted by its n_pos x n_neg pairs): a score that merely tells the strata apart gets 0.5. NaN when no
+    stratum has both classes."""
+    y, scores, strata = np.asarray(y).astype(int), np.asarray(scores, dtype=float), np.asarray(strata)
+    total, pairs = 0.0, 0
+    for stratum in pd.unique(strata):
+        inside = strata == stratum
+        n_pos = int(y[inside].sum())
+        n_pairs = n_pos * (int(inside.sum()) - n_pos)
+        if n_pairs:
+            total += auroc(y[inside], scores[inside]) * n_pairs
+            pairs += n_pairs
+    return total / pairs if pairs else math.nan
+
+
+def subset_aurocs(
+    y: np.ndarray, test_index: np.ndarray, scores: np.ndarray, subsets: pd.DataFrame, settings: ProbeSettings
+) -> list[dict]:
+    """Per column of `subsets` (one row per question, like `y`) and per value: the test AUROC with its
+    bootstrap interval and the classes counted; a subset lacking a class, or the test split, says so in
+    `status` instead of a number."""
+    rows = []
+    y_test, test = np.asarray(y)[test_index], subsets.iloc[test_index]
+    for column in subsets.columns:
+        for value in sorted(pd.unique(subsets[column]), key=_subset_order):
+            inside = (test[column] == value).to_numpy()
+            n_pos = int(y_test[inside].sum())
+            n_neg = int(inside.sum()) - n_pos
+            row = {"subset": column, "value": value, "n_test": int(inside.sum()), "n_pos": n_pos, "n_neg": n_neg}
+            row.update(auroc=math.nan, auroc_ci_low=math.nan, auroc_ci_high=math.nan)
+            if not inside.any():
+                row["status"] = NOT_TESTED
+            elif n_pos == 0 or n_neg == 0:
+                row["status"] = TOO_FEW_POSITIVES if n_pos == 0 else TOO_FEW_NEGATIVES
+            else:
+                low, high = bootstrap_auroc(
+                    y_test[inside], scores[inside], settings.bootstrap, settings.confidence, settings.seed
+                )
+                row.update(auroc=auroc(y_test[inside], scores[inside]), auroc_ci_low=low, auroc_ci_high=high)
+                row["status"] = "ok"
+            rows.append(row)
+    return rows
+
+
+def _subset_order(value) -> tuple[int, str]:
+    """Answer types in their own order (yes/no, number, other), any other values alphabetically."""
+    return (ANSWER_TYPES.index(value) if value in ANSWER_TYPES else len(ANSWER_TYPES), str(value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +504,58 @@ def evaluate_probe(
     return result
 
 
+def pooled_test(fits: list) -> tuple[np.ndarray, np.ndarray]:
+    """The test questions (indices) and scores of every fitted fold, as evaluate_probe pools them."""
+    index = np.concatenate([fold.test for fold, _, _ in fits])
+    return index, np.concatenate([fit.test_scores for _, _, fit in fits])
+
+
+@dataclass
+class Baseline:
+    """The question-only baseline of a run: its metrics record, and its pooled test questions and scores."""
+
+    result: dict
+    test_index: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
+    test_scores: np.ndarray = field(default_factory=lambda: np.array([]))
+
+
+def question_baseline(
+    questions: np.ndarray, y: np.ndarray, folds: list[Fold], answer_types: np.ndarray, settings: ProbeSettings
+) -> Baseline:
+    """What the question text alone predicts: a bag-of-words (words and word pairs, present or not) logistic
+    regression, vocabulary and C from the training and validation splits, on the probes' folds and labels."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    y = np.asarray(y).astype(int)
+    result = {"auroc": math.nan, "auroc_ci_low": math.nan, "auroc_ci_high": math.nan}
+    result.update(auroc_within_answer_type=math.nan, selected="", n_words=0, status="skipped", reason="")
+    problems = [_fold_problem(y, fold, settings) for fold in folds]
+    fits = []
+    for fold, problem in zip(folds, problems):
+        if problem:
+            continue
+        vectoriser = CountVectorizer(binary=True, ngram_range=(1, 2), dtype=np.float32)
+        try:
+            vectoriser.fit(questions[fold.train])
+        except ValueError:  # no word in any training question
+            result["reason"] = "the training questions have no words"
+            return Baseline(result)
+        x = vectoriser.transform(questions).tocsr()
+        fits.append((fold, None, fit_logreg(x, y, fold, settings)))
+        result["n_words"] = max(result["n_words"], len(vectoriser.vocabulary_))
+    if not fits:
+        result["reason"] = "; ".join(sorted(set(problems)))
+        return Baseline(result)
+    index, scores = pooled_test(fits)
+    low, high = bootstrap_auroc(y[index], scores, settings.bootstrap, settings.confidence, settings.seed)
+    result.update(auroc=auroc(y[index], scores), auroc_ci_low=low, auroc_ci_high=high, status="ok")
+    result.update(
+        auroc_within_answer_type=stratified_auroc(y[index], scores, answer_types[index]),
+        selected="|".join(fit.selected for _, _, fit in fits),
+    )
+    return Baseline(result, index, scores)
+
+
 # ---------------------------------------------------------------------------------------------
 # A whole file
 
@@ -497,21 +628,60 @@ def load_probe_data(embeddings_path, labels_csv):
     )
 
 
-def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | None = None) -> pd.DataFrame:
+def label_method_of(labels_csv, labels_summary=None) -> str:
+    """The method that made the labels, as their summary records it (LABELS.summary.json beside LABELS.csv
+    unless named): the file `label` writes with the labels, so the two cannot disagree."""
+    path = Path(labels_summary) if labels_summary else summary_path(labels_csv)
+    if not path.exists():
+        if labels_summary:
+            raise ProbeError(f"labels summary {path}: no such file")
+        print(f"{labels_csv}: no {path.name} beside it: label method {UNKNOWN_LABEL_METHOD}", flush=True)
+        return UNKNOWN_LABEL_METHOD
+    try:
+        method = json.loads(path.read_text()).get("method")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ProbeError(f"labels summary {path}: not the JSON object `vlmstates label` writes ({error})") from None
+    if not method:
+        raise ProbeError(f"labels summary {path}: no `method` recorded; rerun `vlmstates label`")
+    return str(method)
+
+
+@dataclass
+class ProbeData:
+    """What every probe of a run shares: the usable questions' labels, groups, subsets and folds."""
+
+    y: np.ndarray
+    groups: np.ndarray
+    subsets: pd.DataFrame  # one row per usable question: ANSWER_TYPE and the breakdown columns
+    folds: list[Fold]
+    label_method: str
+    shuffled: np.ndarray  # the labels of the shuffled control (shuffled_labels)
+
+    @property
+    def answer_types(self) -> np.ndarray:
+        return self.subsets[ANSWER_TYPE].to_numpy()
+
+
+def run_probes(
+    embeddings_path, labels_csv, out_dir, settings: ProbeSettings | None = None, dataset_csv=None, labels_summary=None
+) -> pd.DataFrame:
     """Probe every representation/layer; write the OUTPUT_FILES (metrics.csv and its page metrics.html,
-    metrics.json, splits.csv, heatmap.png, auroc_by_layer.png) and the trained probes (SAVED_FOLDER) into
-    `out_dir`; return the metrics table."""
+    metrics.json, splits.csv, subsets.csv and its page subsets.html, heatmap.png, auroc_by_layer.png) and the
+    trained probes (SAVED_FOLDER) into `out_dir`; return the metrics table. `dataset_csv` (the validated
+    dataset table) gives the values of the `breakdown` columns; `labels_summary` the label method."""
     settings = settings or ProbeSettings()
     settings.validate()
     out_dir = Path(out_dir)
     embeddings, y_all, groups_all, usable, counts = load_probe_data(embeddings_path, labels_csv)
     rows_used = np.flatnonzero(usable)
     y, groups = y_all[rows_used], groups_all[rows_used]
-    model_name = str(embeddings.attrs.get("model", ""))
-    device = resolve_device(settings.device) if "mlp" in settings.probes else "cpu"
+    questions = embeddings.table.iloc[rows_used].reset_index(drop=True)
     folds = make_folds(y, groups, settings)
-    shuffled = shuffled_labels(y, folds, settings.seed + 1)
-
+    data = ProbeData(
+        y, groups, question_subsets(questions, settings.breakdown, dataset_csv), folds,
+        label_method_of(labels_csv, labels_summary), shuffled_labels(y, folds, settings.seed + 1),
+    )  # fmt: skip
+    device = resolve_device(settings.device) if "mlp" in settings.probes else "cpu"
     keys = []
     for key in embeddings.representation_keys():
         code, layer = _key_code_layer(key)
@@ -520,36 +690,46 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
 
     print(
         f"{embeddings_path}: {counts['n_usable']} of {counts['n_questions']} questions usable "
-        f"({counts['n_failed']} failed, {counts['n_unjudged']} unjudged), {int(y.sum())} hallucinated; "
-        f"split {settings.split}, {len(keys)} representations x {len(settings.probes)} probes on {device}",
+        f"({counts['n_failed']} failed, {counts['n_unjudged']} unjudged), {int(y.sum())} hallucinated "
+        f"(labels: {data.label_method}); split {settings.split}, {len(keys)} representations x "
+        f"{len(settings.probes)} probes on {device}",
         flush=True,
     )
-    split_counts = _split_counts(y, folds)
+    baseline = question_baseline(questions["question"].to_numpy(), y, folds, data.answer_types, settings)
+    print(
+        f"  question-only baseline: AUROC {baseline.result['auroc']:.3f}, within answer types "
+        f"{baseline.result['auroc_within_answer_type']:.3f} {baseline.result['reason']}",
+        flush=True,
+    )
+    model = str(embeddings.attrs.get("model", ""))
+    subset_rows = _baseline_subset_rows(baseline, data, settings, model)
     records, saved = [], []
     for key in keys:
         code, layer = _key_code_layer(key)
         x = embeddings.load(key)[rows_used].astype(np.float32, copy=False)
-        finite = np.isfinite(x).all(axis=1)
         standardised = {}  # per fold, shared by the probes and their controls
         for probe in settings.probes:
             start = time.perf_counter()
-            base = {"model": model_name, "representation": code, "layer": layer, "key": key, "dim": x.shape[1]}
-            base.update(probe=probe, split=settings.split, pos_rate=float(y.mean()) if len(y) else math.nan)
-            base.update(split_counts)
-            if not finite.all():
-                result = {"status": "skipped", "reason": f"{int((~finite).sum())} usable rows have non-finite values"}
-            else:
-                fits = []
-                result = evaluate_probe(x, y, folds, probe, settings, device, standardised, fits)
-                if settings.shuffled_control and result["status"] == "ok":
-                    control = evaluate_probe(x, shuffled, folds, probe, settings, device, standardised)
-                    result["control_auroc"] = control["auroc"]
-                if len(folds) == 1 and result["status"] == "ok":
+            base = {"model": model, "representation": code, "layer": layer, "key": key, "dim": x.shape[1]}
+            base.update(probe=probe, split=settings.split, label_method=data.label_method)
+            base.update(pos_rate=float(y.mean()) if len(y) else math.nan, **_split_counts(y, folds))
+            base.update(
+                baseline_auroc=baseline.result["auroc"],
+                baseline_auroc_within_answer_type=baseline.result["auroc_within_answer_type"],
+            )
+            result, fits = _probe_one(x, data, probe, settings, device, standardised)
+            if result["status"] == "ok":
+                index, scores = pooled_test(fits)
+                result["auroc_within_answer_type"] = stratified_auroc(y[index], scores, data.answer_types[index])
+                ids = {name: base[name] for name in ("model", "representation", "layer", "key", "probe")}
+                subset_rows += [{**ids, **row} for row in subset_aurocs(y, index, scores, data.subsets, settings)]
+                if len(folds) == 1:
                     saved.append(probe_from_fit(base, result, y, *fits[0], settings))
             record = {**base, **result, "seconds": time.perf_counter() - start, "device": device}
             records.append(record)
             print(
                 f"  {key:45s} {probe:6s} AUROC {record.get('auroc', math.nan):.3f} "
+                f"within answer types {record.get('auroc_within_answer_type', math.nan):.3f} "
                 f"control {record.get('control_auroc', math.nan):.3f} {record['seconds']:.1f}s {record.get('reason', '')}",
                 flush=True,
             )
@@ -557,9 +737,44 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
 
     metrics = pd.DataFrame.from_records(records, columns=list(METRIC_COLUMNS))
     metrics["layer"] = metrics["layer"].astype("Int64")
-    write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows_used, counts, labels_csv, device)
+    subsets = pd.DataFrame.from_records(subset_rows, columns=list(SUBSET_COLUMNS))
+    subsets["layer"] = subsets["layer"].astype("Int64")
+    outputs = RunOutputs(metrics, subsets, baseline.result, counts, device)
+    write_outputs(outputs, out_dir, settings, data, embeddings, rows_used, labels_csv, dataset_csv)
     write_saved_probes(out_dir / SAVED_FOLDER, saved, saved_probes_about(embeddings, labels_csv, settings, folds))
     return metrics
+
+
+def _probe_one(x, data: ProbeData, probe: str, settings: ProbeSettings, device: str, standardised: dict):
+    """One probe kind on one representation and layer: its metrics (with the shuffled control) and its fits."""
+    fits = []
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        return {"status": "skipped", "reason": f"{int((~finite).sum())} usable rows have non-finite values"}, fits
+    result = evaluate_probe(x, data.y, data.folds, probe, settings, device, standardised, fits)
+    if settings.shuffled_control and result["status"] == "ok":
+        control = evaluate_probe(x, data.shuffled, data.folds, probe, settings, device, standardised)
+        result["control_auroc"] = control["auroc"]
+    return result, fits
+
+
+def _baseline_subset_rows(baseline: Baseline, data: ProbeData, settings: ProbeSettings, model: str) -> list[dict]:
+    if baseline.result["status"] != "ok":
+        return []
+    ids = {"model": model, "representation": BASELINE_REPRESENTATION, "layer": None, "key": "", "probe": BASELINE_PROBE}
+    rows = subset_aurocs(data.y, baseline.test_index, baseline.test_scores, data.subsets, settings)
+    return [{**ids, **row} for row in rows]
+
+
+@dataclass
+class RunOutputs:
+    """The tables and counts of a run that write_outputs writes."""
+
+    metrics: pd.DataFrame
+    subsets: pd.DataFrame
+    baseline: dict
+    counts: dict
+    device: str
 
 
 def saved_probes_about(embeddings, labels_csv, settings: ProbeSettings, folds: list[Fold]) -> dict:
@@ -582,21 +797,30 @@ def saved_probes_about(embeddings, labels_csv, settings: ProbeSettings, folds: l
     return _json_ready(about)
 
 
-def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows_used, counts, labels_csv, device):
+def write_outputs(
+    outputs: RunOutputs, out_dir, settings, data: ProbeData, embeddings, rows_used, labels_csv, dataset_csv
+):
+    metrics = outputs.metrics
     question_ids = embeddings.table["question_id"].to_numpy()[rows_used]
-    splits = split_table(folds, question_ids, groups, y)
+    splits = split_table(data.folds, question_ids, data.groups, data.y)
     write_atomic(out_dir / "splits.csv", lambda p: splits.to_csv(p, index=False))
     write_atomic(out_dir / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
+    write_atomic(out_dir / "subsets.csv", lambda p: outputs.subsets.to_csv(p, index=False))
     document = {
         "model": str(embeddings.attrs.get("model", "")),
         "family": str(embeddings.attrs.get("family", "")),  # what probe-summary matches the paper's models by
         "embeddings": str(embeddings.path),
         "labels": str(labels_csv),
+        "label_method": data.label_method,  # whether probe-summary sets the paper's numbers beside ours
+        "positive_rate": float(data.y.mean()) if len(data.y) else None,
+        "dataset": str(dataset_csv) if dataset_csv else None,
         "settings": asdict(settings),
-        "device": device,
-        **counts,
-        "n_groups": int(len(np.unique(groups))),
-        "splits": _split_counts(y, folds),
+        "device": outputs.device,
+        **outputs.counts,
+        "n_groups": int(len(np.unique(data.groups))),
+        "splits": _split_counts(data.y, data.folds),
+        "answer_types": {kind: int(n) for kind, n in data.subsets[ANSWER_TYPE].value_counts().items()},
+        "question_baseline": outputs.baseline,
         "metrics": [
             {k: _json_ready(v) for k, v in record.items()}
             for record in metrics.astype(object).where(metrics.notna(), None).to_dict("records")
@@ -608,8 +832,38 @@ def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows
     title = f"{name}: split {settings.split}, n_test {document['splits']['n_test']}"
     write_atomic(out_dir / "heatmap.png", lambda p: plot_heatmap(metrics, p, title))
     write_atomic(out_dir / "auroc_by_layer.png", lambda p: plot_by_layer(metrics, p, title))
-    note = f"checkpoint {document['model']}; {title}; labels {labels_csv}"
+    note = f"checkpoint {document['model']}; {title}; labels {labels_csv} (method {data.label_method})"
     page_title = f"{name}: probe metrics"
     write_atomic(
         out_dir / "metrics.html", lambda p: write_table_html(metrics, p, page_title, note, METRICS_PAGE_COLUMNS)
     )
+    best = best_layer_subsets(metrics, outputs.subsets)
+    note = (
+        f"{title}; labels {data.label_method}. The best layer of each representation and probe (as in the summary) "
+        f"and the question-only baseline ({BASELINE_REPRESENTATION}), per answer type of the ground truth"
+        + (f" and per value of {', '.join(settings.breakdown)}" if settings.breakdown else "")
+        + "; every layer: subsets.csv"
+    )
+    write_atomic(
+        out_dir / "subsets.html",
+        lambda p: write_table_html(subset_page_frame(best), p, f"{name}: probes per subset", note, SUBSET_PAGE_COLUMNS),
+    )
+
+
+def best_layer_subsets(metrics: pd.DataFrame, subsets: pd.DataFrame) -> pd.DataFrame:
+    """The subset rows of the question-only baseline and of each representation and probe's best layer
+    (summary.best_rows), in that order."""
+    chosen = [subsets[subsets["representation"] == BASELINE_REPRESENTATION]]
+    for _, row in best_rows(metrics).iterrows():
+        same = (subsets["representation"] == row["representation"]) & (subsets["probe"] == row["probe"])
+        same &= subsets["layer"].isna() if pd.isna(row["layer"]) else subsets["layer"] == row["layer"]
+        chosen.append(subsets[same.fillna(False)])
+    return pd.concat(chosen, ignore_index=True)
+
+
+def subset_page_frame(subsets: pd.DataFrame) -> pd.DataFrame:
+    """Subset rows for reading: a subset without an AUROC shows why (`status`) in the AUROC's place."""
+    shown = subsets.drop(columns=["status"]).astype({"auroc": object})
+    missing = subsets["status"] != "ok"
+    shown.loc[missing, "auroc"] = subsets.loc[missing, "status"]
+    return shown
