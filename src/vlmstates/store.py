@@ -43,29 +43,67 @@ PAPER_VISION_POSITION = "paper_vision_token_position"
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
-#: File attribute: the answer's effective generation settings (JSON of GenerationConfig fields).
-GENERATION_CONFIG_ATTR = "generation_config"
-#: File attribute: false for a prefill-only file (the model entry's `answers: false`), whose answers are empty.
+# -- file attributes: the names of every attribute an embeddings file carries, declared once here --------
+# What was run (written by the engine, vlmstates.extraction.engine.Extractor.attributes):
+MODEL_ATTR = "model"  #: the checkpoint: hub id or local folder, as the config's models.<key>.model
+REVISION_ATTR = "revision"
+FAMILY_ATTR = "family"
+#: JSON: what every position and vector means (`file_semantics`)
+SEMANTICS_ATTR = "semantics"
+LAYERS_ATTR = "layers"
+NUM_DECODER_LAYERS_ATTR = "num_decoder_layers"
+HIDDEN_SIZE_ATTR = "hidden_size"
+VISION_HIDDEN_SIZE_ATTR = "vision_hidden_size"
+IMAGE_TOKEN_ID_ATTR = "image_token_id"
+DTYPE_ATTR = "dtype"
+#: False for a prefill-only file (the model entry's `answers: false`), whose answers are empty.
 ANSWERS_ATTR = "answers"
-#: File attribute: true when the file also holds PAPER_VISION_TOKEN vectors and the PAPER_VISION_POSITION column.
+MAX_NEW_TOKENS_ATTR = "max_new_tokens"
+#: The answer's effective generation settings (JSON of GenerationConfig fields).
+GENERATION_CONFIG_ATTR = "generation_config"
+PROMPT_TEMPLATE_ATTR = "prompt_template"
+#: Whether the file holds MULTIMODAL vectors (the model entry's `multimodal_representation`).
+MULTIMODAL_ATTR = "multimodal_representation"
+#: True when the file also holds PAPER_VISION_TOKEN vectors and the PAPER_VISION_POSITION column.
 PAPER_POSITIONS_ATTR = "paper_positions"
+TRUST_REMOTE_CODE_ATTR = "trust_remote_code"
+DEVICE_ATTR = "device"
+ATTN_IMPLEMENTATION_ATTR = "attn_implementation"
+TRANSFORMERS_VERSION_ATTR = "transformers_version"
+TORCH_VERSION_ATTR = "torch_version"
+PYTHON_VERSION_ATTR = "python_version"
+PACKAGE_VERSION_ATTR = "package_version"
+#: ModelSettings.config_hash(): the settings that change the recorded numbers
+CONFIG_HASH_ATTR = "config_hash"
+# Written by `write_embeddings`:
+SCHEMA_VERSION_ATTR = "schema_version"
+# A shard's (vlmstates.extraction.shards): which slice of the dataset it holds, and when it was written.
+SHARD_ATTR = "shard"
+SHARD_SIZE_ATTR = "shard_size"
+#: a hash of the shard's question ids
+SHARD_QUESTIONS_ATTR = "shard_questions"
+CREATED_ATTR = "created"
+# A merged file's (`merge_shards`): its shards' count, and each shard's device and creation time (JSON lists).
+NUM_SHARDS_ATTR = "num_shards"
+SHARD_DEVICES_ATTR = "shard_devices"
+SHARD_CREATED_ATTR = "shard_createds"
 
-# Attributes that must agree between shards of one merged file.
+#: Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
-    "model",
-    "revision",
-    "family",
-    "layers",
-    "num_decoder_layers",
-    "hidden_size",
-    "vision_hidden_size",
-    "dtype",
-    "max_new_tokens",
+    MODEL_ATTR,
+    REVISION_ATTR,
+    FAMILY_ATTR,
+    LAYERS_ATTR,
+    NUM_DECODER_LAYERS_ATTR,
+    HIDDEN_SIZE_ATTR,
+    VISION_HIDDEN_SIZE_ATTR,
+    DTYPE_ATTR,
+    MAX_NEW_TOKENS_ATTR,
     GENERATION_CONFIG_ATTR,
-    "prompt_template",
+    PROMPT_TEMPLATE_ATTR,
     PAPER_POSITIONS_ATTR,
-    "config_hash",
-    "schema_version",
+    CONFIG_HASH_ATTR,
+    SCHEMA_VERSION_ATTR,
 )
 
 SEMANTICS = {
@@ -81,7 +119,7 @@ PREFILL_ONLY_ANSWER = "empty: prefill-only extraction (the model entry's answers
 
 #: The paper-position entries of the semantics of a file with paper positions (attribute paper_positions true).
 PAPER_POSITIONS_SEMANTICS = {
-    PAPER_VISION_POSITION: "where the HALP paper's code took the last image token for this family (vlmstates.extraction.positions.PAPER_VISION_RULES), in the sample's own prompt, padding excluded, the prompt length measured as at batch 1; not necessarily an image token",
+    PAPER_VISION_POSITION: "where the HALP paper's code took the last image token for this family (vlmstates.extraction.paper_positions.PAPER_VISION_RULES), in the sample's own prompt, padding excluded, the prompt length measured as at batch 1; not necessarily an image token",
     PAPER_VISION_TOKEN: "decoder block k's output at paper_vision_token_position, for comparison with vision_token_representation",
 }
 
@@ -185,8 +223,8 @@ def write_embeddings(
                 if key in r.vectors:
                     data[i] = r.vectors[key]
             f.create_dataset(key, data=data)
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        for name, value in {"semantics": SEMANTICS, **attrs}.items():
+        f.attrs[SCHEMA_VERSION_ATTR] = SCHEMA_VERSION
+        for name, value in {SEMANTICS_ATTR: SEMANTICS, **attrs}.items():
             f.attrs[name] = _to_attr(value)
     return Path(path)
 
@@ -202,7 +240,7 @@ class Embeddings:
 
     @property
     def layers(self) -> list[int]:
-        return list(self.attrs.get("layers", []))
+        return list(self.attrs.get(LAYERS_ATTR, []))
 
     @property
     def generation_config(self) -> dict | None:
@@ -305,10 +343,10 @@ def merge_shards(shard_paths: Sequence[str | Path], expected_question_ids: Seque
             out.create_dataset(key, data=np.concatenate([s.load(key) for s in shards]))
         for name, value in reference.attrs.items():
             out.attrs[name] = _to_attr(value)
-        out.attrs["num_shards"] = len(shards)
-        out.attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
-        for name in ("device", "created"):
-            out.attrs[f"shard_{name}s"] = json.dumps([str(s.attrs.get(name, "")) for s in shards])
+        out.attrs[NUM_SHARDS_ATTR] = len(shards)
+        out.attrs[CREATED_ATTR] = pd.Timestamp.now(tz="UTC").isoformat()
+        for name, per_shard in ((DEVICE_ATTR, SHARD_DEVICES_ATTR), (CREATED_ATTR, SHARD_CREATED_ATTR)):
+            out.attrs[per_shard] = json.dumps([str(s.attrs.get(name, "")) for s in shards])
     return Path(out_path)
 
 

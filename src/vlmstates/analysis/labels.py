@@ -31,7 +31,7 @@ import pandas as pd
 
 from vlmstates.atomic import write_text_atomic
 from vlmstates.errors import VlmstatesError
-from vlmstates.store import ANSWERS_ATTR, STATUS_OK, read_embeddings
+from vlmstates.store import ANSWERS_ATTR, MODEL_ATTR, STATUS_OK, read_embeddings
 
 
 class LabelError(VlmstatesError, ValueError):
@@ -381,7 +381,7 @@ def label_embeddings(
     labels = label_table(embeddings.table, method, labels_file, ignore_unknown)
     summary = summarise_labels(labels, method)
     summary["embeddings"] = str(embeddings_path)
-    summary["model"] = str(embeddings.attrs.get("model", ""))
+    summary["model"] = str(embeddings.attrs.get(MODEL_ATTR, ""))
     summary["labels_file"] = str(labels_file) if labels_file else None
     out_csv = Path(out_csv)
     write_text_atomic(out_csv, labels.to_csv(index=False))

@@ -22,7 +22,7 @@ from vlmstates.dataset import read_validated_table, validate_and_write
 from vlmstates.extraction.shards import count_shards, extract_shard, merge_model_shards, progress_bar_wanted, shard_rows
 from vlmstates.inspection.seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
 from vlmstates.settings import ConfigError, ExtractionSettings, ModelSettings
-from vlmstates.store import read_embeddings
+from vlmstates.store import CONFIG_HASH_ATTR, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -141,5 +141,5 @@ def shard_is_finished(path: Path, settings: ModelSettings, question_ids: list[st
     except (OSError, ValueError) as error:
         log.warning("shard %s is unreadable (%s); extracting it again", path, error)
         return False
-    same_settings = shard.attrs.get("config_hash") == settings.config_hash()
+    same_settings = shard.attrs.get(CONFIG_HASH_ATTR) == settings.config_hash()
     return same_settings and shard.table["question_id"].tolist() == question_ids

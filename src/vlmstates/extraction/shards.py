@@ -33,13 +33,25 @@ from vlmstates.atomic import atomic_path
 from vlmstates.dataset import read_validated_table
 from vlmstates.errors import VlmstatesError
 from vlmstates.settings import AUTO_BATCH_SIZE, ExtractionSettings
-from vlmstates.store import STATUS_FAILED, SampleResult, merge_shards, read_embeddings, read_results, write_embeddings
+from vlmstates.store import (
+    CONFIG_HASH_ATTR,
+    CREATED_ATTR,
+    SHARD_ATTR,
+    SHARD_QUESTIONS_ATTR,
+    SHARD_SIZE_ATTR,
+    STATUS_FAILED,
+    SampleResult,
+    merge_shards,
+    read_embeddings,
+    read_results,
+    write_embeddings,
+)
 
 log = logging.getLogger(__name__)
 
 # Attributes a progress part (or a finished shard kept in the progress folder) must share with the
 # current run to be reused.
-_RESUME_IDENTITY = ("config_hash", "shard", "shard_size", "shard_questions")
+_RESUME_IDENTITY = (CONFIG_HASH_ATTR, SHARD_ATTR, SHARD_SIZE_ATTR, SHARD_QUESTIONS_ATTR)
 FINISHED = "finished.h5"  # the finished shard in its progress folder, kept until the shards are merged
 
 
@@ -82,10 +94,10 @@ def progress_folder(out_path: str | Path) -> Path:
 def resume_identity(settings, questions: list, shard: int, shard_size: int) -> dict:
     """What saved progress must match to be reused; known before the model is loaded."""
     return {
-        "config_hash": settings.config_hash(),
-        "shard": shard,
-        "shard_size": shard_size,
-        "shard_questions": hashlib.sha256("\n".join(q.question_id for q in questions).encode()).hexdigest()[:16],
+        CONFIG_HASH_ATTR: settings.config_hash(),
+        SHARD_ATTR: shard,
+        SHARD_SIZE_ATTR: shard_size,
+        SHARD_QUESTIONS_ATTR: hashlib.sha256("\n".join(q.question_id for q in questions).encode()).hexdigest()[:16],
     }
 
 
@@ -290,7 +302,7 @@ def extract_shard(
         progress.save_interrupted()
         raise
     _check_failures(results, max_failed_share, progress)
-    attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
+    attrs[CREATED_ATTR] = pd.Timestamp.now(tz="UTC").isoformat()
     with interrupts_deferred():
         place_shard(progress.keep_finished(results, attrs), out_path)
     failed = sum(r.status == STATUS_FAILED for r in results)

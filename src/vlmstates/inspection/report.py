@@ -16,7 +16,7 @@ from vlmstates.atomic import atomic_path, write_text_atomic
 from vlmstates.errors import VlmstatesError
 from vlmstates.inspection.pages import esc, page, table
 from vlmstates.inspection.seed_layout import is_seed_layout, read_seed_layout
-from vlmstates.store import STATUS_FAILED, STATUS_OK, Embeddings, parse_key, read_embeddings
+from vlmstates.store import MODEL_ATTR, SEMANTICS_ATTR, STATUS_FAILED, STATUS_OK, Embeddings, parse_key, read_embeddings
 
 
 class UnreadableFile(VlmstatesError, ValueError):
@@ -58,7 +58,7 @@ def summarise(emb: Embeddings) -> dict:
         "ok": int(ok.sum()),
         "failed": int(len(failed)),
         "failures": failed[["question_id", "error"]].head(50).to_dict("records"),
-        "attributes": {k: v for k, v in emb.attrs.items() if k != "semantics"},
+        "attributes": {k: v for k, v in emb.attrs.items() if k != SEMANTICS_ATTR},
         "prompt_tokens": _stats(table["num_prompt_tokens"].to_numpy()[ok]),
         "image_tokens": _stats(table["num_image_tokens"].to_numpy()[ok]),
         "vectors": vectors,
@@ -166,7 +166,7 @@ def render_html(name, summary, validation=None, label_summary=None, examples=Non
     ]
     head = (
         f"<h1>{esc(name)}</h1>\n"
-        f'<p class="note">checkpoint {esc(summary["attributes"].get("model", "?"))}, '
+        f'<p class="note">checkpoint {esc(summary["attributes"].get(MODEL_ATTR, "?"))}, '
         f"family {esc(summary['attributes'].get('family', '?'))}; file {esc(summary['file'])}</p>\n"
     )
     return page(f"{name}: inspection", head + "\n".join(s for s in sections if s))

@@ -24,7 +24,18 @@ from vlmstates.analysis.probes.saved import mlp_logits, mlp_module, probe_from_f
 from vlmstates.analysis.probes.settings import REPRESENTATION_CODES, ProbeError, ProbeSettings
 from vlmstates.atomic import write_atomic
 from vlmstates.inspection.report import model_name
-from vlmstates.store import STATUS_OK, parse_key, read_embeddings
+from vlmstates.store import (
+    CONFIG_HASH_ATTR,
+    FAMILY_ATTR,
+    HIDDEN_SIZE_ATTR,
+    MODEL_ATTR,
+    NUM_DECODER_LAYERS_ATTR,
+    REVISION_ATTR,
+    STATUS_OK,
+    VISION_HIDDEN_SIZE_ATTR,
+    parse_key,
+    read_embeddings,
+)
 
 SPLIT_NAMES = ("train", "val", "test")
 OUTPUT_FILES = ("metrics.csv", "metrics.html", "metrics.json", "splits.csv", "heatmap.png", "auroc_by_layer.png")
@@ -507,7 +518,7 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
     embeddings, y_all, groups_all, usable, counts = load_probe_data(embeddings_path, labels_csv)
     rows_used = np.flatnonzero(usable)
     y, groups = y_all[rows_used], groups_all[rows_used]
-    model_name = str(embeddings.attrs.get("model", ""))
+    model_name = str(embeddings.attrs.get(MODEL_ATTR, ""))
     device = resolve_device(settings.device) if "mlp" in settings.probes else "cpu"
     folds = make_folds(y, groups, settings)
     shuffled = shuffled_labels(y, folds, settings.seed + 1)
@@ -567,8 +578,8 @@ def saved_probes_about(embeddings, labels_csv, settings: ProbeSettings, folds: l
     attrs = embeddings.attrs
     about = {
         "model_name": model_name(embeddings),
-        **{name: attrs.get(name) for name in ("model", "revision", "family", "config_hash")},
-        **{name: attrs.get(name) for name in ("hidden_size", "vision_hidden_size", "num_decoder_layers")},
+        **{name: attrs.get(name) for name in (MODEL_ATTR, REVISION_ATTR, FAMILY_ATTR, CONFIG_HASH_ATTR)},
+        **{name: attrs.get(name) for name in (HIDDEN_SIZE_ATTR, VISION_HIDDEN_SIZE_ATTR, NUM_DECODER_LAYERS_ATTR)},
         "embeddings": str(embeddings.path),
         "labels": str(labels_csv),
         "split": settings.split,
@@ -588,8 +599,8 @@ def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows
     write_atomic(out_dir / "splits.csv", lambda p: splits.to_csv(p, index=False))
     write_atomic(out_dir / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
     document = {
-        "model": str(embeddings.attrs.get("model", "")),
-        "family": str(embeddings.attrs.get("family", "")),  # what probe-summary matches the paper's models by
+        "model": str(embeddings.attrs.get(MODEL_ATTR, "")),
+        "family": str(embeddings.attrs.get(FAMILY_ATTR, "")),  # what probe-summary matches the paper's models by
         "embeddings": str(embeddings.path),
         "labels": str(labels_csv),
         "settings": asdict(settings),
