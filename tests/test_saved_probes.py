@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import h5py
+import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +17,16 @@ from test_workflow import REPO, default_config, snakemake, workdir_with_config
 
 from vlmstates.analysis.labels import TRUE, label_embeddings
 from vlmstates.analysis.probes import stats as probe_stats
-from vlmstates.analysis.probes.saved import FORMAT, FORMAT_VERSION, INDEX, SavedProbeError, load_probe, read_index
+from vlmstates.analysis.probes.saved import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX,
+    ProbeSpec,
+    SavedProbeError,
+    load_probe,
+    parse_probe_spec,
+    read_index,
+)
 from vlmstates.analysis.probes.settings import ProbeSettings
 from vlmstates.analysis.screen import score_embeddings, screening_settings, sidecar_path
 from vlmstates.cli import main
@@ -92,6 +102,36 @@ def test_best_is_the_highest_validation_auroc(trained):
     probe, index = load_probe(root / "probes" / "saved", "best")
     assert probe.metrics["val_auroc"] == max(e["metrics"]["val_auroc"] for e in index["probes"])
     assert probe.key == SIGNAL_KEY
+
+
+VALID_SPECS = {
+    "best": None,
+    "VF/logreg": ProbeSpec("VF", None, "logreg"),
+    "VF/mlp": ProbeSpec("VF", None, "mlp"),
+    "VT/0/logreg": ProbeSpec("VT", 0, "logreg"),
+    "VT/12/mlp": ProbeSpec("VT", 12, "mlp"),
+    "VT_paper/3/logreg": ProbeSpec("VT_paper", 3, "logreg"),
+    "QT/007/mlp": ProbeSpec("QT", 7, "mlp"),
+    "MM/31/logreg": ProbeSpec("MM", 31, "logreg"),
+}
+INVALID_SPECS = [
+    "", "Best", "best/", "VF", "VF/3/logreg", "VF/svm", "VT/logreg", "VT/-1/logreg", "VT/1.5/logreg", "VT/x/mlp",
+    "VT/1/svm", "VT/1/logreg/", "/VT/1/logreg", "vt/1/logreg", "XX/1/logreg", "VT_PAPER/1/mlp", "VT/1", "QT-1",
+    "VT//logreg", "VT/\u0663/logreg", " VT/1/logreg", "VT/1/logreg ", "MM/1/logreg,mlp",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", [*VALID_SPECS, *INVALID_SPECS])
+def test_the_schema_accepts_exactly_the_probe_names_the_parser_reads(spec):
+    pattern = yaml.safe_load(SCHEMA.read_text())["properties"]["screen"]["properties"]["probe"]["pattern"]
+    by_schema = jsonschema.Draft202012Validator({"type": "string", "pattern": pattern}).is_valid(spec)
+    try:
+        parsed, by_parser = parse_probe_spec(spec), True
+    except SavedProbeError:
+        by_parser = False
+    assert by_schema == by_parser == (spec in VALID_SPECS)
+    if by_parser:
+        assert parsed == VALID_SPECS[spec]
 
 
 def test_an_unknown_probe_names_the_index_and_what_it_holds(trained):

@@ -14,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from vlmstates.analysis.probes.saved import parse_probe_spec
 from vlmstates.settings import ConfigError
 
 MAX_PROBLEMS = 5  # more than a few problems at once is a wrong file; the first ones say so
@@ -113,10 +114,10 @@ def screen_problems(config: dict) -> list[str]:
     probes = config["probes"]
     if probes["split"] == "kfold":
         return ["`screen`: probes.split kfold keeps no probe to screen with; set probes.split: grouped (or halp)"]
-    if screen["probe"] == "best":
+    spec = parse_probe_spec(screen["probe"])  # the schema's pattern has let only parseable names through
+    if spec is None:
         return []
-    representation, *_, kind = screen["probe"].split("/")
-    if representation not in probes["representations"] or kind not in probes["probes"]:
+    if spec.representation not in probes["representations"] or spec.kind not in probes["probes"]:
         return [
             f"`screen.probe`: {screen['probe']} is not trained (probes.representations "
             f"{probes['representations']}, probes.probes {probes['probes']}); add it there or choose another"
