@@ -21,6 +21,7 @@ VLMSTATES_NO_REPEAT = (
 
 from vlmstates.extraction.adapters import families, family_of_model_type
 from vlmstates.workflow.config_check import check_config
+from vlmstates.analysis.probes.settings import PROBE_OUTPUTS
 from vlmstates.dataset import read_validated_table
 from vlmstates.extraction.paper_positions import check_paper_positions
 from vlmstates.workflow import resources as job_resources
@@ -196,7 +197,7 @@ def all_targets():
             results_path(f"{model}/embeddings.h5"),
             results_path(f"{model}/inspection/summary.html"),
             results_path(f"{model}/inspection/norms.png"),
-            results_path(f"{model}/probes/metrics.csv"),
+            results_path(f"{model}/probes/{PROBE_OUTPUTS.metrics_csv}"),
         ]
         if config["export"]["seed_layout"]:
             targets.append(results_path(f"{model}/seed_layout"))

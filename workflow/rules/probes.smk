@@ -10,7 +10,7 @@ rule probe:
         labels=results_path("{model}/labels.csv"),
     output:
         metrics=report(
-            results_path("{model}/probes/metrics.csv"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.metrics_csv}"),
             caption="../report/probe_metrics.rst",
             category="Probes",
             subcategory="{model}",
@@ -18,25 +18,25 @@ rule probe:
         ),
         # the same table as a page: the report shows HTML, a CSV it only offers for download
         metrics_html=report(
-            results_path("{model}/probes/metrics.html"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.metrics_html}"),
             caption="../report/probe_metrics.rst",
             category="Probes",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "metrics table"},
         ),
-        json=results_path("{model}/probes/metrics.json"),
-        splits=results_path("{model}/probes/splits.csv"),
+        json=results_path(f"{{model}}/probes/{PROBE_OUTPUTS.metrics_json}"),
+        splits=results_path(f"{{model}}/probes/{PROBE_OUTPUTS.splits_csv}"),
         # every trained probe, for rule screen and `vlmstates screen` (format: vlmstates.analysis.probes.saved)
-        saved=directory(results_path("{model}/probes/saved")),
+        saved=directory(results_path(f"{{model}}/probes/{PROBE_OUTPUTS.saved}")),
         heatmap=report(
-            results_path("{model}/probes/heatmap.png"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.heatmap_png}"),
             caption="../report/probe_heatmap.rst",
             category="Probes",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "AUROC heatmap"},
         ),
         by_layer=report(
-            results_path("{model}/probes/auroc_by_layer.png"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.auroc_by_layer_png}"),
             caption="../report/probe_auroc_by_layer.rst",
             category="Probes",
             subcategory="{model}",
@@ -60,7 +60,8 @@ rule probe:
 rule probe_summary:
     input:
         metrics=expand(
-            results_path("{model}/probes/metrics.csv"), model=list(config["models"])
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.metrics_csv}"),
+            model=list(config["models"]),
         ),
     output:
         table=report(

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from vlmstates.analysis.probes.plots import REPRESENTATION_COLOURS, pyplot, save_png, write_table_html
-from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES
+from vlmstates.analysis.probes.settings import CODE_ORDER, PROBE_OUTPUTS, PROBES
 from vlmstates.atomic import write_atomic
 
 # the summary page's first columns (the CSV keeps its own order)
@@ -72,7 +72,7 @@ def published_model_for(family: str | None, checkpoint: str, published: pd.DataF
 
 def _family_of(metrics_csv) -> str | None:
     """The adapter family that `probe` recorded in metrics.json beside a metrics.csv (None if absent)."""
-    document = Path(metrics_csv).with_name("metrics.json")
+    document = Path(metrics_csv).with_name(PROBE_OUTPUTS.metrics_json)
     if not document.exists():
         return None
     return json.loads(document.read_text()).get("family") or None

@@ -37,9 +37,10 @@ class ExtractOutputs:
     seed_parts: list[Path]
 
 
-def model_name(model: str) -> str:
-    """The result folder's name: the last part of the hub id or local folder, e.g. Qwen2.5-VL-7B-Instruct."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name).lstrip("._-")
+def default_model_key(checkpoint: str) -> str:
+    """The model key (results/<key>/, the workflow's `models` key) that `vlmstates extract` gives a checkpoint:
+    the last part of its hub id or local folder, e.g. Qwen2.5-VL-7B-Instruct."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(checkpoint.rstrip("/")).name).lstrip("._-")
     return name or "model"
 
 
@@ -77,7 +78,7 @@ def run_extract(
             raise ConfigError(f"{option} must be at least 1, got {value}")
     if cache_dir:
         use_cache_dir(cache_dir)
-    name = model_name(model)
+    name = default_model_key(model)
     entry = {"model": model, "trust_remote_code": trust_remote_code}
     entry |= {k: v for k, v in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)) if v is not None}
     settings = ModelSettings.from_config(name, entry)

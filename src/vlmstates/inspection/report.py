@@ -104,7 +104,7 @@ def write_inspection_report(
     """The workflow's inspection page of one model: the file's summary, and beside it, when given, the
     dataset validation report, the label summary and example answers with their labels."""
     emb = open_embeddings(embeddings_path)
-    name = name or model_name(emb)
+    name = name or model_key_of(emb)
     summary = summarise(emb)
     summary["name"] = name
     validation = _read_json(validation_json)
@@ -116,9 +116,10 @@ def write_inspection_report(
     _plot_norms(emb, norms_png, name)
 
 
-def model_name(emb: Embeddings) -> str:
-    """The workflow's name of a model: its folder, results/<model>/embeddings.h5 (a seed-layout folder of
-    parts is itself the model's folder's child, seed_layout/)."""
+def model_key_of(emb: Embeddings) -> str:
+    """The model key (the workflow's `models` key, not the checkpoint) read off the file's folder,
+    results/<key>/embeddings.h5 (a seed-layout folder of parts is itself the model's folder's child,
+    seed_layout/)."""
     path = Path(emb.path)
     folder = path.parent if path.suffix else path
     return (folder.parent if folder.name == "seed_layout" else folder).name or str(path)

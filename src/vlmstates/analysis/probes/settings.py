@@ -42,6 +42,23 @@ REPRESENTATION_CODES = {
 CODE_ORDER = ("VF", "VT", "VT_paper", "QT", "MM")
 
 
+@dataclass(frozen=True)
+class ProbeOutputs:
+    """What `vlmstates probe` writes into its output folder, by name: rule probe's outputs, the run summary's
+    and probe-summary's inputs."""
+
+    metrics_csv: str = "metrics.csv"
+    metrics_html: str = "metrics.html"  # the same table as a page
+    metrics_json: str = "metrics.json"
+    splits_csv: str = "splits.csv"
+    heatmap_png: str = "heatmap.png"
+    auroc_by_layer_png: str = "auroc_by_layer.png"
+    saved: str = "saved"  # a folder: the trained probes (format: vlmstates.analysis.probes.saved)
+
+
+PROBE_OUTPUTS = ProbeOutputs()
+
+
 @dataclass
 class ProbeSettings:
     """Everything that decides a probe run; the workflow's `probes:` config maps onto these fields."""

@@ -21,9 +21,9 @@ from sklearn.model_selection import train_test_split
 from vlmstates.analysis.labels import FALSE, TRUE, read_labels
 from vlmstates.analysis.probes.plots import METRICS_PAGE_COLUMNS, plot_by_layer, plot_heatmap, write_table_html
 from vlmstates.analysis.probes.saved import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
-from vlmstates.analysis.probes.settings import REPRESENTATION_CODES, ProbeError, ProbeSettings
+from vlmstates.analysis.probes.settings import PROBE_OUTPUTS, REPRESENTATION_CODES, ProbeError, ProbeSettings
 from vlmstates.atomic import write_atomic
-from vlmstates.inspection.report import model_name
+from vlmstates.inspection.report import model_key_of
 from vlmstates.store import (
     CONFIG_HASH_ATTR,
     FAMILY_ATTR,
@@ -38,8 +38,6 @@ from vlmstates.store import (
 )
 
 SPLIT_NAMES = ("train", "val", "test")
-OUTPUT_FILES = ("metrics.csv", "metrics.html", "metrics.json", "splits.csv", "heatmap.png", "auroc_by_layer.png")
-SAVED_FOLDER = "saved"  # the trained probes (format: saved_probes)
 
 METRIC_COLUMNS = (
     "model", "representation", "layer", "key", "dim", "probe", "split",
@@ -509,8 +507,8 @@ def load_probe_data(embeddings_path, labels_csv):
 
 
 def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | None = None) -> pd.DataFrame:
-    """Probe every representation/layer; write the OUTPUT_FILES (metrics.csv and its page metrics.html,
-    metrics.json, splits.csv, heatmap.png, auroc_by_layer.png) and the trained probes (SAVED_FOLDER) into
+    """Probe every representation/layer; write the PROBE_OUTPUTS (metrics.csv and its page metrics.html,
+    metrics.json, splits.csv, heatmap.png, auroc_by_layer.png, and the trained probes in saved/) into
     `out_dir`; return the metrics table."""
     settings = settings or ProbeSettings()
     settings.validate()
@@ -518,7 +516,7 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
     embeddings, y_all, groups_all, usable, counts = load_probe_data(embeddings_path, labels_csv)
     rows_used = np.flatnonzero(usable)
     y, groups = y_all[rows_used], groups_all[rows_used]
-    model_name = str(embeddings.attrs.get(MODEL_ATTR, ""))
+    checkpoint = str(embeddings.attrs.get(MODEL_ATTR, ""))
     device = resolve_device(settings.device) if "mlp" in settings.probes else "cpu"
     folds = make_folds(y, groups, settings)
     shuffled = shuffled_labels(y, folds, settings.seed + 1)
@@ -544,7 +542,7 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
         standardised = {}  # per fold, shared by the probes and their controls
         for probe in settings.probes:
             start = time.perf_counter()
-            base = {"model": model_name, "representation": code, "layer": layer, "key": key, "dim": x.shape[1]}
+            base = {"model": checkpoint, "representation": code, "layer": layer, "key": key, "dim": x.shape[1]}
             base.update(probe=probe, split=settings.split, pos_rate=float(y.mean()) if len(y) else math.nan)
             base.update(split_counts)
             if not finite.all():
@@ -569,7 +567,9 @@ def run_probes(embeddings_path, labels_csv, out_dir, settings: ProbeSettings | N
     metrics = pd.DataFrame.from_records(records, columns=list(METRIC_COLUMNS))
     metrics["layer"] = metrics["layer"].astype("Int64")
     write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows_used, counts, labels_csv, device)
-    write_saved_probes(out_dir / SAVED_FOLDER, saved, saved_probes_about(embeddings, labels_csv, settings, folds))
+    write_saved_probes(
+        out_dir / PROBE_OUTPUTS.saved, saved, saved_probes_about(embeddings, labels_csv, settings, folds)
+    )
     return metrics
 
 
@@ -577,7 +577,7 @@ def saved_probes_about(embeddings, labels_csv, settings: ProbeSettings, folds: l
     """index.json's description of the model and data the probes were trained on."""
     attrs = embeddings.attrs
     about = {
-        "model_name": model_name(embeddings),
+        "model_name": model_key_of(embeddings),  # the model key, under the name index.json has always used
         **{name: attrs.get(name) for name in (MODEL_ATTR, REVISION_ATTR, FAMILY_ATTR, CONFIG_HASH_ATTR)},
         **{name: attrs.get(name) for name in (HIDDEN_SIZE_ATTR, VISION_HIDDEN_SIZE_ATTR, NUM_DECODER_LAYERS_ATTR)},
         "embeddings": str(embeddings.path),
@@ -596,8 +596,8 @@ def saved_probes_about(embeddings, labels_csv, settings: ProbeSettings, folds: l
 def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows_used, counts, labels_csv, device):
     question_ids = embeddings.table["question_id"].to_numpy()[rows_used]
     splits = split_table(folds, question_ids, groups, y)
-    write_atomic(out_dir / "splits.csv", lambda p: splits.to_csv(p, index=False))
-    write_atomic(out_dir / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
+    write_atomic(out_dir / PROBE_OUTPUTS.splits_csv, lambda p: splits.to_csv(p, index=False))
+    write_atomic(out_dir / PROBE_OUTPUTS.metrics_csv, lambda p: metrics.to_csv(p, index=False))
     document = {
         "model": str(embeddings.attrs.get(MODEL_ATTR, "")),
         "family": str(embeddings.attrs.get(FAMILY_ATTR, "")),  # what probe-summary matches the paper's models by
@@ -613,14 +613,17 @@ def write_outputs(metrics, out_dir, settings, folds, embeddings, y, groups, rows
             for record in metrics.astype(object).where(metrics.notna(), None).to_dict("records")
         ],
     }
-    write_atomic(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(_json_ready(document), indent=2) + "\n"))
+    write_atomic(
+        out_dir / PROBE_OUTPUTS.metrics_json, lambda p: p.write_text(json.dumps(_json_ready(document), indent=2) + "\n")
+    )
     # the workflow's name of the model (results/<model>/), which the report groups by; not the checkpoint path
-    name = model_name(embeddings)
+    name = model_key_of(embeddings)
     title = f"{name}: split {settings.split}, n_test {document['splits']['n_test']}"
-    write_atomic(out_dir / "heatmap.png", lambda p: plot_heatmap(metrics, p, title))
-    write_atomic(out_dir / "auroc_by_layer.png", lambda p: plot_by_layer(metrics, p, title))
+    write_atomic(out_dir / PROBE_OUTPUTS.heatmap_png, lambda p: plot_heatmap(metrics, p, title))
+    write_atomic(out_dir / PROBE_OUTPUTS.auroc_by_layer_png, lambda p: plot_by_layer(metrics, p, title))
     note = f"checkpoint {document['model']}; {title}; labels {labels_csv}"
     page_title = f"{name}: probe metrics"
     write_atomic(
-        out_dir / "metrics.html", lambda p: write_table_html(metrics, p, page_title, note, METRICS_PAGE_COLUMNS)
+        out_dir / PROBE_OUTPUTS.metrics_html,
+        lambda p: write_table_html(metrics, p, page_title, note, METRICS_PAGE_COLUMNS),
     )
