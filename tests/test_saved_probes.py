@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import REPO
 from test_probes import FAST, SIGNAL_KEY, make_embeddings
-from test_workflow import REPO, default_config, snakemake, workdir_with_config
+from test_workflow import default_config, snakemake, workdir_with_config
 
 from vlmstates.analysis.labels import TRUE, label_embeddings
 from vlmstates.analysis.probes import stats as probe_stats

@@ -278,19 +278,36 @@ def vector_dims(group: h5py.Group) -> dict[str, int]:
     return {key: dims[key] for key in sorted(dims, key=_representation_sort_key)}
 
 
+class EmbeddingsFileError(VlmstatesError, ValueError):
+    """A file cannot be read as an embeddings file; the message names it, in one line."""
+
+
+_WRITTEN_BY_US = "give an embeddings file that vlmstates wrote (results/<model>/embeddings.h5, or a shard)"
+
+
 def read_embeddings(path: str | Path) -> Embeddings:
     path = Path(path)
-    with h5py.File(path, "r") as f:
-        missing = [c for c in STRING_COLUMNS + INT_COLUMNS if c not in f]
-        if missing:
-            raise ValueError(f"{path}: not an embeddings file of this schema (missing {', '.join(missing)})")
-        table = pd.DataFrame({c: f[c].asstr()[()] for c in STRING_COLUMNS})
-        for c in INT_COLUMNS:
-            table[c] = f[c][()]
-        if PAPER_VISION_POSITION in f:
-            table[PAPER_VISION_POSITION] = f[PAPER_VISION_POSITION][()]
-        attrs = {name: decode_attr(value) for name, value in f.attrs.items()}
-        dims = vector_dims(f)
+    if not path.is_file():
+        raise EmbeddingsFileError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [c for c in STRING_COLUMNS + INT_COLUMNS if c not in f]
+            if missing:
+                raise EmbeddingsFileError(
+                    f"{path}: not an embeddings file of this schema (missing {', '.join(missing)}); {_WRITTEN_BY_US}"
+                )
+            table = pd.DataFrame({c: f[c].asstr()[()] for c in STRING_COLUMNS})
+            for c in INT_COLUMNS:
+                table[c] = f[c][()]
+            if PAPER_VISION_POSITION in f:
+                table[PAPER_VISION_POSITION] = f[PAPER_VISION_POSITION][()]
+            attrs = {name: decode_attr(value) for name, value in f.attrs.items()}
+            dims = vector_dims(f)
+    except EmbeddingsFileError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as error:  # not HDF5, truncated, or columns of other types
+        reason = " ".join(str(error).split())
+        raise EmbeddingsFileError(f"{path}: unreadable as an embeddings file ({reason}); {_WRITTEN_BY_US}") from error
     return Embeddings(path=path, table=table, attrs=attrs, vector_dims=dims)
 
 
