@@ -1,4 +1,4 @@
-"""Screening: a saved probe (saved_probes) applied to new questions, before any answer is generated.
+"""Screening: a saved probe (vlmstates.analysis.probes.saved) applied to new questions, before any answer is generated.
 
 `score_embeddings` reads the probe's vector from an embeddings file and writes, per question, the
 hallucination risk and the predicted label (CSV), with a JSON sidecar (SCORES_FORMAT) that carries the

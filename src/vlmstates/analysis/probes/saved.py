@@ -18,7 +18,7 @@ hallucinated when the risk reaches the threshold. The threshold is the one that 
 no validation part (split halp). Only single-split runs (grouped, halp) keep probes: a k-fold run fits k
 models, none of which is the probe its pooled AUROC describes, and its index lists none and says so.
 
-This module needs numpy only (torch for MLP probes): scoring runs in an extraction environment too.
+This module needs numpy only (torch for MLP probes): screening runs in an extraction environment too.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _finite_or_none(value):
 
 
 def probe_from_fit(base: dict, result: dict, y: np.ndarray, fold, features, fit, settings) -> SavedProbe:
-    """The probe of one single-split fit (probe_stats: its metrics record's `base` and `result`, the
+    """The probe of one single-split fit (vlmstates.analysis.probes.stats: its metrics record's `base` and `result`, the
     fold, its Standardised features and FitResult), with its threshold chosen on the validation split."""
     threshold = youden_threshold(y[fold.val], fit.val_scores)
     rule = "max Youden J (TPR - FPR) on the validation split"

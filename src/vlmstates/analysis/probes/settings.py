@@ -18,8 +18,8 @@ its class counts and the control is defined wherever the probe is; it should sit
 """
 
 # This module is light on purpose: the command line builds its options (and `probe --help`, from this
-# docstring) in environments without the probe extras (scikit-learn, scipy), which only probe_stats
-# imports.
+# docstring) in environments without the probe extras (scikit-learn, scipy), which only
+# vlmstates.analysis.probes.stats imports.
 
 from __future__ import annotations
 

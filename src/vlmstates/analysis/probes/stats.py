@@ -1,5 +1,5 @@
 """Probe statistics: the splits, the AUROC and its bootstrap interval, the logreg and MLP probes, and the
-run over every representation and layer of an embeddings file (what each setting means: probe_settings)."""
+run over every representation and layer of an embeddings file (what each setting means: vlmstates.analysis.probes.settings)."""
 
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ class FitResult:
     selected: str
     note: str = ""
     val_scores: np.ndarray | None = None
-    #: the fitted model's arrays, as a saved probe keeps them (saved_probes)
+    #: the fitted model's arrays, as a saved probe keeps them (vlmstates.analysis.probes.saved)
     params: dict = field(default_factory=dict)
 
 
