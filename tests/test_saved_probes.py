@@ -192,7 +192,7 @@ def test_screening_extracts_just_the_probes_layer_prefill_only(trained):
     )
 
 
-def test_the_score_command(trained, tmp_path, capsys):
+def test_the_screen_command(trained, tmp_path, capsys):
     root, _ = trained
     out = tmp_path / "scores.csv"
     assert main(["screen", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out)]) == 0
@@ -201,7 +201,10 @@ def test_the_score_command(trained, tmp_path, capsys):
     assert main(["screen", str(root / "probes" / "saved"), "-o", str(out), "--probe", "XX/1/logreg"]) == 1
     assert main(["screen", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out),
                  "--probe", "XX/1/logreg"]) == 1  # fmt: skip
-    assert "has no probe 'XX/1/logreg'" in capsys.readouterr().err
+    assert "probe 'XX/1/logreg': give `best`" in capsys.readouterr().err
+    assert main(["screen", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out),
+                 "--probe", "VT/1/logreg"]) == 1  # fmt: skip
+    assert "has no probe 'VT/1/logreg'" in capsys.readouterr().err
 
 
 # -- the config's `screen` key -------------------------------------------------------------------------
