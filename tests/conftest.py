@@ -10,8 +10,6 @@ from vlmstates.dataset import validate_dataset, write_validation_outputs
 from vlmstates.demo.dataset import write_demo_dataset
 from vlmstates.demo.tiny import build_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):

@@ -11,11 +11,12 @@ from dataclasses import replace
 import pytest
 import torch
 from oracle import assert_same_results
+from PIL import Image
 
+from vlmstates.demo.dataset import demo_questions
 from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_class
 from vlmstates.extraction.batching import AUTO_BATCH_FIXED, SortKey, plan_batches, read_image_size, sort_keys
-from vlmstates.extraction.benchmark import synthetic_inputs
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.extraction.shards import batch_size_for_attempt
 from vlmstates.settings import ConfigError, ModelSettings
@@ -38,7 +39,7 @@ def setup(request, tiny_checkpoint, tmp_path_factory):
         family, {"model": str(tiny_checkpoint(family)), "max_new_tokens": 3, "multimodal_representation": True}
     )
     images = tmp_path_factory.mktemp(f"images-{family}")
-    questions = synthetic_inputs(images, N_SAMPLES, MIXED_SIZES[family], seed=1)
+    questions = demo_questions(images, N_SAMPLES, MIXED_SIZES[family], seed=1)
     loaded = load_model(settings)
     singles = Extractor(loaded, progress=False, batch_size=1).extract(questions, images)
     assert all(r.status == STATUS_OK for r in singles), [r.error for r in singles]
@@ -83,6 +84,9 @@ def test_an_image_that_fails_to_decode_fails_alone_inside_its_batch(setup, tmp_p
     for q in questions:
         (tmp_path / q.image_id).write_bytes((images / q.image_id).read_bytes())
     broken = tmp_path / questions[1].image_id
+    with Image.open(broken) as image:  # as a JPEG, whose header reads without its pixels (a PNG's EXIF needs them)
+        pixels = image.convert("RGB")
+    pixels.save(broken, format="JPEG")
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
     assert read_image_size(tmp_path, questions[1].image_id) is not None  # the header reads, the pixels do not
     results = Extractor(loaded, progress=False, batch_size=4).extract(questions, tmp_path)

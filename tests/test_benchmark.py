@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from vlmstates.extraction.benchmark import FULL_SIZE, build_full_size, parameter_count
 from vlmstates.settings import ModelSettings

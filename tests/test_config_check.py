@@ -6,7 +6,7 @@ import re
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from test_workflow import default_config, snakemake, workdir_with_config
 
 from vlmstates.settings import ConfigError

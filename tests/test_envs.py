@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO, extract_shard_args
 from packaging.requirements import Requirement
 
 from vlmstates.extraction.adapters import families
@@ -307,25 +307,9 @@ def test_jobs_run_in_their_own_environments(family, core_demo):
     root, table, images = core_demo
     checkpoint = root / f"tiny-{family}"
     run_in_environment(family, root, "tiny", family, str(checkpoint))
-    settings = json.dumps({"name": family, "model": str(checkpoint), "batch_size": 2, "max_new_tokens": 2})
+    settings = {"name": family, "model": str(checkpoint), "batch_size": 2, "max_new_tokens": 2}
     shard = root / f"{family}_shard_0000.h5"
-    run_in_environment(
-        family,
-        root,
-        "extract-shard",
-        "--settings",
-        settings,
-        "--table",
-        str(table),
-        "--images",
-        str(images),
-        "--shard",
-        "0000",
-        "--shard-size",
-        "3",
-        "--out",
-        str(shard),
-    )
+    run_in_environment(family, root, *extract_shard_args(settings, table, images, shard, shard_size=3))
     merged = root / f"{family}_embeddings.h5"
     run_in_environment("core", root, "merge", "--table", str(table), "--out", str(merged), str(shard))
     report = root / f"{family}_inspection"

@@ -187,6 +187,23 @@ def test_the_checkpoints_generation_settings_are_recorded(qwen_generation, monke
     assert read_embeddings(merged).generation_config == recorded
 
 
+def test_every_attribute_a_file_carries_is_declared_in_the_store(qwen_generation, tmp_path):
+    from vlmstates import store
+    from vlmstates.extraction.shards import resume_identity
+
+    _, questions, images, loaded = qwen_generation
+    extractor = Extractor(loaded["checkpoint"], progress=False)
+    results = extractor.extract(questions[:1], images)
+    identity = resume_identity(extractor.settings, questions[:1], shard=0, shard_size=1)
+    attrs = extractor.attributes() | identity | {store.CREATED_ATTR: "now"}
+    shard = store.write_embeddings(tmp_path / "shard.h5", results, extractor.vector_dims(), attrs)
+    merged = store.merge_shards([shard], [questions[0].question_id], tmp_path / "merged.h5")
+    declared = {value for name, value in vars(store).items() if name.endswith("_ATTR")}
+    written = set(store.read_embeddings(merged).attrs)
+    assert written - declared == set()
+    assert set(store.SHARD_INVARIANT_ATTRS) - {store.PAPER_POSITIONS_ATTR} <= written  # the latter only when on
+
+
 def test_a_generation_override_is_what_generate_runs_with(qwen_generation, monkeypatch):
     _, questions, images, loaded = qwen_generation
     answers, recorded = {}, {}

@@ -26,10 +26,10 @@ import pytest
 import torch
 from oracle import assert_decoder_vectors_match, rel_error
 
+from vlmstates.demo.dataset import demo_questions
 from vlmstates.extraction.adapters import adapter_class, families, family_of_model_type
 from vlmstates.extraction.adapters.base import Adapter
 from vlmstates.extraction.adapters.entries import ENTRIES
-from vlmstates.extraction.benchmark import synthetic_inputs
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ConfigError, ModelSettings
@@ -361,7 +361,7 @@ def run(request, tiny_checkpoint, tmp_path_factory):
         },
     )
     images = tmp_path_factory.mktemp(f"contract-{case.family}")
-    questions = synthetic_inputs(images, N_SAMPLES, case.sizes, seed=3)
+    questions = demo_questions(images, N_SAMPLES, case.sizes, seed=3)
     loaded = load_model(settings)
     batched = Extractor(loaded, progress=False, batch_size=4).extract(questions, images)
     singles = Extractor(loaded, progress=False, batch_size=1).extract(questions, images)
@@ -624,7 +624,7 @@ def test_mllama_auto_attention_is_sdpa_where_flash_attention_would_be_picked(tin
 def test_the_all_families_config_validates():
     """config/all-families.yaml is a valid config (that it names every family once: test_family_completeness.py)."""
     import yaml
-    from conftest import REPO
+    from helpers import REPO
 
     from vlmstates.workflow.config_check import check_config
 

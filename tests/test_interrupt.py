@@ -8,7 +8,6 @@ on the tiny Qwen2.5-VL checkpoint, and one to a running Snakemake.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -21,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO, VLMSTATES, extract_shard_args
 from oracle import assert_same_results
 
 from vlmstates.extraction import shards
@@ -203,27 +202,8 @@ SETTINGS = {"name": "tiny", "batch_size": 2, "max_new_tokens": 8}
 
 def shard_command(checkpoint, demo, out, save_every=4):
     table, images = demo
-    settings = json.dumps(SETTINGS | {"model": str(checkpoint)})
-    return [
-        sys.executable,
-        "-m",
-        "vlmstates",
-        "extract-shard",
-        "--settings",
-        settings,
-        "--table",
-        str(table),
-        "--images",
-        str(images),
-        "--shard",
-        "0000",
-        "--shard-size",
-        str(QUESTIONS),
-        "--save-every",
-        str(save_every),
-        "--out",
-        str(out),
-    ]
+    settings = SETTINGS | {"model": str(checkpoint)}
+    return [*VLMSTATES, *extract_shard_args(settings, table, images, out, QUESTIONS, save_every=save_every)]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout=600):

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_workflow import REPO, default_config, snakemake, workdir_with_config
+from helpers import REPO
+from test_workflow import default_config, snakemake, workdir_with_config
 
 from vlmstates.analysis.labels import LabelError, label_embeddings
 from vlmstates.dataset import read_validated_table

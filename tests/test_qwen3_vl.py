@@ -17,8 +17,8 @@ import torch
 from oracle import assert_decoder_vectors_match, rel_error
 from test_family_contract import qwen3_vl_vision
 
+from vlmstates.demo.dataset import demo_questions
 from vlmstates.demo.tiny.qwen3_vl import build_moe
-from vlmstates.extraction.benchmark import synthetic_inputs
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ModelSettings
@@ -37,7 +37,7 @@ def qwen3_vl(tiny_checkpoint, tmp_path_factory):
         },
     )
     images = tmp_path_factory.mktemp("qwen3-vl-deepstack")
-    questions = synthetic_inputs(images, 2, [(96, 64), (300, 200)], seed=5)
+    questions = demo_questions(images, 2, [(96, 64), (300, 200)], seed=5)
     loaded = load_model(settings)
     results = Extractor(loaded, progress=False, batch_size=2).extract(questions, images)
     return loaded, questions, images, results
@@ -94,7 +94,7 @@ def test_qwen3_vl_moe_is_served_by_the_entry_and_keeps_the_contract(tmp_path):
         },
     )
     images = tmp_path / "images"
-    questions = synthetic_inputs(images, 4, [(96, 64), (640, 480), (64, 128), (300, 200)], seed=3)
+    questions = demo_questions(images, 4, [(96, 64), (640, 480), (64, 128), (300, 200)], seed=3)
     loaded = load_model(settings)
     model = loaded.model
     assert loaded.adapter.family == "qwen3_vl" and type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"

@@ -6,7 +6,6 @@ vlmstates.failpoints make it SIGKILL itself at a named point, as a crash or a pr
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,7 +15,7 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO, VLMSTATES, extract_shard_args
 from oracle import assert_same_results
 
 from vlmstates.store import STATUS_FAILED, STATUS_OK, read_embeddings, read_results
@@ -34,27 +33,12 @@ def run_shard(checkpoint, demo, out, *, failpoint=None, save_every=4, layers=Non
     if failpoint:
         env["VLMSTATES_FAILPOINT"] = failpoint
     command = [
-        sys.executable,
-        "-m",
-        "vlmstates",
-        "extract-shard",
-        "--settings",
-        json.dumps(settings),
-        "--table",
-        str(table),
-        "--images",
-        str(images or demo_images),
-        "--shard",
-        "0000",
-        "--shard-size",
-        str(SHARD_SIZE),
-        "--save-every",
-        str(save_every),
-        "--out",
-        str(out),
-        "--max-failed-share",
-        str(max_failed_share),
-    ]
+        *VLMSTATES,
+        *extract_shard_args(
+            settings, table, images or demo_images, out, SHARD_SIZE, save_every=save_every,
+            max_failed_share=max_failed_share,
+        ),
+    ]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 

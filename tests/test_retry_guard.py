@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from helpers import REPO, extract_shard_args
 
 from vlmstates.workflow.retry_guard import repeats_on_retry
 
@@ -50,9 +50,8 @@ def attempt(tmp_path, number: int, settings: dict, table, images) -> tuple[int, 
     log = tmp_path / "shard_0000.log"
     command = [
         sys.executable, "-m", "vlmstates.workflow.retry_guard", "--attempt", str(number), "--log", str(log),
-        "--marker", str(tmp_path / "shard_0000.no-retry.log"), "--", "extract-shard",
-        "--settings", json.dumps(settings), "--table", str(table), "--images", str(images),
-        "--shard", "0000", "--shard-size", "4", "--attempt", str(number), "--out", str(tmp_path / "shard_0000.h5"),
+        "--marker", str(tmp_path / "shard_0000.no-retry.log"), "--",
+        *extract_shard_args(settings, table, images, tmp_path / "shard_0000.h5", shard_size=4, attempt=number),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     start = time.monotonic()

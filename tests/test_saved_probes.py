@@ -7,16 +7,27 @@ import dataclasses
 import json
 
 import h5py
+import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import REPO
 from test_probes import FAST, SIGNAL_KEY, make_embeddings
-from test_workflow import REPO, default_config, snakemake, workdir_with_config
+from test_workflow import default_config, snakemake, workdir_with_config
 
 from vlmstates.analysis.labels import TRUE, label_embeddings
 from vlmstates.analysis.probes import stats as probe_stats
-from vlmstates.analysis.probes.saved import FORMAT, FORMAT_VERSION, INDEX, SavedProbeError, load_probe, read_index
+from vlmstates.analysis.probes.saved import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX,
+    ProbeSpec,
+    SavedProbeError,
+    load_probe,
+    parse_probe_spec,
+    read_index,
+)
 from vlmstates.analysis.probes.settings import ProbeSettings
 from vlmstates.analysis.screen import score_embeddings, screening_settings, sidecar_path
 from vlmstates.cli import main
@@ -94,6 +105,36 @@ def test_best_is_the_highest_validation_auroc(trained):
     assert probe.key == SIGNAL_KEY
 
 
+VALID_SPECS = {
+    "best": None,
+    "VF/logreg": ProbeSpec("VF", None, "logreg"),
+    "VF/mlp": ProbeSpec("VF", None, "mlp"),
+    "VT/0/logreg": ProbeSpec("VT", 0, "logreg"),
+    "VT/12/mlp": ProbeSpec("VT", 12, "mlp"),
+    "VT_paper/3/logreg": ProbeSpec("VT_paper", 3, "logreg"),
+    "QT/007/mlp": ProbeSpec("QT", 7, "mlp"),
+    "MM/31/logreg": ProbeSpec("MM", 31, "logreg"),
+}
+INVALID_SPECS = [
+    "", "Best", "best/", "VF", "VF/3/logreg", "VF/svm", "VT/logreg", "VT/-1/logreg", "VT/1.5/logreg", "VT/x/mlp",
+    "VT/1/svm", "VT/1/logreg/", "/VT/1/logreg", "vt/1/logreg", "XX/1/logreg", "VT_PAPER/1/mlp", "VT/1", "QT-1",
+    "VT//logreg", "VT/\u0663/logreg", " VT/1/logreg", "VT/1/logreg ", "MM/1/logreg,mlp",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", [*VALID_SPECS, *INVALID_SPECS])
+def test_the_schema_accepts_exactly_the_probe_names_the_parser_reads(spec):
+    pattern = yaml.safe_load(SCHEMA.read_text())["properties"]["screen"]["properties"]["probe"]["pattern"]
+    by_schema = jsonschema.Draft202012Validator({"type": "string", "pattern": pattern}).is_valid(spec)
+    try:
+        parsed, by_parser = parse_probe_spec(spec), True
+    except SavedProbeError:
+        by_parser = False
+    assert by_schema == by_parser == (spec in VALID_SPECS)
+    if by_parser:
+        assert parsed == VALID_SPECS[spec]
+
+
 def test_an_unknown_probe_names_the_index_and_what_it_holds(trained):
     root, _ = trained
     with pytest.raises(SavedProbeError, match=r"index.json has no probe 'VT/1/logreg'; it has: .*QT/1/logreg"):
@@ -151,7 +192,7 @@ def test_screening_extracts_just_the_probes_layer_prefill_only(trained):
     )
 
 
-def test_the_score_command(trained, tmp_path, capsys):
+def test_the_screen_command(trained, tmp_path, capsys):
     root, _ = trained
     out = tmp_path / "scores.csv"
     assert main(["screen", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out)]) == 0
@@ -160,7 +201,10 @@ def test_the_score_command(trained, tmp_path, capsys):
     assert main(["screen", str(root / "probes" / "saved"), "-o", str(out), "--probe", "XX/1/logreg"]) == 1
     assert main(["screen", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out),
                  "--probe", "XX/1/logreg"]) == 1  # fmt: skip
-    assert "has no probe 'XX/1/logreg'" in capsys.readouterr().err
+    assert "probe 'XX/1/logreg': give `best`" in capsys.readouterr().err
+    assert main(["screen", str(root / "probes" / "saved"), str(root / "embeddings.h5"), "-o", str(out),
+                 "--probe", "VT/1/logreg"]) == 1  # fmt: skip
+    assert "has no probe 'VT/1/logreg'" in capsys.readouterr().err
 
 
 # -- the config's `screen` key -------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from vlmstates.settings import ModelSettings
 from vlmstates.workflow.config_check import check_config

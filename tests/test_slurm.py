@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from vlmstates.store import read_embeddings
 from vlmstates.workflow import resources as job_resources

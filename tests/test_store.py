@@ -5,6 +5,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from helpers import REPO
 
 from vlmstates.store import (
     LAYERED_REPRESENTATIONS,
@@ -150,3 +151,35 @@ def test_vector_keys_read_back_into_representation_and_layer():
             parse_key(bad)
     keys = [layer_key("query_token_representation", k) for k in (10, 2)] + [VISION_ONLY]
     assert iter_layers(keys, "query_token_representation") == [2, 10]
+
+
+def attribute_names_written_as_literals(source: str) -> list[str]:
+    """String literals used as a key of something called `attrs` (`x.attrs["name"]`, `attrs.get("name")`)."""
+    import ast
+
+    def is_attrs(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "attrs") or (
+            isinstance(node, ast.Attribute) and node.attr == "attrs"
+        )
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        key = None
+        if isinstance(node, ast.Subscript) and is_attrs(node.value):
+            key = node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_attrs(node.func.value):
+            key = node.args[0] if node.args else None
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            found.append(key.value)
+    return found
+
+
+def test_file_attribute_names_are_written_only_in_the_store():
+    package = REPO / "src" / "vlmstates"
+    literals = {
+        str(path.relative_to(package)): names
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "store.py" and (names := attribute_names_written_as_literals(path.read_text()))
+    }
+    assert literals == {}
+    assert attribute_names_written_as_literals('f.attrs["model"]; attrs.get("family")') == ["model", "family"]

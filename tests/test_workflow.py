@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, astuple, replace
 from pathlib import Path
 
 import h5py
@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
-from vlmstates.analysis.probes.settings import ProbeSettings
-from vlmstates.analysis.probes.stats import OUTPUT_FILES
+from vlmstates.analysis.probes.settings import PROBE_OUTPUTS, ProbeSettings
 from vlmstates.dataset import read_validated_table
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.extraction.shards import questions_of
@@ -96,7 +95,7 @@ def test_demo_run_labels_and_probes(demo_run):
                 assert (rows["status"] == "ok").all(), rows[["key", "status", "reason"]]
                 for column in ("auroc", "control_auroc"):
                     assert all(math.isfinite(v) and 0 <= v <= 1 for v in rows[column]), (model, code, column)
-        for name in OUTPUT_FILES:
+        for name in astuple(PROBE_OUTPUTS):
             assert (probes / name).stat().st_size > 0, name
     for name in ("probes.csv", "probes.png"):
         assert (demo_run / "results" / "summary" / name).stat().st_size > 0

@@ -4,8 +4,11 @@
 class VlmstatesError(Exception):
     """Bad input or a refused step; the message says what and where, so `vlmstates` prints it and exits 1.
 
-    Each module derives its own error from this (most also from ValueError or RuntimeError, which
-    `retry_guard` tells apart), so that `cli` catches this one class."""
+    Each module derives its own error from this (most also from ValueError or RuntimeError, so that code
+    catching those catches these too), and `cli` catches this one class. Retrying goes by the exit status,
+    not by these bases: `vlmstates.workflow.retry_guard` takes exit 1 for a failure a retry would repeat and
+    runs no further attempt; a `RestartJob` exits EXIT_RESTART, which it leaves to Snakemake to retry; other
+    exceptions (the network, ...) reach it uncaught, and it sorts them with `repeats_on_retry`."""
 
 
 #: The exit status of a command that ended for a fresh process to take over (`RestartJob`): EX_TEMPFAIL.

@@ -167,11 +167,11 @@ def recorded_layers(settings: ModelSettings, num_layers: int) -> tuple[int, ...]
     return check_layers(tuple(settings.layers or default_layers(num_layers)), num_layers, settings.name)
 
 
-def check_layers(layers: tuple[int, ...], num_layers: int, model_name: str) -> tuple[int, ...]:
+def check_layers(layers: tuple[int, ...], num_layers: int, model_key: str) -> tuple[int, ...]:
     bad = [k for k in layers if not 0 <= k < num_layers]
     if bad:
         raise ConfigError(
-            f"models.{model_name}.layers: {bad} out of range; the model has {num_layers} decoder blocks (0..{num_layers - 1})"
+            f"models.{model_key}.layers: {bad} out of range; the model has {num_layers} decoder blocks (0..{num_layers - 1})"
         )
     return tuple(sorted(set(layers)))
 

@@ -50,12 +50,49 @@ OPTIONAL_INT_COLUMNS = (PAPER_VISION_POSITION, BATCH_SIZE_COLUMN)
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
-#: File attribute: the answer's effective generation settings (JSON of GenerationConfig fields).
-GENERATION_CONFIG_ATTR = "generation_config"
-#: File attribute: false for a prefill-only file (the model entry's `answers: false`), whose answers are empty.
+# -- file attributes: the names of every attribute an embeddings file carries, declared once here --------
+# What was run (written by the engine, vlmstates.extraction.engine.Extractor.attributes):
+MODEL_ATTR = "model"  #: the checkpoint: hub id or local folder, as the config's models.<key>.model
+REVISION_ATTR = "revision"
+FAMILY_ATTR = "family"
+#: JSON: what every position and vector means (`file_semantics`)
+SEMANTICS_ATTR = "semantics"
+LAYERS_ATTR = "layers"
+NUM_DECODER_LAYERS_ATTR = "num_decoder_layers"
+HIDDEN_SIZE_ATTR = "hidden_size"
+VISION_HIDDEN_SIZE_ATTR = "vision_hidden_size"
+IMAGE_TOKEN_ID_ATTR = "image_token_id"
+DTYPE_ATTR = "dtype"
+#: False for a prefill-only file (the model entry's `answers: false`), whose answers are empty.
 ANSWERS_ATTR = "answers"
-#: File attribute: true when the file also holds PAPER_VISION_TOKEN vectors and the PAPER_VISION_POSITION column.
+MAX_NEW_TOKENS_ATTR = "max_new_tokens"
+#: The answer's effective generation settings (JSON of GenerationConfig fields).
+GENERATION_CONFIG_ATTR = "generation_config"
+PROMPT_TEMPLATE_ATTR = "prompt_template"
+#: Whether the file holds MULTIMODAL vectors (the model entry's `multimodal_representation`).
+MULTIMODAL_ATTR = "multimodal_representation"
+#: True when the file also holds PAPER_VISION_TOKEN vectors and the PAPER_VISION_POSITION column.
 PAPER_POSITIONS_ATTR = "paper_positions"
+TRUST_REMOTE_CODE_ATTR = "trust_remote_code"
+DEVICE_ATTR = "device"
+ATTN_IMPLEMENTATION_ATTR = "attn_implementation"
+TRANSFORMERS_VERSION_ATTR = "transformers_version"
+TORCH_VERSION_ATTR = "torch_version"
+PYTHON_VERSION_ATTR = "python_version"
+PACKAGE_VERSION_ATTR = "package_version"
+#: ModelSettings.config_hash(): the settings that change the recorded numbers
+CONFIG_HASH_ATTR = "config_hash"
+# Written by `write_embeddings`:
+SCHEMA_VERSION_ATTR = "schema_version"
+# A shard's (vlmstates.extraction.shards): which slice of the dataset it holds, and when it was written.
+SHARD_ATTR = "shard"
+SHARD_SIZE_ATTR = "shard_size"
+#: a hash of the shard's question ids
+SHARD_QUESTIONS_ATTR = "shard_questions"
+CREATED_ATTR = "created"
+# A merged file's (`merge_shards`): its shards' count, and each shard's machine and creation time
+# (shard_values_attr).
+NUM_SHARDS_ATTR = "num_shards"
 #: File attributes of the machine the vectors were computed on: the device's name (the GPU's, or the CPU's
 #: architecture), torch's CUDA and cuDNN versions ("" without CUDA), and the attention implementation each
 #: sub-model ran with (JSON: "model" for the top config, then its sub-configs' names, e.g. text_config).
@@ -64,31 +101,38 @@ CUDA_VERSION_ATTR = "cuda_version"
 CUDNN_VERSION_ATTR = "cudnn_version"
 ATTENTION_IMPLEMENTATIONS_ATTR = "attn_implementations"
 #: Attributes that may differ between the shards of one merged file (shards run on different nodes): the
-#: merged file lists each shard's value under shard_<name>s, and keeps the value itself only where all agree.
-SHARD_MACHINE_ATTRS = ("device", DEVICE_NAME_ATTR, CUDA_VERSION_ATTR, CUDNN_VERSION_ATTR, "torch_version")
+#: merged file lists each shard's value under shard_values_attr(name), and keeps the value itself only where
+#: all agree.
+SHARD_MACHINE_ATTRS = (DEVICE_ATTR, DEVICE_NAME_ATTR, CUDA_VERSION_ATTR, CUDNN_VERSION_ATTR, TORCH_VERSION_ATTR)
 #: The merged attribute's value where the shards' values differ.
-MIXED_ATTR_VALUE = "mixed: see shard_{name}s"
+MIXED_ATTR_VALUE = "mixed: see {name}"
 #: File attribute: where the questions came from (JSON: the dataset source(s) with kind, path or Hub id, config,
 #: split, revision, file SHA-256 or dataset fingerprint, and column map; vlmstates.sources), "{}" when unknown.
 DATASET_SOURCE_ATTR = "dataset_source"
 
-# Attributes that must agree between shards of one merged file.
+
+def shard_values_attr(name: str) -> str:
+    """The merged file's attribute listing each shard's value of attribute `name` (JSON list), e.g. shard_devices."""
+    return f"shard_{name}s"
+
+
+#: Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
-    "model",
-    "revision",
-    "family",
-    "layers",
-    "num_decoder_layers",
-    "hidden_size",
-    "vision_hidden_size",
-    "dtype",
-    "max_new_tokens",
+    MODEL_ATTR,
+    REVISION_ATTR,
+    FAMILY_ATTR,
+    LAYERS_ATTR,
+    NUM_DECODER_LAYERS_ATTR,
+    HIDDEN_SIZE_ATTR,
+    VISION_HIDDEN_SIZE_ATTR,
+    DTYPE_ATTR,
+    MAX_NEW_TOKENS_ATTR,
     GENERATION_CONFIG_ATTR,
-    "prompt_template",
+    PROMPT_TEMPLATE_ATTR,
     PAPER_POSITIONS_ATTR,
     DATASET_SOURCE_ATTR,
-    "config_hash",
-    "schema_version",
+    CONFIG_HASH_ATTR,
+    SCHEMA_VERSION_ATTR,
     # the kernels are part of the numbers: one file runs with one attention implementation per sub-model
     ATTENTION_IMPLEMENTATIONS_ATTR,
 )
@@ -106,7 +150,7 @@ PREFILL_ONLY_ANSWER = "empty: prefill-only extraction (the model entry's answers
 
 #: The paper-position entries of the semantics of a file with paper positions (attribute paper_positions true).
 PAPER_POSITIONS_SEMANTICS = {
-    PAPER_VISION_POSITION: "where the HALP paper's code took the last image token for this family (vlmstates.extraction.positions.PAPER_VISION_RULES), in the sample's own prompt, padding excluded, the prompt length measured as at batch 1; not necessarily an image token",
+    PAPER_VISION_POSITION: "where the HALP paper's code took the last image token for this family (vlmstates.extraction.paper_positions.PAPER_VISION_RULES), in the sample's own prompt, padding excluded, the prompt length measured as at batch 1; not necessarily an image token",
     PAPER_VISION_TOKEN: "decoder block k's output at paper_vision_token_position, for comparison with vision_token_representation",
 }
 
@@ -213,8 +257,8 @@ def write_embeddings(
                 if key in r.vectors:
                     data[i] = r.vectors[key]
             f.create_dataset(key, data=data)
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        for name, value in {"semantics": SEMANTICS, **attrs}.items():
+        f.attrs[SCHEMA_VERSION_ATTR] = SCHEMA_VERSION
+        for name, value in {SEMANTICS_ATTR: SEMANTICS, **attrs}.items():
             f.attrs[name] = _to_attr(value)
     return Path(path)
 
@@ -230,7 +274,7 @@ class Embeddings:
 
     @property
     def layers(self) -> list[int]:
-        return list(self.attrs.get("layers", []))
+        return list(self.attrs.get(LAYERS_ATTR, []))
 
     @property
     def generation_config(self) -> dict | None:
@@ -268,11 +312,20 @@ def vector_dims(group: h5py.Group) -> dict[str, int]:
     return {key: dims[key] for key in sorted(dims, key=_representation_sort_key)}
 
 
+class EmbeddingsFileError(VlmstatesError, ValueError):
+    """A file cannot be read as an embeddings file; the message names it, in one line."""
+
+
+_WRITTEN_BY_US = "give an embeddings file that vlmstates wrote (results/<model>/embeddings.h5, or a shard)"
+
+
 def check_columnar(f: h5py.File, path: str | Path) -> None:
     """Refuse a file that lacks a column of this schema (a seed-layout part, another program's HDF5)."""
     missing = [c for c in STRING_COLUMNS + INT_COLUMNS if c not in f]
     if missing:
-        raise ValueError(f"{path}: not an embeddings file of this schema (missing {', '.join(missing)})")
+        raise EmbeddingsFileError(
+            f"{path}: not an embeddings file of this schema (missing {', '.join(missing)}); {_WRITTEN_BY_US}"
+        )
 
 
 def read_table(f: h5py.File, rows: slice = slice(None)) -> pd.DataFrame:
@@ -291,11 +344,19 @@ def read_attrs(f: h5py.File) -> dict:
 
 def read_embeddings(path: str | Path) -> Embeddings:
     path = Path(path)
-    with h5py.File(path, "r") as f:
-        check_columnar(f, path)
-        table = read_table(f)
-        attrs = read_attrs(f)
-        dims = vector_dims(f)
+    if not path.is_file():
+        raise EmbeddingsFileError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            check_columnar(f, path)
+            table = read_table(f)
+            attrs = read_attrs(f)
+            dims = vector_dims(f)
+    except EmbeddingsFileError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as error:  # not HDF5, truncated, or columns of other types
+        reason = " ".join(str(error).split())
+        raise EmbeddingsFileError(f"{path}: unreadable as an embeddings file ({reason}); {_WRITTEN_BY_US}") from error
     return Embeddings(path=path, table=table, attrs=attrs, vector_dims=dims)
 
 
@@ -351,13 +412,13 @@ def merge_shards(shard_paths: Sequence[str | Path], expected_question_ids: Seque
             out.create_dataset(key, data=np.concatenate([s.load(key) for s in shards]))
         for name, value in reference.attrs.items():
             out.attrs[name] = _to_attr(value)
-        out.attrs["num_shards"] = len(shards)
-        out.attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
-        for name in (*SHARD_MACHINE_ATTRS, "created"):
+        out.attrs[NUM_SHARDS_ATTR] = len(shards)
+        out.attrs[CREATED_ATTR] = pd.Timestamp.now(tz="UTC").isoformat()
+        for name in (*SHARD_MACHINE_ATTRS, CREATED_ATTR):
             values = [str(s.attrs.get(name, "")) for s in shards]
-            out.attrs[f"shard_{name}s"] = json.dumps(values)
+            out.attrs[shard_values_attr(name)] = json.dumps(values)
             if name in SHARD_MACHINE_ATTRS and len(set(values)) > 1:
-                out.attrs[name] = MIXED_ATTR_VALUE.format(name=name)
+                out.attrs[name] = MIXED_ATTR_VALUE.format(name=shard_values_attr(name))
     return Path(out_path)
 
 

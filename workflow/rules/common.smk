@@ -25,6 +25,7 @@ from vlmstates.workflow.config_check import (
     unlabelled_line,
     unlabelled_models,
 )
+from vlmstates.analysis.probes.settings import PROBE_OUTPUTS
 from vlmstates.dataset import read_validated_table
 from vlmstates.extraction.paper_positions import check_paper_positions
 from vlmstates.workflow import resources as job_resources
@@ -255,7 +256,7 @@ def all_targets():
             results_path(f"{model}/inspection/norms.png"),
         ]
         if model in LABELLED_MODELS:
-            targets.append(results_path(f"{model}/probes/metrics.csv"))
+            targets.append(results_path(f"{model}/probes/{PROBE_OUTPUTS.metrics_csv}"))
         if config["export"]["seed_layout"]:
             targets.append(results_path(f"{model}/seed_layout"))
         if config["export"]["hf_dataset"]:

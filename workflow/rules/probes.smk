@@ -14,7 +14,7 @@ rule probe:
         dataset=VALIDATED_TABLE,
     output:
         metrics=report(
-            results_path("{model}/probes/metrics.csv"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.metrics_csv}"),
             caption="../report/probe_metrics.rst",
             category="Probes",
             subcategory="{model}",
@@ -22,34 +22,34 @@ rule probe:
         ),
         # the same table as a page: the report shows HTML, a CSV it only offers for download
         metrics_html=report(
-            results_path("{model}/probes/metrics.html"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.metrics_html}"),
             caption="../report/probe_metrics.rst",
             category="Probes",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "metrics table"},
         ),
-        json=results_path("{model}/probes/metrics.json"),
+        json=results_path(f"{{model}}/probes/{PROBE_OUTPUTS.metrics_json}"),
         # the test AUROC per answer type and breakdown value, every layer (the page: the best layers only)
-        subsets=results_path("{model}/probes/subsets.csv"),
+        subsets=results_path(f"{{model}}/probes/{PROBE_OUTPUTS.subsets_csv}"),
         subsets_html=report(
-            results_path("{model}/probes/subsets.html"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.subsets_html}"),
             caption="../report/probe_subsets.rst",
             category="Probes",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "AUROC per subset"},
         ),
-        splits=results_path("{model}/probes/splits.csv"),
+        splits=results_path(f"{{model}}/probes/{PROBE_OUTPUTS.splits_csv}"),
         # every trained probe, for rule screen and `vlmstates screen` (format: vlmstates.analysis.probes.saved)
-        saved=directory(results_path("{model}/probes/saved")),
+        saved=directory(results_path(f"{{model}}/probes/{PROBE_OUTPUTS.saved}")),
         heatmap=report(
-            results_path("{model}/probes/heatmap.png"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.heatmap_png}"),
             caption="../report/probe_heatmap.rst",
             category="Probes",
             subcategory="{model}",
             labels={"model": "{model}", "figure": "AUROC heatmap"},
         ),
         by_layer=report(
-            results_path("{model}/probes/auroc_by_layer.png"),
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.auroc_by_layer_png}"),
             caption="../report/probe_auroc_by_layer.rst",
             category="Probes",
             subcategory="{model}",
@@ -75,7 +75,8 @@ rule probe_summary:
     input:
         # the labelled models (common.smk: LABELLED_MODELS, not the prefill-only ones left out)
         metrics=expand(
-            results_path("{model}/probes/metrics.csv"), model=LABELLED_MODELS
+            results_path(f"{{model}}/probes/{PROBE_OUTPUTS.metrics_csv}"),
+            model=LABELLED_MODELS,
         ),
     output:
         table=report(

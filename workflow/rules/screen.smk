@@ -7,7 +7,7 @@ rule screen:
     input:
         csv=lambda wildcards: config["screen"]["csv"],
         images=lambda wildcards: config["screen"]["images"],
-        probes=results_path("{model}/probes/saved"),
+        probes=results_path(f"{{model}}/probes/{PROBE_OUTPUTS.saved}"),
         weights=built_weights,
     output:
         scores=results_path("{model}/screen/scores.csv"),

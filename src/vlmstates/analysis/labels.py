@@ -48,7 +48,7 @@ import pandas as pd
 
 from vlmstates.atomic import write_text_atomic
 from vlmstates.errors import VlmstatesError
-from vlmstates.store import ANSWERS_ATTR, STATUS_OK, read_embeddings
+from vlmstates.store import ANSWERS_ATTR, FAMILY_ATTR, MODEL_ATTR, STATUS_OK, read_embeddings
 
 
 class LabelError(VlmstatesError, ValueError):
@@ -612,12 +612,12 @@ def label_embeddings(
             f"{embeddings_path} is prefill-only (attribute {ANSWERS_ATTR} false: its model entry sets answers: false), "
             f"so label method {method!r} has no answers to judge; use method 'file' with a labels file"
         )
-    family = str(embeddings.attrs.get("family", "")) or None
+    family = str(embeddings.attrs.get(FAMILY_ATTR, "")) or None
     variant = halp_paper_variant(family)
     labels = label_table(embeddings.table, method, labels_file, ignore_unknown, variant)
     summary = summarise_labels(labels, method)
     summary["embeddings"] = str(embeddings_path)
-    summary["model"] = str(embeddings.attrs.get("model", ""))
+    summary["model"] = str(embeddings.attrs.get(MODEL_ATTR, ""))
     summary["family"] = family
     if method == HALP_PAPER:
         summary["halp_paper_variant"] = variant  # the copy of the paper's rule followed: the family's own, or gemma3

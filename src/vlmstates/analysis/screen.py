@@ -1,4 +1,4 @@
-"""Screening: a saved probe (saved_probes) applied to new questions, before any answer is generated.
+"""Screening: a saved probe (vlmstates.analysis.probes.saved) applied to new questions, before any answer is generated.
 
 `score_embeddings` reads the probe's vector from an embeddings file and writes, per question, the
 hallucination risk and the predicted label (CSV), with a JSON sidecar (SCORES_FORMAT) that carries the
@@ -19,7 +19,7 @@ import pandas as pd
 from vlmstates.analysis.labels import FALSE, TRUE
 from vlmstates.analysis.probes.saved import INDEX, SavedProbe, SavedProbeError, load_probe, sigmoid
 from vlmstates.atomic import write_atomic
-from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, STATUS_OK, parse_key, read_embeddings
+from vlmstates.store import MODEL_ATTR, MULTIMODAL, PAPER_VISION_TOKEN, STATUS_OK, parse_key, read_embeddings
 
 SCORES_FORMAT = "vlmstates-scores"
 SCORES_FORMAT_VERSION = 1
@@ -85,7 +85,7 @@ def score_embeddings(
         "threshold_risk": float(sigmoid(probe.threshold)),
         "trained_on": {name: index.get(name) for name in ("model_name", "model", "revision", "family", "embeddings")},
         "embeddings": str(embeddings.path),
-        "model": embeddings.attrs.get("model"),
+        "model": embeddings.attrs.get(MODEL_ATTR),
         "n_questions": int(len(table)),
         "n_scored": int(ok.sum()),
         "n_predicted_hallucinated": int((scores["predicted_hallucinated"] == TRUE).sum()),

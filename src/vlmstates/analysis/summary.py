@@ -13,7 +13,7 @@ import pandas as pd
 
 from vlmstates.analysis.labels import HALP_PAPER
 from vlmstates.analysis.probes.plots import REPRESENTATION_COLOURS, pyplot, save_png, write_table_html
-from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES, UNKNOWN_LABEL_METHOD
+from vlmstates.analysis.probes.settings import CODE_ORDER, PROBE_OUTPUTS, PROBES, UNKNOWN_LABEL_METHOD
 from vlmstates.atomic import write_atomic
 
 # the summary page's first columns (the CSV keeps its own order)
@@ -77,7 +77,7 @@ def published_model_for(family: str | None, checkpoint: str, published: pd.DataF
 
 def _run_document(metrics_csv) -> dict:
     """metrics.json, which `probe` writes beside a metrics.csv ({} if absent)."""
-    document = Path(metrics_csv).with_name("metrics.json")
+    document = Path(metrics_csv).with_name(PROBE_OUTPUTS.metrics_json)
     return json.loads(document.read_text()) if document.exists() else {}
 
 

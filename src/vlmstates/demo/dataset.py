@@ -21,18 +21,21 @@ import io
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from vlmstates.atomic import write_bytes_atomic
+from vlmstates.dataset import Question
 
 __all__ = [
     "COLORS",
     "SHAPES",
     "Shape",
     "Scene",
+    "demo_questions",
     "make_scene",
     "render_scene",
     "relation_holds",
@@ -90,9 +93,9 @@ def relation_holds(a: Shape, b: Shape, relation: str) -> bool:
     raise ValueError(f"unknown relation {relation!r}")
 
 
-def make_scene(image_id: str, rng: random.Random) -> Scene:
-    width = rng.choice(SIDE_LENGTHS)
-    height = rng.choice(SIDE_LENGTHS)
+def make_scene(image_id: str, rng: random.Random, size: tuple[int, int] | None = None) -> Scene:
+    """A scene of `size` (width, height), or of side lengths drawn from SIDE_LENGTHS."""
+    width, height = size or (rng.choice(SIDE_LENGTHS), rng.choice(SIDE_LENGTHS))
     k = rng.choice((2, 3))
     kinds = rng.sample(SHAPES, k)
     colors = rng.sample(sorted(COLORS), k)
@@ -138,6 +141,15 @@ def _relational_question(scene: Scene, want: str, rng: random.Random) -> tuple[s
     return f"Is the {a.name} {rel} the {b.name}?", answer
 
 
+def _count_question(scene: Scene) -> tuple[str, str]:
+    return "How many shapes are there?", str(len(scene.shapes))
+
+
+def _colour_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    shape = rng.choice(scene.shapes)
+    return f"What color is the {shape.kind}?", shape.color
+
+
 def stand_in_label(answer: str) -> str:
     """The demo's stand-in label of a question: was an always-"yes" answer wrong? ("" if not yes/no)."""
     return {"no": "true", "yes": "false"}.get(answer, "")
@@ -178,10 +190,9 @@ def write_demo_dataset(out_dir: os.PathLike | str, n_images: int = 24, seed: int
     for i, scene in enumerate(scenes):
         rows.append((scene.image_id, *_relational_question(scene, yes_no[i], rng)))
         if i % 4 == 1:
-            rows.append((scene.image_id, "How many shapes are there?", str(len(scene.shapes))))
+            rows.append((scene.image_id, *_count_question(scene)))
         elif i % 4 == 3:
-            s = rng.choice(scene.shapes)
-            rows.append((scene.image_id, f"What color is the {s.kind}?", s.color))
+            rows.append((scene.image_id, *_colour_question(scene, rng)))
 
     wanted = {s.image_id for s in scenes}
     for old in images_dir.glob("scene_*.png"):
@@ -201,3 +212,32 @@ def write_demo_dataset(out_dir: os.PathLike | str, n_images: int = 24, seed: int
     write_bytes_atomic(out_dir / "labels.csv", _csv_bytes(["question_id", "hallucinated"], labels))
     write_bytes_atomic(csv_path, _csv_bytes(["question_id", "image_id", "question", "answer"], questions))
     return csv_path
+
+
+#: What makes a relational question of `demo_questions` long, as the HALP set's longest are.
+LONG_QUESTION_TAIL = " Look at the whole picture carefully before you answer, and answer yes or no."
+
+
+def demo_questions(
+    out_dir: os.PathLike | str, n: int, sizes: Sequence[tuple[int, int]], seed: int = 0
+) -> list[Question]:
+    """`n` questions on `n` demo scenes, scene i of size sizes[i % len(sizes)] (width, height), written as
+    ``out_dir/scene_NNNN.png``: for tests that need images of chosen sizes and prompts of mixed lengths
+    (in turn a relational, a count, a colour and a long relational question, 5 to 20 words)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    questions = []
+    for i in range(n):
+        scene = make_scene(f"scene_{i:04d}.png", rng, sizes[i % len(sizes)])
+        render_scene(scene).save(out_dir / scene.image_id)
+        kind = i % 4
+        if kind in (0, 3):
+            text, answer = _relational_question(scene, rng.choice(("yes", "no")), rng)
+            text += LONG_QUESTION_TAIL if kind == 3 else ""
+        elif kind == 1:
+            text, answer = _count_question(scene)
+        else:
+            text, answer = _colour_question(scene, rng)
+        questions.append(Question(f"q{i:04d}", scene.image_id, text, answer))
+    return questions

@@ -608,7 +608,7 @@ def summarise(runs: list[Run], lm_params: int, vision_params: int, peak_tflops: 
 
 
 def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
-    loaded, model_name = load_benchmark_model(family, args, device, dtype, workdir / "checkpoints")
+    loaded, checkpoint = load_benchmark_model(family, args, device, dtype, workdir / "checkpoints")
     tower = loaded.adapter.vision_tower(loaded.model)
     lm_params = parameter_count(loaded.adapter.decoder_blocks(loaded.model))
     vision_params = parameter_count(tower)
@@ -641,7 +641,7 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
     loop = next(r for r in results if r["method"] == "halp_loop")
     generating = {r["batch_size"]: r["samples_per_s"] for r in results if r["method"] == "engine"}
     for r in results:
-        r["family"], r["model"] = family, model_name
+        r["family"], r["model"] = family, checkpoint
         r["speedup_vs_halp_loop"] = r["samples_per_s"] / loop["samples_per_s"]
         # the engine's own ratio to its generating path, at the same batch size and on the same inputs
         r["speedup_vs_engine"] = (
@@ -649,7 +649,7 @@ def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
         )
     return dict(
         family=family,
-        model=model_name,
+        model=checkpoint,
         lm_params=lm_params,
         vision_params=vision_params,
         attn_implementation=loaded.attn_implementation,

@@ -23,7 +23,7 @@ from vlmstates.extraction.shards import count_shards, extract_shard, merge_model
 from vlmstates.inspection.seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
 from vlmstates.settings import ConfigError, ExtractionSettings, ModelSettings
 from vlmstates.sources import load_source_setting, validate_source_and_write
-from vlmstates.store import read_embeddings
+from vlmstates.store import CONFIG_HASH_ATTR, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,10 @@ class ExtractOutputs:
     seed_parts: list[Path]
 
 
-def model_name(model: str) -> str:
-    """The result folder's name: the last part of the hub id or local folder, e.g. Qwen2.5-VL-7B-Instruct."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name).lstrip("._-")
+def default_model_key(checkpoint: str) -> str:
+    """The model key (results/<key>/, the workflow's `models` key) that `vlmstates extract` gives a checkpoint:
+    the last part of its hub id or local folder, e.g. Qwen2.5-VL-7B-Instruct."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(checkpoint.rstrip("/")).name).lstrip("._-")
     return name or "model"
 
 
@@ -80,7 +81,7 @@ def run_extract(
             raise ConfigError(f"{option} must be at least 1, got {value}")
     if cache_dir:
         use_cache_dir(cache_dir)
-    name = model_name(model)
+    name = default_model_key(model)
     entry = {"model": model, "trust_remote_code": trust_remote_code}
     entry |= {k: v for k, v in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)) if v is not None}
     settings = ModelSettings.from_config(name, entry)
@@ -164,5 +165,5 @@ def shard_is_finished(path: Path, settings: ModelSettings, question_ids: list[st
     except (OSError, ValueError) as error:
         log.warning("shard %s is unreadable (%s); extracting it again", path, error)
         return False
-    same_settings = shard.attrs.get("config_hash") == settings.config_hash()
+    same_settings = shard.attrs.get(CONFIG_HASH_ATTR) == settings.config_hash()
     return same_settings and shard.table["question_id"].tolist() == question_ids

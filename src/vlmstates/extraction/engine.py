@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vlmstates import __version__
+from vlmstates import __version__, store
 from vlmstates.dataset import Question
 from vlmstates.errors import DeviceFailed, OutOfDeviceMemory
 from vlmstates.extraction import batching
@@ -37,14 +37,7 @@ from vlmstates.failpoints import failpoint, oom_above_rows
 from vlmstates.images import ImageLoadError, load_image, resolve_image_path
 from vlmstates.settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
 from vlmstates.store import (
-    ANSWERS_ATTR,
-    ATTENTION_IMPLEMENTATIONS_ATTR,
-    CUDA_VERSION_ATTR,
-    CUDNN_VERSION_ATTR,
-    DEVICE_NAME_ATTR,
-    GENERATION_CONFIG_ATTR,
     MULTIMODAL,
-    PAPER_POSITIONS_ATTR,
     PAPER_VISION_TOKEN,
     QUERY_TOKEN,
     VISION_ONLY,
@@ -107,9 +100,11 @@ def machine_attributes(device: torch.device) -> dict[str, str]:
     on_cuda = device.type == "cuda"
     cudnn = torch.backends.cudnn.version() if on_cuda and torch.backends.cudnn.is_available() else None
     return {
-        DEVICE_NAME_ATTR: torch.cuda.get_device_name(device) if on_cuda else f"{device.type} ({platform.machine()})",
-        CUDA_VERSION_ATTR: (torch.version.cuda or "") if on_cuda else "",
-        CUDNN_VERSION_ATTR: str(cudnn or ""),
+        store.DEVICE_NAME_ATTR: torch.cuda.get_device_name(device)
+        if on_cuda
+        else f"{device.type} ({platform.machine()})",
+        store.CUDA_VERSION_ATTR: (torch.version.cuda or "") if on_cuda else "",
+        store.CUDNN_VERSION_ATTR: str(cudnn or ""),
     }
 
 
@@ -399,35 +394,37 @@ class Extractor:
 
         s = self.settings
         return {
-            "model": s.model,
-            "revision": s.revision or "",
-            "family": self.adapter.family,
-            "semantics": file_semantics(self.adapter.semantics, answered=s.answers, paper_positions=s.paper_positions),
-            "layers": list(self.layers),
-            "num_decoder_layers": self.num_layers,
-            "hidden_size": self.adapter.hidden_size(self.loaded.model),
-            "vision_hidden_size": self.adapter.vision_hidden_size(self.loaded.model),
-            "image_token_id": self.image_token_id,
-            "dtype": str(self.loaded.dtype).removeprefix("torch."),
-            ANSWERS_ATTR: s.answers,
-            "max_new_tokens": s.max_new_tokens if s.answers else 0,
+            store.MODEL_ATTR: s.model,
+            store.REVISION_ATTR: s.revision or "",
+            store.FAMILY_ATTR: self.adapter.family,
+            store.SEMANTICS_ATTR: file_semantics(
+                self.adapter.semantics, answered=s.answers, paper_positions=s.paper_positions
+            ),
+            store.LAYERS_ATTR: list(self.layers),
+            store.NUM_DECODER_LAYERS_ATTR: self.num_layers,
+            store.HIDDEN_SIZE_ATTR: self.adapter.hidden_size(self.loaded.model),
+            store.VISION_HIDDEN_SIZE_ATTR: self.adapter.vision_hidden_size(self.loaded.model),
+            store.IMAGE_TOKEN_ID_ATTR: self.image_token_id,
+            store.DTYPE_ATTR: str(self.loaded.dtype).removeprefix("torch."),
+            store.ANSWERS_ATTR: s.answers,
+            store.MAX_NEW_TOKENS_ATTR: s.max_new_tokens if s.answers else 0,
             # what each batch's generate() runs with: the checkpoint's generation_config.json, the
-            # config's `generation` over it, the engine's fixed fields (GENERATION_CONFIG_ATTR)
-            GENERATION_CONFIG_ATTR: self._effective_generation(),
-            "prompt_template": s.prompt,
-            "multimodal_representation": s.multimodal_representation,
+            # config's `generation` over it, the engine's fixed fields
+            store.GENERATION_CONFIG_ATTR: self._effective_generation(),
+            store.PROMPT_TEMPLATE_ATTR: s.prompt,
+            store.MULTIMODAL_ATTR: s.multimodal_representation,
             # only when on, so that the files of every other run keep exactly the attributes they had
-            **({PAPER_POSITIONS_ATTR: True} if s.paper_positions else {}),
-            "trust_remote_code": s.trust_remote_code,
-            "device": str(self.loaded.device),
-            "attn_implementation": self.loaded.attn_implementation,
-            ATTENTION_IMPLEMENTATIONS_ATTR: attention_implementations(self.loaded.model),
+            **({store.PAPER_POSITIONS_ATTR: True} if s.paper_positions else {}),
+            store.TRUST_REMOTE_CODE_ATTR: s.trust_remote_code,
+            store.DEVICE_ATTR: str(self.loaded.device),
+            store.ATTN_IMPLEMENTATION_ATTR: self.loaded.attn_implementation,
+            store.ATTENTION_IMPLEMENTATIONS_ATTR: attention_implementations(self.loaded.model),
             **machine_attributes(self.loaded.device),
-            "transformers_version": transformers.__version__,
-            "torch_version": str(torch.__version__),
-            "python_version": platform.python_version(),
-            "package_version": __version__,
-            "config_hash": s.config_hash(),
+            store.TRANSFORMERS_VERSION_ATTR: transformers.__version__,
+            store.TORCH_VERSION_ATTR: str(torch.__version__),
+            store.PYTHON_VERSION_ATTR: platform.python_version(),
+            store.PACKAGE_VERSION_ATTR: __version__,
+            store.CONFIG_HASH_ATTR: s.config_hash(),
         }
 
     # -- extraction ------------------------------------------------------------------------------

@@ -35,7 +35,12 @@ from vlmstates.dataset import read_source_record, read_validated_table
 from vlmstates.errors import OutOfDeviceMemory, RestartJob, VlmstatesError
 from vlmstates.settings import AUTO_BATCH_SIZE, ExtractionSettings
 from vlmstates.store import (
+    CONFIG_HASH_ATTR,
+    CREATED_ATTR,
     DATASET_SOURCE_ATTR,
+    SHARD_ATTR,
+    SHARD_QUESTIONS_ATTR,
+    SHARD_SIZE_ATTR,
     STATUS_FAILED,
     SampleResult,
     merge_shards,
@@ -48,7 +53,7 @@ log = logging.getLogger(__name__)
 
 # Attributes a progress part (or a finished shard kept in the progress folder) must share with the
 # current run to be reused.
-_RESUME_IDENTITY = ("config_hash", "shard", "shard_size", "shard_questions")
+_RESUME_IDENTITY = (CONFIG_HASH_ATTR, SHARD_ATTR, SHARD_SIZE_ATTR, SHARD_QUESTIONS_ATTR)
 FINISHED = "finished.h5"  # the finished shard in its progress folder, kept until the shards are merged
 #: In the progress folder: the batch size that ran out of device memory, for the job's retry to halve.
 OUT_OF_MEMORY_RECORD = "out_of_memory.json"
@@ -110,10 +115,10 @@ def progress_folder(out_path: str | Path) -> Path:
 def resume_identity(settings, questions: list, shard: int, shard_size: int) -> dict:
     """What saved progress must match to be reused; known before the model is loaded."""
     return {
-        "config_hash": settings.config_hash(),
-        "shard": shard,
-        "shard_size": shard_size,
-        "shard_questions": hashlib.sha256("\n".join(q.question_id for q in questions).encode()).hexdigest()[:16],
+        CONFIG_HASH_ATTR: settings.config_hash(),
+        SHARD_ATTR: shard,
+        SHARD_SIZE_ATTR: shard_size,
+        SHARD_QUESTIONS_ATTR: hashlib.sha256("\n".join(q.question_id for q in questions).encode()).hexdigest()[:16],
     }
 
 
@@ -326,7 +331,7 @@ def extract_shard(
             record_out_of_memory(folder, error.batch_size)
         raise
     _check_failures(results, max_failed_share, progress)
-    attrs["created"] = pd.Timestamp.now(tz="UTC").isoformat()
+    attrs[CREATED_ATTR] = pd.Timestamp.now(tz="UTC").isoformat()
     with interrupts_deferred():
         place_shard(progress.keep_finished(results, attrs), out_path)
     failed = sum(r.status == STATUS_FAILED for r in results)

@@ -16,7 +16,7 @@ from vlmstates.atomic import atomic_path, write_text_atomic
 from vlmstates.errors import VlmstatesError
 from vlmstates.inspection.pages import esc, page, table
 from vlmstates.inspection.seed_layout import is_seed_layout, read_seed_layout
-from vlmstates.store import STATUS_FAILED, STATUS_OK, Embeddings, parse_key, read_embeddings
+from vlmstates.store import MODEL_ATTR, SEMANTICS_ATTR, STATUS_FAILED, STATUS_OK, Embeddings, parse_key, read_embeddings
 
 
 class UnreadableFile(VlmstatesError, ValueError):
@@ -58,7 +58,7 @@ def summarise(emb: Embeddings) -> dict:
         "ok": int(ok.sum()),
         "failed": int(len(failed)),
         "failures": failed[["question_id", "error"]].head(50).to_dict("records"),
-        "attributes": {k: v for k, v in emb.attrs.items() if k != "semantics"},
+        "attributes": {k: v for k, v in emb.attrs.items() if k != SEMANTICS_ATTR},
         "prompt_tokens": _stats(table["num_prompt_tokens"].to_numpy()[ok]),
         "image_tokens": _stats(table["num_image_tokens"].to_numpy()[ok]),
         "vectors": vectors,
@@ -104,7 +104,7 @@ def write_inspection_report(
     """The workflow's inspection page of one model: the file's summary, and beside it, when given, the
     dataset validation report, the label summary and example answers with their labels."""
     emb = open_embeddings(embeddings_path)
-    name = name or model_name(emb)
+    name = name or model_key_of(emb)
     summary = summarise(emb)
     summary["name"] = name
     validation = _read_json(validation_json)
@@ -116,9 +116,10 @@ def write_inspection_report(
     _plot_norms(emb, norms_png, name)
 
 
-def model_name(emb: Embeddings) -> str:
-    """The workflow's name of a model: its folder, results/<model>/embeddings.h5 (a seed-layout folder of
-    parts is itself the model's folder's child, seed_layout/)."""
+def model_key_of(emb: Embeddings) -> str:
+    """The model key (the workflow's `models` key, not the checkpoint) read off the file's folder,
+    results/<key>/embeddings.h5 (a seed-layout folder of parts is itself the model's folder's child,
+    seed_layout/)."""
     path = Path(emb.path)
     folder = path.parent if path.suffix else path
     return (folder.parent if folder.name == "seed_layout" else folder).name or str(path)
@@ -166,7 +167,7 @@ def render_html(name, summary, validation=None, label_summary=None, examples=Non
     ]
     head = (
         f"<h1>{esc(name)}</h1>\n"
-        f'<p class="note">checkpoint {esc(summary["attributes"].get("model", "?"))}, '
+        f'<p class="note">checkpoint {esc(summary["attributes"].get(MODEL_ATTR, "?"))}, '
         f"family {esc(summary['attributes'].get('family', '?'))}; file {esc(summary['file'])}</p>\n"
     )
     return page(f"{name}: inspection", head + "\n".join(s for s in sections if s))

@@ -31,7 +31,13 @@ import pandas as pd
 from vlmstates.atomic import atomic_path
 from vlmstates.errors import VlmstatesError
 from vlmstates.store import (
+    CONFIG_HASH_ATTR,
+    DEVICE_ATTR,
+    DTYPE_ATTR,
+    FAMILY_ATTR,
     INT_COLUMNS,
+    LAYERS_ATTR,
+    MODEL_ATTR,
     QUERY_TOKEN,
     STATUS_FAILED,
     STATUS_OK,
@@ -49,6 +55,22 @@ _PART_NAME = re.compile(r"^(?P<prefix>.+)_embeddings_part_(?P<number>\d{3,})\.h5
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _STRING = h5py.string_dtype("utf-8")
 _MAX_ERROR_CHARS = 300  # keeps the `failed` attribute small; the columnar file has the whole text
+
+# A part file's attributes beyond those it shares with the columnar file (device, dtype, layers, config_hash).
+# The seeds' own: the checkpoint, the family, the time of writing, the questions stored.
+MODEL_NAME_ATTR = "model_name"
+MODEL_TYPE_ATTR = "model_type"
+CREATED_AT_ATTR = "created_at"
+NUM_SAMPLES_ATTR = "num_samples"
+# Ours: the part's number and count, the columnar file it came from, its failed questions (count and JSON).
+PART_ATTR = "part"
+NUM_PARTS_ATTR = "num_parts"
+SOURCE_ATTR = "source"
+NUM_FAILED_ATTR = "num_failed"
+FAILED_ATTR = "failed"
+# Of a seed export read back as a whole (`SeedEmbeddings.attrs`): the layout and its part files' names.
+LAYOUT_ATTR = "layout"
+PARTS_ATTR = "parts"
 
 
 class SeedLayoutError(VlmstatesError, ValueError):
@@ -95,7 +117,7 @@ def export_seed_layout(
     if part_size < 1:
         raise SeedLayoutError(f"part size must be at least 1, got {part_size}")
     emb = _read_columnar(embeddings_path)
-    prefix = prefix or default_prefix(str(emb.attrs.get("model", "")))
+    prefix = prefix or default_prefix(str(emb.attrs.get(MODEL_ATTR, "")))
     if not _PREFIX.match(prefix):
         raise SeedLayoutError(f"prefix {prefix!r}: use letters, digits, '.', '_' or '-' (it starts a file name)")
     _check_group_names(emb)
@@ -161,19 +183,19 @@ def _write_part_attrs(
     f: h5py.File, emb: Embeddings, number: int, num_parts: int, num_samples: int, failed: list
 ) -> None:
     attrs = emb.attrs
-    f.attrs["model_name"] = str(attrs.get("model", ""))
-    f.attrs["model_type"] = str(attrs.get("family", ""))
-    f.attrs["device"] = str(attrs.get("device", ""))
-    f.attrs["dtype"] = str(attrs.get("dtype", ""))
-    f.attrs["created_at"] = pd.Timestamp.now(tz="UTC").isoformat()
-    f.attrs["num_samples"] = num_samples
-    f.attrs["num_failed"] = len(failed)
-    f.attrs["failed"] = json.dumps(failed)
-    f.attrs["part"] = number
-    f.attrs["num_parts"] = num_parts
-    f.attrs["layers"] = np.array(emb.layers, dtype=np.int64)
-    f.attrs["config_hash"] = str(attrs.get("config_hash", ""))
-    f.attrs["source"] = str(emb.path)
+    f.attrs[MODEL_NAME_ATTR] = str(attrs.get(MODEL_ATTR, ""))
+    f.attrs[MODEL_TYPE_ATTR] = str(attrs.get(FAMILY_ATTR, ""))
+    f.attrs[DEVICE_ATTR] = str(attrs.get(DEVICE_ATTR, ""))
+    f.attrs[DTYPE_ATTR] = str(attrs.get(DTYPE_ATTR, ""))
+    f.attrs[CREATED_AT_ATTR] = pd.Timestamp.now(tz="UTC").isoformat()
+    f.attrs[NUM_SAMPLES_ATTR] = num_samples
+    f.attrs[NUM_FAILED_ATTR] = len(failed)
+    f.attrs[FAILED_ATTR] = json.dumps(failed)
+    f.attrs[PART_ATTR] = number
+    f.attrs[NUM_PARTS_ATTR] = num_parts
+    f.attrs[LAYERS_ATTR] = np.array(emb.layers, dtype=np.int64)
+    f.attrs[CONFIG_HASH_ATTR] = str(attrs.get(CONFIG_HASH_ATTR, ""))
+    f.attrs[SOURCE_ATTR] = str(emb.path)
 
 
 def _remove_stale_parts(out_dir: Path, prefix: str, written: list[Path]) -> None:
@@ -218,7 +240,7 @@ def is_seed_layout(path: str | Path) -> bool:
         return bool(_part_files(path))
     try:
         with h5py.File(path, "r") as f:
-            return "model_name" in f.attrs and "num_samples" in f.attrs and "question_id" not in f
+            return MODEL_NAME_ATTR in f.attrs and NUM_SAMPLES_ATTR in f.attrs and "question_id" not in f
     except OSError:
         return False
 
@@ -267,9 +289,9 @@ def _part_files(folder: Path) -> list[Path]:
 def _read_part_rows(f: h5py.File, index: int, attrs: dict) -> tuple[list[dict], list]:
     """The part's questions in stored order, with its failed questions put back at their positions."""
     ok_rows = [(_question_row(f[name], name), (index, name)) for name in f if isinstance(f[name], h5py.Group)]
-    failed = {int(entry["position"]): entry for entry in json.loads(attrs.get("failed") or "[]")}
+    failed = {int(entry["position"]): entry for entry in json.loads(attrs.get(FAILED_ATTR) or "[]")}
     total = len(ok_rows) + len(failed)
-    if len(failed) != int(attrs.get("num_failed", 0)) or not all(0 <= p < total for p in failed):
+    if len(failed) != int(attrs.get(NUM_FAILED_ATTR, 0)) or not all(0 <= p < total for p in failed):
         raise ValueError("attribute 'failed' does not match num_failed or the stored questions")
     remaining = iter(ok_rows)
     merged = [(_failed_row(failed[p]), None) if p in failed else next(remaining) for p in range(total)]
@@ -298,13 +320,13 @@ def _vector_dims(parts: list[Path], locations: list) -> dict[str, int]:
 
 def _merged_attrs(part_attrs: list[dict], parts: list[Path], dims: dict[str, int]) -> dict:
     attrs = dict(part_attrs[0])
-    for per_part in ("part", "failed", "created_at"):
+    for per_part in (PART_ATTR, FAILED_ATTR, CREATED_AT_ATTR):
         attrs.pop(per_part, None)
-    attrs["layout"] = "seed"
-    attrs["parts"] = [p.name for p in parts]
-    attrs["num_samples"] = sum(int(a.get("num_samples", 0)) for a in part_attrs)
-    attrs["num_failed"] = sum(int(a.get("num_failed", 0)) for a in part_attrs)
-    attrs["model"] = attrs.get("model_name", "")
-    if not attrs.get("layers"):  # files of the seed scripts themselves have no layers attribute
-        attrs["layers"] = iter_layers(dims, QUERY_TOKEN)
+    attrs[LAYOUT_ATTR] = "seed"
+    attrs[PARTS_ATTR] = [p.name for p in parts]
+    attrs[NUM_SAMPLES_ATTR] = sum(int(a.get(NUM_SAMPLES_ATTR, 0)) for a in part_attrs)
+    attrs[NUM_FAILED_ATTR] = sum(int(a.get(NUM_FAILED_ATTR, 0)) for a in part_attrs)
+    attrs[MODEL_ATTR] = attrs.get(MODEL_NAME_ATTR, "")
+    if not attrs.get(LAYERS_ATTR):  # files of the seed scripts themselves have no layers attribute
+        attrs[LAYERS_ATTR] = iter_layers(dims, QUERY_TOKEN)
     return attrs

@@ -15,6 +15,7 @@ import jsonschema
 import yaml
 
 from vlmstates.analysis.labels import FILE, RENAMED_METHODS
+from vlmstates.analysis.probes.saved import parse_probe_spec
 from vlmstates.settings import ConfigError
 
 #: Values a key no longer takes, by its dotted path, with what to write instead.
@@ -149,10 +150,10 @@ def screen_problems(config: dict) -> list[str]:
     probes = config["probes"]
     if probes["split"] == "kfold":
         return ["`screen`: probes.split kfold keeps no probe to screen with; set probes.split: grouped (or halp)"]
-    if screen["probe"] == "best":
+    spec = parse_probe_spec(screen["probe"])  # the schema's pattern has let only parseable names through
+    if spec is None:
         return []
-    representation, *_, kind = screen["probe"].split("/")
-    if representation not in probes["representations"] or kind not in probes["probes"]:
+    if spec.representation not in probes["representations"] or spec.kind not in probes["probes"]:
         return [
             f"`screen.probe`: {screen['probe']} is not trained (probes.representations "
             f"{probes['representations']}, probes.probes {probes['probes']}); add it there or choose another"

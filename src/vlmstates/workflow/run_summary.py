@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlmstates.analysis.probes.settings import PROBE_OUTPUTS
 from vlmstates.extraction.shards import count_shards
 from vlmstates.store import STATUS_OK, read_embeddings
 
@@ -63,7 +64,7 @@ def model_line(results: Path, model: str) -> str:
     status = read_embeddings(merged).table["status"]
     ok = int((status == STATUS_OK).sum())
     line = f"  {model}: {ok} questions ok, {len(status) - ok} failed -> {merged}"
-    return line + probe_counts(results / model / "probes" / "metrics.csv")
+    return line + probe_counts(results / model / "probes" / PROBE_OUTPUTS.metrics_csv)
 
 
 def model_steps(config: dict, results: Path, model: str) -> list[Step]:
@@ -80,7 +81,7 @@ def model_steps(config: dict, results: Path, model: str) -> list[Step]:
         Step(f"merge_shards {model}", results / model / "embeddings.h5", Path(f"logs/merge/{model}.log")),
         Step(f"label {model}", results / model / "labels.csv", Path(f"logs/label/{model}.log")),
         Step(f"inspect_embeddings {model}", results / model / "inspection" / "summary.json", Path(f"logs/inspect/{model}.log")),
-        Step(f"probe {model}", results / model / "probes" / "metrics.csv", Path(f"logs/probe/{model}.log")),
+        Step(f"probe {model}", results / model / "probes" / PROBE_OUTPUTS.metrics_csv, Path(f"logs/probe/{model}.log")),
     ]  # fmt: skip
     if config.get("export", {}).get("seed_layout"):
         steps.append(

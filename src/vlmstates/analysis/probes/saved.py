@@ -18,20 +18,24 @@ hallucinated when the risk reaches the threshold. The threshold is the one that 
 no validation part (split halp). Only single-split runs (grouped, halp) keep probes: a k-fold run fits k
 models, none of which is the probe its pooled AUROC describes, and its index lists none and says so.
 
-This module needs numpy only (torch for MLP probes): scoring runs in an extraction environment too.
+This module needs numpy only (torch for MLP probes): screening runs in an extraction environment too.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from vlmstates.analysis.probes.settings import CODE_ORDER, PROBES, REPRESENTATION_CODES
 from vlmstates.errors import VlmstatesError
+from vlmstates.store import VISION_ONLY
 
 FORMAT = "vlmstates-saved-probes"
 FORMAT_VERSION = 1
@@ -159,7 +163,7 @@ def _finite_or_none(value):
 
 
 def probe_from_fit(base: dict, result: dict, y: np.ndarray, fold, features, fit, settings) -> SavedProbe:
-    """The probe of one single-split fit (probe_stats: its metrics record's `base` and `result`, the
+    """The probe of one single-split fit (vlmstates.analysis.probes.stats: its metrics record's `base` and `result`, the
     fold, its Standardised features and FitResult), with its threshold chosen on the validation split."""
     threshold = youden_threshold(y[fold.val], fit.val_scores)
     rule = "max Youden J (TPR - FPR) on the validation split"
@@ -217,16 +221,34 @@ def read_index(folder: str | Path) -> dict:
     return index
 
 
-def parse_probe_spec(spec: str) -> tuple[str, int | None, str] | None:
-    """`best`, or REPRESENTATION/LAYER/KIND (e.g. VT/12/logreg), or VF/KIND: (code, layer, kind), None for best."""
+class ProbeSpec(NamedTuple):
+    """A saved probe named by what it reads and its kind, as index.json's entries record it."""
+
+    representation: str  # the code: VF, VT, VT_paper, QT, MM
+    layer: int | None  # None for VF, the vision-only vector
+    kind: str  # one of PROBES
+
+
+VISION_ONLY_CODE = REPRESENTATION_CODES[VISION_ONLY]
+LAYERED_CODES = tuple(code for code in CODE_ORDER if code != VISION_ONLY_CODE)
+_LAYER = re.compile(r"[0-9]+")
+
+
+def parse_probe_spec(spec: str) -> ProbeSpec | None:
+    """The one reader of a probe's name (`screen.probe`, `vlmstates screen --probe`): `best` (None), VF/KIND, or
+    REPRESENTATION/LAYER/KIND with a layered representation's code, e.g. VT/12/logreg. The config schema's
+    pattern for screen.probe accepts exactly these (tests/test_saved_probes.py holds them to it)."""
     if spec == BEST:
         return None
     parts = spec.split("/")
-    if len(parts) == 2:
-        return parts[0], None, parts[1]
-    if len(parts) == 3 and parts[1].isdigit():
-        return parts[0], int(parts[1]), parts[2]
-    raise SavedProbeError(f"probe {spec!r}: give `best`, REPRESENTATION/LAYER/KIND (e.g. VT/12/logreg) or VF/KIND")
+    if len(parts) == 2 and parts[0] == VISION_ONLY_CODE and parts[1] in PROBES:
+        return ProbeSpec(parts[0], None, parts[1])
+    if len(parts) == 3 and parts[0] in LAYERED_CODES and _LAYER.fullmatch(parts[1]) and parts[2] in PROBES:
+        return ProbeSpec(parts[0], int(parts[1]), parts[2])
+    raise SavedProbeError(
+        f"probe {spec!r}: give `{BEST}`, REPRESENTATION/LAYER/KIND with REPRESENTATION one of "
+        f"{', '.join(LAYERED_CODES)} (e.g. VT/12/logreg), or {VISION_ONLY_CODE}/KIND; KIND is {' or '.join(PROBES)}"
+    )
 
 
 def choose_entry(index: dict, spec: str, where: str) -> dict:
@@ -243,9 +265,8 @@ def choose_entry(index: dict, spec: str, where: str) -> dict:
             return value if value is not None else entry["metrics"].get("test_auroc") or -math.inf
 
         return max(entries, key=merit)
-    code, layer, kind = wanted
     for entry in entries:
-        if (entry["representation"], entry["layer"], entry["kind"]) == (code, layer, kind):
+        if ProbeSpec(entry["representation"], entry["layer"], entry["kind"]) == wanted:
             return entry
     known = ", ".join(
         f"{e['representation']}/{e['kind']}"

@@ -25,8 +25,8 @@ The label method is read from the labels' summary (LABELS.summary.json beside LA
 """
 
 # This module is light on purpose: the command line builds its options (and `probe --help`, from this
-# docstring) in environments without the probe extras (scikit-learn, scipy), which only probe_stats
-# imports.
+# docstring) in environments without the probe extras (scikit-learn, scipy), which only
+# vlmstates.analysis.probes.stats imports.
 
 from __future__ import annotations
 
@@ -51,6 +51,25 @@ REPRESENTATION_CODES = {
 }  # fmt: skip
 # VT_paper beside VT: the same vectors at the paper code's position, read against the exact ones
 CODE_ORDER = ("VF", "VT", "VT_paper", "QT", "MM")
+
+
+@dataclass(frozen=True)
+class ProbeOutputs:
+    """What `vlmstates probe` writes into its output folder, by name: rule probe's outputs, the run summary's
+    and probe-summary's inputs."""
+
+    metrics_csv: str = "metrics.csv"
+    metrics_html: str = "metrics.html"  # the same table as a page
+    metrics_json: str = "metrics.json"
+    splits_csv: str = "splits.csv"
+    subsets_csv: str = "subsets.csv"  # the test AUROC per answer type and breakdown value
+    subsets_html: str = "subsets.html"  # its page: the best layers only
+    heatmap_png: str = "heatmap.png"
+    auroc_by_layer_png: str = "auroc_by_layer.png"
+    saved: str = "saved"  # a folder: the trained probes (format: vlmstates.analysis.probes.saved)
+
+
+PROBE_OUTPUTS = ProbeOutputs()
 
 
 @dataclass

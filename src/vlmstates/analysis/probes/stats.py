@@ -1,6 +1,6 @@
 """Probe statistics: the splits, the AUROC and its bootstrap interval (overall, within answer types, per
 subset), the logreg and MLP probes and the question-only baseline, and the run over every representation and
-layer of an embeddings file (what each setting means: probe_settings)."""
+layer of an embeddings file (what each setting means: vlmstates.analysis.probes.settings)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from vlmstates.analysis.probes.plots import (
 from vlmstates.analysis.probes.saved import mlp_logits, mlp_module, probe_from_fit, standardise, write_saved_probes
 from vlmstates.analysis.probes.settings import (
     ANSWER_TYPE,
+    PROBE_OUTPUTS,
     REPRESENTATION_CODES,
     UNKNOWN_LABEL_METHOD,
     ProbeError,
@@ -38,15 +39,21 @@ from vlmstates.analysis.probes.settings import (
 from vlmstates.analysis.probes.subsets import question_subsets
 from vlmstates.analysis.summary import best_rows
 from vlmstates.atomic import write_atomic
-from vlmstates.inspection.report import model_name
-from vlmstates.store import STATUS_OK, parse_key, read_embeddings
+from vlmstates.inspection.report import model_key_of
+from vlmstates.store import (
+    CONFIG_HASH_ATTR,
+    FAMILY_ATTR,
+    HIDDEN_SIZE_ATTR,
+    MODEL_ATTR,
+    NUM_DECODER_LAYERS_ATTR,
+    REVISION_ATTR,
+    STATUS_OK,
+    VISION_HIDDEN_SIZE_ATTR,
+    parse_key,
+    read_embeddings,
+)
 
 SPLIT_NAMES = ("train", "val", "test")
-OUTPUT_FILES = (
-    "metrics.csv", "metrics.html", "metrics.json", "splits.csv", "subsets.csv", "subsets.html", "heatmap.png",
-    "auroc_by_layer.png",
-)  # fmt: skip
-SAVED_FOLDER = "saved"  # the trained probes (format: saved_probes)
 
 METRIC_COLUMNS = (
     "model", "representation", "layer", "key", "dim", "probe", "split", "label_method",
@@ -665,9 +672,9 @@ class ProbeData:
 def run_probes(
     embeddings_path, labels_csv, out_dir, settings: ProbeSettings | None = None, dataset_csv=None, labels_summary=None
 ) -> pd.DataFrame:
-    """Probe every representation/layer; write the OUTPUT_FILES (metrics.csv and its page metrics.html,
+    """Probe every representation/layer; write the PROBE_OUTPUTS (metrics.csv and its page metrics.html,
     metrics.json, splits.csv, subsets.csv and its page subsets.html, heatmap.png, auroc_by_layer.png) and the
-    trained probes (SAVED_FOLDER) into `out_dir`; return the metrics table. `dataset_csv` (the validated
+    trained probes (saved/) into `out_dir`; return the metrics table. `dataset_csv` (the validated
     dataset table) gives the values of the `breakdown` columns; `labels_summary` the label method."""
     settings = settings or ProbeSettings()
     settings.validate()
@@ -701,8 +708,8 @@ def run_probes(
         f"{baseline.result['auroc_within_answer_type']:.3f} {baseline.result['reason']}",
         flush=True,
     )
-    model = str(embeddings.attrs.get("model", ""))
-    subset_rows = _baseline_subset_rows(baseline, data, settings, model)
+    checkpoint = str(embeddings.attrs.get(MODEL_ATTR, ""))
+    subset_rows = _baseline_subset_rows(baseline, data, settings, checkpoint)
     records, saved = [], []
     for key in keys:
         code, layer = _key_code_layer(key)
@@ -710,7 +717,7 @@ def run_probes(
         standardised = {}  # per fold, shared by the probes and their controls
         for probe in settings.probes:
             start = time.perf_counter()
-            base = {"model": model, "representation": code, "layer": layer, "key": key, "dim": x.shape[1]}
+            base = {"model": checkpoint, "representation": code, "layer": layer, "key": key, "dim": x.shape[1]}
             base.update(probe=probe, split=settings.split, label_method=data.label_method)
             base.update(pos_rate=float(y.mean()) if len(y) else math.nan, **_split_counts(y, folds))
             base.update(
@@ -741,7 +748,9 @@ def run_probes(
     subsets["layer"] = subsets["layer"].astype("Int64")
     outputs = RunOutputs(metrics, subsets, baseline.result, counts, device)
     write_outputs(outputs, out_dir, settings, data, embeddings, rows_used, labels_csv, dataset_csv)
-    write_saved_probes(out_dir / SAVED_FOLDER, saved, saved_probes_about(embeddings, labels_csv, settings, folds))
+    write_saved_probes(
+        out_dir / PROBE_OUTPUTS.saved, saved, saved_probes_about(embeddings, labels_csv, settings, folds)
+    )
     return metrics
 
 
@@ -781,9 +790,9 @@ def saved_probes_about(embeddings, labels_csv, settings: ProbeSettings, folds: l
     """index.json's description of the model and data the probes were trained on."""
     attrs = embeddings.attrs
     about = {
-        "model_name": model_name(embeddings),
-        **{name: attrs.get(name) for name in ("model", "revision", "family", "config_hash")},
-        **{name: attrs.get(name) for name in ("hidden_size", "vision_hidden_size", "num_decoder_layers")},
+        "model_name": model_key_of(embeddings),  # the model key, under the name index.json has always used
+        **{name: attrs.get(name) for name in (MODEL_ATTR, REVISION_ATTR, FAMILY_ATTR, CONFIG_HASH_ATTR)},
+        **{name: attrs.get(name) for name in (HIDDEN_SIZE_ATTR, VISION_HIDDEN_SIZE_ATTR, NUM_DECODER_LAYERS_ATTR)},
         "embeddings": str(embeddings.path),
         "labels": str(labels_csv),
         "split": settings.split,
@@ -803,12 +812,12 @@ def write_outputs(
     metrics = outputs.metrics
     question_ids = embeddings.table["question_id"].to_numpy()[rows_used]
     splits = split_table(data.folds, question_ids, data.groups, data.y)
-    write_atomic(out_dir / "splits.csv", lambda p: splits.to_csv(p, index=False))
-    write_atomic(out_dir / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
-    write_atomic(out_dir / "subsets.csv", lambda p: outputs.subsets.to_csv(p, index=False))
+    write_atomic(out_dir / PROBE_OUTPUTS.splits_csv, lambda p: splits.to_csv(p, index=False))
+    write_atomic(out_dir / PROBE_OUTPUTS.metrics_csv, lambda p: metrics.to_csv(p, index=False))
+    write_atomic(out_dir / PROBE_OUTPUTS.subsets_csv, lambda p: outputs.subsets.to_csv(p, index=False))
     document = {
-        "model": str(embeddings.attrs.get("model", "")),
-        "family": str(embeddings.attrs.get("family", "")),  # what probe-summary matches the paper's models by
+        "model": str(embeddings.attrs.get(MODEL_ATTR, "")),
+        "family": str(embeddings.attrs.get(FAMILY_ATTR, "")),  # what probe-summary matches the paper's models by
         "embeddings": str(embeddings.path),
         "labels": str(labels_csv),
         "label_method": data.label_method,  # whether probe-summary sets the paper's numbers beside ours
@@ -826,16 +835,19 @@ def write_outputs(
             for record in metrics.astype(object).where(metrics.notna(), None).to_dict("records")
         ],
     }
-    write_atomic(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(_json_ready(document), indent=2) + "\n"))
+    write_atomic(
+        out_dir / PROBE_OUTPUTS.metrics_json, lambda p: p.write_text(json.dumps(_json_ready(document), indent=2) + "\n")
+    )
     # the workflow's name of the model (results/<model>/), which the report groups by; not the checkpoint path
-    name = model_name(embeddings)
+    name = model_key_of(embeddings)
     title = f"{name}: split {settings.split}, n_test {document['splits']['n_test']}"
-    write_atomic(out_dir / "heatmap.png", lambda p: plot_heatmap(metrics, p, title))
-    write_atomic(out_dir / "auroc_by_layer.png", lambda p: plot_by_layer(metrics, p, title))
+    write_atomic(out_dir / PROBE_OUTPUTS.heatmap_png, lambda p: plot_heatmap(metrics, p, title))
+    write_atomic(out_dir / PROBE_OUTPUTS.auroc_by_layer_png, lambda p: plot_by_layer(metrics, p, title))
     note = f"checkpoint {document['model']}; {title}; labels {labels_csv} (method {data.label_method})"
     page_title = f"{name}: probe metrics"
     write_atomic(
-        out_dir / "metrics.html", lambda p: write_table_html(metrics, p, page_title, note, METRICS_PAGE_COLUMNS)
+        out_dir / PROBE_OUTPUTS.metrics_html,
+        lambda p: write_table_html(metrics, p, page_title, note, METRICS_PAGE_COLUMNS),
     )
     best = best_layer_subsets(metrics, outputs.subsets)
     note = (
@@ -845,7 +857,7 @@ def write_outputs(
         + "; every layer: subsets.csv"
     )
     write_atomic(
-        out_dir / "subsets.html",
+        out_dir / PROBE_OUTPUTS.subsets_html,
         lambda p: write_table_html(subset_page_frame(best), p, f"{name}: probes per subset", note, SUBSET_PAGE_COLUMNS),
     )
 
