@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_the_device_check_runs_on_the_cpu_and_saves_every_check(tmp_path):

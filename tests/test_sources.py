@@ -15,7 +15,7 @@ import datasets
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from PIL import Image
 
 from vlmstates.cli import main

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from test_envs import run_in_environment
 from test_workflow import default_config, snakemake, workdir_with_config
 
