@@ -258,8 +258,10 @@ def extract_shard(
     save_every: int = ExtractionSettings.save_every,
     attempt: int = 1,
     get_extractor: Callable[[], object] | None = None,
+    preprocess_workers: int = 0,
 ) -> Path:
-    """Extract one shard into `out_path`, continuing from its saved progress.
+    """Extract one shard into `out_path`, continuing from its saved progress; `preprocess_workers` worker
+    processes prepare its batches (vlmstates.extraction.preparing; 0: one thread of this process).
 
     `get_extractor` returns an `engine.Extractor` of these settings, so that one process running several
     shards loads the model once; it is called only when the shard has work. Without it the model is
@@ -269,7 +271,7 @@ def extract_shard(
     folder = Path(progress_dir) if progress_dir else progress_folder(out_path)
     if recover_finished(folder, identity, out_path):
         return Path(out_path)
-    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt)
+    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt, preprocess_workers)
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model,
@@ -298,11 +300,16 @@ def extract_shard(
     return Path(out_path)
 
 
-def _load_extractor(settings, attempt: int):
+def _load_extractor(settings, attempt: int, preprocess_workers: int):
     from vlmstates.extraction.engine import Extractor, load_model  # torch is imported only by jobs that extract
 
     batch_size = batch_size_for_attempt(settings.batch_size, attempt)
-    return Extractor(load_model(settings), batch_size=batch_size, progress=progress_bar_wanted())
+    return Extractor(
+        load_model(settings),
+        batch_size=batch_size,
+        progress=progress_bar_wanted(),
+        preprocess_workers=preprocess_workers,
+    )
 
 
 def progress_bar_wanted() -> bool:
