@@ -2,15 +2,19 @@
 
 The engine (vlmstates.extraction.engine.BatchPreparer) runs this in line, in one background thread, or in
 worker processes (`PreprocessWorkers`), each with its own copy of the processor, so that preprocessing
-scales with the job's cores. Worker processes are started with 'spawn': the job's process has CUDA
-initialised, after which a forked child is unsafe. What crosses to a worker once is a `WorkerSetup` (the
-processor, the model's config and the adapter's state, pickled: no weights); per batch, the questions
-go there and a `Fetched` comes back, its tensors through shared memory (torch's pickling of tensors).
+scales with the job's cores. The job's process has CUDA initialised, after which a forked child is unsafe,
+so workers are forked by a 'forkserver' (a fresh process that has imported this module and never touched
+CUDA; later pools of the same job start at once), or started with 'spawn' where there is no forkserver.
+What crosses to a worker once is a `WorkerSetup` (the processor, the model's config and the adapter's
+state, pickled: no weights, and the job's environment); per batch, the questions go there and a `Fetched`
+comes back, its tensors through shared memory (torch's pickling of tensors).
 """
 
 from __future__ import annotations
 
+import copyreg
 import multiprocessing
+import os
 import pickle
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +30,7 @@ from vlmstates.extraction.adapters import adapter_for_family
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
 from vlmstates.extraction.paper_positions import paper_vision_positions
 from vlmstates.extraction.positions import Positions
+from vlmstates.failpoints import failpoint
 from vlmstates.images import ImageLoadError, load_image, resolve_image_path
 
 
@@ -112,6 +117,8 @@ class WorkerSetup:
     #: pickle of (processor, model config, adapter state): read after transformers' remote-code modules are
     #: importable, since a trust_remote_code processor's class lives there
     payload: bytes
+    #: the job's environment as the pool starts (a forkserver keeps the one it started with)
+    environment: dict
 
 
 #: the worker process's model stand-in and prompt limit, set once by `_start_worker`
@@ -122,6 +129,7 @@ def _start_worker(setup: WorkerSetup) -> None:
     from transformers.dynamic_module_utils import init_hf_modules
 
     global _worker
+    os.environ.update(setup.environment)
     torch.set_num_threads(1)  # one core per worker: the job's cores are shared out as processes
     init_hf_modules()
     processor, config, adapter_state = pickle.loads(setup.payload)
@@ -140,6 +148,7 @@ def _start_worker(setup: WorkerSetup) -> None:
 
 
 def _fetch_in_worker(questions: list[Question], images_dir: Path) -> Fetched:
+    failpoint("preprocess-worker")
     host, prompt_limit = _worker
     fetched = fetch_batch(host, questions, images_dir, prompt_limit)
     fetched.error = _picklable(fetched.error)
@@ -148,14 +157,42 @@ def _fetch_in_worker(questions: list[Question], images_dir: Path) -> Fetched:
 
 
 def _picklable(error: Exception | None) -> Exception | None:
-    """`error`, or where it cannot cross back to the job's process, a RuntimeError with its type and message."""
-    if error is None:
-        return None
+    """`error` as it can cross back to the job's process: with its type and message, which the engine records.
+    An error whose __init__ takes other arguments than its message (e.g. vlmstates.images' errors) is rebuilt
+    from its args; one that still cannot cross becomes a RuntimeError naming its type."""
+    if error is None or _crosses(error):
+        return error
+    copyreg.pickle(type(error), _reduce_error)
+    if _crosses(error):
+        return error
+    return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _crosses(error: Exception) -> bool:
     try:
         pickle.loads(pickle.dumps(error))
-        return error
+        return True
     except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
+        return False
+
+
+def _reduce_error(error: Exception):
+    return _rebuild_error, (type(error), error.args, dict(vars(error)))
+
+
+def _rebuild_error(cls: type, args: tuple, state: dict) -> Exception:
+    error = cls.__new__(cls)
+    error.args = args
+    vars(error).update(state)
+    return error
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # torch and the adapters imported once, by the server
+    return context
 
 
 class PreprocessWorkers:
@@ -177,11 +214,10 @@ class PreprocessWorkers:
             loaded.attn_implementation,
             prompt_limit,
             payload,
+            dict(os.environ),
         )
         self.count = count
-        self._pool = ProcessPoolExecutor(
-            count, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(setup,)
-        )
+        self._pool = ProcessPoolExecutor(count, mp_context=_context(), initializer=_start_worker, initargs=(setup,))
 
     def submit(self, questions: list[Question], images_dir: Path) -> Future:
         return self._pool.submit(_fetch_in_worker, questions, images_dir)
