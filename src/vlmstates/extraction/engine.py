@@ -28,7 +28,14 @@ from vlmstates.extraction.adapters import adapter_for_family, family_of_model_ty
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
 from vlmstates.extraction.capture import PrefillCapture
 from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch
-from vlmstates.extraction.preparing import Fetched, Prepared, PreprocessWorkers, fetch_batch, prepare_batch
+from vlmstates.extraction.preparing import (
+    Fetched,
+    Prepared,
+    PreprocessWorkers,
+    fetch_batch,
+    prepare_batch,
+    start_server,
+)
 from vlmstates.failpoints import failpoint
 from vlmstates.settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
 from vlmstates.store import (
@@ -132,6 +139,8 @@ class BatchPreparer:
         # The prefetch thread has its own processor: a fast tokenizer is not safe to share between threads
         # (its __call__ reconfigures padding in place; the main thread decodes the answers meanwhile).
         self.host = replace(loaded, device=torch.device("cpu"))
+        if workers > 0:
+            start_server(loaded)  # its imports overlap the batch planning
         threaded = prefetch > 0 and workers <= 0
         self._prefetch_host = replace(self.host, processor=copy.deepcopy(loaded.processor)) if threaded else None
         self._pin = loaded.device.type == "cuda"

@@ -16,6 +16,7 @@ import copyreg
 import multiprocessing
 import os
 import pickle
+import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -129,6 +130,10 @@ def _start_worker(setup: WorkerSetup) -> None:
     from transformers.dynamic_module_utils import init_hf_modules
 
     global _worker
+    # Ctrl-C and SIGTERM (SLURM's scancel) reach the job's whole process group; the job's process handles
+    # them (saves its progress) and then stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.update(setup.environment)
     torch.set_num_threads(1)  # one core per worker: the job's cores are shared out as processes
     init_hf_modules()
@@ -187,12 +192,30 @@ def _rebuild_error(cls: type, args: tuple, state: dict) -> Exception:
     return error
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def start_server(loaded: LoadedModel) -> None:
+    """Start the forkserver now (it imports torch and the processor's code in the background), so that the
+    workers, started once the batches are planned, fork from it at once."""
+    context = _context(_modules_of(loaded.processor, loaded.model.config))
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def _context(modules: list[str]) -> multiprocessing.context.BaseContext:
+    """The forkserver, which imports this module and `modules` once (when it starts: the job's first pool),
+    so that a worker starts without importing torch and the processor's code again; else spawn."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # torch and the adapters imported once, by the server
+    context.set_forkserver_preload([__name__, *modules])  # one the server cannot import is left to the workers
     return context
+
+
+def _modules_of(processor, config) -> list[str]:
+    """The modules of a processor and its parts (image processor, tokenizer, ...) and of the model's config."""
+    parts = [processor, config, *(value for value in vars(processor).values() if hasattr(value, "__module__"))]
+    return sorted({type(part).__module__ for part in parts} - {"builtins"})
 
 
 class PreprocessWorkers:
@@ -217,7 +240,12 @@ class PreprocessWorkers:
             dict(os.environ),
         )
         self.count = count
-        self._pool = ProcessPoolExecutor(count, mp_context=_context(), initializer=_start_worker, initargs=(setup,))
+        self._pool = ProcessPoolExecutor(
+            count,
+            mp_context=_context(_modules_of(loaded.processor, loaded.model.config)),
+            initializer=_start_worker,
+            initargs=(setup,),
+        )
 
     def submit(self, questions: list[Question], images_dir: Path) -> Future:
         return self._pool.submit(_fetch_in_worker, questions, images_dir)
