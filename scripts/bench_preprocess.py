@@ -3,12 +3,13 @@ line and with 1, 2 and 4 worker processes, for the real-geometry processors of Q
 Phi-4-multimodal (vlmstates.extraction.benchmark's full-size builders: the real processor classes and image
 geometry, the tiny builders' tokenizers; no weights are built) on synthetic images of two sizes.
 
-python scripts/bench_preprocess.py                       # 48 samples per row, batches of 4
+python scripts/bench_preprocess.py                       # 96 samples per row, batches of 4
 python scripts/bench_preprocess.py --samples 256 --batch-size 16 --workers 1 2 4 8
 
 Each row runs the engine's own code (vlmstates.extraction.engine.BatchPreparer.ahead, the batches planned as the
-engine plans them) from the call to the last prepared batch, the workers' start included (the forkserver is
-started once, untimed, before the rows). Pixel values are cast to bfloat16 as on CUDA; nothing is pinned (that
+engine plans them). Reported: samples/s once every worker has delivered its first batch (a job's steady
+state), and in brackets over the whole call, the workers' start included (the forkserver is started once,
+untimed, before the rows; a job starts it while it plans its batches). Pixel values are cast to bfloat16 as on CUDA; nothing is pinned (that
 is the job's process, on CUDA only). The load average is printed with the table: on a shared machine the
 figures say more about it than about the code.
 """
@@ -49,21 +50,28 @@ def processor_only(family: str) -> LoadedModel:
     )
 
 
-def samples_per_s(loaded: LoadedModel, workers: int, questions, images: Path, batch_size: int) -> float:
+def samples_per_s(loaded: LoadedModel, workers: int, questions, images: Path, batch_size: int) -> tuple[float, float]:
+    """(steady, overall): samples/s after the first max(workers, 1) batches have arrived (the workers started
+    and busy), and over the whole call, the workers' start included."""
     batches = plan_batches(sort_keys(loaded, questions, images), batch_size)
     preparer = BatchPreparer(loaded, 0, untimed, workers=workers)
     start = time.perf_counter()
-    failed = [fetched.error for _, fetched in preparer.ahead(batches, questions, images) if fetched.prepared is None]
-    seconds = time.perf_counter() - start
+    arrivals, failed = [], []
+    for indices, fetched in preparer.ahead(batches, questions, images):
+        arrivals.append((time.perf_counter(), len(indices)))
+        if fetched.prepared is None:
+            failed.append(fetched.error)
     if failed:
         raise RuntimeError(f"{len(failed)} batches failed to prepare, first: {failed[0]}")
-    return len(questions) / seconds
+    warm = max(workers, 1)
+    steady = sum(n for _, n in arrivals[warm:]) / (arrivals[-1][0] - arrivals[warm - 1][0])
+    return steady, len(questions) / (arrivals[-1][0] - start)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    parser.add_argument("--samples", type=int, default=48, help="samples per row")
+    parser.add_argument("--samples", type=int, default=96, help="samples per row")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts (0: in line)")
     args = parser.parse_args(argv)
@@ -74,15 +82,19 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             loaded = processor_only(family)
-            samples_per_s(loaded, 1, [], Path(tmp), args.batch_size)  # nothing to do: starts nothing
             for width, height in SIZES:
                 images = Path(tmp) / f"{width}x{height}"
                 questions = synthetic_inputs(images, args.samples, [(width, height)], seed=0)
-                samples_per_s(loaded, 1, questions[: args.batch_size], images, args.batch_size)  # the forkserver
+                samples_per_s(loaded, 1, questions[: 2 * args.batch_size], images, args.batch_size)  # the forkserver
                 rates = [samples_per_s(loaded, n, questions, images, args.batch_size) for n in counts]
-                rows.append([family, f"{width}x{height}", *[f"{r:.1f}" for r in rates]])
+                rows.append(
+                    [family, f"{width}x{height}", *[f"{steady:.1f} ({overall:.1f})" for steady, overall in rates]]
+                )
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print(f"samples/s of preprocessing; {args.samples} samples per row, batches of {args.batch_size}")
+    print(
+        f"samples/s of preprocessing once the workers run (in brackets: over the whole call, their start included); "
+        f"{args.samples} samples per row, batches of {args.batch_size}"
+    )
     print(f"cores: {os.cpu_count()}, load average (1, 5, 15 min) after the run: {os.getloadavg()}")
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
