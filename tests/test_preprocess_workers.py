@@ -159,3 +159,19 @@ def test_the_extraction_rule_declares_the_configs_threads_and_passes_them_on(tmp
         for job in jobs:
             assert f"threads: {threads}\n" in job + "\n", job
             assert f"--threads {threads} --preprocess-workers auto" in job, job
+
+
+def test_a_remote_code_processor_reaches_the_workers(tmp_path):
+    """Molmo's processor class lives in transformers' remote-code modules, which a worker imports itself."""
+    from molmo_standin import build_standin_checkpoint
+
+    folder = build_standin_checkpoint(tmp_path / "molmo_standin_checkpoint", layout="molmo")
+    settings = ModelSettings.from_config(
+        "molmo_standin", {"model": str(folder), "trust_remote_code": True, "max_new_tokens": 2, "batch_size": 3}
+    )
+    loaded = load_model(settings)
+    questions = synthetic_inputs(tmp_path / "images", 6, [(300, 200), (640, 480)], seed=0)
+    inline = Extractor(loaded, progress=False, prefetch=0).extract(questions, tmp_path / "images")
+    workers = Extractor(loaded, progress=False, preprocess_workers=2).extract(questions, tmp_path / "images")
+    assert all(r.status == STATUS_OK for r in workers), [r.error for r in workers]
+    assert_same_results(workers, inline, exact=True)
