@@ -115,8 +115,8 @@ class WorkerSetup:
     dtype: torch.dtype
     attn_implementation: str
     prompt_limit: int | None
-    #: pickle of (processor, model config, adapter state): read after transformers' remote-code modules are
-    #: importable, since a trust_remote_code processor's class lives there
+    #: pickle of (processor, model config, adapter state); a trust_remote_code processor's class is imported
+    #: from transformers' remote-code modules, on the sys.path that a worker gets from the job's process
     payload: bytes
     #: the job's environment as the pool starts (a forkserver keeps the one it started with)
     environment: dict
@@ -127,8 +127,6 @@ _worker: tuple[LoadedModel, int | None] | None = None
 
 
 def _start_worker(setup: WorkerSetup) -> None:
-    from transformers.dynamic_module_utils import init_hf_modules
-
     global _worker
     # Ctrl-C and SIGTERM (SLURM's scancel) reach the job's whole process group; the job's process handles
     # them (saves its progress) and then stops the workers
@@ -136,7 +134,6 @@ def _start_worker(setup: WorkerSetup) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.update(setup.environment)
     torch.set_num_threads(1)  # one core per worker: the job's cores are shared out as processes
-    init_hf_modules()
     processor, config, adapter_state = pickle.loads(setup.payload)
     adapter = adapter_for_family(setup.family)
     adapter.__dict__.update(adapter_state)  # e.g. Molmo's token ids read off the processor at load
