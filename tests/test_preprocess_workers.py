@@ -175,3 +175,20 @@ def test_a_remote_code_processor_reaches_the_workers(tmp_path):
     workers = Extractor(loaded, progress=False, preprocess_workers=2).extract(questions, tmp_path / "images")
     assert all(r.status == STATUS_OK for r in workers), [r.error for r in workers]
     assert_same_results(workers, inline, exact=True)
+
+
+def test_the_schema_checks_threads_and_workers():
+    from conftest import REPO
+
+    from vlmstates.workflow.config_check import check_config
+
+    schema = REPO / "workflow" / "schemas" / "config.schema.yaml"
+    for good in ({"threads": 8, "preprocess_workers": 2}, {"preprocess_workers": "auto"}, {}):
+        config = default_config()
+        config["extraction"] = good
+        assert check_config(config, schema)["extraction"]["threads"] == good.get("threads", 4)
+    for bad in ({"threads": 0}, {"preprocess_workers": -1}, {"preprocess_workers": "many"}):
+        config = default_config()
+        config["extraction"] = bad
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            check_config(config, schema)
