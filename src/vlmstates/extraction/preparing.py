@@ -33,6 +33,7 @@ from vlmstates.extraction.paper_positions import paper_vision_positions
 from vlmstates.extraction.positions import Positions
 from vlmstates.failpoints import failpoint
 from vlmstates.images import ImageLoadError, load_image, resolve_image_path
+from vlmstates.settings import ConfigError
 
 
 class PreprocessWorkerError(VlmstatesError, RuntimeError):
@@ -222,7 +223,7 @@ class PreprocessWorkers:
         try:
             payload = pickle.dumps((loaded.processor, loaded.model.config, dict(loaded.adapter.__dict__)))
         except Exception as error:
-            raise PreprocessWorkerError(
+            raise ConfigError(  # the same on a retry
                 f"models.{loaded.settings.name}: the processor cannot be sent to preprocessing worker processes "
                 f"({type(error).__name__}: {error}); set extraction.preprocess_workers: 0 to prepare batches in "
                 "the job's own process"
