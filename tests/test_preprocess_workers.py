@@ -192,3 +192,11 @@ def test_the_schema_checks_threads_and_workers():
         config["extraction"] = bad
         with pytest.raises(ConfigError, match=next(iter(bad))):
             check_config(config, schema)
+
+
+def test_a_processor_that_cannot_reach_the_workers_names_the_fix(setup):
+    loaded, questions, images = setup
+    _one_family_shows_it(loaded)
+    unpicklable = replace(loaded, processor=lambda *args: None)
+    with pytest.raises(ConfigError, match="preprocess_workers: 0"):
+        list(BatchPreparer(unpicklable, 0, untimed, workers=1).ahead([[0]], questions, images))
