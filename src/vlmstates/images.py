@@ -51,9 +51,6 @@ class ImageLoadError(ValueError):
         self.reason = reason
         super().__init__(f"cannot load image '{self.path}': {reason}")
 
-    def __reduce__(self):  # pickled by its own arguments, to cross back from a preprocessing worker process
-        return type(self), (self.path, self.reason)
-
 
 def _split_parts(image_id: str) -> list[str]:
     return [p for p in image_id.replace("\\", "/").split("/")]
