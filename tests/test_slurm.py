@@ -26,6 +26,7 @@ import pytest
 import yaml
 from helpers import REPO
 
+from vlmstates.settings import ExtractionSettings
 from vlmstates.store import read_embeddings
 from vlmstates.workflow import resources as job_resources
 
@@ -241,7 +242,9 @@ def test_every_step_was_a_slurm_job_and_extraction_asked_for_a_gpu(slurm_demo):
     extract = _extract_jobs(jobs)
     assert len(extract) == sum(map(len, shards.values())) > len(shards), [j.get("Comment") for j in jobs]
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    cpus_per_gpu = profile["set-resources"]["extract_shard"]["cpus_per_gpu"]
+    assert profile["set-resources"]["extract_shard"]["cpus_per_gpu"] == "threads"  # the rule's threads
+    extraction = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["extraction"]
+    cpus_per_gpu = extraction.get("threads", ExtractionSettings.threads)
     for job in extract:
         assert job["JobState"] == "COMPLETED", job
         assert "gres:gpu:1" in job.get("TresPerJob", "") + job.get("TresPerNode", ""), job  # sbatch --gpus=1

@@ -56,9 +56,10 @@ def _validate(args) -> None:
 def _extract_shard(args) -> None:
     from dataclasses import replace
 
-    from vlmstates.settings import ModelSettings
+    from vlmstates.settings import ModelSettings, preprocess_workers_for
     from vlmstates.workflow.gpu_lease import check_gpu_usable, cuda_index, device_after_lease, lease_gpu
 
+    workers = preprocess_workers_for(_workers_setting(args.preprocess_workers), args.threads)
     entry = json.loads(args.settings)
     settings = ModelSettings.from_config(entry.pop("name"), entry)
     # before torch is imported: CUDA reads CUDA_VISIBLE_DEVICES once
@@ -78,7 +79,12 @@ def _extract_shard(args) -> None:
         progress_dir=args.progress_dir,
         save_every=args.save_every,
         attempt=args.attempt,
+        preprocess_workers=workers,
     )
+
+
+def _workers_setting(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
 
 
 def _merge(args) -> None:
@@ -343,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-every", type=int, default=ExtractionSettings.save_every, help="save progress every N finished samples"
     )
     p.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number: the batch size halves per retry")
+    p.add_argument("--threads", type=int, default=1, help="the job's CPU cores (the rule's threads)")
+    p.add_argument(
+        "--preprocess-workers",
+        default=str(ExtractionSettings.preprocess_workers),
+        help="worker processes preparing batches: a number, or auto (threads less one)",
+    )
     p.set_defaults(func=_extract_shard)
 
     p = commands.add_parser("merge", help="merge shards into one embeddings file")

@@ -1,7 +1,8 @@
 """Named points where the fault-injection tests kill the process, as a crash or a pre-emption would.
 
 VLMSTATES_FAILPOINT=<name> makes the process SIGKILL itself on reaching <name>: `batch:<k>` after its k-th
-computed batch, `rename:<file name>` after writing a file's temporary copy, before renaming it into place.
+computed batch, `rename:<file name>` after writing a file's temporary copy, before renaming it into place,
+`preprocess-worker` in a preprocessing worker process as it takes a batch.
 `stall:<name>` makes it wait there instead, until a test kills it: a kill from outside then lands at a known
 point, not wherever a busy machine's timing puts it. `oom_above:<n>` makes the model's forward raise
 torch.OutOfMemoryError whenever its batch has more than n rows (0: every forward), as a GPU that is too

@@ -41,6 +41,25 @@ class ExtractionSettings:
     shard_size: int = 500  # questions per extraction job
     max_failed_share: float = 0.05  # a shard in which more samples failed fails its job
     save_every: int = 64  # a job saves its finished samples every N, so that a rerun continues from there
+    threads: int = 4  # CPU cores of an extraction job (the rule's threads; SLURM's cpus-per-gpu)
+    #: worker processes that decode images and run the processor; AUTO_WORKERS: the job's threads less one
+    preprocess_workers: int | str = "auto"
+
+
+#: `extraction.preprocess_workers: auto`: one worker per core of the job but one, which drives the model.
+AUTO_WORKERS = "auto"
+
+
+def preprocess_workers_for(setting: int | str, threads: int) -> int:
+    """Worker processes of a job with `threads` cores: the setting, or for AUTO_WORKERS `threads - 1`
+    (0 with one core: its own process prepares batches, in one background thread)."""
+    if setting == AUTO_WORKERS:
+        return max(threads - 1, 0)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ConfigError(
+            f"extraction.preprocess_workers must be {AUTO_WORKERS} or a whole number >= 0, not {setting!r}"
+        )
+    return setting
 
 
 @dataclass(frozen=True)

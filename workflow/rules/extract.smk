@@ -10,6 +10,9 @@ rule extract_shard:
         "benchmarks/extract/{model}/shard_{shard}.tsv"
     conda:
         family_environment
+    # image decoding and the processor in worker processes (extraction.preprocess_workers); on SLURM
+    # --cpus-per-gpu (profiles/slurm)
+    threads: EXTRACTION.threads
     resources:
         gpu=1,
         # requests of a cluster job (profiles/slurm); a site may override them per model there
@@ -27,12 +30,14 @@ rule extract_shard:
         shard_size=EXTRACTION.shard_size,
         max_failed_share=EXTRACTION.max_failed_share,
         save_every=EXTRACTION.save_every,
+        preprocess_workers=EXTRACTION.preprocess_workers,
     shell:
         "{params.cli} --attempt {resources.attempt} --log {log:q} --marker {params.marker:q} -- extract-shard"
         " --settings {params.settings:q} --table {input.table:q} --images {params.images:q}"
         " --shard {wildcards.shard} --shard-size {params.shard_size}"
         " --max-failed-share {params.max_failed_share} --save-every {params.save_every}"
-        " --attempt {resources.attempt} --out {output:q} > {log:q} 2>&1"
+        " --attempt {resources.attempt} --threads {threads} --preprocess-workers {params.preprocess_workers}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule merge_shards:

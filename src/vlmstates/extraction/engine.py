@@ -1,8 +1,8 @@
 """The extraction engine: one batched generate() per batch captures the vectors and produces the answers.
 
 Batches are planned by vlmstates.extraction.batching (by estimated prompt length, before any pixel is decoded).
-While the model runs one batch, a background thread decodes the images of the next ones and runs the
-processor on them.
+While the model runs one batch, worker processes (or one background thread) decode the images of the next
+ones and run the processor on them (vlmstates.extraction.preparing).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from vlmstates import __version__, store
@@ -31,10 +30,16 @@ from vlmstates.extraction.adapters import adapter_for_family, family_of_model_ty
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
 from vlmstates.extraction.capture import PrefillCapture, PrefillDone
 from vlmstates.extraction.hooks import forward_hooks
-from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
-from vlmstates.extraction.positions import Positions
+from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch
+from vlmstates.extraction.preparing import (
+    Fetched,
+    Prepared,
+    PreprocessWorkers,
+    fetch_batch,
+    prepare_batch,
+    start_server,
+)
 from vlmstates.failpoints import failpoint, oom_above_rows
-from vlmstates.images import ImageLoadError, load_image, resolve_image_path
 from vlmstates.settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_fields, model_type_of, recorded_layers
 from vlmstates.store import (
     MULTIMODAL,
@@ -119,30 +124,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
 
 
 # -- preparing batches on the host, ahead of the model ----------------------------------------------
-@dataclass
-class Prepared:
-    """A batch preprocessed on the host (pinned for CUDA), its positions read off input_ids, and the
-    paper code's vision positions (own prompt) when the model entry records them."""
-
-    batch: Batch
-    positions: Positions
-    paper_vision: list[int] | None = None
-
-
-@dataclass
-class Fetched:
-    """A planned batch: each sample's decoded image or why it could not be loaded, and the batch prepared
-    from the loaded ones or why preparing it failed (the engine then splits it to find the culprit)."""
-
-    images: list[Image.Image | None]
-    image_errors: list[Exception | None]
-    prepared: Prepared | None = None
-    error: Exception | None = None
-
-
 #: What `Extractor(stage_timer=...)` calls around each stage of a batch: `stage_timer(stage, prepared)`
 #: returns a context manager held for the stage's duration, left without an exception when the stage
-#: completes. "prepare": a batch's images loaded and preprocessed (in the prefetch thread when prefetching);
+#: completes. "prepare": a batch's images loaded and preprocessed (in the prefetch thread when prefetching; not
+#: timed when worker processes prepare batches);
 #: "wait": the model waiting for a prepared batch; "model": the model on `prepared` (its prefill, then the
 #: answer's decoding unless prefill-only).
 StageTimer = Callable[[str, "Prepared | None"], contextlib.AbstractContextManager[None]]
@@ -169,20 +154,28 @@ def _map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Ba
 
 
 class BatchPreparer:
-    """Loads a batch's images and runs the processor on them, on the host; `prefetch` batches ahead in a
-    background thread (0: in line). The engine copies prepared batches to the device itself."""
+    """Loads a batch's images and runs the processor on them, on the host, ahead of the model: in `workers`
+    worker processes (vlmstates.extraction.preparing), else `prefetch` batches ahead in a background thread
+    (0: in line). Batches are pinned here, in the job's process. The engine copies them to the device itself."""
 
-    def __init__(self, loaded: LoadedModel, prefetch: int, stage_timer: StageTimer):
+    def __init__(self, loaded: LoadedModel, prefetch: int, stage_timer: StageTimer, workers: int = 0):
         self.loaded, self.adapter, self.settings = loaded, loaded.adapter, loaded.settings
-        self.prefetch, self.timed = prefetch, stage_timer
+        self.prefetch, self.workers, self.timed = prefetch, workers, stage_timer
+        self.prompt_limit = self.adapter.max_prompt_tokens(loaded.model)
         # The prefetch thread has its own processor: a fast tokenizer is not safe to share between threads
         # (its __call__ reconfigures padding in place; the main thread decodes the answers meanwhile).
         self.host = replace(loaded, device=torch.device("cpu"))
-        self._prefetch_host = replace(self.host, processor=copy.deepcopy(loaded.processor)) if prefetch > 0 else None
+        if workers > 0:
+            start_server(loaded)  # its imports overlap the batch planning
+        threaded = prefetch > 0 and workers <= 0
+        self._prefetch_host = replace(self.host, processor=copy.deepcopy(loaded.processor)) if threaded else None
         self._pin = loaded.device.type == "cuda"
 
     def ahead(self, batches: list[list[int]], questions, images_dir: Path) -> Iterator[tuple[list[int], Fetched]]:
-        """The batches with their images loaded and preprocessed, in order; `prefetch` batches ahead."""
+        """The batches with their images loaded and preprocessed, in order."""
+        if self.workers > 0:
+            yield from self._from_workers(batches, questions, images_dir)
+            return
 
         def fetch(indices, host):
             return self.fetch([questions[i] for i in indices], images_dir, host)
@@ -208,45 +201,48 @@ class BatchPreparer:
             fetched = future.result()
         return indices, fetched
 
+    def _from_workers(
+        self, batches: list[list[int]], questions, images_dir: Path
+    ) -> Iterator[tuple[list[int], Fetched]]:
+        """The worker processes' batches, in order; each worker has a batch in hand, at least `prefetch` are
+        ahead (the "prepare" stage runs in the workers, untimed here; "wait" is the model waiting)."""
+        if not batches:
+            return
+        workers = PreprocessWorkers(self.loaded, self.workers, self.prompt_limit)
+        in_flight = max(self.workers, self.prefetch)
+        try:
+            queue: deque[tuple[list[int], Future]] = deque()
+            for indices in batches:
+                queue.append((indices, workers.submit([questions[i] for i in indices], images_dir)))
+                if len(queue) > in_flight:
+                    yield self._next_from(workers, queue)
+            while queue:
+                yield self._next_from(workers, queue)
+        finally:
+            workers.close()
+
+    def _next_from(self, workers: PreprocessWorkers, queue: deque) -> tuple[list[int], Fetched]:
+        indices, future = queue.popleft()
+        with self.timed("wait", None):
+            fetched = workers.result(future)
+            fetched.prepared = self._pinned(fetched.prepared)
+        return indices, fetched
+
     def fetch(self, questions: list[Question], images_dir: Path, host: LoadedModel) -> Fetched:
         """`host`: the model on the CPU, with a processor the calling thread may use."""
         with self.timed("prepare", None):
-            loads = [self._load(q, images_dir) for q in questions]
-            fetched = Fetched([image for image, _ in loads], [error for _, error in loads])
-            usable = [(q, image) for q, (image, _) in zip(questions, loads) if image is not None]
-            if usable:
-                try:
-                    fetched.prepared = self.prepare([q for q, _ in usable], [image for _, image in usable], host)
-                except Exception as error:  # recorded by the engine, which splits the batch to find the culprit
-                    fetched.error = error
+            fetched = fetch_batch(host, questions, images_dir, self.prompt_limit)
+            fetched.prepared = self._pinned(fetched.prepared)
         return fetched
 
-    @staticmethod
-    def _load(question: Question, images_dir: Path) -> tuple[Image.Image | None, Exception | None]:
-        try:
-            return load_image(resolve_image_path(images_dir, question.image_id)), None
-        except (ImageLoadError, ValueError, OSError) as error:
-            return None, error
-
     def prepare(self, questions: list[Question], images: list, host: LoadedModel) -> Prepared:
-        if len(questions) > 1 and len({self.adapter.batch_group(host, *image.size) for image in images}) > 1:
-            # the plan grouped by file headers; should decoding disagree, the split runs them apart
-            raise ValueError("the batch's decoded images fall into different batch groups")
-        texts = [self.settings.format_prompt(q.question) for q in questions]
-        batch = self.adapter.build_batch(host, texts, images)
-        positions = self.adapter.find_positions(host, batch)
-        limit = self.adapter.max_prompt_tokens(self.loaded.model)
-        too_long = [n for n in positions.num_prompt_tokens if limit and n > limit]
-        if too_long:
-            raise ValueError(f"prompt of {too_long[0]} tokens exceeds the model's {limit}")
-        paper = (
-            paper_vision_positions(self.adapter.family, positions, batch.inputs)
-            if self.settings.paper_positions
-            else None
-        )
-        if self._pin:  # page-locked, so that the copy to the GPU is asynchronous
-            batch = _map_tensors(batch, torch.Tensor.pin_memory)
-        return Prepared(batch, positions, paper)
+        return self._pinned(prepare_batch(host, questions, images, self.prompt_limit))
+
+    def _pinned(self, prepared: Prepared | None) -> Prepared | None:
+        if prepared is None or not self._pin:
+            return prepared
+        # page-locked, so that the copy to the GPU is asynchronous
+        return replace(prepared, batch=_map_tensors(prepared.batch, torch.Tensor.pin_memory))
 
 
 @contextlib.contextmanager
@@ -314,8 +310,9 @@ def oom_failpoint(blocks: Sequence[torch.nn.Module]) -> contextlib.AbstractConte
 class Extractor:
     """A loaded model with its hooks; turns questions into `SampleResult`s in the order given.
 
-    `batch_size` overrides the settings' (an int or "auto"); `prefetch` batches are decoded and
-    preprocessed ahead in a background thread (0: in line); `min_new_tokens` fixes the answer length
+    `batch_size` overrides the settings' (an int or "auto"); `preprocess_workers` worker processes decode
+    and preprocess batches ahead (`prefetch` or more); without workers, `prefetch` batches are prepared
+    ahead in a background thread (0: in line); `min_new_tokens` fixes the answer length
     (benchmarks); `stage_timer` is called around each stage of a batch (`StageTimer`, benchmarks).
     """
 
@@ -327,6 +324,7 @@ class Extractor:
         prefetch: int = PREFETCH_BATCHES,
         min_new_tokens: int = 0,
         stage_timer: StageTimer = untimed,
+        preprocess_workers: int = 0,
     ):
         self.loaded = loaded
         self.adapter = loaded.adapter
@@ -345,7 +343,7 @@ class Extractor:
             self.adapter.block_hidden_states,
         )
         self.progress = progress
-        self.preparer = BatchPreparer(loaded, prefetch, stage_timer)
+        self.preparer = BatchPreparer(loaded, prefetch, stage_timer, preprocess_workers)
 
     def _capped(self, batch_size: int | str) -> int | str:
         cap = self.adapter.max_batch_size

@@ -291,8 +291,10 @@ def extract_shard(
     save_every: int = ExtractionSettings.save_every,
     attempt: int = 1,
     get_extractor: Callable[[], object] | None = None,
+    preprocess_workers: int = 0,
 ) -> Path:
-    """Extract one shard into `out_path`, continuing from its saved progress.
+    """Extract one shard into `out_path`, continuing from its saved progress; `preprocess_workers` worker
+    processes prepare its batches (vlmstates.extraction.preparing; 0: one thread of this process).
 
     `get_extractor` returns an `engine.Extractor` of these settings, so that one process running several
     shards loads the model once; it is called only when the shard has work. Without it the model is
@@ -304,7 +306,7 @@ def extract_shard(
         return Path(out_path)
     # only a retry halves: a later run's first attempt (maybe on a larger GPU) starts from the config's size
     ran_out_at = ran_out_of_memory_at(folder) if attempt > 1 else None
-    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt, ran_out_at)
+    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt, ran_out_at, preprocess_workers)
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model,
@@ -339,11 +341,16 @@ def extract_shard(
     return Path(out_path)
 
 
-def _load_extractor(settings, attempt: int, ran_out_at: int | None):
+def _load_extractor(settings, attempt: int, ran_out_at: int | None, preprocess_workers: int):
     from vlmstates.extraction.engine import Extractor, load_model  # torch is imported only by jobs that extract
 
     batch_size = batch_size_for_attempt(settings.batch_size, attempt, ran_out_at)
-    return Extractor(load_model(settings), batch_size=batch_size, progress=progress_bar_wanted())
+    return Extractor(
+        load_model(settings),
+        batch_size=batch_size,
+        progress=progress_bar_wanted(),
+        preprocess_workers=preprocess_workers,
+    )
 
 
 def progress_bar_wanted() -> bool:
