@@ -195,10 +195,11 @@ def test_every_attribute_a_file_carries_is_declared_in_the_store(qwen_generation
     extractor = Extractor(loaded["checkpoint"], progress=False)
     results = extractor.extract(questions[:1], images)
     identity = resume_identity(extractor.settings, questions[:1], shard=0, shard_size=1)
-    attrs = extractor.attributes() | identity | {store.CREATED_ATTR: "now"}
+    attrs = extractor.attributes() | identity | {store.CREATED_ATTR: "now", store.DATASET_SOURCE_ATTR: "{}"}
     shard = store.write_embeddings(tmp_path / "shard.h5", results, extractor.vector_dims(), attrs)
     merged = store.merge_shards([shard], [questions[0].question_id], tmp_path / "merged.h5")
     declared = {value for name, value in vars(store).items() if name.endswith("_ATTR")}
+    declared |= {store.shard_values_attr(name) for name in store.PER_SHARD_LISTED_ATTRS}
     written = set(store.read_embeddings(merged).attrs)
     assert written - declared == set()
     assert set(store.SHARD_INVARIANT_ATTRS) - {store.PAPER_POSITIONS_ATTR} <= written  # the latter only when on

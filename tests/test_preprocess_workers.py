@@ -137,7 +137,7 @@ def test_workers_follow_the_jobs_threads_by_default():
 
 def test_extract_shard_gives_the_engine_its_threads_less_one(monkeypatch):
     calls = []
-    monkeypatch.setattr("vlmstates.workflow.gpu_lease.lease_gpu", lambda: None)
+    monkeypatch.setattr("vlmstates.workflow.gpu_lease.lease_gpu", lambda **kw: None)
     monkeypatch.setattr("vlmstates.extraction.shards.extract_shard", lambda *args, **kw: calls.append(kw))
     common = ["extract-shard", "--settings", '{"name": "m", "model": "x"}', "--table", "t", "--images", "i"]
     common += ["--shard", "0", "--shard-size", "4", "--out", "o.h5"]
@@ -178,7 +178,7 @@ def test_a_remote_code_processor_reaches_the_workers(tmp_path):
 
 
 def test_the_schema_checks_threads_and_workers():
-    from conftest import REPO
+    from helpers import REPO
 
     from vlmstates.workflow.config_check import check_config
 

@@ -111,6 +111,10 @@ MIXED_ATTR_VALUE = "mixed: see {name}"
 DATASET_SOURCE_ATTR = "dataset_source"
 
 
+#: The attributes whose every shard's value a merged file lists, under shard_values_attr(name).
+PER_SHARD_LISTED_ATTRS = (*SHARD_MACHINE_ATTRS, CREATED_ATTR)
+
+
 def shard_values_attr(name: str) -> str:
     """The merged file's attribute listing each shard's value of attribute `name` (JSON list), e.g. shard_devices."""
     return f"shard_{name}s"
@@ -414,7 +418,7 @@ def merge_shards(shard_paths: Sequence[str | Path], expected_question_ids: Seque
             out.attrs[name] = _to_attr(value)
         out.attrs[NUM_SHARDS_ATTR] = len(shards)
         out.attrs[CREATED_ATTR] = pd.Timestamp.now(tz="UTC").isoformat()
-        for name in (*SHARD_MACHINE_ATTRS, CREATED_ATTR):
+        for name in PER_SHARD_LISTED_ATTRS:
             values = [str(s.attrs.get(name, "")) for s in shards]
             out.attrs[shard_values_attr(name)] = json.dumps(values)
             if name in SHARD_MACHINE_ATTRS and len(set(values)) > 1:
