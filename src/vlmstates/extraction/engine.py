@@ -27,6 +27,7 @@ from vlmstates.dataset import Question
 from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
+from vlmstates.extraction.attention import choose_attention
 from vlmstates.extraction.capture import PrefillCapture
 from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
 from vlmstates.extraction.positions import Positions
@@ -69,27 +70,16 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setting]
 
 
-def select_attention(setting: str, device: torch.device) -> str:
-    if setting != "auto":
-        return setting
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def load_model(settings: ModelSettings) -> LoadedModel:
     family = family_of_model_type(model_type_of(settings.model, settings.revision), f"models.{settings.name}")
     device = select_device(settings.device)
     dtype = select_dtype(settings.dtype, device)
-    attn = select_attention(settings.attn_implementation, device)
+    attention = choose_attention(
+        family, settings.attn_implementation, device.type, f"models.{settings.name}.attn_implementation"
+    )
     check_generation_fields(settings)  # before the weights load: a typo fails in seconds
     check_paper_positions(settings, family)
-    return adapter_for_family(family).load(settings, device, dtype, attn)
+    return adapter_for_family(family).load(settings, device, dtype, attention)
 
 
 # -- preparing batches on the host, ahead of the model ----------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from vlmstates.extraction.adapters.processors import load_processor
+from vlmstates.extraction.attention import TEXT, from_pretrained_argument
 from vlmstates.extraction.positions import Positions, find_positions
 from vlmstates.settings import ModelSettings
 
@@ -29,6 +30,7 @@ class LoadedModel:
     settings: ModelSettings
     device: torch.device
     dtype: torch.dtype
+    #: the decoder's attention implementation (vlmstates.extraction.attention.loaded_attention: each sub-model's)
     attn_implementation: str
 
 
@@ -89,17 +91,20 @@ class Adapter:
     semantics: ClassVar[str] = ""
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
+    def load(
+        self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attention: dict[str, str]
+    ) -> LoadedModel:
+        """`attention`: the implementation of each sub-model ({text: ..., vision: ...}, attention.choose_attention)."""
         from transformers import AutoModelForImageTextToText
 
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         processor = self.load_processor(settings, settings.revision)
         model = AutoModelForImageTextToText.from_pretrained(
-            settings.model, dtype=dtype, attn_implementation=attn, **common
+            settings.model, dtype=dtype, attn_implementation=from_pretrained_argument(self.family, attention), **common
         )
         self.prepare_model(model)
         model.to(device).eval()
-        return LoadedModel(model, processor, self, settings, device, dtype, attn)
+        return LoadedModel(model, processor, self, settings, device, dtype, attention[TEXT])
 
     def load_processor(self, settings: ModelSettings, revision: str | None):
         """The checkpoint's processor (legacy image-processor names mapped), left-padding its tokenizer."""

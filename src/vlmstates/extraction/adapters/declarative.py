@@ -17,6 +17,7 @@ import torch
 
 from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel
 from vlmstates.extraction.adapters.entries import ENTRIES, FamilyEntry
+from vlmstates.extraction.attention import TEXT, from_pretrained_argument
 from vlmstates.extraction.hooks import forward_hooks
 
 
@@ -142,21 +143,17 @@ class EntryAdapter(Adapter):
 
     entry: ClassVar[FamilyEntry]
 
-    def load(self, settings, device, dtype, attn) -> LoadedModel:
+    def load(self, settings, device, dtype, attention) -> LoadedModel:
         import transformers
 
         auto_class = getattr(transformers, self.entry.auto_class)
-        if settings.attn_implementation == "auto":
-            attn = self.entry.auto_attention.get(attn, attn)
         common = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code)
         processor = self.load_processor(settings, settings.revision)
-        implementation = attn
-        if self.entry.vision_attention is not None:  # per sub-model: the decoder's, and the tower's own
-            implementation = {"": attn, "text_config": attn, "vision_config": self.entry.vision_attention}
+        implementation = from_pretrained_argument(self.family, attention)
         model = auto_class.from_pretrained(settings.model, dtype=dtype, attn_implementation=implementation, **common)
         self.prepare_model(model)
         model.to(device).eval()
-        return LoadedModel(model, processor, self, settings, device, dtype, attn)
+        return LoadedModel(model, processor, self, settings, device, dtype, attention[TEXT])
 
     def chat_prompt(self, loaded, text):
         """The chat template's prompt, with the tokenizer's own leading <bos> where the template writes none

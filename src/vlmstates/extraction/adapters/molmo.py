@@ -146,17 +146,15 @@ class MolmoAdapter(Adapter):
         self._layouts: dict[tuple[int, int], tuple[int, int]] = {}
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, settings, device, dtype, attn) -> LoadedModel:
+    def load(self, settings, device, dtype, attention) -> LoadedModel:
+        """`attention` is auto for both sub-models (attention.check_attention refuses anything else): the remote
+        code chooses."""
         key = f"models.{settings.name}"
         if not settings.trust_remote_code:
             raise ConfigError(
                 f"{key}.trust_remote_code must be true: {settings.model} is a Molmo checkpoint, which exists "
                 f"only as code shipped with the checkpoint (no transformers class); set "
                 f"{key}.trust_remote_code: true (and pin {key}.revision) to run that code"
-            )
-        if settings.attn_implementation != "auto":
-            raise ConfigError(
-                f"{key}.attn_implementation: Molmo's remote code chooses its own attention; leave it at auto"
             )
         from transformers import AutoModelForCausalLM, AutoProcessor
 

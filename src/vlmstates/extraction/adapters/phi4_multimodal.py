@@ -47,6 +47,7 @@ from typing import ClassVar
 import torch
 
 from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel
+from vlmstates.extraction.attention import TEXT, from_pretrained_argument
 from vlmstates.settings import ConfigError, ModelSettings, read_checkpoint_config
 
 VISION_LORA_SUBFOLDER = "vision-lora"
@@ -173,7 +174,9 @@ class Phi4MultimodalAdapter(Adapter):
             ) from error
         return True
 
-    def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
+    def load(
+        self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attention: dict[str, str]
+    ) -> LoadedModel:
         from transformers import Phi4MultimodalForCausalLM
 
         want_lora = self.use_vision_lora(settings)
@@ -193,7 +196,7 @@ class Phi4MultimodalAdapter(Adapter):
         common = dict(revision=revision, trust_remote_code=settings.trust_remote_code)
         processor = self.load_processor(settings, revision)
         model = Phi4MultimodalForCausalLM.from_pretrained(
-            settings.model, dtype=dtype, attn_implementation=attn, **common
+            settings.model, dtype=dtype, attn_implementation=from_pretrained_argument(self.family, attention), **common
         )
         if use_lora:
             model.load_adapter(
@@ -204,7 +207,7 @@ class Phi4MultimodalAdapter(Adapter):
             model.set_adapter(VISION_ADAPTER_NAME)
         self.prepare_model(model)
         model.to(device).eval()
-        return LoadedModel(model, processor, self, settings, device, dtype, attn)
+        return LoadedModel(model, processor, self, settings, device, dtype, attention[TEXT])
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         make_vision_attention_bidirectional(model)
