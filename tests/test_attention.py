@@ -88,7 +88,9 @@ def reference_flash_varlen(
     out = torch.empty_like(q)
     for i in range(len(cu_seqlens_q) - 1):
         qs, qe, ks, ke = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
-        out[qs:qe] = _attend(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal, window_size, softcap)[0]
+        out[qs:qe] = _attend(
+            q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal, window_size, softcap
+        )[0]
     return out
 
 
@@ -104,7 +106,9 @@ def kernels(monkeypatch):
 
     monkeypatch.setattr(fa, "_lazy_imports", lazy_imports)
     monkeypatch.setattr(fa, "_loaded_implementation", None)
-    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
+    monkeypatch.setattr(
+        hf_flex, "compile_friendly_flex_attention", lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw)
+    )
 
 
 # -- one forward per implementation ------------------------------------------------------------------------------
@@ -117,7 +121,12 @@ def eager_models(tiny_checkpoint):
         if family not in cache:
             settings = ModelSettings.from_config(
                 family,
-                {"model": str(tiny_checkpoint(family)), "device": "cpu", "dtype": "float32", "attn_implementation": EAGER},
+                {
+                    "model": str(tiny_checkpoint(family)),
+                    "device": "cpu",
+                    "dtype": "float32",
+                    "attn_implementation": EAGER,
+                },
             )
             loaded = load_model(settings)
             images = [Image.new("RGB", size, (40 * i + 90, 200 - 60 * i, 30)) for i, size in enumerate(SIZES)]
@@ -144,7 +153,10 @@ def states(loaded, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
     adapter, model = loaded.adapter, loaded.model
     blocks, projector_inputs = [], []
     hooks = dict(
-        after=[(block, lambda m, a, out: blocks.append(adapter.block_hidden_states(out))) for block in adapter.decoder_blocks(model)],
+        after=[
+            (block, lambda m, a, out: blocks.append(adapter.block_hidden_states(out)))
+            for block in adapter.decoder_blocks(model)
+        ],
         before=[(adapter.projector(model), lambda m, args: projector_inputs.append(args[0]))],
     )
     with torch.no_grad(), forward_hooks(**hooks):
@@ -189,7 +201,12 @@ def test_the_table_matches_what_transformers_can_load(tiny_checkpoint):
 
     from vlmstates.extraction.adapters import adapter_class
 
-    flags = {SDPA: "_supports_sdpa", FLASH_2: "_supports_flash_attn", FLASH_3: "_supports_flash_attn", FLEX: "_supports_flex_attn"}
+    flags = {
+        SDPA: "_supports_sdpa",
+        FLASH_2: "_supports_flash_attn",
+        FLASH_3: "_supports_flash_attn",
+        FLEX: "_supports_flex_attn",
+    }
     for family in ("qwen2_5_vl", "glm4v", "mllama", "gemma3", "llava"):
         model_class = getattr(transformers, adapter_class(family).entry.auto_class)
         config = transformers.AutoConfig.from_pretrained(tiny_checkpoint(family))
@@ -204,6 +221,7 @@ def test_the_table_matches_what_transformers_can_load(tiny_checkpoint):
 @pytest.fixture
 def flash_installed(monkeypatch):
     """transformers' own checks say flash-attn 2 is there (and flash-attn 3 is not)."""
+
     def available(implementation, device_type):
         return implementation in (EAGER, SDPA) or (implementation == FLASH_2 and device_type == "cuda")
 
@@ -232,9 +250,14 @@ def test_auto_without_flash_attn_is_sdpa():
 
 
 def test_a_wrong_explicit_choice_is_refused_naming_the_family_and_why():
-    with pytest.raises(ConfigError, match=r"models\.g\.attn_implementation: flash_attention_2 .* text model of the gemma3 family: .*bidirectional"):
+    with pytest.raises(
+        ConfigError,
+        match=r"models\.g\.attn_implementation: flash_attention_2 .* text model of the gemma3 family: .*bidirectional",
+    ):
         check_attention("gemma3", FLASH_2, "models.g.attn_implementation")
-    with pytest.raises(ConfigError, match=r"vision model of the fast_vlm family: .*timm.*\{text: flash_attention_3, vision: auto\}"):
+    with pytest.raises(
+        ConfigError, match=r"vision model of the fast_vlm family: .*timm.*\{text: flash_attention_3, vision: auto\}"
+    ):
         check_attention("fast_vlm", FLASH_3, "k")
     with pytest.raises(ConfigError, match=r"unknown sub-model\(s\) text_config"):
         check_attention("qwen2_5_vl", {"text_config": SDPA}, "k")

@@ -49,6 +49,9 @@ GENERATION_CONFIG_ATTR = "generation_config"
 ANSWERS_ATTR = "answers"
 #: File attribute: true when the file also holds PAPER_VISION_TOKEN vectors and the PAPER_VISION_POSITION column.
 PAPER_POSITIONS_ATTR = "paper_positions"
+#: File attribute of a family with a pixel budget (vlmstates.extraction.image_budget): JSON {min_pixels, max_pixels},
+#: the bounds the processor resized every image to (the config's, else the checkpoint's).
+IMAGE_BUDGET_ATTR = "image_budget"
 
 # Attributes that must agree between shards of one merged file.
 SHARD_INVARIANT_ATTRS = (
@@ -64,6 +67,7 @@ SHARD_INVARIANT_ATTRS = (
     GENERATION_CONFIG_ATTR,
     "prompt_template",
     PAPER_POSITIONS_ATTR,
+    IMAGE_BUDGET_ATTR,
     "config_hash",
     "schema_version",
 )

@@ -56,6 +56,7 @@ NO_FLEX = "transformers 5.23 has no flex_attention for this model"
 TIMM_TOWER = "the vision tower is a timm model (TimmWrapperModel), which runs only sdpa or eager"
 MASK_REASONS = (MASK_IMAGE_BLOCKS, MASK_PREFIX_LM, MASK_MOLMO2_IMAGE)
 
+
 def _refuse(reason: str, *implementations: str) -> dict[str, str]:
     return dict.fromkeys(implementations, reason)
 

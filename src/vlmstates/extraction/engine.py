@@ -29,6 +29,7 @@ from vlmstates.extraction.adapters import adapter_for_family, family_of_model_ty
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
 from vlmstates.extraction.attention import choose_attention
 from vlmstates.extraction.capture import PrefillCapture
+from vlmstates.extraction.image_budget import check_image_budget, effective_image_budget
 from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch, paper_vision_positions
 from vlmstates.extraction.positions import Positions
 from vlmstates.failpoints import failpoint
@@ -38,6 +39,7 @@ from vlmstates.store import (
     ANSWERS_ATTR,
     GENERATION_CONFIG_ATTR,
     MULTIMODAL,
+    IMAGE_BUDGET_ATTR,
     PAPER_POSITIONS_ATTR,
     PAPER_VISION_TOKEN,
     QUERY_TOKEN,
@@ -78,6 +80,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         family, settings.attn_implementation, device.type, f"models.{settings.name}.attn_implementation"
     )
     check_generation_fields(settings)  # before the weights load: a typo fails in seconds
+    check_image_budget(family, settings)
     check_paper_positions(settings, family)
     return adapter_for_family(family).load(settings, device, dtype, attention)
 
@@ -276,6 +279,9 @@ class Extractor:
         (e.g. the position ids of left-padded rows)."""
         return (self.settings.max_new_tokens, self.min_new_tokens) if self.settings.answers else (1, 0)
 
+    def _image_budget(self) -> dict | None:
+        return effective_image_budget(self.loaded.processor, self.adapter.family)
+
     def attributes(self) -> dict:
         import transformers
 
@@ -300,6 +306,8 @@ class Extractor:
             "multimodal_representation": s.multimodal_representation,
             # only when on, so that the files of every other run keep exactly the attributes they had
             **({PAPER_POSITIONS_ATTR: True} if s.paper_positions else {}),
+            # only for a family with a pixel budget: the processor's effective bounds
+            **({IMAGE_BUDGET_ATTR: budget} if (budget := self._image_budget()) is not None else {}),
             "trust_remote_code": s.trust_remote_code,
             "device": str(self.loaded.device),
             "attn_implementation": self.loaded.attn_implementation,

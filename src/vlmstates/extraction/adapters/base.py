@@ -18,6 +18,7 @@ from PIL import Image
 
 from vlmstates.extraction.adapters.processors import load_processor
 from vlmstates.extraction.attention import TEXT, from_pretrained_argument
+from vlmstates.extraction.image_budget import apply_image_budget
 from vlmstates.extraction.positions import Positions, find_positions
 from vlmstates.settings import ModelSettings
 
@@ -116,6 +117,7 @@ class Adapter:
             f"models.{settings.name}",
         )
         processor.tokenizer.padding_side = "left"
+        apply_image_budget(processor, self.family, settings)
         return processor
 
     def prepare_model(self, model: torch.nn.Module) -> None:
