@@ -38,8 +38,8 @@ from vlmstates.settings import AUTO_BATCH_SIZE, ModelSettings, check_generation_
 from vlmstates.store import (
     ANSWERS_ATTR,
     GENERATION_CONFIG_ATTR,
-    MULTIMODAL,
     IMAGE_BUDGET_ATTR,
+    MULTIMODAL,
     PAPER_POSITIONS_ATTR,
     PAPER_VISION_TOKEN,
     QUERY_TOKEN,
