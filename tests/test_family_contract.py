@@ -30,6 +30,7 @@ from vlmstates.demo.dataset import demo_questions
 from vlmstates.extraction.adapters import adapter_class, families, family_of_model_type
 from vlmstates.extraction.adapters.base import Adapter
 from vlmstates.extraction.adapters.entries import ENTRIES
+from vlmstates.extraction.attention import TEXT, choose_attention, loaded_attention
 from vlmstates.extraction.engine import Extractor, load_model
 from vlmstates.images import load_image, resolve_image_path
 from vlmstates.settings import ConfigError, ModelSettings
@@ -404,10 +405,10 @@ def test_loads_as_the_real_classes_with_the_entrys_modules(run):
     # the declared width is the width the projector really receives (Qwen2-VL's is embed_dim, not hidden_size)
     assert batched[0].vectors[VISION_ONLY].shape == (adapter.vision_hidden_size(model),)
     assert sum(p.numel() for p in adapter.vision_tower(model).parameters()) > 0
-    # `attn_implementation: auto` on CPU is sdpa, but where the family lacks it (PaliGemma 2's Gemma 2: eager)
-    entry = ENTRIES.get(case.family)
-    expected_attention = entry.auto_attention.get("sdpa", "sdpa") if entry is not None else loaded.attn_implementation
-    assert loaded.attn_implementation == model.config.get_text_config()._attn_implementation == expected_attention
+    # `attn_implementation: auto` on CPU is sdpa, but where the family refuses it (PaliGemma 2's Gemma 2: eager)
+    expected = choose_attention(case.family, "auto", "cpu", "models.x.attn_implementation")
+    assert loaded_attention(model, case.family) == expected
+    assert loaded.attn_implementation == model.config.get_text_config()._attn_implementation == expected[TEXT]
 
 
 def test_the_batch_is_mixed(run):
@@ -608,17 +609,6 @@ def test_cross_attention_mask_follows_the_left_padding(run):
     ):
         assert not mask[row, :image_position].any()
         assert mask[row, image_position:, 0].eq(tiles[row, 0]).all()
-
-
-def test_mllama_auto_attention_is_sdpa_where_flash_attention_would_be_picked(tiny_checkpoint):
-    """On CUDA with flash-attn installed `attn_implementation: auto` picks flash_attention_2, which transformers refuses
-    for Mllama (no flash-attention path); the adapter loads it with sdpa then, and records that."""
-    settings = ModelSettings.from_config(
-        "mllama", {"model": str(tiny_checkpoint("mllama")), "device": "cpu", "dtype": "float32"}
-    )
-    assert settings.attn_implementation == "auto"
-    loaded = adapter_class("mllama")().load(settings, torch.device("cpu"), torch.float32, "flash_attention_2")
-    assert loaded.attn_implementation == "sdpa" == loaded.model.config._attn_implementation
 
 
 def test_the_all_families_config_validates():

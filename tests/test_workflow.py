@@ -135,6 +135,11 @@ def _config_with_model(entry: dict) -> dict:
         ({"model": "resources/checkpoints/tiny-qwen2_5_vl", "batchsize": 4}, "batchsize"),
         ({"model": "resources/checkpoints/tiny-qwen2_5_vl", "dtype": "int8"}, "int8"),
         ({"model": "UNKNOWN_FAMILY"}, "model_type 'llama' is not supported"),
+        (
+            {"model": "resources/checkpoints/tiny-gemma3", "attn_implementation": "flash_attention_2"},
+            "flash_attention_2 is refused for the text model of the gemma3 family",
+        ),
+        ({"model": "resources/checkpoints/tiny-gemma3", "max_pixels": 1003520}, "gemma3 family has no pixel budget"),
     ],
 )
 def test_bad_model_config_fails_before_any_job(tmp_path, entry, message):

@@ -87,6 +87,15 @@ def _workers_setting(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def _image_budget(args) -> None:
+    from vlmstates.extraction.image_budget import image_budget_report
+    from vlmstates.settings import ModelSettings
+
+    entry = json.loads(args.settings)
+    settings = ModelSettings.from_config(entry.pop("name"), entry)
+    image_budget_report(settings, args.table, args.images, args.out)
+
+
 def _merge(args) -> None:
     from vlmstates.extraction.shards import merge_model_shards
 
@@ -356,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes preparing batches: a number, or auto (threads less one)",
     )
     p.set_defaults(func=_extract_shard)
+
+    p = commands.add_parser(
+        "image-budget", help="the image tokens of the dataset's largest image for one model, before extraction"
+    )
+    p.add_argument("--settings", required=True, help="the model's config entry as JSON, with its name")
+    p.add_argument("--table", required=True, help="validated table")
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True, help="the report (JSON)")
+    p.set_defaults(func=_image_budget)
 
     p = commands.add_parser("merge", help="merge shards into one embeddings file")
     p.add_argument("--table", required=True, help="validated table the shards must cover, in order")

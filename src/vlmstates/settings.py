@@ -81,11 +81,16 @@ class ModelSettings:
     #: True: also record VT at the position the HALP paper's code used for the family (paper_positions.PAPER_VISION_RULES).
     paper_positions: bool = False
     device: str = "auto"
-    attn_implementation: str = "auto"
+    #: "auto", an implementation, or {text: ..., vision: ...} (vlmstates.extraction.attention checks it)
+    attn_implementation: str | dict = "auto"
     options: dict = field(default_factory=dict)
     #: GenerationConfig fields over the checkpoint's generation_config.json for the answer (e.g.
     #: {repetition_penalty: 1.0} for plain greedy); empty keeps the checkpoint's settings.
     generation: dict = field(default_factory=dict)
+    #: the image budget: the processor resizes every image to between min_pixels and max_pixels pixels (None: the
+    #: checkpoint's own value); only families whose processor has such a control (vlmstates.extraction.image_budget)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     @classmethod
     def from_config(cls, name: str, entry: dict) -> ModelSettings:
@@ -109,6 +114,7 @@ class ModelSettings:
         if "{question}" not in values.get("prompt", "{question}"):
             raise ConfigError(f"models.{name}.prompt must contain {{question}}")
         values["generation"] = check_generation_entry(name, values.get("generation", {}))
+        check_pixel_budget(name, values.get("min_pixels"), values.get("max_pixels"))
         return cls(name=name, **values)
 
     def identity(self) -> dict:
@@ -121,6 +127,9 @@ class ModelSettings:
             values.pop("answers")
         if not self.paper_positions:
             values.pop("paper_positions")
+        for key in ("min_pixels", "max_pixels"):
+            if values[key] is None:
+                values.pop(key)
         return values
 
     def config_hash(self) -> str:
@@ -149,6 +158,17 @@ def check_generation_entry(name: str, generation) -> dict:
                 f"give the value to use (e.g. repetition_penalty: 1.0 for none)"
             )
     return dict(generation)
+
+
+def check_pixel_budget(name: str, min_pixels, max_pixels) -> None:
+    """Positive integers (or null), the lower bound not above the upper one."""
+    for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"models.{name}.{key} must be a positive number of pixels or null, not {value!r}")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ConfigError(
+            f"models.{name}: min_pixels {min_pixels} is above max_pixels {max_pixels}; the budget must be a range"
+        )
 
 
 def check_generation_fields(settings: ModelSettings) -> None:

@@ -109,6 +109,9 @@ MIXED_ATTR_VALUE = "mixed: see {name}"
 #: File attribute: where the questions came from (JSON: the dataset source(s) with kind, path or Hub id, config,
 #: split, revision, file SHA-256 or dataset fingerprint, and column map; vlmstates.sources), "{}" when unknown.
 DATASET_SOURCE_ATTR = "dataset_source"
+#: File attribute of a family with a pixel budget (vlmstates.extraction.image_budget): JSON {min_pixels, max_pixels},
+#: the bounds the processor resized every image to (the config's, else the checkpoint's).
+IMAGE_BUDGET_ATTR = "image_budget"
 
 
 #: The attributes whose every shard's value a merged file lists, under shard_values_attr(name).
@@ -139,6 +142,7 @@ SHARD_INVARIANT_ATTRS = (
     SCHEMA_VERSION_ATTR,
     # the kernels are part of the numbers: one file runs with one attention implementation per sub-model
     ATTENTION_IMPLEMENTATIONS_ATTR,
+    IMAGE_BUDGET_ATTR,
 )
 
 SEMANTICS = {

@@ -28,6 +28,8 @@ from vlmstates.workflow.config_check import (
 from vlmstates.analysis.probes.settings import PROBE_OUTPUTS
 from vlmstates.dataset import read_validated_table
 from vlmstates.extraction.paper_positions import check_paper_positions
+from vlmstates.extraction.attention import check_attention
+from vlmstates.extraction.image_budget import check_image_budget, has_pixel_budget
 from vlmstates.workflow import resources as job_resources
 from vlmstates.settings import (
     ConfigError,
@@ -102,6 +104,13 @@ def resolve_family(name):
 MODEL_FAMILIES = {name: resolve_family(name) for name in config["models"]}
 for name, family in MODEL_FAMILIES.items():
     check_paper_positions(model_settings(name), family)
+    # an implementation that would give the family other states than eager stops the run before any job
+    check_attention(
+        family,
+        model_settings(name).attn_implementation,
+        f"models.{name}.attn_implementation",
+    )
+    check_image_budget(family, model_settings(name))
 
 
 wildcard_constraints:
@@ -151,6 +160,13 @@ def built_weights(wildcards):
     """The tiny checkpoint's folder when the workflow builds it (rule tiny_checkpoint), so extraction waits for it."""
     model_ref = config["models"][wildcards.model]["model"]
     return [model_ref] if tiny_family(model_ref) else []
+
+
+def image_budget_report(wildcards):
+    """The image budget report of a model whose family has a pixel budget, so its extraction waits for it."""
+    if has_pixel_budget(MODEL_FAMILIES[wildcards.model]):
+        return [results_path(f"{wildcards.model}/image_budget.json")]
+    return []
 
 
 def family_environment(wildcards):

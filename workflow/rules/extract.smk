@@ -1,7 +1,30 @@
+# On the CPU, before any extraction job of the model: the dataset's largest image in image tokens, with the
+# model's processor (its family's environment) and the config's image budget (vlmstates.extraction.image_budget).
+rule image_budget:
+    input:
+        table=VALIDATED_TABLE,
+        weights=built_weights,
+    output:
+        results_path("{model}/image_budget.json"),
+    log:
+        "logs/image_budget/{model}.log",
+    retries: 0  # deterministic: a retry repeats the same refusal
+    conda:
+        family_environment
+    params:
+        cli=VLMSTATES,
+        settings=settings_json,
+        images=config["dataset"]["images"],
+    shell:
+        "{params.cli} image-budget --settings {params.settings:q} --table {input.table:q}"
+        " --images {params.images:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule extract_shard:
     input:
         table=VALIDATED_TABLE,
         weights=built_weights,
+        budget=image_budget_report,
     output:
         results_path("{model}/shards/shard_{shard}.h5"),
     log:

@@ -41,12 +41,12 @@ from PIL import Image, ImageDraw
 
 from vlmstates.extraction.adapters import adapter_for_family
 from vlmstates.extraction.adapters.base import LoadedModel
+from vlmstates.extraction.attention import TEXT, choose_attention, from_pretrained_argument
 from vlmstates.extraction.engine import (
     Extractor,
     Prepared,
     Question,
     load_model,
-    select_attention,
     select_device,
     select_dtype,
 )
@@ -289,9 +289,13 @@ def build_full_size(family: str, device: torch.device, dtype: torch.dtype, setti
 
     model_class, config, processor = _FULL_SIZE_BUILDERS[family](FULL_SIZE[family])
     processor.tokenizer.padding_side = "left"
-    attn = select_attention(settings.attn_implementation, device)
+    attention = choose_attention(
+        family, settings.attn_implementation, device.type, f"models.{settings.name}.attn_implementation"
+    )
     with torch.device(device):
-        model = model_class._from_config(config, dtype=dtype, attn_implementation=attn)
+        model = model_class._from_config(
+            config, dtype=dtype, attn_implementation=from_pretrained_argument(family, attention)
+        )
     model.eval()
     text = config.get_text_config()
     model.generation_config = GenerationConfig(
@@ -299,7 +303,7 @@ def build_full_size(family: str, device: torch.device, dtype: torch.dtype, setti
     )
     adapter = adapter_for_family(family)
     adapter.prepare_model(model)  # what the adapter's load does to a checkpoint's model
-    return LoadedModel(model, processor, adapter, settings, device, dtype, attn)
+    return LoadedModel(model, processor, adapter, settings, device, dtype, attention[TEXT])
 
 
 class VisionTokens:

@@ -28,8 +28,10 @@ from vlmstates.errors import DeviceFailed, OutOfDeviceMemory
 from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
+from vlmstates.extraction.attention import choose_attention
 from vlmstates.extraction.capture import PrefillCapture, PrefillDone
 from vlmstates.extraction.hooks import forward_hooks
+from vlmstates.extraction.image_budget import check_image_budget, effective_image_budget
 from vlmstates.extraction.paper_positions import check_paper_positions, in_padded_batch
 from vlmstates.extraction.preparing import (
     Fetched,
@@ -74,19 +76,6 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setting]
 
 
-def select_attention(setting: str, device: torch.device) -> str:
-    if setting != "auto":
-        return setting
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def attention_implementations(model: torch.nn.Module) -> dict[str, str]:
     """The attention implementation each (sub-)model was loaded with, as transformers reports it: "model"
     for the top config, then each sub-config by name (text_config, vision_config, ...); "" where a config
@@ -117,10 +106,13 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     family = family_of_model_type(model_type_of(settings.model, settings.revision), f"models.{settings.name}")
     device = select_device(settings.device)
     dtype = select_dtype(settings.dtype, device)
-    attn = select_attention(settings.attn_implementation, device)
+    attention = choose_attention(
+        family, settings.attn_implementation, device.type, f"models.{settings.name}.attn_implementation"
+    )
     check_generation_fields(settings)  # before the weights load: a typo fails in seconds
+    check_image_budget(family, settings)
     check_paper_positions(settings, family)
-    return adapter_for_family(family).load(settings, device, dtype, attn)
+    return adapter_for_family(family).load(settings, device, dtype, attention)
 
 
 # -- preparing batches on the host, ahead of the model ----------------------------------------------
@@ -387,6 +379,9 @@ class Extractor:
         with _without_kv_cache(self.loaded.model):  # as _generate runs it: the record says use_cache false
             return self.adapter.effective_generation(self.loaded, *self._generation())
 
+    def _image_budget(self) -> dict | None:
+        return effective_image_budget(self.loaded.processor, self.adapter.family)
+
     def attributes(self) -> dict:
         import transformers
 
@@ -413,6 +408,8 @@ class Extractor:
             store.MULTIMODAL_ATTR: s.multimodal_representation,
             # only when on, so that the files of every other run keep exactly the attributes they had
             **({store.PAPER_POSITIONS_ATTR: True} if s.paper_positions else {}),
+            # only for a family with a pixel budget: the processor's effective bounds
+            **({store.IMAGE_BUDGET_ATTR: budget} if (budget := self._image_budget()) is not None else {}),
             store.TRUST_REMOTE_CODE_ATTR: s.trust_remote_code,
             store.DEVICE_ATTR: str(self.loaded.device),
             store.ATTN_IMPLEMENTATION_ATTR: self.loaded.attn_implementation,

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 from vlmstates.extraction.adapters.processors import load_processor
+from vlmstates.extraction.attention import TEXT
+from vlmstates.extraction.image_budget import apply_image_budget
 from vlmstates.extraction.positions import Positions, find_positions
 from vlmstates.settings import ModelSettings
 
@@ -37,6 +39,7 @@ class LoadedModel:
     settings: ModelSettings
     device: torch.device
     dtype: torch.dtype
+    #: the decoder's attention implementation (vlmstates.extraction.attention.loaded_attention: each sub-model's)
     attn_implementation: str
 
 
@@ -89,17 +92,19 @@ class Adapter(BenchmarkAndTestMembers):
         """The family's name (a class attribute in each family): the key of the family table, envs/<family>.yaml."""
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attn: str) -> LoadedModel:
-        """The checkpoint's processor and model, on `device` in eval mode. `attn`: the engine's choice of
-        attention implementation. The steps are every family's; the hooks are where families differ."""
+    def load(
+        self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, attention: dict[str, str]
+    ) -> LoadedModel:
+        """The checkpoint's processor and model, on `device` in eval mode. `attention`: the implementation of
+        each sub-model ({text: ..., vision: ...}, attention.choose_attention). The steps are every family's;
+        the hooks are where families differ."""
         revision = self.revision(settings)
         self.check_settings(settings, revision)
-        attn = self.attention(settings, attn)
         processor = self.load_processor(settings, revision)
-        model = self.load_model(settings, revision, dtype, attn)
+        model = self.load_model(settings, revision, dtype, attention)
         self.prepare_model(model)
         model.to(device).eval()
-        return LoadedModel(model, processor, self, settings, device, dtype, attn)
+        return LoadedModel(model, processor, self, settings, device, dtype, self.recorded_attention(attention))
 
     def revision(self, settings: ModelSettings) -> str | None:
         """The checkpoint revision to load: the configured one."""
@@ -109,9 +114,9 @@ class Adapter(BenchmarkAndTestMembers):
         """Refuse, before anything is loaded, settings or a checkpoint the family cannot run (a ConfigError
         naming the key); nothing to refuse by default."""
 
-    def attention(self, settings: ModelSettings, attn: str) -> str:
-        """The attention implementation the model is loaded with and the file records: the engine's choice."""
-        return attn
+    def recorded_attention(self, attention: dict[str, str]) -> str:
+        """The attention implementation the file records (attribute attn_implementation): the decoder's."""
+        return attention[TEXT]
 
     def load_processor(self, settings: ModelSettings, revision: str | None):
         """The checkpoint's processor (legacy image-processor names mapped), left-padding its tokenizer."""
@@ -123,13 +128,15 @@ class Adapter(BenchmarkAndTestMembers):
             f"models.{settings.name}",
         )
         processor.tokenizer.padding_side = "left"
+        apply_image_budget(processor, self.family, settings)
         return processor
 
     @abstractmethod
     def load_model(
-        self, settings: ModelSettings, revision: str | None, dtype: torch.dtype, attn: str
+        self, settings: ModelSettings, revision: str | None, dtype: torch.dtype, attention: dict[str, str]
     ) -> torch.nn.Module:
-        """The checkpoint's model, its weights in `dtype` (on the CPU: `load` moves it)."""
+        """The checkpoint's model, its weights in `dtype` (on the CPU: `load` moves it), each sub-model with its
+        `attention` (attention.from_pretrained_argument gives transformers' form)."""
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """What the family's model needs once its weights are in, before it runs (none by default)."""

@@ -17,6 +17,7 @@ import torch
 
 from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel
 from vlmstates.extraction.adapters.entries import ENTRIES, FamilyEntry
+from vlmstates.extraction.attention import from_pretrained_argument
 from vlmstates.extraction.hooks import forward_hooks
 
 
@@ -142,25 +143,16 @@ class EntryAdapter(Adapter):
 
     entry: ClassVar[FamilyEntry]
 
-    def attention(self, settings, attn):
-        """The engine's choice, or under `attn_implementation: auto` the one the entry runs instead of it."""
-        if settings.attn_implementation == "auto":
-            return self.entry.auto_attention.get(attn, attn)
-        return attn
-
-    def load_model(self, settings, revision, dtype, attn):
+    def load_model(self, settings, revision, dtype, attention):
         import transformers
 
         auto_class = getattr(transformers, self.entry.auto_class)
-        implementation = attn
-        if self.entry.vision_attention is not None:  # per sub-model: the decoder's, and the tower's own
-            implementation = {"": attn, "text_config": attn, "vision_config": self.entry.vision_attention}
         return auto_class.from_pretrained(
             settings.model,
             revision=revision,
             trust_remote_code=settings.trust_remote_code,
             dtype=dtype,
-            attn_implementation=implementation,
+            attn_implementation=from_pretrained_argument(self.family, attention),
         )
 
     def chat_prompt(self, loaded, text):

@@ -87,9 +87,6 @@ class FamilyEntry:
     legacy_image_processors: Mapping[str, str] = field(default_factory=dict)
     #: largest batch the family runs exactly (None: no limit)
     max_batch_size: int | None = None
-    #: attention implementation the vision tower is loaded with whatever the decoder's (None: the same as the
-    #: decoder's); FastVLM's timm tower accepts no flash_attention_2, which the engine picks on CUDA
-    vision_attention: str | None = None
     #: a decoder block outputs [streams, B, L, D] (Gemma 3n's AltUp): the stream VT, QT and MM are taken from
     #: (None: the block outputs [B, L, D], or a tuple holding it first)
     block_output_stream: int | None = None
@@ -100,8 +97,6 @@ class FamilyEntry:
     chat_template: bool = True
     #: processor outputs that are no model input, dropped from the batch (PaliGemma's training `labels`)
     dropped_inputs: tuple[str, ...] = ()
-    #: `attn_implementation: auto`: the engine's choice -> the one this family runs instead (a kernel it lacks)
-    auto_attention: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -276,8 +271,6 @@ ENTRIES: dict[str, FamilyEntry] = {
             pooling="aspect_ratio_mask",
             vision_hidden_size="vision_config.vision_output_dim",  # the global encoder's output + 5 local layers
             nested_images=True,
-            # transformers refuses flash-attention for Mllama (it builds 4D cross-attention masks)
-            auto_attention={"flash_attention_2": "sdpa"},
             semantics=(
                 "VT: the single <|image|> token at the start of the user turn (no per-patch placeholders: the image "
                 "enters the decoder only through its cross-attention blocks, which every token from <|image|> on "
@@ -293,7 +286,6 @@ ENTRIES: dict[str, FamilyEntry] = {
             projector="model.multi_modal_projector",
             vision_tower="model.vision_tower",
             pooling="per_sample",
-            vision_attention="sdpa",
             semantics=(
                 "VT: the last <image> placeholder (the last cell of the 16x16 grid); VF: the projector's input "
                 "(FastViTHD's final_conv map, flattened to 256 cells x 3072), mean over the cells"
@@ -308,7 +300,6 @@ ENTRIES: dict[str, FamilyEntry] = {
             vision_tower="model.vision_tower",
             pooling="per_sample",
             nested_images=True,
-            vision_attention="sdpa",
             block_output_stream=0,
             semantics=(
                 "VT: stream 0 (the active AltUp stream) of the last <image_soft_token>; QT, MM likewise stream 0; "
@@ -339,9 +330,6 @@ ENTRIES: dict[str, FamilyEntry] = {
             # and returns token_type_ids (the prefix the decoder attends to both ways) and training labels
             chat_template=False,
             dropped_inputs=("labels",),
-            # eager: PaliGemma 2's Gemma 2 decoder softcaps attention logits, which sdpa cannot (transformers refuses
-            # it), and flash-attention takes no mask but the padding's, not the prefix-LM's (untested: no GPU here)
-            auto_attention={"sdpa": "eager", "flash_attention_2": "eager"},
             semantics=(
                 "VT: the last <image> placeholder (the last patch), which the prefix-LM decoder lets attend to the "
                 "whole prompt, the text after it included; VF: the multi-modal projector's input (SigLIP output), "

@@ -154,12 +154,8 @@ class MolmoAdapter(Adapter):
                 f"only as code shipped with the checkpoint (no transformers class); set "
                 f"{key}.trust_remote_code: true (and pin {key}.revision) to run that code"
             )
-        if settings.attn_implementation != "auto":
-            raise ConfigError(
-                f"{key}.attn_implementation: Molmo's remote code chooses its own attention; leave it at auto"
-            )
 
-    def attention(self, settings, attn) -> str:
+    def recorded_attention(self, attention) -> str:
         """What the file records: the remote code chooses its own attention."""
         return "remote_code"
 
@@ -173,7 +169,7 @@ class MolmoAdapter(Adapter):
         self._patch_token_id = int(ids[0]) if len(ids) == 1 else -1
         return processor
 
-    def load_model(self, settings, revision, dtype, attn):
+    def load_model(self, settings, revision, dtype, attention):
         from transformers import AutoModelForCausalLM
 
         version = _transformers_version()

@@ -47,6 +47,7 @@ from typing import ClassVar
 import torch
 
 from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel
+from vlmstates.extraction.attention import from_pretrained_argument
 from vlmstates.settings import ConfigError, ModelSettings, read_checkpoint_config
 
 VISION_LORA_SUBFOLDER = "vision-lora"
@@ -184,7 +185,7 @@ class Phi4MultimodalAdapter(Adapter):
                 f"(for microsoft/Phi-4-multimodal-instruct, revision {self.default_revision})"
             )
 
-    def load_model(self, settings: ModelSettings, revision: str | None, dtype: torch.dtype, attn: str):
+    def load_model(self, settings: ModelSettings, revision: str | None, dtype: torch.dtype, attention: dict[str, str]):
         """The causal LM class (no image-text-to-text class serves it), with the vision LoRA where it is used."""
         from transformers import Phi4MultimodalForCausalLM
 
@@ -199,7 +200,7 @@ class Phi4MultimodalAdapter(Adapter):
             revision=revision,
             trust_remote_code=settings.trust_remote_code,
             dtype=dtype,
-            attn_implementation=attn,
+            attn_implementation=from_pretrained_argument(self.family, attention),
         )
         if use_lora:
             model.load_adapter(
