@@ -22,7 +22,7 @@ from vlmstates.cli import main
 from vlmstates.dataset import DatasetError, read_source_record, validate_and_write
 from vlmstates.settings import ConfigError
 from vlmstates.sources import Source, materialise, validate_source_and_write
-from vlmstates.store import DATASET_SOURCE_ATTR, read_embeddings
+from vlmstates.store import DATASET_SOURCE_ATTR, STATUS_OK, read_embeddings
 from vlmstates.workflow.config_check import check_config
 
 COLOURS = [(255, 0, 0), (0, 160, 0), (0, 0, 255)]
@@ -440,12 +440,22 @@ def test_extract_from_a_source_records_it_in_every_embeddings_file(kind, source_
 
 
 @pytest.mark.slow
-def test_workflow_runs_a_pope_shaped_parquet_with_only_a_dataset_section(tmp_path):
-    """The whole workflow (validation, extraction, merge, labels, probes, inspection) from a source."""
+def test_workflow_runs_parquet_tsv_and_jsonl_sources_with_only_a_dataset_section(tmp_path):
+    """The whole workflow (validation, extraction, merge, labels, probes with a breakdown by source,
+    inspection) from three sources of three forms in one set: a POPE-shaped parquet folder, a VLMEvalKit TSV
+    with base64 and pointer rows, and AMBER-like JSONL with an images folder."""
     folder = write_pope_parquet(tmp_path / "pope")
+    tsv = write_vlmevalkit_tsv(tmp_path / "MME.tsv")
+    jsonl, images = write_amber_jsonl(tmp_path / "amber")
+    sources = [
+        {"name": "pope", "kind": "parquet", "path": str(folder), "split": "adversarial"},
+        {"name": "mme", "kind": "tsv", "path": str(tsv)},
+        {"name": "amber", "kind": "json", "path": str(jsonl), "images": str(images), "columns": AMBER_COLUMNS},
+    ]
     config = {
-        "dataset": {"source": {"kind": "parquet", "path": str(folder), "split": "adversarial"}},
+        "dataset": {"source": sources},
         "models": {"tiny": {"model": "resources/checkpoints/tiny-qwen2_5_vl", "max_new_tokens": 2}},
+        "probes": {"breakdown": ["dataset"]},
     }
     workdir = tmp_path / "run"
     (workdir / "config").mkdir(parents=True)
@@ -454,10 +464,14 @@ def test_workflow_runs_a_pope_shaped_parquet_with_only_a_dataset_section(tmp_pat
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-5000:]
     merged = read_embeddings(workdir / "results" / "tiny" / "embeddings.h5")
-    assert merged.table["question_id"].tolist() == ["1", "2", "3", "4"]
+    expected = ["pope_1", "pope_2", "pope_3", "pope_4", "mme_10", "mme_11", "mme_12", "amber_1", "amber_2", "amber_3"]
+    assert merged.table["question_id"].tolist() == expected
+    assert (merged.table["status"] == STATUS_OK).all()
     recorded = json.loads(merged.attrs[DATASET_SOURCE_ATTR])
+    assert [s["kind"] for s in recorded["sources"]] == ["parquet", "tsv", "json"]
     assert recorded["sources"][0]["path"] == str(folder) and recorded["sources"][0]["split"] == "adversarial"
-    assert (workdir / "results" / "tiny" / "probes" / "metrics.csv").exists()
+    subsets = pd.read_csv(workdir / "results" / "tiny" / "probes" / "subsets.csv")
+    assert {"pope", "mme", "amber"} <= set(subsets.loc[subsets["subset"] == "dataset", "value"])
     assert (workdir / "results" / "dataset" / "source" / "questions.csv").exists()
     # an unchanged source is not validated again
     again = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=600)
