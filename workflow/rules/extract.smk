@@ -14,7 +14,7 @@ rule image_budget:
     params:
         cli=VLMSTATES,
         settings=settings_json,
-        images=config["dataset"]["images"],
+        images=dataset_images(),
     shell:
         "{params.cli} image-budget --settings {params.settings:q} --table {input.table:q}"
         " --images {params.images:q} --out {output:q} > {log:q} 2>&1"
