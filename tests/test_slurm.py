@@ -150,8 +150,13 @@ def _tail(log: Path, chars: int = 6000) -> str:
 
 
 def _workdir(path: Path) -> Path:
+    """The demo config, its models on the CPU on purpose: the test node's GPUs are dummy devices, and a job
+    that was handed a GPU torch cannot use stops rather than run on the CPU unasked (gpu_lease.check_gpu_usable)."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for entry in config["models"].values():
+        entry["device"] = "cpu"
     (path / "config").mkdir(parents=True)
-    (path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
