@@ -95,30 +95,53 @@ def test_an_image_that_fails_to_decode_fails_alone_inside_its_batch(setup, tmp_p
 
 
 # -- batch size: auto, caps, settings --------------------------------------------------------------------
-def test_auto_batch_size_halves_on_out_of_memory_and_keeps_the_tried_batch(setup, monkeypatch):
+def test_auto_batch_size_probes_full_length_answers_keeps_a_margin_and_records_a_normal_run(setup, monkeypatch):
     family, loaded, questions, images, singles = setup
     if family != "qwen2_5_vl":
         pytest.skip("the search does not depend on the family; one without batch groups shows it plainly")
-    fits = 3
-    calls = []
-    execute = Extractor._execute
+    adapter_type = type(loaded.adapter)
+    generate = adapter_type.generate
+    calls = []  # (rows, max_new_tokens, min_new_tokens) of each generate() call
 
-    def limited(self, batch_questions, ready):
-        calls.append(len(batch_questions))
-        if len(batch_questions) > fits:
-            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        return execute(self, batch_questions, ready)
+    def spy(self, loaded, batch, max_new_tokens, min_new_tokens=0):
+        calls.append((batch.input_ids.shape[0], max_new_tokens, min_new_tokens))
+        return generate(self, loaded, batch, max_new_tokens, min_new_tokens)
 
+    monkeypatch.setattr(adapter_type, "generate", spy)
     monkeypatch.setattr(batching, "searches_batch_size", lambda device: True)
-    monkeypatch.setattr(Extractor, "_execute", limited)
+    monkeypatch.setenv("VLMSTATES_FAILPOINT", "oom_above:5")  # a GPU that fits 5 rows
     extractor = Extractor(loaded, progress=False, batch_size="auto")
     results = extractor.extract(questions, images)
-    # 10 samples: tries 10 and 5 (out of memory), then 2 fits; the search's batch is not run again
-    assert extractor.batch_size == 2
-    assert calls[:2] == [10, 5]
-    successful = [n for n in calls if n <= fits]
-    assert sum(successful) == len(questions)
+    # 10 samples: the probe decodes every answer to max_new_tokens; 10 rows do not fit, 5 do, 3 keep a margin
+    assert calls[:2] == [(10, 3, 3), (5, 3, 3)]
+    assert extractor.batch_size == 3 == 5 * batching.AUTO_BATCH_MARGIN[0] // batching.AUTO_BATCH_MARGIN[1]
+    assert calls[2:] == [(3, 3, 0)] * 3 + [(1, 3, 0)]  # then a normal run, the probed batch included
+    # the file is what a fixed batch size of 3 gives: the probe's answers and vectors are not kept
+    monkeypatch.delenv("VLMSTATES_FAILPOINT")
+    fixed = Extractor(loaded, progress=False, batch_size=3).extract(questions, images)
+    assert_same_results(results, fixed, exact=True)
+    assert [r.batch_size for r in results] == [r.batch_size for r in fixed]
     assert_same_results(results, singles)
+
+
+def test_auto_batch_size_starts_above_64_for_small_models_and_keeps_64_from_7b():
+    assert batching.auto_batch_start(500_000_000) == 256
+    assert batching.auto_batch_start(2_200_000_000) == 128
+    assert batching.auto_batch_start(7_000_000_000) == batching.auto_batch_start(72_000_000_000) == 64
+    keys = [SortKey(0, 1000 - i) for i in range(300)]
+    tried = []
+
+    def probe(indices, fits):
+        tried.append(len(indices))
+        if len(indices) > fits:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    found = batching.find_batch_size(keys, lambda b: True, lambda b: probe(b, fits=100), start=256)
+    assert tried == [256, 128, 64] and found.batch_size == 48  # 64 fits, 3/4 of it keeps the margin
+    assert found.batches == plan_batches(keys, 48)
+    tried.clear()
+    found = batching.find_batch_size(keys, lambda b: True, lambda b: probe(b, fits=300), start=256)
+    assert tried == [256] and found.batch_size == 256  # nothing ran out: the start is the size, no margin
 
 
 def test_auto_batch_size_without_device_memory_is_the_fixed_default(setup):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vlmstates.errors import VlmstatesError
 
-#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.extraction.batching.AUTO_BATCH_START).
+#: `batch_size: auto`: the largest batch that fits the GPU (see vlmstates.extraction.batching.find_batch_size).
 AUTO_BATCH_SIZE = "auto"
 #: `layers: all`: every decoder block.
 ALL_LAYERS = "all"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,6 @@ from PIL import ExifTags, Image
 
 from vlmstates.images import resolve_image_path
 from vlmstates.settings import AUTO_BATCH_SIZE
-from vlmstates.store import SampleResult
 
 if TYPE_CHECKING:
     from vlmstates.dataset import Question
@@ -29,8 +28,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: `batch_size: auto` on CUDA: the first size tried on the first (longest) batch, halved on out-of-memory.
+#: `batch_size: auto` on CUDA: the first size tried on the first (longest) batch, halved on out-of-memory,
+#: and the largest used; by the model's parameter count (`auto_batch_start`): a small model's KV cache and
+#: activations per row are small, and it decodes faster at more rows. 7B and larger keep 64.
+AUTO_BATCH_STARTS = ((1_500_000_000, 256), (4_000_000_000, 128))
 AUTO_BATCH_START = 64
+#: once a size ran out of memory, the size used is this share of the largest that fitted (at least 1): a
+#: margin for what the probe does not see (fragmentation, a later group's larger images, estimates off)
+AUTO_BATCH_MARGIN = (3, 4)
 #: `batch_size: auto` elsewhere: there is no out-of-memory error to search by, so a fixed size.
 AUTO_BATCH_FIXED = 8
 
@@ -93,8 +98,6 @@ def plan_batches(keys: Sequence[SortKey | None], batch_size: int) -> list[list[i
 class BatchPlan:
     batch_size: int
     batches: list[list[int]]
-    tried: list[int] | None = None  # the batch the batch-size search ran to completion, and its results
-    tried_results: list[SampleResult] = field(default_factory=list)
 
 
 def searches_batch_size(device: torch.device) -> bool:
@@ -102,12 +105,18 @@ def searches_batch_size(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def auto_batch_start(parameters: int) -> int:
+    """`batch_size: auto`'s first and largest size for a model of this many parameters."""
+    return next((start for below, start in AUTO_BATCH_STARTS if parameters < below), AUTO_BATCH_START)
+
+
 def plan(
     batch_size: int | str,
     device: torch.device,
     keys: Sequence[SortKey | None],
     unfinished: Callable[[list[int]], bool],
-    try_batch: Callable[[list[int]], list[SampleResult] | None],
+    probe: Callable[[list[int]], None],
+    start: int = AUTO_BATCH_START,
 ) -> BatchPlan:
     """The plan for the configured batch size or, with `auto`, for the one `find_batch_size` finds."""
     if batch_size != AUTO_BATCH_SIZE:
@@ -115,39 +124,50 @@ def plan(
     if not searches_batch_size(device):
         log.info("batch size auto on %s: %d (no device memory to search)", device, AUTO_BATCH_FIXED)
         return BatchPlan(AUTO_BATCH_FIXED, plan_batches(keys, AUTO_BATCH_FIXED))
-    found = find_batch_size(keys, unfinished, try_batch)
+    found = find_batch_size(keys, unfinished, probe, start)
     log.info("batch size auto: %d", found.batch_size)
     return found
-
-
-_OUT_OF_MEMORY = object()
 
 
 def find_batch_size(
     keys: Sequence[SortKey | None],
     unfinished: Callable[[list[int]], bool],
-    try_batch: Callable[[list[int]], list[SampleResult] | None],
+    probe: Callable[[list[int]], None],
+    start: int = AUTO_BATCH_START,
 ) -> BatchPlan:
-    """Halve from AUTO_BATCH_START until the first batch with an `unfinished` sample runs in `try_batch`
-    without running out of memory; it holds the longest prompts, so the later batches fit too. Its
-    results are kept. `try_batch` returns None for a batch with a faulty sample (not a memory question:
-    the normal path records it)."""
-    size = max(1, min(AUTO_BATCH_START, len(keys)))
+    """Halve from `start` until the first batch with an `unfinished` sample fits in `probe`, which runs it
+    decoding every answer to `max_new_tokens`: that batch holds the longest prompts, so every later batch,
+    whatever its answers, fits too. If a size ran out of memory, the size used keeps a margin below the one
+    that fitted (AUTO_BATCH_MARGIN). The probe's results are dropped (a full-length answer is not what a
+    normal run records): the engine runs that batch again like any other."""
+    size = max(1, min(start, len(keys)))
+    ran_out = False
     while True:
         batches = plan_batches(keys, size)
         first = next((b for b in batches if unfinished(b)), None)
         if first is None or size == 1:
             return BatchPlan(size, batches)
-        try:
-            results = try_batch(first)
-        except torch.OutOfMemoryError:
-            results = _OUT_OF_MEMORY  # the error is dropped here: its traceback holds the attempt's tensors
-        except Exception:  # not a memory question either
-            return BatchPlan(size, batches)
-        if results is _OUT_OF_MEMORY:
-            gc.collect()
-            torch.cuda.empty_cache()
-            log.info("batch size auto: %d does not fit, trying %d", size, size // 2)
-            size //= 2
-            continue
-        return BatchPlan(size, batches) if results is None else BatchPlan(size, batches, first, results)
+        if not _runs_out_of_memory(probe, first):
+            return _with_margin(keys, size) if ran_out else BatchPlan(size, batches)
+        gc.collect()
+        torch.cuda.empty_cache()
+        log.info("batch size auto: %d does not fit, trying %d", size, size // 2)
+        size //= 2
+        ran_out = True
+
+
+def _runs_out_of_memory(probe: Callable[[list[int]], None], batch: list[int]) -> bool:
+    try:
+        probe(batch)
+    except torch.OutOfMemoryError:
+        return True  # the error is dropped here: its traceback holds the attempt's tensors
+    except Exception:  # not a memory question: a faulty sample, which the normal path records
+        return False
+    return False
+
+
+def _with_margin(keys: Sequence[SortKey | None], fitted: int) -> BatchPlan:
+    numerator, denominator = AUTO_BATCH_MARGIN
+    size = max(1, fitted * numerator // denominator)
+    log.info("batch size auto: %d fits; %d keeps a margin", fitted, size)
+    return BatchPlan(size, plan_batches(keys, size))

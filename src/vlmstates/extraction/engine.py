@@ -356,19 +356,23 @@ class Extractor:
                 dims[layer_key(representation, k)] = self.adapter.hidden_size(model)
         return dims
 
-    def _generation(self) -> tuple[int, int]:
-        """(max_new_tokens, min_new_tokens) of each batch's generate() call. Prefill-only: at most one new
+    def _generation(self, full_length: bool = False) -> tuple[int, int]:
+        """(max_new_tokens, min_new_tokens) of each batch's generate() call; `full_length`: every answer
+        decoded to max_new_tokens (the batch-size search's probe). Prefill-only: at most one new
         token, so that generate() runs its prefill forward (the same one, with the same inputs, as when it
         answers), which the last recorded block's hook then ends; a bare forward would not build the inputs
         the way generate() does (e.g. the position ids of left-padded rows)."""
-        return (self.settings.max_new_tokens, self.min_new_tokens) if self.settings.answers else (1, 0)
+        if not self.settings.answers:
+            return (1, 0)
+        max_new = self.settings.max_new_tokens
+        return (max_new, max_new if full_length else self.min_new_tokens)
 
-    def _generate(self, batch: Batch) -> list[str]:
+    def _generate(self, batch: Batch, full_length: bool = False) -> list[str]:
         """The batch's answers from one generate() call whose prefill the hooks capture. Prefill-only: the
         same call, without a KV cache, ended by the last recorded block's hook (PrefillDone), so blocks past
         it, the LM head and the discarded token are never computed; the answers are empty."""
         if self.settings.answers:
-            return self.adapter.generate(self.loaded, batch, *self._generation())
+            return self.adapter.generate(self.loaded, batch, *self._generation(full_length))
         with _without_kv_cache(self.loaded.model), contextlib.suppress(PrefillDone):
             self.adapter.generate(self.loaded, batch, *self._generation())
         return [""] * batch.input_ids.shape[0]
@@ -458,30 +462,30 @@ class Extractor:
         def unfinished(indices: list[int]) -> bool:
             return not all(questions[i].question_id in finished for i in indices)
 
-        def try_batch(indices: list[int]) -> list[SampleResult] | None:
-            """A batch's results, or None if a sample is faulty (for the batch-size search)."""
+        def probe(indices: list[int]) -> None:
+            """Run a batch as the batch-size search's memory probe: every answer decoded to max_new_tokens;
+            nothing is kept. A batch with a faulty sample is not run (the search stops at its size)."""
             batch_questions = [questions[i] for i in indices]
             fetched = self.preparer.fetch(batch_questions, images_dir, self.preparer.host)
             if fetched.prepared is None or any(fetched.image_errors):
-                return None
+                return
             try:
-                return self._execute(batch_questions, fetched.prepared)
+                self._execute(batch_questions, fetched.prepared, full_length=True)
             except Exception:
-                self.capture.disarm()  # what a failed try captured; the search drops the error itself
+                self.capture.disarm()  # what a failed probe captured; the search drops the error itself
                 raise
 
         blocks = self.adapter.decoder_blocks(self.loaded.model)
         with self.capture.installed(), oom_failpoint(blocks), torch.inference_mode():
             keys = batching.sort_keys(self.loaded, questions, images_dir)
-            plan = batching.plan(self.batch_size, self.loaded.device, keys, unfinished, try_batch)
+            start = batching.auto_batch_start(sum(p.numel() for p in self.loaded.model.parameters()))
+            plan = batching.plan(self.batch_size, self.loaded.device, keys, unfinished, probe, start)
             self.batch_size = plan.batch_size
             todo = []
             for indices in plan.batches:
                 done = [finished.get(questions[i].question_id) for i in indices]
                 if all(done):
                     place(indices, done)
-                elif indices == plan.tried:
-                    record(indices, plan.tried_results)
                 else:
                     todo.append(indices)
             for indices, fetched in self.preparer.ahead(todo, questions, images_dir):
@@ -552,7 +556,7 @@ class Extractor:
             self.capture.disarm()  # what the failed prefill captured
             return AttemptFailed(f"{type(raised).__name__}: {raised}", failure_kind(raised))
 
-    def _execute(self, questions: list[Question], prepared: Prepared) -> list[SampleResult]:
+    def _execute(self, questions: list[Question], prepared: Prepared, full_length: bool = False) -> list[SampleResult]:
         with self.timed("model", prepared):
             device = self.loaded.device
             batch = _map_tensors(prepared.batch, lambda t: t.to(device, non_blocking=t.is_pinned()))
@@ -566,7 +570,7 @@ class Extractor:
                 torch.tensor(in_padded_batch(paper, positions)) if paper is not None else None,
                 stop_after_last_layer=not self.settings.answers,
             )
-            answers = self._generate(batch)
+            answers = self._generate(batch, full_length)
             vectors = self.capture.collect()
         return [
             SampleResult(
