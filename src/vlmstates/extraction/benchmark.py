@@ -663,7 +663,7 @@ class Recorder:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The JSON lines of `path`; a last line cut short by a killed run is dropped."""
+    """The JSON lines of `path`; a line cut short (a run killed while writing it) is dropped, with a note."""
     if not path.is_file():
         return []
     records = []
@@ -734,10 +734,9 @@ def benchmark_family(family, args, device, dtype, workdir: Path, save=None, done
     for method, size in pending:
         print(f"  {family} {method} batch {size} ...", file=sys.stderr, flush=True)
         try:
-            runs = [_measure(method, size, loaded, questions, halp_questions, images_dir, args, out_dir, tower)]
-            runs += [
+            runs = [
                 _measure(method, size, loaded, questions, halp_questions, images_dir, args, out_dir, tower)
-                for _ in range(args.repeats - 1)
+                for _ in range(args.repeats)
             ]
         except Exception as error:  # recorded, and the next configuration runs
             traceback.print_exc()
