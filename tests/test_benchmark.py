@@ -10,10 +10,18 @@ import pytest
 import torch
 from helpers import REPO
 
-from vlmstates.extraction.benchmark import FULL_SIZE, build_full_size, parameter_count
+import vlmstates.extraction.benchmark as benchmark
+from vlmstates.extraction.benchmark import FULL_SIZE, build_full_size, parameter_count, with_ratios
 from vlmstates.settings import ModelSettings
 
 RESULT_FIELDS = {
+    "record",
+    "status",
+    "failed_samples",
+    "first_sample_error",
+    "lm_params",
+    "vision_params",
+    "attn_implementation",
     "family",
     "model",
     "method",
@@ -42,7 +50,7 @@ def test_benchmark_script_on_a_tiny_checkpoint_writes_every_field(tiny_checkpoin
     checkpoints = tmp_path / "work" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "tiny-qwen2_5_vl").symlink_to(tiny_checkpoint("qwen2_5_vl"))
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench.jsonl"
     command = [
         sys.executable,
         str(REPO / "scripts" / "benchmark.py"),
@@ -63,34 +71,91 @@ def test_benchmark_script_on_a_tiny_checkpoint_writes_every_field(tiny_checkpoin
         "1.0",
         "--workdir",
         str(tmp_path / "work"),
-        "--json",
+        "--out",
         str(out),
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "samples/s" in run.stdout and "halp_loop" in run.stdout
 
-    report = json.loads(out.read_text())
-    assert {"machine", "versions", "device", "dtype", "command", "settings", "families"} <= set(report)
-    assert {"torch", "transformers"} <= set(report["versions"])
-    (family,) = report["families"]
-    assert family["lm_params"] > 0 and family["vision_params"] > 0 and family["attn_implementation"] == "sdpa"
-    results = family["results"]
-    assert [(r["method"], r["batch_size"]) for r in results] == [
+    header, *lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header["record"] == "run"
+    assert {"machine", "versions", "device", "dtype", "command", "settings"} <= set(header)
+    assert {"torch", "transformers"} <= set(header["versions"])
+    assert [(r["method"], r["batch_size"]) for r in lines] == [
         ("engine", 1),
         ("engine", 2),
         ("prefill_only", 1),
         ("prefill_only", 2),
         ("halp_loop", 1),
     ]
+    results = with_ratios(lines)
     for r in results:
         assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)
+        assert r["status"] == "ok" and r["failed_samples"] == 0 and r["attn_implementation"] == "sdpa"
+        assert r["lm_params"] > 0 and r["vision_params"] > 0
         assert set(r["breakdown_s"]) == STAGES
         assert r["samples"] == 3 and r["prompt_tokens"] > 0 and r["vision_tokens"] > 0
         assert r["samples_per_s"] > 0 and r["prefill_tflop"] > 0 and r["roofline_share"] is not None
     assert [r["speedup_vs_engine"] for r in results[:2]] == [1.0, 1.0] and results[-1]["speedup_vs_engine"] is None
+    assert results[-1]["speedup_vs_halp_loop"] == 1.0
     # the engine, prefill-only and the loop saw the same inputs: the same prompt and vision tokens
     assert len({(r["prompt_tokens"], r["vision_tokens"]) for r in results}) == 1
+
+
+def test_quick_preset_saves_each_configuration_records_failures_and_resumes(tiny_checkpoint, tmp_path, monkeypatch):
+    """The quick preset on a tiny checkpoint: batch 32 runs out of memory (the oom_above failpoint) and one
+    image is unreadable; the run goes on, saves every configuration with its failure or its failed sample,
+    and a --resume reruns only the failed configurations."""
+    work = tmp_path / "work"
+    (work / "checkpoints").mkdir(parents=True)
+    (work / "checkpoints" / "tiny-qwen2_5_vl").symlink_to(tiny_checkpoint("qwen2_5_vl"))
+    make_inputs = benchmark.synthetic_inputs
+
+    def one_unreadable_image(root, n, sizes, seed):
+        questions = make_inputs(root, n, sizes, seed)
+        (root / questions[1].image_id).write_bytes(b"not a JPEG")
+        return questions
+
+    monkeypatch.setattr(benchmark, "synthetic_inputs", one_unreadable_image)
+    monkeypatch.setenv("VLMSTATES_FAILPOINT", "oom_above:1")
+    out = tmp_path / "quick.jsonl"
+    argv = ["--preset", "quick", "--models", "tiny", "--device", "cpu", "--families", "qwen2_5_vl"]
+    argv += ["--samples", "3", "--halp-samples", "3", "--new-tokens", "2", "--workdir", str(work), "--out", str(out)]
+    rows = benchmark.main(argv)
+
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["record"] for r in lines] == ["run"] + ["configuration"] * 5
+    assert lines[0]["settings"]["batch_sizes"] == [1, 32] and lines[0]["settings"]["models"] == "tiny"
+    status = {(r["method"], r["batch_size"]): r["status"] for r in lines[1:]}
+    assert status == {
+        ("engine", 1): "ok",
+        ("engine", 32): "failed",
+        ("prefill_only", 1): "ok",
+        ("prefill_only", 32): "failed",
+        ("halp_loop", 1): "ok",
+    }
+    for r in lines[1:]:
+        if r["status"] == "failed":
+            assert "OutOfDeviceMemory" in r["error"] and "oom_above:1" in r["error"]
+        else:  # the unreadable image is counted in the row, not an abort
+            assert r["failed_samples"] == 1 and r["first_sample_error"] and r["samples"] == 3
+    assert [r["status"] for r in rows] == [status[(r["method"], r["batch_size"])] for r in rows]
+    assert [r["speedup_vs_engine"] for r in rows if r["method"] == "prefill_only"][0] > 0
+    assert benchmark.format_table(rows).count("FAILED: OutOfDeviceMemory") == 2
+
+    monkeypatch.delenv("VLMSTATES_FAILPOINT")
+    rows = benchmark.main([*argv, "--resume"])
+    run, *rerun = [json.loads(line) for line in out.read_text().splitlines()[len(lines) :]]
+    assert run["record"] == "run"  # only the failed configurations ran again
+    assert [(r["method"], r["batch_size"], r["status"]) for r in rerun] == [
+        ("engine", 32, "ok"),
+        ("prefill_only", 32, "ok"),
+    ]
+    assert [r["status"] for r in rows] == ["ok"] * 5
+
+    with pytest.raises(SystemExit, match="new_tokens"):  # a resume must measure what the file holds
+        benchmark.main([*argv, "--resume", "--new-tokens", "3"])
 
 
 # Parameters of the published checkpoints (Phi-4: without its vision and speech LoRAs).

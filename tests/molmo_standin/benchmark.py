@@ -61,11 +61,12 @@ def main() -> None:
     args = benchmark.parse_args(ARGS)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
-        families = [
-            benchmark.benchmark_family(f, args, torch.device("cpu"), torch.float32, Path(folder))
+        rows = [
+            row
             for f in ("molmo", "molmoe")
+            for row in benchmark.benchmark_family(f, args, torch.device("cpu"), torch.float32, Path(folder))
         ]
-    print(benchmark.format_table([r for family in families for r in family["results"]]))
+    print(benchmark.format_table(benchmark.with_ratios(rows)))
 
 
 if __name__ == "__main__":

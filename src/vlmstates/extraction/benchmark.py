@@ -2,6 +2,8 @@
 
     python scripts/benchmark.py --models tiny --device cpu          # the tiny checkpoints (CI smoke run)
     python scripts/benchmark.py --models full --device cuda --peak-tflops 989
+    python scripts/benchmark.py --preset quick --peak-tflops 989    # fits 10 minutes on one GPU
+    python scripts/benchmark.py --preset quick --models tiny --device cpu
 
 Models: the tiny checkpoints (`vlmstates.demo.tiny`), or full-size architectures with random weights built from
 the real checkpoints' dimensions (FULL_SIZE below), initialised directly on the device in bf16, with the
@@ -13,7 +15,13 @@ Measured in one run on the same inputs: the engine (`vlmstates.extraction.engine
 each `--batch-sizes`, the engine prefill-only (`answers: false`: the same prefill, no decoding) at each,
 and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass with
 output_hidden_states and a projector hook, and a separate vision-tower pass. Each configuration runs
-`--repeats` times; the run with the median samples/s is reported.
+`--repeats` times in a row; the run with the median samples/s is reported.
+
+Each configuration (family x method x batch size) is appended to `--out` (JSON lines, after one line of
+the run's environment and settings) as it completes, so a run cut short keeps what it measured; one that
+fails is saved with its error and the next one runs, and a failed sample is counted in its configuration's
+row (`failed_samples`), never an abort. `--resume` skips the configurations already saved as ok. The
+printed table is built from the file.
 
 Prefill FLOPs are counted from the model: 2 x parameters x tokens, for the decoder blocks over the real
 (unpadded) prompt tokens and for the vision tower over the patch tokens it encoded; the LM head (one
@@ -33,6 +41,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -431,6 +440,8 @@ class Run:
     vision_tokens: int
     peak_memory_mb: float
     breakdown_s: dict
+    failed_samples: int = 0  # samples the run recorded failed (counted in its time, not an abort)
+    first_sample_error: str | None = None
 
     @property
     def samples_per_s(self) -> float:
@@ -485,8 +496,6 @@ def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, t
     write_embeddings(out_dir / f"{method}_{batch_size}.h5", results, extractor.vector_dims(), extractor.attributes())
     end = time.perf_counter()
     failed = [r.error for r in results if r.status != "ok"]
-    if failed:
-        raise RuntimeError(f"the engine failed {len(failed)} samples, first: {failed[0]}")
     breakdown = dict(
         preprocess=timings.prepare,
         preprocess_wait=timings.wait,
@@ -504,6 +513,8 @@ def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, t
         vision.count,
         peak_memory_mb(device),
         breakdown,
+        len(failed),
+        failed[0] if failed else None,
     )
 
 
@@ -515,35 +526,18 @@ def run_halp_loop(loaded, questions, images_dir, new_tokens, tower) -> Run:
     times = dict(preprocess=0.0, preprocess_wait=0.0, prefill=0.0, decode=0.0, write=0.0)
     prompt_tokens = 0
     kept = []  # results stay in memory: the loop is not charged for writing them
+    failed: list[str] = []
     reset_peak_memory(device)
     _sync(device)
     start = time.perf_counter()
     clock, vision = PrefillClock(model, device), VisionTokens(tower)
     with torch.inference_mode(), clock.hooked(), vision.hooked():
         for q in questions:
-            t0 = time.perf_counter()
-            image = load_image(resolve_image_path(images_dir, q.image_id))
-            batch = adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question)], [image])
-            t1 = time.perf_counter()
-            clock.start()
-            vision.active = True  # count the tower's tokens once per sample: in generate's prefill
-            answer = adapter.generate(loaded, batch, new_tokens, new_tokens)[0]
-            vision.active = False
-            t2 = time.perf_counter()
-            kept.append(
-                (
-                    answer,
-                    _hooked_forward(adapter, loaded, batch, layers),
-                    adapter.vision_features(model, batch.inputs).float().mean(0).cpu(),
-                )
-            )
-            _sync(device)
-            t3 = time.perf_counter()
-            prefill_end = clock.prefill_end or t2
-            times["preprocess"] += t1 - t0
-            times["prefill"] += (prefill_end - t1) + (t3 - t2)
-            times["decode"] += t2 - prefill_end
-            prompt_tokens += int(batch.attention_mask.sum())
+            try:
+                prompt_tokens += _halp_sample(loaded, q, images_dir, new_tokens, layers, clock, vision, times, kept)
+            except Exception as error:  # a failed sample is counted, as the engine's are, and the loop goes on
+                vision.active = False
+                failed.append(f"{type(error).__name__}: {error}")
     seconds = time.perf_counter() - start
     return Run(
         "halp_loop",
@@ -555,7 +549,37 @@ def run_halp_loop(loaded, questions, images_dir, new_tokens, tower) -> Run:
         vision.count,
         peak_memory_mb(device),
         times,
+        len(failed),
+        failed[0] if failed else None,
     )
+
+
+def _halp_sample(loaded, q, images_dir, new_tokens, layers, clock, vision, times, kept) -> int:
+    """One sample of the HALP-style loop; adds its stage times to `times`, returns its prompt tokens."""
+    adapter, model, device = loaded.adapter, loaded.model, loaded.device
+    t0 = time.perf_counter()
+    image = load_image(resolve_image_path(images_dir, q.image_id))
+    batch = adapter.build_batch(loaded, [loaded.settings.format_prompt(q.question)], [image])
+    t1 = time.perf_counter()
+    clock.start()
+    vision.active = True  # count the tower's tokens once per sample: in generate's prefill
+    answer = adapter.generate(loaded, batch, new_tokens, new_tokens)[0]
+    vision.active = False
+    t2 = time.perf_counter()
+    kept.append(
+        (
+            answer,
+            _hooked_forward(adapter, loaded, batch, layers),
+            adapter.vision_features(model, batch.inputs).float().mean(0).cpu(),
+        )
+    )
+    _sync(device)
+    t3 = time.perf_counter()
+    prefill_end = clock.prefill_end or t2
+    times["preprocess"] += t1 - t0
+    times["prefill"] += (prefill_end - t1) + (t3 - t2)
+    times["decode"] += t2 - prefill_end
+    return int(batch.attention_mask.sum())
 
 
 def _hooked_forward(adapter, loaded, batch, layers) -> dict:
@@ -592,9 +616,9 @@ def summarise(runs: list[Run], lm_params: int, vision_params: int, peak_tflops: 
     flop = 2 * (lm_params * run.prompt_tokens + vision_params * run.vision_tokens)
     tflops = flop / run.breakdown_s["prefill"] / 1e12 if run.breakdown_s["prefill"] else None
     return dict(
-        method=run.method,
-        batch_size=run.batch_size,
         samples=run.samples,
+        failed_samples=run.failed_samples,
+        first_sample_error=run.first_sample_error,
         repeats=len(runs),
         samples_per_s=run.samples_per_s,
         samples_per_s_runs=[r.samples_per_s for r in runs],
@@ -611,62 +635,166 @@ def summarise(runs: list[Run], lm_params: int, vision_params: int, peak_tflops: 
     )
 
 
-def benchmark_family(family, args, device, dtype, workdir: Path) -> dict:
-    loaded, checkpoint = load_benchmark_model(family, args, device, dtype, workdir / "checkpoints")
+# -- configurations, each saved as it completes ------------------------------------------------------
+def configurations(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(method, batch size) of one family, in the order they run: the engine, prefill-only, the loop."""
+    return (
+        [("engine", b) for b in args.batch_sizes] + [(PREFILL_ONLY, b) for b in args.batch_sizes] + [("halp_loop", 1)]
+    )
+
+
+def configuration_key(row: dict) -> tuple[str, str, int]:
+    return row["family"], row["method"], row["batch_size"]
+
+
+class Recorder:
+    """Appends one JSON line per configuration to `path` the moment it completes (flushed and synced), so
+    that a run cut short (a lease that ends, a crash) keeps every configuration measured before."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(self, record: dict) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON lines of `path`; a line cut short (a run killed while writing it) is dropped, with a note."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"{path}: skipping an incomplete line (a run killed while writing it)", file=sys.stderr)
+    return records
+
+
+def latest_rows(records: list[dict]) -> list[dict]:
+    """The configuration rows, the latest per (family, method, batch size), in their first order."""
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("record") == "configuration":
+            rows[configuration_key(r)] = r
+    return list(rows.values())
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _free_after_failure(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def benchmark_family(family, args, device, dtype, workdir: Path, save=None, done=frozenset()) -> list[dict]:
+    """Every configuration of one family not in `done` ((family, method, batch size) keys): each is passed to
+    `save` as it completes; a configuration that fails is recorded with its error and the next one runs."""
+    pending = [(m, b) for m, b in configurations(args) if (family, m, b) not in done]
+    rows: list[dict] = []
+
+    def record(method: str, batch_size: int, fields: dict) -> None:
+        row = dict(record="configuration", family=family, method=method, batch_size=batch_size, **fields)
+        rows.append(row)
+        if save is not None:
+            save(row)
+
+    if not pending:
+        return rows
+    try:
+        loaded, checkpoint = load_benchmark_model(family, args, device, dtype, workdir / "checkpoints")
+    except Exception as error:  # no model: every pending configuration of the family is recorded failed
+        traceback.print_exc()
+        for method, size in pending:
+            record(method, size, dict(status="failed", error=f"loading the model: {_error_text(error)}"))
+        return rows
     tower = loaded.adapter.vision_tower(loaded.model)
     lm_params = parameter_count(loaded.adapter.decoder_blocks(loaded.model))
     vision_params = parameter_count(tower)
+    model_fields = dict(
+        model=checkpoint,
+        lm_params=lm_params,
+        vision_params=vision_params,
+        attn_implementation=loaded.attn_implementation,
+    )
     images_dir = workdir / "images"
     questions = synthetic_inputs(images_dir, args.samples, args.image_sizes, args.seed)
     halp_questions = questions[: args.halp_samples or len(questions)]
     out_dir = workdir / "out" / family
     out_dir.mkdir(parents=True, exist_ok=True)
+    _warm_up(loaded, questions, images_dir, args, out_dir, tower, pending)
 
-    # warm-up (untimed): first calls allocate, pick kernels, fill caches
-    run_engine(
-        loaded, questions[: max(args.batch_sizes)], images_dir, max(args.batch_sizes), args.new_tokens, out_dir, tower
-    )
-    run_halp_loop(loaded, questions[:1], images_dir, args.new_tokens, tower)
+    for method, size in pending:
+        print(f"  {family} {method} batch {size} ...", file=sys.stderr, flush=True)
+        try:
+            runs = [
+                _measure(method, size, loaded, questions, halp_questions, images_dir, args, out_dir, tower)
+                for _ in range(args.repeats)
+            ]
+        except Exception as error:  # recorded, and the next configuration runs
+            traceback.print_exc()
+            _free_after_failure(device)
+            record(method, size, dict(model_fields, status="failed", error=_error_text(error)))
+            continue
+        record(
+            method, size, dict(model_fields, status="ok", **summarise(runs, lm_params, vision_params, args.peak_tflops))
+        )
+    return rows
 
-    runs: dict[tuple, list[Run]] = {}
-    for _ in range(args.repeats):
-        for size in args.batch_sizes:
-            runs.setdefault(("engine", size), []).append(
-                run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower)
-            )
-        for size in args.batch_sizes:
-            runs.setdefault((PREFILL_ONLY, size), []).append(
-                run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower, answers=False)
-            )
-        runs.setdefault(("halp_loop", 1), []).append(
-            run_halp_loop(loaded, halp_questions, images_dir, args.new_tokens, tower)
-        )
-    results = [summarise(r, lm_params, vision_params, args.peak_tflops) for r in runs.values()]
-    loop = next(r for r in results if r["method"] == "halp_loop")
-    generating = {r["batch_size"]: r["samples_per_s"] for r in results if r["method"] == "engine"}
-    for r in results:
-        r["family"], r["model"] = family, checkpoint
-        r["speedup_vs_halp_loop"] = r["samples_per_s"] / loop["samples_per_s"]
-        # the engine's own ratio to its generating path, at the same batch size and on the same inputs
-        r["speedup_vs_engine"] = (
-            r["samples_per_s"] / generating[r["batch_size"]] if r["method"] != "halp_loop" else None
-        )
-    return dict(
-        family=family,
-        model=checkpoint,
-        lm_params=lm_params,
-        vision_params=vision_params,
-        attn_implementation=loaded.attn_implementation,
-        results=results,
+
+def _measure(method, size, loaded, questions, halp_questions, images_dir, args, out_dir, tower) -> Run:
+    if method == "halp_loop":
+        return run_halp_loop(loaded, halp_questions, images_dir, args.new_tokens, tower)
+    answers = method == "engine"
+    return run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower, answers=answers)
+
+
+def _warm_up(loaded, questions, images_dir, args, out_dir, tower, pending) -> None:
+    """Untimed first calls (they allocate, pick kernels, fill caches). A failure here is only reported: the
+    configuration that meets it again records it."""
+    largest = max((size for method, size in pending if method != "halp_loop"), default=1)
+    warm_ups = (
+        lambda: run_engine(loaded, questions[:largest], images_dir, largest, args.new_tokens, out_dir, tower),
+        lambda: run_halp_loop(loaded, questions[:1], images_dir, args.new_tokens, tower),
     )
+    for warm_up in warm_ups:
+        try:
+            warm_up()
+        except Exception as error:
+            print(f"  warm-up failed ({_error_text(error)}); measuring anyway", file=sys.stderr, flush=True)
+            _free_after_failure(loaded.device)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """The rows with `speedup_vs_halp_loop` (over the family's loop) and `speedup_vs_engine` (over the
+    generating engine at the same batch size), where both sides completed; None otherwise."""
+    speed = {configuration_key(r): r["samples_per_s"] for r in rows if r["status"] == "ok"}
+    out = []
+    for r in rows:
+        loop = speed.get((r["family"], "halp_loop", 1))
+        engine = speed.get((r["family"], "engine", r["batch_size"])) if r["method"] != "halp_loop" else None
+        mine = speed.get(configuration_key(r))
+        out.append(
+            r
+            | dict(
+                speedup_vs_halp_loop=mine / loop if mine is not None and loop else None,
+                speedup_vs_engine=mine / engine if mine is not None and engine else None,
+            )
+        )
+    return out
 
 
 # -- report ------------------------------------------------------------------------------------------
 COLUMNS = (
-    ("family", "{:<16}", "family"),
-    ("method", "{:<12}", "method"),
-    ("batch", "{:>5}", "batch_size"),
     ("samples/s", "{:>9.2f}", "samples_per_s"),
+    ("failed", "{:>6}", "failed_samples"),
     ("vs loop", "{:>7.2f}", "speedup_vs_halp_loop"),
     ("vs engine", "{:>9.2f}", "speedup_vs_engine"),
     ("prompt tok/s", "{:>12.0f}", "prompt_tokens_per_s"),
@@ -678,11 +806,15 @@ COLUMNS = (
 STAGES = ("preprocess", "preprocess_wait", "prefill", "decode", "write")
 
 
-def format_table(results: list[dict]) -> str:
-    header = [name for name, _, _ in COLUMNS] + [f"{s} s" for s in STAGES]
+def format_table(rows: list[dict]) -> str:
+    """One line per configuration (rows as `with_ratios` gives them); a failed one shows its error."""
+    header = ["family", "method", "batch"] + [name for name, _, _ in COLUMNS] + [f"{s} s" for s in STAGES]
     lines = [" | ".join(header)]
-    for r in results:
-        cells = []
+    for r in rows:
+        cells = [f"{r['family']:<16}", f"{r['method']:<12}", f"{r['batch_size']:>5}"]
+        if r["status"] != "ok":
+            lines.append(" | ".join(cells + [f"FAILED: {r['error'].splitlines()[0][:200]}"]))
+            continue
         for _, fmt, key in COLUMNS:
             value = r[key]
             if key == "roofline_share":
@@ -725,10 +857,39 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+#: Named sets of defaults (options given on the command line win). quick: fits 10 minutes on one GPU (not
+#: measured there yet): the two most used families at full size, batch 1 and 32, every method.
+PRESETS = {
+    "quick": dict(
+        families=["qwen2_5_vl", "gemma3"],
+        models="full",
+        batch_sizes=[1, 32],
+        samples=64,
+        halp_samples=16,
+        new_tokens=32,
+        repeats=1,
+    )
+}
+#: Settings that change what a configuration measures: a --resume must keep them.
+MEASURED_SETTINGS = (
+    "models",
+    "device",
+    "dtype",
+    "samples",
+    "halp_samples",
+    "new_tokens",
+    "image_sizes",
+    "repeats",
+    "peak_tflops",
+    "seed",
+)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of defaults (PRESETS)")
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument(
         "--models",
@@ -754,30 +915,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--workdir", type=Path, default=None, help="for checkpoints, images and outputs (default: a temporary folder)"
     )
-    p.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmark.jsonl"),
+        help="JSON lines: the run's environment, then one line per configuration as it completes",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="append to --out and skip the configurations it holds as ok (without it, --out is started anew)",
+    )
+    preset = p.parse_known_args(argv)[0].preset
+    if preset is not None:
+        p.set_defaults(**PRESETS[preset])
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def _settings(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def _done_before(args: argparse.Namespace) -> set[tuple]:
+    """--resume: the configurations --out holds as ok, after checking it measured the same thing."""
+    records = read_records(args.out)
+    settings = json.loads(json.dumps(_settings(args)))  # as JSON gives them back: tuples become lists
+    for before in (r["settings"] for r in records if r.get("record") == "run"):
+        changed = [k for k in MEASURED_SETTINGS if before.get(k) != settings[k]]
+        if changed:
+            raise SystemExit(
+                f"--resume: {args.out} was measured with other {', '.join(changed)} "
+                f"({', '.join(f'{k}={before.get(k)}' for k in changed)}); use the same options, or another --out"
+            )
+    return {configuration_key(r) for r in latest_rows(records) if r["status"] == "ok"}
+
+
+def main(argv=None) -> list[dict]:
+    """Runs the benchmark; returns the table's rows (from --out: this run's and, with --resume, earlier ones)."""
     args = parse_args(argv)
     device = select_device(args.device)
     dtype = select_dtype(args.dtype, device)
+    done = _done_before(args) if args.resume else set()
+    if not args.resume:
+        args.out.unlink(missing_ok=True)
+    recorder = Recorder(args.out)
+    recorder.save(
+        dict(record="run")
+        | environment(device, dtype)
+        | dict(
+            command=" ".join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
+            settings=_settings(args),
+        )
+    )
     with tempfile.TemporaryDirectory(prefix="vlmstates-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
-        families = []
         for family in args.families:
             print(f"benchmarking {family} ({args.models}) on {device} ...", file=sys.stderr, flush=True)
-            families.append(benchmark_family(family, args, device, dtype, workdir))
-            if device.type == "cuda":  # the model is gone: give its memory back before the next one
-                gc.collect()
-                torch.cuda.empty_cache()
-    report = environment(device, dtype) | dict(
-        command=" ".join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
-        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        families=families,
-    )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(format_table([r for f in families for r in f["results"]]))
-    print(f"written {args.json}", file=sys.stderr)
-    return report
+            benchmark_family(family, args, device, dtype, workdir, save=recorder.save, done=done)
+            _free_after_failure(device)  # the model is gone: give its memory back before the next one
+    rows = with_ratios(latest_rows(read_records(args.out)))
+    print(format_table(rows))
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"written {args.out}" + (f"; {len(failed)} configurations failed" if failed else ""), file=sys.stderr)
+    return rows
