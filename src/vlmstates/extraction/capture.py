@@ -1,7 +1,8 @@
 """Forward hooks that take the needed vectors from the prefill step of generate().
 
-Hooks return None (a returned value would replace the module's output). Each hook fires once per
-armed batch: the first call after `arm()` is the prefill; the decoding steps that follow are ignored.
+Hooks return None (a returned value would replace the module's output). `arm()` installs them for the next
+prefill, and each removes itself once it has taken its vectors (its module's first call after `arm()`), so
+the decoding steps that follow run without any capture hook.
 Only the needed positions are copied off the hidden states, never whole sequences; the position indices go
 to the device once per batch, and the batch's vectors leave it in one copy, in `collect()`. Prefill-only
 (`arm(..., stop_after_last_layer=True)`): once the last recorded block has given its vectors, its hook raises
@@ -11,12 +12,12 @@ to the device once per batch, and the batch's vectors leave it in one copy, in `
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
-from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN, layer_key
 
 
@@ -37,7 +38,7 @@ class _Targets:
 
 @dataclass
 class PrefillCapture:
-    """Hooks a model while `installed()`; `arm()` before each generate(), `collect()` after it."""
+    """Hooks a model for one prefill: `arm()` before each generate(), `collect()` after it, inside `installed()`."""
 
     blocks: torch.nn.ModuleList
     layers: tuple[int, ...]
@@ -49,12 +50,16 @@ class PrefillCapture:
     _captured: dict[str, torch.Tensor] = field(default_factory=dict)
     #: (what, device) -> the armed batch's index tensor or mask there, copied once per batch
     _on_device: dict[tuple[str, torch.device], torch.Tensor] = field(default_factory=dict)
+    #: key of the vector a hook takes -> the hook, while it waits for the armed prefill
+    _hooks: dict[str, RemovableHandle] = field(default_factory=dict)
 
-    def installed(self) -> contextlib.AbstractContextManager[None]:
-        return forward_hooks(
-            before=[(self.projector, self._projector_hook)],
-            after=[(self.blocks[k], self._block_hook(k)) for k in self.layers],
-        )
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The scope of the capture's hooks: whatever hook is still waiting when it ends is removed."""
+        try:
+            yield
+        finally:
+            self._remove_hooks()
 
     def arm(
         self,
@@ -75,13 +80,20 @@ class PrefillCapture:
         self._pool = pool
         self._captured = {}
         self._on_device = {}
+        self._remove_hooks()
+        self._hooks[VISION_ONLY] = self.projector.register_forward_pre_hook(self._projector_hook)
+        for k in self.layers:
+            self._hooks[layer_key(QUERY_TOKEN, k)] = self.blocks[k].register_forward_hook(self._block_hook(k))
 
     def disarm(self) -> None:
-        """Drop the targets and whatever a failed prefill captured (device tensors of the failed attempt)."""
+        """Drop the targets, the hooks and whatever a failed prefill captured (device tensors of the failed
+        attempt)."""
+        self._remove_hooks()
         self._targets, self._pool, self._captured, self._on_device = None, None, {}, {}
 
     def collect(self) -> dict[str, torch.Tensor]:
         """The captured vectors ([B, D] float32 on the CPU), keyed as in the HDF5 file."""
+        self._remove_hooks()  # those of vectors that the prefill did not reach
         expected = {VISION_ONLY} | {layer_key(QUERY_TOKEN, k) for k in self.layers}
         missing = expected - set(self._captured)
         if missing:
@@ -93,8 +105,7 @@ class PrefillCapture:
         def hook(module, args, output):
             targets = self._targets
             key = layer_key(QUERY_TOKEN, layer)
-            if targets is None or key in self._captured:
-                return None
+            self._hooks.pop(key).remove()  # the prefill's call; no decoding step calls this hook
             if self.block_hidden_states is not None:
                 hidden = self.block_hidden_states(output)  # [B, L, D]
             else:
@@ -118,10 +129,14 @@ class PrefillCapture:
         return hook
 
     def _projector_hook(self, module, args):
-        if self._targets is None or VISION_ONLY in self._captured:
-            return None
+        self._hooks.pop(VISION_ONLY).remove()
         self._store(VISION_ONLY, self._pool(args[0]))
         return None
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
 
     def _there(self, what: str, device: torch.device, tensor: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The armed batch's `what` on `device`, copied there on first use (blocks may sit on several devices)."""
