@@ -84,7 +84,8 @@ def bad_row_config(tmp_path) -> dict:
         csv.writer(f).writerow(["q_bad", "no_such_image.png", "Is there a circle?", "yes"])
     checkpoint = tmp_path / "never-loaded"  # validation fails first; a config.json is all the DAG reads
     checkpoint.mkdir()
-    (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    # a family without rule image_budget, so that a bad checkpoint first fails in the extraction job
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "llava"}))
     return {"dataset": {"csv": str(data_csv), "images": str(images)}, "models": {"m": {"model": str(checkpoint)}}}
 
 
