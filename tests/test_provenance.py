@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_store import ATTRS, DIMS, make_results
 
-from vlmstates.extraction import engine
-from vlmstates.extraction.engine import attention_implementations, load_model, machine_attributes
+from vlmstates.extraction.attention import attention_implementations
+from vlmstates.extraction.engine import load_model, machine_attributes
 from vlmstates.extraction.shards import extract_shard
 from vlmstates.settings import ModelSettings
 from vlmstates.store import (
@@ -70,7 +70,7 @@ def test_a_model_without_sub_configs_reports_its_own_attention():
         config = Config()
 
     assert attention_implementations(Model()) == {"model": "eager"}
-    assert engine.attention_implementations(torch.nn.Linear(1, 1)) == {"model": ""}  # no config at all
+    assert attention_implementations(torch.nn.Linear(1, 1)) == {"model": ""}  # no config at all
 
 
 def _shard(path, ids, seed, batch_size, **attrs):

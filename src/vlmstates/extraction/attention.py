@@ -195,7 +195,8 @@ def from_pretrained_argument(family: str, chosen: Mapping[str, str]) -> dict[str
 
 def loaded_attention(model, family: str) -> dict[str, str]:
     """{text: ..., vision: ...}: the implementation each sub-model of a loaded model runs, read from its configs
-    (what a file records)."""
+    in this table's terms (what the contract test holds the table to; the file records every config's:
+    attention_implementations)."""
     table = family_attention(family)
 
     def of(config_key: str) -> str:
@@ -205,3 +206,16 @@ def loaded_attention(model, family: str) -> dict[str, str]:
     if table.remote_code:  # one config, whatever the remote code does with it
         return dict.fromkeys(SUB_MODELS, of(""))
     return {TEXT: of(table.text_configs[-1]), VISION: of(table.vision_configs[0])}
+
+
+def attention_implementations(model) -> dict[str, str]:
+    """The attention implementation each (sub-)model was loaded with, as transformers reports it: "model"
+    for the top config, then each sub-config by name (text_config, vision_config, ...); "" where a config
+    does not say (remote code that picks its own)."""
+    config = getattr(model, "config", None)
+    found = {"model": str(getattr(config, "_attn_implementation", None) or "")}
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None:
+            found[name] = str(getattr(sub, "_attn_implementation", None) or "")
+    return found

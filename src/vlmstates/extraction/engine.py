@@ -28,7 +28,7 @@ from vlmstates.errors import DeviceFailed, OutOfDeviceMemory
 from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
-from vlmstates.extraction.attention import choose_attention
+from vlmstates.extraction.attention import attention_implementations, choose_attention
 from vlmstates.extraction.capture import PrefillCapture, PrefillDone
 from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.extraction.image_budget import check_image_budget, effective_image_budget
@@ -74,19 +74,6 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setting]
-
-
-def attention_implementations(model: torch.nn.Module) -> dict[str, str]:
-    """The attention implementation each (sub-)model was loaded with, as transformers reports it: "model"
-    for the top config, then each sub-config by name (text_config, vision_config, ...); "" where a config
-    does not say (remote code that picks its own)."""
-    config = getattr(model, "config", None)
-    found = {"model": str(getattr(config, "_attn_implementation", None) or "")}
-    for name in getattr(config, "sub_configs", None) or {}:
-        sub = getattr(config, name, None)
-        if sub is not None:
-            found[name] = str(getattr(sub, "_attn_implementation", None) or "")
-    return found
 
 
 def machine_attributes(device: torch.device) -> dict[str, str]:
