@@ -69,6 +69,11 @@ def test_demo_run_merges_every_question_in_order(demo_run):
         assert (emb.table["status"] == STATUS_OK).all()
         assert emb.table["ground_truth_answer"].tolist() == table["answer"].tolist()
         assert emb.attrs["num_shards"] == -(-len(table) // shard_size)
+        # one extraction job at a time (the profile's gpu=1): the first loads the model and extracts every
+        # shard; the other shards' jobs put theirs in place without loading it (extraction.reuse_loaded_model)
+        logs = [path.read_text() for path in (demo_run / "logs" / "extract" / model).glob("shard_*.log")]
+        assert len(logs) == emb.attrs["num_shards"] > 1
+        assert sum(text.count("loading model ") for text in logs) == 1, model
         summary = json.loads((demo_run / "results" / model / "inspection" / "summary.json").read_text())
         assert summary["samples"] == len(table) and summary["failed"] == 0
         assert (demo_run / "results" / model / "inspection" / "norms.png").stat().st_size > 0

@@ -34,7 +34,7 @@ from vlmstates import __version__
 from vlmstates.analysis import labels
 from vlmstates.analysis.probes import settings as probe_settings
 from vlmstates.errors import EXIT_RESTART, RestartJob, VlmstatesError
-from vlmstates.settings import ExtractionSettings
+from vlmstates.settings import ConfigError, ExtractionSettings
 
 
 def _validate(args) -> None:
@@ -67,20 +67,21 @@ def _extract_shard(args) -> None:
     settings = replace(settings, device=device_after_lease(settings.device, leased))
     check_gpu_usable(settings.device, leased)
     from vlmstates.extraction.shards import extract_shard
+    from vlmstates.extraction.turns import extract_shard_taking_turns
 
-    extract_shard(
-        settings,
-        args.table,
-        args.images,
-        int(args.shard),
-        args.shard_size,
-        args.out,
-        max_failed_share=args.max_failed_share,
-        progress_dir=args.progress_dir,
-        save_every=args.save_every,
-        attempt=args.attempt,
-        preprocess_workers=workers,
-    )
+    options = {"max_failed_share": args.max_failed_share, "save_every": args.save_every, "attempt": args.attempt}
+    shard = (settings, args.table, args.images, int(args.shard), args.shard_size, args.out)
+    if not args.reuse_loaded_model:
+        extract_shard(*shard, progress_dir=args.progress_dir, preprocess_workers=workers, **options)
+        return
+    if args.progress_dir:
+        raise ConfigError(
+            "--progress-dir cannot be combined with --reuse-loaded-model: the jobs taking turns at a "
+            "model's shards find each one's progress beside its output; leave out one of them"
+        )
+    # a limit only where a scheduler enforces it (sbatch --time); a local run's runtime is an estimate
+    limit = args.time_limit * 60 if args.time_limit and "SLURM_JOB_ID" in os.environ else None
+    extract_shard_taking_turns(*shard, preprocess_workers=workers, time_limit_s=limit, **options)
 
 
 def _workers_setting(text: str) -> int | str:
@@ -358,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-every", type=int, default=ExtractionSettings.save_every, help="save progress every N finished samples"
     )
     p.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number: the batch size halves per retry")
+    p.add_argument(
+        "--reuse-loaded-model",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="after this shard, extract the model's shards no job has claimed (config extraction.reuse_loaded_model)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="the job's time limit in minutes (the rule's runtime; read under SLURM, which enforces it): no other shard past it",
+    )
     p.add_argument("--threads", type=int, default=1, help="the job's CPU cores (the rule's threads)")
     p.add_argument(
         "--preprocess-workers",

@@ -39,6 +39,8 @@ class ExtractionSettings:
     """The config's `extraction` section, the same for every model (the defaults are the schema's, tested)."""
 
     shard_size: int = 500  # questions per extraction job
+    #: a job that has finished its shard extracts the model's unclaimed shards with the model it loaded
+    reuse_loaded_model: bool = True
     max_failed_share: float = 0.05  # a shard in which more samples failed fails its job
     save_every: int = 64  # a job saves its finished samples every N, so that a rerun continues from there
     threads: int = 4  # CPU cores of an extraction job (the rule's threads; SLURM's cpus-per-gpu)

@@ -54,12 +54,20 @@ rule extract_shard:
         max_failed_share=EXTRACTION.max_failed_share,
         save_every=EXTRACTION.save_every,
         preprocess_workers=EXTRACTION.preprocess_workers,
+        # after its own shard, the model's unclaimed shards, while the job's runtime leaves room
+        # (vlmstates.extraction.turns)
+        reuse=(
+            "--reuse-loaded-model"
+            if EXTRACTION.reuse_loaded_model
+            else "--no-reuse-loaded-model"
+        ),
     shell:
         "{params.cli} --attempt {resources.attempt} --log {log:q} --marker {params.marker:q} -- extract-shard"
         " --settings {params.settings:q} --table {input.table:q} --images {params.images:q}"
         " --shard {wildcards.shard} --shard-size {params.shard_size}"
         " --max-failed-share {params.max_failed_share} --save-every {params.save_every}"
         " --attempt {resources.attempt} --threads {threads} --preprocess-workers {params.preprocess_workers}"
+        " {params.reuse} --time-limit {resources.runtime}"
         " --out {output:q} > {log:q} 2>&1"
 
 

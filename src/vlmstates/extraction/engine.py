@@ -13,6 +13,7 @@ import gc
 import logging
 import platform
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,7 +100,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     check_generation_fields(settings)  # before the weights load: a typo fails in seconds
     check_image_budget(family, settings)
     check_paper_positions(settings, family)
-    return adapter_for_family(family).load(settings, device, dtype, attention)
+    log.info("loading model %s (%s) onto %s", settings.model, family, device)
+    started = time.monotonic()
+    loaded = adapter_for_family(family).load(settings, device, dtype, attention)
+    log.info("model %s loaded in %.1f s", settings.model, time.monotonic() - started)
+    return loaded
 
 
 # -- preparing batches on the host, ahead of the model ----------------------------------------------

@@ -244,9 +244,9 @@ def interrupts_deferred():
             signal.raise_signal(pending[0])  # handled now as it would have been: KeyboardInterrupt, or the CLI's
 
 
-def recover_finished(folder: Path, identity: dict, out_path: str | Path) -> bool:
-    """Put back the shard finished earlier into `folder` whose output was thrown away since; False when
-    there is none, or it was written under other settings or questions (then it is removed)."""
+def finished_fits(folder: Path, identity: dict) -> bool:
+    """Whether `folder` holds the shard finished under these settings and questions; one that does not
+    fit is removed."""
     finished = Path(folder) / FINISHED
     if not finished.exists():
         return False
@@ -256,14 +256,29 @@ def recover_finished(folder: Path, identity: dict, out_path: str | Path) -> bool
         different = [f"an unreadable file ({error})"]
     if different:
         log.warning("finished shard %s does not fit (%s); extracting the shard again", finished, different)
-        finished.unlink()
+        finished.unlink(missing_ok=True)
         return False
+    return True
+
+
+def output_fits(out_path: str | Path, identity: dict) -> bool:
+    """Whether a shard's declared output exists, written under these settings and questions (a shard
+    finished by its own job whose progress folder its merge has removed)."""
+    try:
+        return Path(out_path).exists() and not _differences(read_embeddings(out_path).attrs, identity)
+    except (OSError, ValueError):
+        return False
+
+
+def recover_finished(folder: Path, identity: dict, out_path: str | Path) -> bool:
+    """Put in place the shard finished earlier into `folder` (by this shard's job, whose output was thrown
+    away since, or by another job: vlmstates.extraction.turns); False when there is none, or it was written
+    under other settings or questions (then it is removed)."""
+    if not finished_fits(folder, identity):
+        return False
+    finished = Path(folder) / FINISHED
     place_shard(finished, out_path)
-    log.info(
-        "shard %d was finished before and its output removed since; put back from %s, nothing recomputed",
-        identity["shard"],
-        finished,
-    )
+    log.info("shard %d was finished before; put in place from %s, nothing recomputed", identity["shard"], finished)
     return True
 
 
@@ -292,21 +307,24 @@ def extract_shard(
     attempt: int = 1,
     get_extractor: Callable[[], object] | None = None,
     preprocess_workers: int = 0,
+    place_output: bool = True,
 ) -> Path:
     """Extract one shard into `out_path`, continuing from its saved progress; `preprocess_workers` worker
     processes prepare its batches (vlmstates.extraction.preparing; 0: one thread of this process).
 
     `get_extractor` returns an `engine.Extractor` of these settings, so that one process running several
     shards loads the model once; it is called only when the shard has work. Without it the model is
-    loaded here."""
+    loaded here. `place_output` False (another job's shard: vlmstates.extraction.turns): nothing is done
+    when it is finished already, in its progress folder or as its output; else it is left finished in
+    its progress folder, for its own job to put in place."""
     questions = questions_of(shard_rows(read_validated_table(table_path), shard, shard_size))
     identity = resume_identity(settings, questions, shard, shard_size)
     folder = Path(progress_dir) if progress_dir else progress_folder(out_path)
-    if recover_finished(folder, identity, out_path):
+    if not place_output and (finished_fits(folder, identity) or output_fits(out_path, identity)):
         return Path(out_path)
-    # only a retry halves: a later run's first attempt (maybe on a larger GPU) starts from the config's size
-    ran_out_at = ran_out_of_memory_at(folder) if attempt > 1 else None
-    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt, ran_out_at, preprocess_workers)
+    if place_output and recover_finished(folder, identity, out_path):
+        return Path(out_path)
+    extractor = (get_extractor or extractor_loader(settings, folder, attempt, preprocess_workers))()
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model,
@@ -334,11 +352,27 @@ def extract_shard(
         raise
     _check_failures(results, max_failed_share, progress)
     attrs[CREATED_ATTR] = pd.Timestamp.now(tz="UTC").isoformat()
-    with interrupts_deferred():
-        place_shard(progress.keep_finished(results, attrs), out_path)
     failed = sum(r.status == STATUS_FAILED for r in results)
+    with interrupts_deferred():
+        finished = progress.keep_finished(results, attrs)
+        if not place_output:
+            log.info("%s: %d samples finished in %s (%d failed)", progress.label, len(results), finished, failed)
+            return finished
+        place_shard(finished, out_path)
     log.info("%s: %d samples written to %s (%d failed)", progress.label, len(results), out_path, failed)
     return Path(out_path)
+
+
+def extractor_loader(settings, folder: Path, attempt: int, preprocess_workers: int) -> Callable[[], object]:
+    """What loads the model for a shard whose progress folder is `folder`, when called: an `engine.Extractor`
+    at this attempt's batch size. Only a retry halves it: a later run's first attempt (maybe on a larger
+    GPU) starts from the config's size."""
+
+    def load():
+        ran_out_at = ran_out_of_memory_at(folder) if attempt > 1 else None
+        return _load_extractor(settings, attempt, ran_out_at, preprocess_workers)
+
+    return load
 
 
 def _load_extractor(settings, attempt: int, ran_out_at: int | None, preprocess_workers: int):
