@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from vlmstates.extraction.pooling import masked_means
 from vlmstates.store import MULTIMODAL, PAPER_VISION_TOKEN, QUERY_TOKEN, VISION_ONLY, VISION_TOKEN, layer_key
 
 
@@ -118,10 +119,8 @@ class PrefillCapture:
                 paper = self._there("paper", hidden.device, lambda: targets.paper_vision_positions)
                 self._store(layer_key(PAPER_VISION_TOKEN, layer), hidden[rows, paper])
             if targets.multimodal:
-                mask = self._there("mask", hidden.device, lambda: targets.attention_mask.unsqueeze(-1))
-                mask = mask.to(hidden.dtype)
-                mean = (hidden * mask).sum(dim=1, dtype=torch.float32) / mask.sum(dim=1, dtype=torch.float32)
-                self._store(layer_key(MULTIMODAL, layer), mean)
+                mask = self._there("mask", hidden.device, lambda: targets.attention_mask.bool())
+                self._store(layer_key(MULTIMODAL, layer), masked_means(hidden, mask))
             if targets.stop_after_last_layer and layer == max(self.layers):
                 raise PrefillDone
             return None

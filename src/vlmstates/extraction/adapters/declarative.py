@@ -19,6 +19,7 @@ from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel
 from vlmstates.extraction.adapters.entries import ENTRIES, FamilyEntry
 from vlmstates.extraction.attention import from_pretrained_argument
 from vlmstates.extraction.hooks import forward_hooks
+from vlmstates.extraction.pooling import masked_means, segment_means
 
 
 @dataclass
@@ -134,8 +135,18 @@ def pool_rows(projector_input: torch.Tensor, rows: list[int]) -> torch.Tensor:
         raise RuntimeError(
             f"the projector saw {projector_input.shape[0]} rows; the processor's outputs give {rows} per sample"
         )
-    pieces = torch.split(projector_input.float(), rows, dim=0)
-    return torch.stack([piece.reshape(-1, piece.shape[-1]).mean(dim=0) for piece in pieces])
+    return segment_means(projector_input, rows)
+
+
+def pool_selected_rows(projector_input: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """[B, Dv]: each sample's mean over the patches of its rows that `select` [B, ...] keeps (the padding tiles
+    left out by a mask, not by indexing, which would copy every kept row)."""
+    if tuple(select.shape) != tuple(projector_input.shape[: select.dim()]):
+        raise RuntimeError(f"the projector saw {tuple(projector_input.shape)}; the row mask is {tuple(select.shape)}")
+    rows = select.reshape(select.shape[0], -1)  # [B, rows]
+    values = projector_input.reshape(select.shape[0], -1, projector_input.shape[-1])  # [B, rows x patches, Dv]
+    mask = rows.repeat_interleave(values.shape[1] // rows.shape[1], dim=1)  # [B, rows x patches]
+    return masked_means(values, mask.to(projector_input.device))
 
 
 class EntryAdapter(Adapter):
@@ -212,11 +223,7 @@ class EntryAdapter(Adapter):
             raise RuntimeError(f"the {self.family} adapter pools batches it built itself (build_batch)")
         select = getattr(batch, "projector_select", None)
         if select is not None:
-            if tuple(select.shape) != tuple(projector_input.shape[: select.dim()]):
-                raise RuntimeError(
-                    f"the projector saw {tuple(projector_input.shape)}; the row mask is {tuple(select.shape)}"
-                )
-            projector_input = projector_input[select.to(projector_input.device)]
+            return pool_selected_rows(projector_input, select)
         return pool_rows(projector_input, rows)
 
     # -- benchmark and tests only ------------------------------------------------------------------

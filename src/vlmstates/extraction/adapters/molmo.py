@@ -45,6 +45,7 @@ from PIL import Image
 
 from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel, recorded_generation
 from vlmstates.extraction.hooks import forward_hooks
+from vlmstates.extraction.pooling import masked_means
 from vlmstates.extraction.positions import Positions, positions_in_left_padded_batch
 from vlmstates.settings import ConfigError
 
@@ -245,14 +246,13 @@ class MolmoAdapter(Adapter):
         index = batch.inputs["image_input_idx"]
         rows = index.shape[0]
         valid = (index.reshape(rows, -1) >= 0).to(projector_input.device)
-        features = projector_input.float().reshape(rows, -1, projector_input.shape[-1])
+        features = projector_input.reshape(rows, -1, projector_input.shape[-1])
         if features.shape[1] != valid.shape[1]:
             raise RuntimeError(
                 f"the projector input has {features.shape[1]} tokens per sample, image_input_idx "
                 f"{valid.shape[1]}: its layout is not [B, crops, tokens, D]"
             )
-        weights = valid.unsqueeze(-1).float()
-        return (features * weights).sum(dim=1) / weights.sum(dim=1)
+        return masked_means(features, valid)
 
     def hidden_size(self, model) -> int:
         config = model.config

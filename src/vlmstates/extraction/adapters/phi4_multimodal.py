@@ -51,6 +51,7 @@ import torch
 
 from vlmstates.extraction.adapters.base import Adapter, Batch, LoadedModel
 from vlmstates.extraction.attention import from_pretrained_argument
+from vlmstates.extraction.pooling import mean_of_rows
 from vlmstates.settings import ConfigError, ModelSettings, read_checkpoint_config
 
 VISION_LORA_SUBFOLDER = "vision-lora"
@@ -264,7 +265,7 @@ class Phi4MultimodalAdapter(Adapter):
         rows = batch.input_ids.shape[0]
         if len(projector_input) != rows:
             raise RuntimeError(f"the image projection ran on {len(projector_input)} images for a batch of {rows}")
-        return torch.stack([x.reshape(-1, x.shape[-1]).float().mean(dim=0) for x in projector_input])
+        return torch.stack([mean_of_rows(x) for x in projector_input])
 
     # -- benchmark and tests only ------------------------------------------------------------------
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
