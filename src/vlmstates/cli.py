@@ -80,6 +80,7 @@ def _extract_shard(args) -> None:
         save_every=args.save_every,
         attempt=args.attempt,
         preprocess_workers=workers,
+        batch_size_record=args.batch_size_record,
     )
 
 
@@ -363,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--preprocess-workers",
         default=str(ExtractionSettings.preprocess_workers),
         help="worker processes preparing batches: a number, or auto (threads less one)",
+    )
+    p.add_argument(
+        "--batch-size-record",
+        metavar="JSON",
+        help="batch_size auto on CUDA: the file of the sizes found, per GPU type and settings, that later jobs "
+        "reuse instead of searching (shared by a model's jobs, e.g. results/MODEL/shards/batch_sizes.json)",
     )
     p.set_defaults(func=_extract_shard)
 

@@ -292,9 +292,11 @@ def extract_shard(
     attempt: int = 1,
     get_extractor: Callable[[], object] | None = None,
     preprocess_workers: int = 0,
+    batch_size_record: str | Path | None = None,
 ) -> Path:
     """Extract one shard into `out_path`, continuing from its saved progress; `preprocess_workers` worker
-    processes prepare its batches (vlmstates.extraction.preparing; 0: one thread of this process).
+    processes prepare its batches (vlmstates.extraction.preparing; 0: one thread of this process);
+    `batch_size_record`: the file of the batch sizes `auto` found (vlmstates.extraction.batch_size_record).
 
     `get_extractor` returns an `engine.Extractor` of these settings, so that one process running several
     shards loads the model once; it is called only when the shard has work. Without it the model is
@@ -306,7 +308,11 @@ def extract_shard(
         return Path(out_path)
     # only a retry halves: a later run's first attempt (maybe on a larger GPU) starts from the config's size
     ran_out_at = ran_out_of_memory_at(folder) if attempt > 1 else None
-    extractor = get_extractor() if get_extractor else _load_extractor(settings, attempt, ran_out_at, preprocess_workers)
+    extractor = (
+        get_extractor()
+        if get_extractor
+        else _load_extractor(settings, attempt, ran_out_at, preprocess_workers, batch_size_record)
+    )
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model,
@@ -341,7 +347,9 @@ def extract_shard(
     return Path(out_path)
 
 
-def _load_extractor(settings, attempt: int, ran_out_at: int | None, preprocess_workers: int):
+def _load_extractor(
+    settings, attempt: int, ran_out_at: int | None, preprocess_workers: int, batch_size_record: str | Path | None
+):
     from vlmstates.extraction.engine import Extractor, load_model  # torch is imported only by jobs that extract
 
     batch_size = batch_size_for_attempt(settings.batch_size, attempt, ran_out_at)
@@ -350,6 +358,7 @@ def _load_extractor(settings, attempt: int, ran_out_at: int | None, preprocess_w
         batch_size=batch_size,
         progress=progress_bar_wanted(),
         preprocess_workers=preprocess_workers,
+        batch_size_record=Path(batch_size_record) if batch_size_record else None,
     )
 
 
