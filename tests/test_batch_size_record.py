@@ -2,7 +2,7 @@
 
 On CPU: the search is switched on (batching.searches_batch_size), the GPU's name and memory are given
 (batch_size_record.device_identity), and the `oom_above:<n>` failpoint is a GPU that fits n rows. A probe is
-a generate() call that decodes every answer to max_new_tokens (min_new_tokens = max_new_tokens).
+the engine's generate() that decodes every answer to max_new_tokens (`full_length`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import pytest
 import torch
 from oracle import assert_same_results
 
+from vlmstates import cli
 from vlmstates.demo.dataset import demo_questions
 from vlmstates.errors import OutOfDeviceMemory
 from vlmstates.extraction import batch_size_record, batching
 from vlmstates.extraction.batch_size_record import BatchSizeRecord
 from vlmstates.extraction.engine import Extractor, load_model
+from vlmstates.extraction.shards import extract_shard
 from vlmstates.settings import ModelSettings
-from vlmstates.store import STATUS_OK
+from vlmstates.store import BATCH_SIZE_COLUMN, STATUS_OK, read_embeddings
 
 MAX_NEW_TOKENS = 3
 H100 = ("NVIDIA H100 80GB HBM3", 85_045_510_144)
@@ -54,18 +56,16 @@ def gpu(monkeypatch):
 
 
 @pytest.fixture
-def generate_calls(model, monkeypatch):
-    """(rows, full length) of every generate() call."""
-    loaded, _, _ = model
-    adapter_type = type(loaded.adapter)
-    generate = adapter_type.generate
+def generate_calls(monkeypatch):
+    """(rows, full length) of every generate() call of the engine; full length: the search's probe."""
+    generate = Extractor._generate
     calls = []
 
-    def spy(self, loaded, batch, max_new_tokens, min_new_tokens=0):
-        calls.append((batch.input_ids.shape[0], min_new_tokens == max_new_tokens))
-        return generate(self, loaded, batch, max_new_tokens, min_new_tokens)
+    def spy(self, batch, full_length=False):
+        calls.append((batch.input_ids.shape[0], full_length))
+        return generate(self, batch, full_length)
 
-    monkeypatch.setattr(adapter_type, "generate", spy)
+    monkeypatch.setattr(Extractor, "_generate", spy)
     return calls
 
 
@@ -219,6 +219,38 @@ def test_prefill_only_keeps_the_probed_batch_instead_of_running_it_again(model, 
     _, fixed = run((prefill_only, questions, images), None, batch_size=10)
     assert_same_results(results, fixed, exact=True)
     assert [r.batch_size for r in results] == [10] * 10
+
+
+def test_the_shards_of_a_model_share_the_record(model, gpu, generate_calls, demo, tmp_path, monkeypatch):
+    """The first shard's job searches and records; the next shard's job (its own model load) reuses it."""
+    table, images = demo
+    loaded, _, _ = model
+    record = tmp_path / "shards" / "batch_sizes.json"
+    monkeypatch.setenv("VLMSTATES_FAILPOINT", "oom_above:5")
+    for shard in (0, 1):
+        extract_shard(
+            loaded.settings,
+            table,
+            images,
+            shard,
+            8,
+            tmp_path / "shards" / f"shard_{shard}.h5",
+            batch_size_record=record,
+        )
+    assert probes(generate_calls) == [8, 4]  # the first shard's search only; 4 fits, 3 keeps the margin
+    assert [e["batch_size"] for e in entries(record)] == [3]
+    assert set(read_embeddings(tmp_path / "shards" / "shard_1.h5").table[BATCH_SIZE_COLUMN]) <= {1, 2, 3}
+
+
+def test_extract_shard_takes_the_record_from_its_flag(monkeypatch):
+    calls = []
+    monkeypatch.setattr("vlmstates.workflow.gpu_lease.lease_gpu", lambda **kw: None)
+    monkeypatch.setattr("vlmstates.extraction.shards.extract_shard", lambda *args, **kw: calls.append(kw))
+    common = ["extract-shard", "--settings", '{"name": "m", "model": "x"}', "--table", "t", "--images", "i"]
+    common += ["--shard", "0", "--shard-size", "4", "--out", "o.h5"]
+    assert cli.main([*common, "--batch-size-record", "results/m/shards/batch_sizes.json"]) == 0
+    assert cli.main(common) == 0
+    assert [kw["batch_size_record"] for kw in calls] == ["results/m/shards/batch_sizes.json", None]
 
 
 def _lower_many_times(path, name: str, times: int) -> None:
