@@ -145,9 +145,9 @@ def test_a_corrupt_record_is_searched_again_and_replaced(model, gpu, generate_ca
     assert probes(generate_calls) == [10, 5] and extractor.batch_size == 3
     assert any(str(record) in m and "cannot be read" in m for m in caplog.messages)
     assert [e["batch_size"] for e in entries(record)] == [3]
-    # an entry of the right key that is not an entry: searched again too
-    key = next(iter(json.loads(record.read_text())))
-    record.write_text(json.dumps({key: {"batch_size": "many"}}))
+    # an entry that does not hold a batch size: searched again too
+    [(key, entry)] = json.loads(record.read_text()).items()
+    record.write_text(json.dumps({key: {**entry, "batch_size": "many"}}))
     generate_calls.clear()
     run(model, record)
     assert probes(generate_calls) == [10, 5]
