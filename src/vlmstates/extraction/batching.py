@@ -4,7 +4,8 @@ Batches are planned before any pixel is decoded: every sample's prompt length is
 question's tokens and its image's size (read off the file header), and samples of similar length are
 batched together, longest first, so that little of a batch is padding and the first batch is the largest
 (which `batch_size: auto` tries first). The plan is a deterministic function of the shard's questions,
-their image headers and the batch size, so a resumed shard forms the same batches.
+their image headers and the batch size, so a resumed shard forms the same batches. The size `auto` finds on
+CUDA is kept for later jobs in a record file (vlmstates.extraction.batch_size_record), which `plan` reads first.
 """
 
 from __future__ import annotations
