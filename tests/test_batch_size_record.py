@@ -153,6 +153,16 @@ def test_a_corrupt_record_is_searched_again_and_replaced(model, gpu, generate_ca
     assert probes(generate_calls) == [10, 5]
 
 
+def test_a_record_that_cannot_be_written_costs_a_warning_not_the_job(model, gpu, tmp_path, monkeypatch, caplog):
+    (tmp_path / "not_a_folder").write_text("")
+    record = tmp_path / "not_a_folder" / "batch_sizes.json"
+    monkeypatch.setenv("VLMSTATES_FAILPOINT", "oom_above:5")
+    with caplog.at_level(logging.WARNING, logger="vlmstates.extraction.batch_size_record"):
+        extractor, _ = run(model, record)
+    assert extractor.batch_size == 3
+    assert any(str(record) in m and "cannot be written" in m for m in caplog.messages)
+
+
 @pytest.mark.parametrize("change", ["gpu", "settings"])
 def test_another_gpu_type_or_other_settings_do_not_reuse_the_size(
     model, gpu, generate_calls, tmp_path, monkeypatch, change

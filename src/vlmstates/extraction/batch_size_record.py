@@ -21,8 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,21 +74,30 @@ class BatchSizeRecord:
 
     def found(self, batch_size: int, longest_prompt: int) -> None:
         """A search fitted `batch_size` on prompts up to `longest_prompt` tokens: the entry from now on."""
-        with self._changing() as entries:
+
+        def change(entries: dict) -> None:
             entries[self.key] = self._entry(batch_size, longest_prompt, FOUND_BY_SEARCH)
-        log.info("batch size auto: %d recorded in %s", batch_size, self)
+
+        if self._changed(change):
+            log.info("batch size auto: %d recorded in %s", batch_size, self)
 
     def ran_out_of_memory(self, batch_size: int, longest_prompt: int) -> None:
         """A batch of `batch_size` rows ran out of memory, on prompts up to `longest_prompt` tokens: the entry
         becomes at most half of it (what the job's retry runs), for prompts up to the longer of the two."""
-        below = max(1, batch_size // 2)
-        with self._changing() as entries:
+        lowered = []
+
+        def change(entries: dict) -> None:
+            below, longest = max(1, batch_size // 2), longest_prompt
             before = self._parsed(entries)
             if before is not None:
-                below = min(below, before.batch_size)
-                longest_prompt = max(longest_prompt, before.longest_prompt)
-            entries[self.key] = self._entry(below, longest_prompt, LOWERED_AFTER_OUT_OF_MEMORY)
-        log.warning("batch size auto: a batch of %d ran out of memory; %d recorded in %s", batch_size, below, self)
+                below, longest = min(below, before.batch_size), max(longest, before.longest_prompt)
+            entries[self.key] = self._entry(below, longest, LOWERED_AFTER_OUT_OF_MEMORY)
+            lowered.append(below)
+
+        if self._changed(change):
+            log.warning(
+                "batch size auto: a batch of %d ran out of memory; %d recorded in %s", batch_size, lowered[0], self
+            )
 
     def _parsed(self, entries: dict) -> RecordedBatchSize | None:
         entry = entries.get(self.key)
@@ -117,16 +125,21 @@ class BatchSizeRecord:
             )
         )
 
-    @contextmanager
-    def _changing(self) -> Iterator[dict]:
-        """The file's entries to change, rewritten when the block ends, under the lock."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-            entries = _entries(self.path)
-            yield entries
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    def _changed(self, change: Callable[[dict], None]) -> bool:
+        """Apply `change` to the file's entries and rewrite it, under the lock; False (a warning) where the
+        file cannot be written: the record only saves later jobs a search, so the extraction goes on."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+                entries = _entries(self.path)
+                change(entries)
+                with atomic_path(self.path) as tmp:
+                    tmp.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        except OSError as error:
+            log.warning("batch size record %s cannot be written (%s); later jobs search again", self.path, error)
+            return False
+        return True
 
 
 def _entries(path: Path) -> dict:
