@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
+from helpers import watch_the_load
 from oracle import assert_decoder_vectors_match, rel_error
 
 from vlmstates.demo.dataset import demo_questions
@@ -386,6 +387,19 @@ def test_every_family_loads_through_the_one_load():
     """Families differ in the hooks load() calls (revision, check_settings, attention, load_processor, load_model,
     prepare_model), never in load() itself."""
     assert [family for family in families() if adapter_class(family).load is not Adapter.load] == []
+
+
+@pytest.mark.parametrize("family", [case.family for case in CASES])
+def test_the_weights_are_read_straight_onto_the_device(family, tiny_checkpoint, monkeypatch):
+    """from_pretrained is given the device (device_map) and nothing moves the model after it: a load never holds
+    a whole copy of the weights in host memory on its way to the GPU. (On the CPU both ways give the same model;
+    the call's arguments are what tells them apart.)"""
+    watch = watch_the_load(monkeypatch)
+    settings = ModelSettings.from_config(family, {"model": str(tiny_checkpoint(family)), "device": "cpu"})
+    loaded = load_model(settings)
+    assert watch.device_maps[0] == torch.device("cpu")
+    assert watch.models[0] is loaded.model and watch.later_moves == []
+    assert {p.device for p in loaded.model.parameters()} == {torch.device("cpu")}
 
 
 def test_an_unknown_model_type_names_every_supported_family():

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import watch_the_load
 from molmo_standin import build_standin_checkpoint
 from oracle import assert_decoder_vectors_match, assert_same_results, rel_error
 
@@ -92,6 +93,14 @@ def test_loading_refuses_without_trust_remote_code(standin):
 def test_loading_refuses_an_attention_setting(standin):
     with pytest.raises(ConfigError, match=r"models\.molmo_standin\.attn_implementation"):
         load_model(molmo_settings(standin, attn_implementation="eager"))
+
+
+def test_the_weights_are_read_straight_onto_the_device(standin, monkeypatch):
+    """The remote code's model takes device_map too (as its model card loads it), under 5.x and 4.48.3."""
+    watch = watch_the_load(monkeypatch)
+    loaded = load_model(molmo_settings(standin, device="cpu"))
+    assert watch.device_maps[0] == torch.device("cpu")
+    assert watch.models[0] is loaded.model and watch.later_moves == []
 
 
 def test_loads_through_remote_code(extracted):

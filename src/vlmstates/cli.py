@@ -69,7 +69,12 @@ def _extract_shard(args) -> None:
     from vlmstates.extraction.shards import extract_shard
     from vlmstates.extraction.turns import extract_shard_taking_turns
 
-    options = {"max_failed_share": args.max_failed_share, "save_every": args.save_every, "attempt": args.attempt}
+    options = {
+        "max_failed_share": args.max_failed_share,
+        "save_every": args.save_every,
+        "attempt": args.attempt,
+        "batch_size_record": args.batch_size_record,
+    }
     shard = (settings, args.table, args.images, int(args.shard), args.shard_size, args.out)
     if not args.reuse_loaded_model:
         extract_shard(*shard, progress_dir=args.progress_dir, preprocess_workers=workers, **options)
@@ -375,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--preprocess-workers",
         default=str(ExtractionSettings.preprocess_workers),
         help="worker processes preparing batches: a number, or auto (threads less one)",
+    )
+    p.add_argument(
+        "--batch-size-record",
+        metavar="JSON",
+        help="batch_size auto on CUDA: the file of the sizes found, per GPU type and settings, that later jobs "
+        "reuse instead of searching (shared by a model's jobs, e.g. results/MODEL/shards/batch_sizes.json)",
     )
     p.set_defaults(func=_extract_shard)
 

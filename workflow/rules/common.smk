@@ -39,7 +39,7 @@ from vlmstates.settings import (
     read_checkpoint_config,
 )
 from vlmstates.workflow.run_summary import run_summary
-from vlmstates.extraction.shards import count_shards
+from vlmstates.extraction.shards import BATCH_SIZE_RECORD, count_shards
 
 # Logs written from here on are this run's: run_summary tells this run's failed steps by them.
 RUN_STARTED = time.time()

@@ -54,6 +54,10 @@ rule extract_shard:
         max_failed_share=EXTRACTION.max_failed_share,
         save_every=EXTRACTION.save_every,
         preprocess_workers=EXTRACTION.preprocess_workers,
+        # the batch sizes `auto` found, per GPU type, for the model's later jobs (not an output: a cache)
+        batch_sizes=lambda wildcards: results_path(
+            f"{wildcards.model}/shards/{BATCH_SIZE_RECORD}"
+        ),
         # after its own shard, the model's unclaimed shards, while the job's runtime leaves room
         # (vlmstates.extraction.turns)
         reuse=(
@@ -67,7 +71,7 @@ rule extract_shard:
         " --shard {wildcards.shard} --shard-size {params.shard_size}"
         " --max-failed-share {params.max_failed_share} --save-every {params.save_every}"
         " --attempt {resources.attempt} --threads {threads} --preprocess-workers {params.preprocess_workers}"
-        " {params.reuse} --time-limit {resources.runtime}"
+        " {params.reuse} --time-limit {resources.runtime} --batch-size-record {params.batch_sizes:q}"
         " --out {output:q} > {log:q} 2>&1"
 
 

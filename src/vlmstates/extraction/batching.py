@@ -4,7 +4,8 @@ Batches are planned before any pixel is decoded: every sample's prompt length is
 question's tokens and its image's size (read off the file header), and samples of similar length are
 batched together, longest first, so that little of a batch is padding and the first batch is the largest
 (which `batch_size: auto` tries first). The plan is a deterministic function of the shard's questions,
-their image headers and the batch size, so a resumed shard forms the same batches.
+their image headers and the batch size, so a resumed shard forms the same batches. The size `auto` finds on
+CUDA is kept for later jobs in a record file (vlmstates.extraction.batch_size_record), which `plan` reads first.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vlmstates.settings import AUTO_BATCH_SIZE
 if TYPE_CHECKING:
     from vlmstates.dataset import Question
     from vlmstates.extraction.adapters.base import LoadedModel
+    from vlmstates.extraction.batch_size_record import BatchSizeRecord
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,12 @@ def plan_batches(keys: Sequence[SortKey | None], batch_size: int) -> list[list[i
 class BatchPlan:
     batch_size: int
     batches: list[list[int]]
+    #: `auto`'s search measured the size: a probe ran a full batch of it, and it is what the device fits (a
+    #: larger one ran out of memory, or it is the start, the largest tried), not what the shard's few samples
+    #: allowed; only such a size is recorded for later jobs (batch_size_record)
+    measured: bool = False
+    #: a batch of the plan that the search's probe ran, with the probe's results
+    probed: tuple[list[int], list] | None = None
 
 
 def searches_batch_size(device: torch.device) -> bool:
@@ -110,36 +118,68 @@ def auto_batch_start(parameters: int) -> int:
     return next((start for below, start in AUTO_BATCH_STARTS if parameters < below), AUTO_BATCH_START)
 
 
+def longest_prompt(keys: Sequence[SortKey | None]) -> int:
+    """The shard's longest estimated prompt (tokens): what a recorded batch size must have held for."""
+    return max((key.length for key in keys if key is not None), default=0)
+
+
 def plan(
     batch_size: int | str,
     device: torch.device,
     keys: Sequence[SortKey | None],
     unfinished: Callable[[list[int]], bool],
-    probe: Callable[[list[int]], None],
+    probe: Callable[[list[int]], list | None],
     start: int = AUTO_BATCH_START,
+    record: BatchSizeRecord | None = None,
 ) -> BatchPlan:
-    """The plan for the configured batch size or, with `auto`, for the one `find_batch_size` finds."""
+    """The plan for the configured batch size or, with `auto`, for the size `record` holds for prompts as long
+    as the shard's, else for the one `find_batch_size` finds (then recorded, when measured)."""
     if batch_size != AUTO_BATCH_SIZE:
         return BatchPlan(batch_size, plan_batches(keys, batch_size))
     if not searches_batch_size(device):
         log.info("batch size auto on %s: %d (no device memory to search)", device, AUTO_BATCH_FIXED)
         return BatchPlan(AUTO_BATCH_FIXED, plan_batches(keys, AUTO_BATCH_FIXED))
+    longest = longest_prompt(keys)
+    recorded = record.read() if record is not None else None
+    if recorded is not None and longest <= recorded.longest_prompt:
+        size = min(recorded.batch_size, start)
+        log.info(
+            "batch size auto: %d, recorded in %s (%s, for prompts up to %d tokens; this shard's reach %d), not searched",
+            size,
+            record,
+            recorded.how,
+            recorded.longest_prompt,
+            longest,
+        )
+        return BatchPlan(size, plan_batches(keys, size))
+    if recorded is not None:
+        log.info(
+            "batch size auto: the %d recorded in %s holds for prompts up to %d tokens, this shard's reach %d: "
+            "searching from it",
+            recorded.batch_size,
+            record,
+            recorded.longest_prompt,
+            longest,
+        )
+        start = min(start, recorded.batch_size)
     found = find_batch_size(keys, unfinished, probe, start)
     log.info("batch size auto: %d", found.batch_size)
+    if record is not None and found.measured:
+        record.found(found.batch_size, longest)
     return found
 
 
 def find_batch_size(
     keys: Sequence[SortKey | None],
     unfinished: Callable[[list[int]], bool],
-    probe: Callable[[list[int]], None],
+    probe: Callable[[list[int]], list | None],
     start: int = AUTO_BATCH_START,
 ) -> BatchPlan:
     """Halve from `start` until the first batch with an `unfinished` sample fits in `probe`, which runs it
-    decoding every answer to `max_new_tokens`: that batch holds the longest prompts, so every later batch,
-    whatever its answers, fits too. If a size ran out of memory, the size used keeps a margin below the one
-    that fitted (AUTO_BATCH_MARGIN). The probe's results are dropped (a full-length answer is not what a
-    normal run records): the engine runs that batch again like any other."""
+    decoding every answer to `max_new_tokens` and returns its results (None: it did not run the batch, which
+    has a faulty sample): that batch holds the longest prompts, so every later batch, whatever its answers,
+    fits too. If a size ran out of memory, the size used keeps a margin below the one that fitted
+    (AUTO_BATCH_MARGIN). The plan says which batch the probe ran at the size used (`probed`), if one did."""
     size = max(1, min(start, len(keys)))
     ran_out = False
     while True:
@@ -147,8 +187,13 @@ def find_batch_size(
         first = next((b for b in batches if unfinished(b)), None)
         if first is None or size == 1:
             return BatchPlan(size, batches)
-        if not _runs_out_of_memory(probe, first):
-            return _with_margin(keys, size) if ran_out else BatchPlan(size, batches)
+        results = _probed(probe, first)
+        if results is not _OUT_OF_MEMORY:
+            # it fitted, or the probe could not tell (a faulty sample): the search stops at this size
+            measured = results is not None and len(first) == size and (ran_out or size == start)
+            if ran_out:
+                return _with_margin(keys, size, measured)
+            return BatchPlan(size, batches, measured, (first, results) if results is not None else None)
         gc.collect()
         torch.cuda.empty_cache()
         log.info("batch size auto: %d does not fit, trying %d", size, size // 2)
@@ -156,18 +201,21 @@ def find_batch_size(
         ran_out = True
 
 
-def _runs_out_of_memory(probe: Callable[[list[int]], None], batch: list[int]) -> bool:
+_OUT_OF_MEMORY = object()
+
+
+def _probed(probe: Callable[[list[int]], list | None], batch: list[int]) -> list | None | object:
+    """The probe's results, or _OUT_OF_MEMORY; None where it did not run the batch or failed otherwise."""
     try:
-        probe(batch)
+        return probe(batch)
     except torch.OutOfMemoryError:
-        return True  # the error is dropped here: its traceback holds the attempt's tensors
+        return _OUT_OF_MEMORY  # the error is dropped here: its traceback holds the attempt's tensors
     except Exception:  # not a memory question: a faulty sample, which the normal path records
-        return False
-    return False
+        return None
 
 
-def _with_margin(keys: Sequence[SortKey | None], fitted: int) -> BatchPlan:
+def _with_margin(keys: Sequence[SortKey | None], fitted: int, measured: bool) -> BatchPlan:
     numerator, denominator = AUTO_BATCH_MARGIN
     size = max(1, fitted * numerator // denominator)
     log.info("batch size auto: %d fits; %d keeps a margin", fitted, size)
-    return BatchPlan(size, plan_batches(keys, size))
+    return BatchPlan(size, plan_batches(keys, size), measured)

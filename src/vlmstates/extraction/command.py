@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmstates.dataset import read_validated_table, validate_and_write
-from vlmstates.extraction.shards import count_shards, extract_shard, merge_model_shards, progress_bar_wanted, shard_rows
+from vlmstates.extraction.shards import (
+    BATCH_SIZE_RECORD,
+    count_shards,
+    extract_shard,
+    merge_model_shards,
+    progress_bar_wanted,
+    shard_rows,
+)
 from vlmstates.inspection.seed_layout import DEFAULT_PART_SIZE, default_prefix, export_seed_layout
 from vlmstates.settings import ConfigError, ExtractionSettings, ModelSettings
 from vlmstates.sources import load_source_setting, validate_source_and_write
@@ -127,7 +134,8 @@ def _extract_shards(
     settings: ModelSettings, table: Path, images_dir, folder: Path, shard_size: int, save_every: int
 ) -> list[Path]:
     questions = read_validated_table(table)
-    extractor = functools.cache(lambda: _extractor(settings))  # loaded once, by the first shard with work
+    # loaded once, by the first shard with work
+    extractor = functools.cache(lambda: _extractor(settings, folder / BATCH_SIZE_RECORD))
     shards = []
     for shard in range(count_shards(len(questions), shard_size)):
         path = folder / f"shard_{shard:04d}.h5"
@@ -150,10 +158,10 @@ def _extract_shards(
     return shards
 
 
-def _extractor(settings: ModelSettings):
+def _extractor(settings: ModelSettings, batch_size_record: Path):
     from vlmstates.extraction.engine import Extractor, load_model  # torch is imported only once there is work
 
-    return Extractor(load_model(settings), progress=progress_bar_wanted())
+    return Extractor(load_model(settings), progress=progress_bar_wanted(), batch_size_record=batch_size_record)
 
 
 def shard_is_finished(path: Path, settings: ModelSettings, question_ids: list[str]) -> bool:

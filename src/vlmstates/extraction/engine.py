@@ -30,6 +30,7 @@ from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
 from vlmstates.extraction.adapters.base import Batch, LoadedModel
 from vlmstates.extraction.attention import attention_implementations, choose_attention
+from vlmstates.extraction.batch_size_record import BatchSizeRecord
 from vlmstates.extraction.capture import PrefillCapture, PrefillDone
 from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.extraction.image_budget import check_image_budget, effective_image_budget
@@ -298,6 +299,10 @@ class Extractor:
     and preprocess batches ahead (`prefetch` or more); without workers, `prefetch` batches are prepared
     ahead in a background thread (0: in line); `min_new_tokens` fixes the answer length
     (benchmarks); `stage_timer` is called around each stage of a batch (`StageTimer`, benchmarks).
+    `batch_size_record`: the file of the batch sizes found (vlmstates.extraction.batch_size_record), read and
+    written where the settings say `batch_size: auto` and the device is searched (CUDA): a size recorded for
+    this GPU and settings is used without searching, a size found is recorded, and a batch that runs out of
+    memory lowers the record (also when a retry runs at a size set from an earlier attempt's).
     """
 
     def __init__(
@@ -309,11 +314,13 @@ class Extractor:
         min_new_tokens: int = 0,
         stage_timer: StageTimer = untimed,
         preprocess_workers: int = 0,
+        batch_size_record: Path | None = None,
     ):
         self.loaded = loaded
         self.adapter = loaded.adapter
         self.settings = loaded.settings
         self.batch_size = self._capped(batch_size or loaded.settings.batch_size)
+        self.batch_size_record = self._batch_size_record(batch_size_record)
         self.min_new_tokens = min_new_tokens
         self.timed = stage_timer
         model = loaded.model
@@ -335,6 +342,14 @@ class Extractor:
             log.info("batch size %s capped at %d, the %s family's max_batch_size", batch_size, cap, self.adapter.family)
             return cap
         return batch_size
+
+    def _batch_size_record(self, path: Path | None) -> BatchSizeRecord | None:
+        """The record's entry for this model and GPU, where `auto` is configured and searched; a configured
+        integer (or the family's cap) never reads or writes it."""
+        searched = self.settings.batch_size == AUTO_BATCH_SIZE and self.adapter.max_batch_size is None
+        if path is None or not searched or not batching.searches_batch_size(self.loaded.device):
+            return None
+        return BatchSizeRecord(path, self.loaded.device, self.settings)
 
     # -- what the file records about this run ----------------------------------------------------
     def vector_dims(self) -> dict[str, int]:
@@ -454,15 +469,15 @@ class Extractor:
         def unfinished(indices: list[int]) -> bool:
             return not all(questions[i].question_id in finished for i in indices)
 
-        def probe(indices: list[int]) -> None:
-            """Run a batch as the batch-size search's memory probe: every answer decoded to max_new_tokens;
-            nothing is kept. A batch with a faulty sample is not run (the search stops at its size)."""
+        def probe(indices: list[int]) -> list[SampleResult] | None:
+            """Run a batch as the batch-size search's memory probe: every answer decoded to max_new_tokens.
+            A batch with a faulty sample is not run (None; the search stops at its size)."""
             batch_questions = [questions[i] for i in indices]
             fetched = self.preparer.fetch(batch_questions, images_dir, self.preparer.host)
             if fetched.prepared is None or any(fetched.image_errors):
-                return
+                return None
             try:
-                self._execute(batch_questions, fetched.prepared, full_length=True)
+                return self._execute(batch_questions, fetched.prepared, full_length=True)
             except Exception:
                 self.capture.disarm()  # what a failed probe captured; the search drops the error itself
                 raise
@@ -471,17 +486,30 @@ class Extractor:
         with self.capture.installed(), oom_failpoint(blocks), torch.inference_mode():
             keys = batching.sort_keys(self.loaded, questions, images_dir)
             start = batching.auto_batch_start(sum(p.numel() for p in self.loaded.model.parameters()))
-            plan = batching.plan(self.batch_size, self.loaded.device, keys, unfinished, probe, start)
-            self.batch_size = plan.batch_size
+            plan = batching.plan(
+                self.batch_size, self.loaded.device, keys, unfinished, probe, start, self.batch_size_record
+            )
+            if self.batch_size_record is None:  # a later call (the job's next shard) keeps the size found;
+                self.batch_size = plan.batch_size  # with a record it reads the record, checking its prompts
+            # Prefill-only, the probe ran its batch as a normal run does (no answer to decode to full
+            # length): its results are kept, not computed again. With answers they are full-length ones.
+            kept = plan.probed if plan.probed is not None and not self.settings.answers else None
             todo = []
             for indices in plan.batches:
                 done = [finished.get(questions[i].question_id) for i in indices]
                 if all(done):
                     place(indices, done)
+                elif kept is not None and indices == kept[0]:
+                    record(indices, kept[1])
                 else:
                     todo.append(indices)
-            for indices, fetched in self.preparer.ahead(todo, questions, images_dir):
-                record(indices, self._compute([questions[i] for i in indices], fetched))
+            try:
+                for indices, fetched in self.preparer.ahead(todo, questions, images_dir):
+                    record(indices, self._compute([questions[i] for i in indices], fetched))
+            except OutOfDeviceMemory as error:
+                if self.batch_size_record is not None:  # so that the next job does not run out at it too
+                    self.batch_size_record.ran_out_of_memory(error.batch_size, batching.longest_prompt(keys))
+                raise
         bar.close()
         return results
 

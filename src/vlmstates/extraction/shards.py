@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 # current run to be reused.
 _RESUME_IDENTITY = (CONFIG_HASH_ATTR, SHARD_ATTR, SHARD_SIZE_ATTR, SHARD_QUESTIONS_ATTR)
 FINISHED = "finished.h5"  # the finished shard in its progress folder, kept until the shards are merged
+#: Beside a model's shards: the batch sizes `auto` found, per GPU type (vlmstates.extraction.batch_size_record).
+BATCH_SIZE_RECORD = "batch_sizes.json"
 #: In the progress folder: the batch size that ran out of device memory, for the job's retry to halve.
 OUT_OF_MEMORY_RECORD = "out_of_memory.json"
 
@@ -308,9 +310,11 @@ def extract_shard(
     get_extractor: Callable[[], object] | None = None,
     preprocess_workers: int = 0,
     place_output: bool = True,
+    batch_size_record: str | Path | None = None,
 ) -> Path:
     """Extract one shard into `out_path`, continuing from its saved progress; `preprocess_workers` worker
-    processes prepare its batches (vlmstates.extraction.preparing; 0: one thread of this process).
+    processes prepare its batches (vlmstates.extraction.preparing; 0: one thread of this process);
+    `batch_size_record`: the file of the batch sizes `auto` found (vlmstates.extraction.batch_size_record).
 
     `get_extractor` returns an `engine.Extractor` of these settings, so that one process running several
     shards loads the model once; it is called only when the shard has work. Without it the model is
@@ -324,7 +328,8 @@ def extract_shard(
         return Path(out_path)
     if place_output and recover_finished(folder, identity, out_path):
         return Path(out_path)
-    extractor = (get_extractor or extractor_loader(settings, folder, attempt, preprocess_workers))()
+    load = get_extractor or extractor_loader(settings, folder, attempt, preprocess_workers, batch_size_record)
+    extractor = load()
     log.info(
         "model %s (%s) on %s, %s, %s attention, layers %s, batch size %s; shard %d: %d questions",
         settings.model,
@@ -363,19 +368,23 @@ def extract_shard(
     return Path(out_path)
 
 
-def extractor_loader(settings, folder: Path, attempt: int, preprocess_workers: int) -> Callable[[], object]:
+def extractor_loader(
+    settings, folder: Path, attempt: int, preprocess_workers: int, batch_size_record: str | Path | None = None
+) -> Callable[[], object]:
     """What loads the model for a shard whose progress folder is `folder`, when called: an `engine.Extractor`
     at this attempt's batch size. Only a retry halves it: a later run's first attempt (maybe on a larger
     GPU) starts from the config's size."""
 
     def load():
         ran_out_at = ran_out_of_memory_at(folder) if attempt > 1 else None
-        return _load_extractor(settings, attempt, ran_out_at, preprocess_workers)
+        return _load_extractor(settings, attempt, ran_out_at, preprocess_workers, batch_size_record)
 
     return load
 
 
-def _load_extractor(settings, attempt: int, ran_out_at: int | None, preprocess_workers: int):
+def _load_extractor(
+    settings, attempt: int, ran_out_at: int | None, preprocess_workers: int, batch_size_record: str | Path | None
+):
     from vlmstates.extraction.engine import Extractor, load_model  # torch is imported only by jobs that extract
 
     batch_size = batch_size_for_attempt(settings.batch_size, attempt, ran_out_at)
@@ -384,6 +393,7 @@ def _load_extractor(settings, attempt: int, ran_out_at: int | None, preprocess_w
         batch_size=batch_size,
         progress=progress_bar_wanted(),
         preprocess_workers=preprocess_workers,
+        batch_size_record=Path(batch_size_record) if batch_size_record else None,
     )
 
 

@@ -179,13 +179,16 @@ def extract_shard_taking_turns(
     attempt: int = 1,
     preprocess_workers: int = 0,
     time_limit_s: float | None = None,
+    batch_size_record: str | Path | None = None,
     **shard_options,
 ) -> Path:
     """This job's shard into `out_path`, and turns at the model's unclaimed shards (module docstring);
     `shard_options` go to shards.extract_shard. The model is loaded once, by the first shard with work."""
     num_rows = len(read_validated_table(table_path))
     budget = TimeBudget(time_limit_s)
-    loader = functools.cache(extractor_loader(settings, progress_folder(out_path), attempt, preprocess_workers))
+    loader = functools.cache(
+        extractor_loader(settings, progress_folder(out_path), attempt, preprocess_workers, batch_size_record)
+    )
     label = f"job of shard {shard:04d}"
     options = shard_options | {"attempt": attempt, "preprocess_workers": preprocess_workers}
 

@@ -101,9 +101,9 @@ class Adapter(BenchmarkAndTestMembers):
         revision = self.revision(settings)
         self.check_settings(settings, revision)
         processor = self.load_processor(settings, revision)
-        model = self.load_model(settings, revision, dtype, attention)
+        model = self.load_model(settings, revision, dtype, attention, device)
         self.prepare_model(model)
-        model.to(device).eval()
+        model.eval()
         return LoadedModel(model, processor, self, settings, device, dtype, self.recorded_attention(attention))
 
     def revision(self, settings: ModelSettings) -> str | None:
@@ -133,9 +133,15 @@ class Adapter(BenchmarkAndTestMembers):
 
     @abstractmethod
     def load_model(
-        self, settings: ModelSettings, revision: str | None, dtype: torch.dtype, attention: dict[str, str]
+        self,
+        settings: ModelSettings,
+        revision: str | None,
+        dtype: torch.dtype,
+        attention: dict[str, str],
+        device: torch.device,
     ) -> torch.nn.Module:
-        """The checkpoint's model, its weights in `dtype` (on the CPU: `load` moves it), each sub-model with its
+        """The checkpoint's model, its weights in `dtype` read straight onto `device` (from_pretrained's
+        `device_map=device`: no whole copy in host memory first, no later move), each sub-model with its
         `attention` (attention.from_pretrained_argument gives transformers' form)."""
 
     def prepare_model(self, model: torch.nn.Module) -> None:

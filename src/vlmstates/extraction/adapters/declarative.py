@@ -154,7 +154,7 @@ class EntryAdapter(Adapter):
 
     entry: ClassVar[FamilyEntry]
 
-    def load_model(self, settings, revision, dtype, attention):
+    def load_model(self, settings, revision, dtype, attention, device):
         import transformers
 
         auto_class = getattr(transformers, self.entry.auto_class)
@@ -164,6 +164,7 @@ class EntryAdapter(Adapter):
             trust_remote_code=settings.trust_remote_code,
             dtype=dtype,
             attn_implementation=from_pretrained_argument(self.family, attention),
+            device_map=device,
         )
 
     def chat_prompt(self, loaded, text):

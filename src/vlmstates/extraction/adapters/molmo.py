@@ -170,14 +170,16 @@ class MolmoAdapter(Adapter):
         self._patch_token_id = int(ids[0]) if len(ids) == 1 else -1
         return processor
 
-    def load_model(self, settings, revision, dtype, attention):
+    def load_model(self, settings, revision, dtype, attention, device):
+        """The remote code's model; transformers 4.48 takes `device_map` too (with accelerate, which
+        envs/molmo.yaml pins), and the checkpoint's own usage loads it so."""
         from transformers import AutoModelForCausalLM
 
         version = _transformers_version()
         dtype_key = "dtype" if version >= (5, 0) else "torch_dtype"
         try:
             return AutoModelForCausalLM.from_pretrained(
-                settings.model, revision=revision, trust_remote_code=True, **{dtype_key: dtype}
+                settings.model, revision=revision, trust_remote_code=True, device_map=device, **{dtype_key: dtype}
             )
         except Exception as error:
             if version >= (4, 49):

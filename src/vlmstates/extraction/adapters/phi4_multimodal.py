@@ -201,8 +201,17 @@ class Phi4MultimodalAdapter(Adapter):
                 f"(for microsoft/Phi-4-multimodal-instruct, revision {self.default_revision})"
             )
 
-    def load_model(self, settings: ModelSettings, revision: str | None, dtype: torch.dtype, attention: dict[str, str]):
-        """The causal LM class (no image-text-to-text class serves it), with the vision LoRA where it is used."""
+    def load_model(
+        self,
+        settings: ModelSettings,
+        revision: str | None,
+        dtype: torch.dtype,
+        attention: dict[str, str],
+        device: torch.device,
+    ):
+        """The causal LM class (no image-text-to-text class serves it), with the vision LoRA where it is used:
+        load_adapter puts the LoRA's weights on the device of the base model (its hf_device_map), where the
+        merge then runs."""
         from transformers import Phi4MultimodalForCausalLM
 
         want_lora = self.use_vision_lora(settings)
@@ -223,6 +232,7 @@ class Phi4MultimodalAdapter(Adapter):
             trust_remote_code=settings.trust_remote_code,
             dtype=dtype,
             attn_implementation=from_pretrained_argument(self.family, attention),
+            device_map=device,
         )
         if use_lora:
             model.load_adapter(
