@@ -212,6 +212,25 @@ def test_a_shard_with_longer_prompts_searches_again_from_the_recorded_size(
     assert (entry["batch_size"], entry["longest_prompt"]) == (3, longest)
 
 
+def test_a_job_taking_turns_checks_each_shards_prompts_against_the_record(
+    model, gpu, generate_calls, tmp_path, monkeypatch
+):
+    """One loaded model, two shards (vlmstates.extraction.turns): the second's longer prompts search again
+    from the size the first found, instead of running at it unchecked."""
+    record = tmp_path / "batch_sizes.json"
+    loaded, questions, images = model
+    keys = batching.sort_keys(loaded, questions, images)
+    by_length = sorted(range(len(questions)), key=lambda i: keys[i].length if keys[i] else 0)
+    short, long = [questions[i] for i in by_length[:6]], [questions[i] for i in by_length[4:]]
+    monkeypatch.setenv("VLMSTATES_FAILPOINT", "oom_above:4")
+    extractor = Extractor(loaded, progress=False, batch_size_record=record)
+    extractor.extract(short, images)
+    assert probes(generate_calls) == [6, 3]
+    generate_calls.clear()
+    extractor.extract(long, images)
+    assert probes(generate_calls) == [2]  # longer prompts: the search again, from the recorded size
+
+
 def test_a_size_that_only_the_shard_limits_is_not_recorded(model, gpu, generate_calls, tmp_path, monkeypatch):
     """Three questions fit in one batch of three: that says nothing of the batch the GPU fits."""
     record = tmp_path / "batch_sizes.json"

@@ -319,7 +319,8 @@ class Extractor:
         self.loaded = loaded
         self.adapter = loaded.adapter
         self.settings = loaded.settings
-        self.batch_size = self._capped(batch_size or loaded.settings.batch_size)
+        self.batch_size_setting = self._capped(batch_size or loaded.settings.batch_size)
+        self.batch_size = self.batch_size_setting  # the size the last extract() ran at (auto before the first)
         self.batch_size_record = self._batch_size_record(batch_size_record)
         self.min_new_tokens = min_new_tokens
         self.timed = stage_timer
@@ -486,11 +487,11 @@ class Extractor:
         with self.capture.installed(), oom_failpoint(blocks), torch.inference_mode():
             keys = batching.sort_keys(self.loaded, questions, images_dir)
             start = batching.auto_batch_start(sum(p.numel() for p in self.loaded.model.parameters()))
-            plan = batching.plan(
-                self.batch_size, self.loaded.device, keys, unfinished, probe, start, self.batch_size_record
-            )
-            if self.batch_size_record is None:  # a later call (the job's next shard) keeps the size found;
-                self.batch_size = plan.batch_size  # with a record it reads the record, checking its prompts
+            # a later call (the job's next shard) keeps the size found; with a record it reads the record,
+            # which checks the new questions' prompts against those the size was found for
+            setting = self.batch_size_setting if self.batch_size_record is not None else self.batch_size
+            plan = batching.plan(setting, self.loaded.device, keys, unfinished, probe, start, self.batch_size_record)
+            self.batch_size = plan.batch_size
             # Prefill-only, the probe ran its batch as a normal run does (no answer to decode to full
             # length): its results are kept, not computed again. With answers they are full-length ones.
             kept = plan.probed if plan.probed is not None and not self.settings.answers else None
