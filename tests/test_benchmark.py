@@ -158,6 +158,44 @@ def test_quick_preset_saves_each_configuration_records_failures_and_resumes(tiny
         benchmark.main([*argv, "--resume", "--new-tokens", "3"])
 
 
+def test_each_decoding_is_a_configuration_and_a_failed_compile_is_its_recorded_failure(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """--decodings: the engine once per decoding (engine_static beside engine, with its ratio to it); where
+    torch.compile fails (no C compiler, say), engine_static_compiled is recorded failed, with the key to
+    change, after the first batch (not sample after sample), and the next configuration runs."""
+    work = tmp_path / "work"
+    (work / "checkpoints").mkdir(parents=True)
+    (work / "checkpoints" / "tiny-qwen2_5_vl").symlink_to(tiny_checkpoint("qwen2_5_vl"))
+    attempts = []
+
+    def compile_that_fails(function, **options):
+        def compiled(*args, **kwargs):
+            attempts.append(1)
+            raise torch._dynamo.exc.TorchDynamoException("no C compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    argv = ["--families", "qwen2_5_vl", "--device", "cpu", "--samples", "4", "--batch-sizes", "2", "--repeats", "1"]
+    argv += ["--new-tokens", "2", "--decodings", "dynamic", "static", "static_compiled"]
+    rows = benchmark.main([*argv, "--halp-samples", "1", "--workdir", str(work), "--out", str(tmp_path / "d.jsonl")])
+    status = {r["method"]: r["status"] for r in rows}
+    assert status == {
+        "engine": "ok",
+        "engine_static": "ok",
+        "engine_static_compiled": "failed",
+        "prefill_only": "ok",
+        "halp_loop": "ok",
+    }
+    static, compiled = (next(r for r in rows if r["method"] == m) for m in ("engine_static", "engine_static_compiled"))
+    assert static["failed_samples"] == 0 and static["speedup_vs_engine"] > 0
+    assert "CompileFailed" in compiled["error"] and "models.qwen2_5_vl.decoding: static_compiled" in compiled["error"]
+    assert "no C compiler" in compiled["error"]
+    assert len(attempts) == 2  # the warm-up's first batch, then the configuration's: no sample-by-sample retry
+    assert "FAILED: CompileFailed" in benchmark.format_table(rows)
+
+
 # Parameters of the published checkpoints (Phi-4: without its vision and speech LoRAs).
 PUBLISHED_PARAMETERS = {"qwen2_5_vl": 8.29e9, "gemma3": 12.19e9, "phi4_multimodal": 4.74e9}
 

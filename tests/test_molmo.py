@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from helpers import watch_the_load
@@ -267,6 +268,33 @@ def test_batches_equal_batch_one(extracted, batch_one):
     for batched, single in zip(results, batch_one):
         for key, value in single.vectors.items():
             assert rel_error(batched.vectors[key], value) < 1e-5, (batched.question_id, key)
+
+
+def test_prefill_only_runs_without_a_cache_and_gives_the_answering_paths_vectors(extracted):
+    """`answers: false`: generate() is given use_cache false (the file says so), and the vectors equal those
+    of the answering run, batched alike."""
+    extractor, questions, images, results = extracted
+    settings = replace(extractor.settings, answers=False)
+    prefill_only = Extractor(replace(extractor.loaded, settings=settings), progress=False)
+    configs = []
+    generate = extractor.loaded.model.generate
+
+    def recording_generate(input_ids, generation_config, **kwargs):
+        configs.append(generation_config)
+        return generate(input_ids, generation_config, **kwargs)
+
+    extractor.loaded.model.generate = recording_generate
+    try:
+        vectors_only = prefill_only.extract(questions, images)
+    finally:
+        del extractor.loaded.model.generate
+    assert configs and all(config.use_cache is False for config in configs)
+    assert prefill_only.attributes()["generation_config"]["use_cache"] is False
+    assert all(r.status == STATUS_OK and r.answer == "" for r in vectors_only)
+    for a, b in zip(results, vectors_only):
+        assert a.vectors.keys() == b.vectors.keys()
+        for key in a.vectors:
+            assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)
 
 
 def test_paper_positions_are_one_past_the_largest_image_input_idx(extracted):

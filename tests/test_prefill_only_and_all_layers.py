@@ -119,6 +119,32 @@ def test_prefill_only_computes_no_block_past_the_last_recorded_one_and_keeps_no_
             assert np.array_equal(a.vectors[key], b.vectors[key]), (a.question_id, key)
 
 
+@pytest.mark.parametrize("answers", [False, True])
+def test_extraction_never_writes_the_models_generation_config(tiny_checkpoint, demo, answers):
+    """The answer's GenerationConfig (prefill-only's use_cache false included) is built for each call: the
+    model's own generation_config is never written, during a batch or while the file's record is made."""
+    table, images = demo
+    questions = questions_of(read_validated_table(table).head(BATCH + 1))
+    lm = load_model(qwen(tiny_checkpoint, answers=answers, layers=[0]))
+    own = lm.model.generation_config
+    before = own.to_dict()
+    writes = []
+
+    class Watched(type(own)):
+        def __setattr__(self, name, value):
+            if self is own:  # not its copies, which each call builds its config from
+                writes.append(name)
+            super().__setattr__(name, value)
+
+    own.__class__ = Watched
+    extractor = Extractor(lm, progress=False)
+    results = extractor.extract(questions, images)
+    recorded = extractor.attributes()["generation_config"]
+    assert all(r.status == STATUS_OK for r in results)
+    assert writes == [] and lm.model.generation_config is own and own.to_dict() == before
+    assert recorded["use_cache"] is answers
+
+
 def test_a_prefill_only_file_says_why_its_answers_are_empty(runs, tmp_path):
     _, out = runs
     extractor, results, _ = out[False]

@@ -27,7 +27,18 @@ ENGINE_GENERATION_FIELDS = {
     "output_logits": "the engine reads the generated token ids",
     "output_attentions": "the vectors are captured by hooks",
     "output_hidden_states": "the vectors are captured by hooks",
+    "use_cache": "the engine sets it (prefill-only runs without a KV cache); models.<name>.decoding chooses the cache",
+    "cache_implementation": "set models.<name>.decoding",
+    "compile_config": "set models.<name>.decoding",
+    "disable_compile": "set models.<name>.decoding",
 }
+
+#: `models.<name>.decoding`: how the answer is decoded after the prefill. DYNAMIC: transformers' default
+#: cache, growing with the answer. STATIC: a KV cache allocated once at prompt + max_new_tokens, decoding
+#: uncompiled. STATIC_COMPILED: the static cache, and each decoding step a torch.compile'd forward (the prefill
+#: is never compiled). A measured option (BENCHMARKS.md), not the default.
+DYNAMIC, STATIC, STATIC_COMPILED = "dynamic", "static", "static_compiled"
+DECODINGS = (DYNAMIC, STATIC, STATIC_COMPILED)
 
 
 class ConfigError(VlmstatesError, ValueError):
@@ -93,6 +104,8 @@ class ModelSettings:
     #: checkpoint's own value); only families whose processor has such a control (vlmstates.extraction.image_budget)
     min_pixels: int | None = None
     max_pixels: int | None = None
+    #: one of DECODINGS: the answer's KV cache, and whether its decoding steps are compiled
+    decoding: str = DYNAMIC
 
     @classmethod
     def from_config(cls, name: str, entry: dict) -> ModelSettings:
@@ -117,6 +130,7 @@ class ModelSettings:
             raise ConfigError(f"models.{name}.prompt must contain {{question}}")
         values["generation"] = check_generation_entry(name, values.get("generation", {}))
         check_pixel_budget(name, values.get("min_pixels"), values.get("max_pixels"))
+        check_decoding_entry(name, values.get("decoding", cls.decoding), values.get("answers", cls.answers))
         return cls(name=name, **values)
 
     def identity(self) -> dict:
@@ -132,6 +146,8 @@ class ModelSettings:
         for key in ("min_pixels", "max_pixels"):
             if values[key] is None:
                 values.pop(key)
+        if self.decoding == DYNAMIC:
+            values.pop("decoding")
         return values
 
     def config_hash(self) -> str:
@@ -160,6 +176,17 @@ def check_generation_entry(name: str, generation) -> dict:
                 f"give the value to use (e.g. repetition_penalty: 1.0 for none)"
             )
     return dict(generation)
+
+
+def check_decoding_entry(name: str, decoding, answers: bool) -> None:
+    """One of DECODINGS; other than DYNAMIC only where answers are decoded."""
+    if decoding not in DECODINGS:
+        raise ConfigError(f"models.{name}.decoding must be one of {', '.join(DECODINGS)}, not {decoding!r}")
+    if decoding != DYNAMIC and answers is False:
+        raise ConfigError(
+            f"models.{name}.decoding: {decoding} does nothing with answers: false (prefill-only decodes nothing "
+            f"and keeps no KV cache); remove the key"
+        )
 
 
 def check_pixel_budget(name: str, min_pixels, max_pixels) -> None:

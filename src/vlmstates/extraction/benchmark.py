@@ -12,8 +12,9 @@ realistic sizes and HALP-like questions; every answer is exactly `--new-tokens` 
 random weights do not change the work.
 
 Measured in one run on the same inputs: the engine (`vlmstates.extraction.engine.Extractor`, its real code path) at
-each `--batch-sizes`, the engine prefill-only (`answers: false`: the same prefill, no decoding) at each,
-and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass with
+each `--batch-sizes` with each `--decodings` (the model entry's `decoding`: method `engine` for the default
+dynamic cache, `engine_static`, `engine_static_compiled`), the engine prefill-only (`answers: false`: the same
+prefill, no decoding) at each, and a HALP-style loop: one sample at a time, a generate pass, a separate forward pass with
 output_hidden_states and a projector hook, and a separate vision-tower pass. Each configuration runs
 `--repeats` times in a row; the run with the median samples/s is reported.
 
@@ -49,7 +50,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlmstates.extraction.adapters import adapter_for_family
-from vlmstates.extraction.adapters.base import LoadedModel
+from vlmstates.extraction.adapters.base import LoadedModel, check_decoding
 from vlmstates.extraction.attention import TEXT, choose_attention, from_pretrained_argument
 from vlmstates.extraction.engine import (
     Extractor,
@@ -61,12 +62,23 @@ from vlmstates.extraction.engine import (
 )
 from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.images import load_image, resolve_image_path
-from vlmstates.settings import ModelSettings, default_layers
+from vlmstates.settings import DECODINGS, DYNAMIC, ModelSettings, default_layers
 from vlmstates.store import write_embeddings
 
 FAMILIES = ("qwen2_5_vl", "gemma3", "phi4_multimodal")
 #: The method name of the engine's prefill-only runs (no answers, no decoding).
 PREFILL_ONLY = "prefill_only"
+#: The method name of the engine's answering runs with the default (dynamic) cache.
+ENGINE = "engine"
+
+
+def engine_method(decoding: str) -> str:
+    """The method name of the engine's answering runs with a `decoding` (settings.DECODINGS)."""
+    return ENGINE if decoding == DYNAMIC else f"{ENGINE}_{decoding}"
+
+
+#: method name -> the `decoding` of the engine's answering runs
+DECODING_OF_METHOD = {engine_method(decoding): decoding for decoding in DECODINGS}
 
 
 # -- full-size architectures (dimensions from the checkpoints' public config.json) ------------------
@@ -478,11 +490,15 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_engine(loaded, questions, images_dir, batch_size, new_tokens, out_dir, tower, answers: bool = True) -> Run:
-    """The engine on the questions; `answers` False: prefill-only (the model entry's `answers: false`)."""
+def run_engine(
+    loaded, questions, images_dir, batch_size, new_tokens, out_dir, tower, answers: bool = True, decoding=DYNAMIC
+) -> Run:
+    """The engine on the questions; `answers` False: prefill-only (the model entry's `answers: false`);
+    `decoding`: the model entry's (a family that cannot use it fails the configuration with the ConfigError)."""
     device = loaded.device
-    method = "engine" if answers else PREFILL_ONLY
-    loaded = replace(loaded, settings=replace(loaded.settings, answers=answers))
+    method = engine_method(decoding) if answers else PREFILL_ONLY
+    loaded = replace(loaded, settings=replace(loaded.settings, answers=answers, decoding=decoding))
+    check_decoding(loaded.adapter, loaded.settings)
     timings = StageTimes(PrefillClock(loaded.model, device))
     extractor = Extractor(loaded, progress=False, batch_size=batch_size, min_new_tokens=new_tokens, stage_timer=timings)
     reset_peak_memory(device)
@@ -637,10 +653,10 @@ def summarise(runs: list[Run], lm_params: int, vision_params: int, peak_tflops: 
 
 # -- configurations, each saved as it completes ------------------------------------------------------
 def configurations(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(method, batch size) of one family, in the order they run: the engine, prefill-only, the loop."""
-    return (
-        [("engine", b) for b in args.batch_sizes] + [(PREFILL_ONLY, b) for b in args.batch_sizes] + [("halp_loop", 1)]
-    )
+    """(method, batch size) of one family, in the order they run: the engine with each decoding,
+    prefill-only, the loop."""
+    engine = [(engine_method(d), b) for d in args.decodings for b in args.batch_sizes]
+    return engine + [(PREFILL_ONLY, b) for b in args.batch_sizes] + [("halp_loop", 1)]
 
 
 def configuration_key(row: dict) -> tuple[str, str, int]:
@@ -752,16 +768,26 @@ def benchmark_family(family, args, device, dtype, workdir: Path, save=None, done
 def _measure(method, size, loaded, questions, halp_questions, images_dir, args, out_dir, tower) -> Run:
     if method == "halp_loop":
         return run_halp_loop(loaded, halp_questions, images_dir, args.new_tokens, tower)
-    answers = method == "engine"
-    return run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower, answers=answers)
+    if method == PREFILL_ONLY:
+        return run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower, answers=False)
+    decoding = DECODING_OF_METHOD[method]
+    return run_engine(loaded, questions, images_dir, size, args.new_tokens, out_dir, tower, decoding=decoding)
 
 
 def _warm_up(loaded, questions, images_dir, args, out_dir, tower, pending) -> None:
-    """Untimed first calls (they allocate, pick kernels, fill caches). A failure here is only reported: the
-    configuration that meets it again records it."""
+    """Untimed first calls (they allocate, pick kernels, fill caches; compiled decoding compiles at the
+    largest batch size, other shapes may compile again in their timed runs). A failure here is only reported:
+    the configuration that meets it again records it."""
     largest = max((size for method, size in pending if method != "halp_loop"), default=1)
+    decodings = dict.fromkeys([DYNAMIC] + [DECODING_OF_METHOD[m] for m, _ in pending if m in DECODING_OF_METHOD])
+
+    def engine(decoding):
+        return lambda: run_engine(
+            loaded, questions[:largest], images_dir, largest, args.new_tokens, out_dir, tower, decoding=decoding
+        )
+
     warm_ups = (
-        lambda: run_engine(loaded, questions[:largest], images_dir, largest, args.new_tokens, out_dir, tower),
+        *(engine(decoding) for decoding in decodings),
         lambda: run_halp_loop(loaded, questions[:1], images_dir, args.new_tokens, tower),
     )
     for warm_up in warm_ups:
@@ -779,7 +805,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         loop = speed.get((r["family"], "halp_loop", 1))
-        engine = speed.get((r["family"], "engine", r["batch_size"])) if r["method"] != "halp_loop" else None
+        engine = speed.get((r["family"], ENGINE, r["batch_size"])) if r["method"] != "halp_loop" else None
         mine = speed.get(configuration_key(r))
         out.append(
             r
@@ -811,7 +837,7 @@ def format_table(rows: list[dict]) -> str:
     header = ["family", "method", "batch"] + [name for name, _, _ in COLUMNS] + [f"{s} s" for s in STAGES]
     lines = [" | ".join(header)]
     for r in rows:
-        cells = [f"{r['family']:<16}", f"{r['method']:<12}", f"{r['batch_size']:>5}"]
+        cells = [f"{r['family']:<16}", f"{r['method']:<22}", f"{r['batch_size']:>5}"]
         if r["status"] != "ok":
             lines.append(" | ".join(cells + [f"FAILED: {r['error'].splitlines()[0][:200]}"]))
             continue
@@ -905,6 +931,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="auto: bfloat16 on CUDA, float32 elsewhere",
     )
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
+    p.add_argument(
+        "--decodings",
+        nargs="+",
+        choices=DECODINGS,
+        default=[DYNAMIC],
+        help="the engine's answer decodings to measure (the model entry's `decoding`); dynamic is method engine",
+    )
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--halp-samples", type=int, default=None, help="samples for the HALP-style loop (default: all)")
     p.add_argument("--new-tokens", type=int, default=32, help="answer length, fixed (min = max new tokens)")

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from vlmstates import __version__, store
 from vlmstates.dataset import Question
-from vlmstates.errors import DeviceFailed, OutOfDeviceMemory
+from vlmstates.errors import DeviceFailed, OutOfDeviceMemory, VlmstatesError
 from vlmstates.extraction import batching
 from vlmstates.extraction.adapters import adapter_for_family, family_of_model_type
-from vlmstates.extraction.adapters.base import Batch, LoadedModel
+from vlmstates.extraction.adapters.base import Batch, LoadedModel, check_decoding
 from vlmstates.extraction.attention import attention_implementations, choose_attention
 from vlmstates.extraction.batch_size_record import BatchSizeRecord
 from vlmstates.extraction.capture import PrefillCapture, PrefillDone
@@ -101,9 +101,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     check_generation_fields(settings)  # before the weights load: a typo fails in seconds
     check_image_budget(family, settings)
     check_paper_positions(settings, family)
+    adapter = adapter_for_family(family)
+    check_decoding(adapter, settings)
     log.info("loading model %s (%s) onto %s", settings.model, family, device)
     started = time.monotonic()
-    loaded = adapter_for_family(family).load(settings, device, dtype, attention)
+    loaded = adapter.load(settings, device, dtype, attention)
     log.info("model %s loaded in %.1f s", settings.model, time.monotonic() - started)
     return loaded
 
@@ -230,24 +232,23 @@ class BatchPreparer:
         return replace(prepared, batch=_map_tensors(prepared.batch, torch.Tensor.pin_memory))
 
 
-@contextlib.contextmanager
-def _without_kv_cache(model) -> Iterator[None]:
-    """generate() without a KV cache: nothing reads it when the forward ends after the prefill's last
-    recorded block. The answer's GenerationConfig starts from the model's, so the flag is set there."""
-    config = model.generation_config
-    before = config.use_cache
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = before
-
-
 # -- failed attempts -------------------------------------------------------------------------------
 #: What made an attempt at a batch fail: a sample's own fault (split the batch to find it), running out of
-#: device memory, or a CUDA error after which every CUDA call of the process fails (device-side assert,
-#: illegal memory access). The last two are nobody's fault and end the job (errors.RestartJob).
-SAMPLE_FAULT, OUT_OF_MEMORY, DEVICE_ERROR = "sample", "out of memory", "device"
+#: device memory, a CUDA error after which every CUDA call of the process fails (device-side assert,
+#: illegal memory access), or torch.compile failing on the decoding step (`decoding: static_compiled`). The
+#: middle two are nobody's fault and end the job (errors.RestartJob); the last fails every batch alike and
+#: ends it as a refusal (CompileFailed).
+SAMPLE_FAULT, OUT_OF_MEMORY, DEVICE_ERROR, COMPILE_ERROR = "sample", "out of memory", "device", "compile"
+
+
+class CompileFailed(VlmstatesError, RuntimeError):
+    """torch.compile of the decoding step failed: every batch would fail the same way, and a retry too."""
+
+    def __init__(self, model: str, error: str):
+        super().__init__(
+            f"models.{model}.decoding: static_compiled: torch.compile failed ({error}); the samples done so far "
+            f"are saved. Set decoding to static or dynamic (on the CPU, compiling needs a C compiler)"
+        )
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,8 @@ def failure_kind(error: BaseException) -> str:
     accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8 raises CUDA errors as this
     if isinstance(error, accelerator_error) or (isinstance(error, RuntimeError) and "CUDA error" in str(error)):
         return DEVICE_ERROR
+    if isinstance(error, torch._dynamo.exc.TorchDynamoException):  # also inductor's (InductorError)
+        return COMPILE_ERROR
     return SAMPLE_FAULT
 
 
@@ -364,32 +367,31 @@ class Extractor:
                 dims[layer_key(representation, k)] = self.adapter.hidden_size(model)
         return dims
 
-    def _generation(self, full_length: bool = False) -> tuple[int, int]:
-        """(max_new_tokens, min_new_tokens) of each batch's generate() call; `full_length`: every answer
-        decoded to max_new_tokens (the batch-size search's probe). Prefill-only: at most one new
-        token, so that generate() runs its prefill forward (the same one, with the same inputs, as when it
-        answers), which the last recorded block's hook then ends; a bare forward would not build the inputs
-        the way generate() does (e.g. the position ids of left-padded rows)."""
+    def _generation(self, full_length: bool = False) -> dict:
+        """The generation arguments of each batch's generate() call (max_new_tokens, min_new_tokens,
+        use_cache); `full_length`: every answer decoded to max_new_tokens (the batch-size search's probe).
+        Prefill-only: at most one new token, so that generate() runs its prefill forward (the same one, with
+        the same inputs, as when it answers), which the last recorded block's hook then ends; a bare forward
+        would not build the inputs the way generate() does (e.g. the position ids of left-padded rows). It
+        runs without a KV cache: nothing would read it."""
         if not self.settings.answers:
-            return (1, 0)
+            return dict(max_new_tokens=1, min_new_tokens=0, use_cache=False)
         max_new = self.settings.max_new_tokens
-        return (max_new, max_new if full_length else self.min_new_tokens)
+        return dict(max_new_tokens=max_new, min_new_tokens=max_new if full_length else self.min_new_tokens)
 
     def _generate(self, batch: Batch, full_length: bool = False) -> list[str]:
         """The batch's answers from one generate() call whose prefill the hooks capture. Prefill-only: the
         same call, without a KV cache, ended by the last recorded block's hook (PrefillDone), so blocks past
         it, the LM head and the discarded token are never computed; the answers are empty."""
         if self.settings.answers:
-            return self.adapter.generate(self.loaded, batch, *self._generation(full_length))
-        with _without_kv_cache(self.loaded.model), contextlib.suppress(PrefillDone):
-            self.adapter.generate(self.loaded, batch, *self._generation())
+            return self.adapter.generate(self.loaded, batch, **self._generation(full_length))
+        with contextlib.suppress(PrefillDone):
+            self.adapter.generate(self.loaded, batch, **self._generation())
         return [""] * batch.input_ids.shape[0]
 
     def _effective_generation(self) -> dict:
-        if self.settings.answers:
-            return self.adapter.effective_generation(self.loaded, *self._generation())
-        with _without_kv_cache(self.loaded.model):  # as _generate runs it: the record says use_cache false
-            return self.adapter.effective_generation(self.loaded, *self._generation())
+        """What each batch's generate() runs with, as _generate calls it (prefill-only: use_cache false)."""
+        return self.adapter.effective_generation(self.loaded, **self._generation())
 
     def _image_budget(self) -> dict | None:
         return effective_image_budget(self.loaded.processor, self.adapter.family)
@@ -543,7 +545,8 @@ class Extractor:
         after the failed attempt's memory is freed; a batch of several rows, or a lone sample that still
         does not fit, ends the job (OutOfDeviceMemory) for a retry with half the batch size, in a fresh
         process whose memory is not fragmented and whose every batch is planned at the smaller size. A CUDA
-        error that poisons the process ends it too (DeviceFailed), instead of failing every later sample."""
+        error that poisons the process ends it too (DeviceFailed), and so does a failed torch.compile of the
+        decoding step (CompileFailed), instead of failing every later sample."""
         outcome = AttemptFailed(error) if error is not None else self._attempt(questions, images, prepared)
         if isinstance(outcome, AttemptFailed) and outcome.kind == OUT_OF_MEMORY and len(questions) == 1:
             free_device_memory()
@@ -556,6 +559,8 @@ class Extractor:
             raise OutOfDeviceMemory(len(questions), outcome.error)
         if outcome.kind == DEVICE_ERROR:
             raise DeviceFailed(outcome.error)
+        if outcome.kind == COMPILE_ERROR:
+            raise CompileFailed(self.settings.name, outcome.error)
         if len(questions) == 1:
             q = questions[0]
             return [SampleResult.failed(q.question_id, q.image_id, q.question, q.answer, outcome.error)]

@@ -28,7 +28,7 @@ from vlmstates.extraction.adapters.processors import load_processor
 from vlmstates.extraction.attention import TEXT
 from vlmstates.extraction.image_budget import apply_image_budget
 from vlmstates.extraction.positions import Positions, find_positions
-from vlmstates.settings import ModelSettings
+from vlmstates.settings import DYNAMIC, STATIC, ConfigError, ModelSettings
 
 
 @dataclass
@@ -85,6 +85,8 @@ class Adapter(BenchmarkAndTestMembers):
     #: What the vision token (VT) and the vision-only vector (VF) hold in this family; written into each
     #: file's `semantics` attribute (key "family") and config/README.md.
     semantics: ClassVar[str] = ""
+    #: Why the family cannot decode with a static cache (`decoding: static`, `static_compiled`); empty: it can.
+    no_static_cache: ClassVar[str] = ""
 
     @property
     @abstractmethod
@@ -222,11 +224,14 @@ class Adapter(BenchmarkAndTestMembers):
         return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
     # -- generation ------------------------------------------------------------------------------
-    def answer_generation_config(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0):
+    def answer_generation_config(
+        self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0, use_cache: bool = True
+    ):
         """The GenerationConfig the answer's generate() is given: the checkpoint's generation_config.json
         (its authors' settings, e.g. Qwen2.5-VL's repetition_penalty 1.05), the config's `generation`
         fields over it, then what the engine fixes: greedy, one sequence per sample (the captured prefill
-        has one row per sample), its length limits, the tokenizer's pad token."""
+        has one row per sample), its length limits, the tokenizer's pad token, and the KV cache: none
+        without `use_cache` (prefill-only: nothing reads it), else the one `decoding` chooses."""
         config = copy.deepcopy(loaded.model.generation_config)
         config.update(**loaded.settings.generation)
         config.update(
@@ -236,25 +241,58 @@ class Adapter(BenchmarkAndTestMembers):
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             pad_token_id=loaded.processor.tokenizer.pad_token_id,
+            use_cache=use_cache,
+            **(decoding_fields(loaded.settings.decoding) if use_cache else {}),
         )
         return config
 
-    def effective_generation(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0) -> dict:
+    def effective_generation(
+        self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0, use_cache: bool = True
+    ) -> dict:
         """The settings generate() runs the answer with, for the file's attributes (`recorded_generation`)."""
-        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens)
+        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens, use_cache)
         prepare = getattr(loaded.model, "_prepare_generation_config", None)
         # what generate() does first with a given config: unset fields from the model's, then transformers'
         # defaults (which give the values of the greedy fields nobody set)
         filled = prepare(config)[0] if prepare is not None else config
         return recorded_generation(config, filled)
 
-    def generate(self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
-        """Greedy answers, one call: the engine's hooks capture its prefill step."""
+    def generate(
+        self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0, use_cache: bool = True
+    ) -> list[str]:
+        """Greedy answers, one call: the engine's hooks capture its prefill step. `use_cache` False: without
+        a KV cache (prefill-only, whose forward ends after the last recorded block)."""
         tokenizer = loaded.processor.tokenizer
-        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens)
+        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens, use_cache)
         sequences = loaded.model.generate(**batch.inputs, generation_config=config)
         new_tokens = sequences[:, batch.input_ids.shape[1] :]
         return [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def decoding_fields(decoding: str) -> dict:
+    """The GenerationConfig fields of a `decoding` setting (settings.DECODINGS). DYNAMIC sets none, so that
+    its record is what files had before the setting existed (transformers' default cache: a checkpoint's
+    cache_implementation "hybrid", Gemma 3's, is dropped by generate() itself)."""
+    if decoding == DYNAMIC:
+        return {}
+    if decoding == STATIC:
+        # on CUDA transformers compiles a static cache's decoding steps unless told not to
+        return {"cache_implementation": "static", "disable_compile": True}
+    from transformers import CompileConfig
+
+    compiled = CompileConfig()  # transformers' defaults for generate(): not fullgraph, mode reduce-overhead
+    compiled._compile_all_devices = True  # transformers' own switch to compile off CUDA too (the CPU benchmark)
+    return {"cache_implementation": "static", "compile_config": compiled, "disable_compile": False}
+
+
+def check_decoding(adapter: Adapter, settings: ModelSettings) -> None:
+    """A `decoding` other than DYNAMIC only for a family that can decode with a static cache (ConfigError naming
+    models.<name>.decoding and why otherwise), before any weight is read."""
+    if settings.decoding != DYNAMIC and adapter.no_static_cache:
+        raise ConfigError(
+            f"models.{settings.name}.decoding: {settings.decoding} is not available for the {adapter.family} "
+            f"family: {adapter.no_static_cache}; use {DYNAMIC} (the default)"
+        )
 
 
 #: Fields only sampling reads: greedy decoding ignores them, so the record leaves them out.

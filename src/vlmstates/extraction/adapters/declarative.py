@@ -257,6 +257,7 @@ def entry_adapter_class(family: str) -> type[EntryAdapter]:
             "max_batch_size": entry.max_batch_size,
             "legacy_image_processors": dict(entry.legacy_image_processors),
             "semantics": entry.semantics,
+            "no_static_cache": entry.no_static_cache,
             "__module__": __name__,
         },
     )

@@ -97,6 +97,8 @@ class FamilyEntry:
     chat_template: bool = True
     #: processor outputs that are no model input, dropped from the batch (PaliGemma's training `labels`)
     dropped_inputs: tuple[str, ...] = ()
+    #: why the family cannot decode with a static cache (`decoding: static`); empty: it can (tested per family)
+    no_static_cache: str = ""
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -330,6 +332,10 @@ ENTRIES: dict[str, FamilyEntry] = {
             # and returns token_type_ids (the prefix the decoder attends to both ways) and training labels
             chat_template=False,
             dropped_inputs=("labels",),
+            no_static_cache=(
+                "transformers' PaliGemma forward cannot read the attention mask that generate() builds for a static "
+                "cache (AttributeError: 'dict' object has no attribute 'ndim', transformers 5.23)"
+            ),
             semantics=(
                 "VT: the last <image> placeholder (the last patch), which the prefix-LM decoder lets attend to the "
                 "whole prompt, the text after it included; VF: the multi-modal projector's input (SigLIP output), "

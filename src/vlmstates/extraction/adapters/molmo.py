@@ -141,6 +141,10 @@ class MolmoAdapter(Adapter):
         "VT: the last image patch token (the largest image_input_idx; Molmo's patch tokens are <im_patch>); VF: the "
         "image projector's input (the pooled ViT features of every crop), mean over the pooled patches that enter the prompt"
     )
+    no_static_cache = (
+        "its remote code keeps its own key/value tuples and builds its own attention bias, not transformers' Cache "
+        "classes, which a static cache needs"
+    )
 
     def __init__(self) -> None:
         self._patch_token_id = -1
@@ -299,15 +303,17 @@ class MolmoAdapter(Adapter):
         ids = loaded.processor.tokenizer.encode(STOP_STRING, add_special_tokens=False)
         return int(ids[0]) if len(ids) == 1 else None
 
-    def answer_generation_config(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0):
+    def answer_generation_config(
+        self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0, use_cache: bool = True
+    ):
         """What generate() is given: the config's `generation` fields, then the engine's (greedy, Molmo's
-        stop string, the length limits). The checkpoint names no eos token, and transformers applies
-        min_new_tokens only against one: a minimum makes the stop token the eos (and the pad of rows
-        that are done, which the answer's cut drops)."""
+        stop string, the length limits, the KV cache: none for prefill-only). The checkpoint names no eos
+        token, and transformers applies min_new_tokens only against one: a minimum makes the stop token the
+        eos (and the pad of rows that are done, which the answer's cut drops)."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(**loaded.settings.generation)
-        config.update(max_new_tokens=max_new_tokens, stop_strings=STOP_STRING, do_sample=False, use_cache=True)
+        config.update(max_new_tokens=max_new_tokens, stop_strings=STOP_STRING, do_sample=False, use_cache=use_cache)
         if min_new_tokens:
             stop = self._stop_token_id(loaded)
             if stop is None:
@@ -317,15 +323,19 @@ class MolmoAdapter(Adapter):
             config.update(min_new_tokens=min_new_tokens)
         return config
 
-    def effective_generation(self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0) -> dict:
+    def effective_generation(
+        self, loaded: LoadedModel, max_new_tokens: int, min_new_tokens: int = 0, use_cache: bool = True
+    ) -> dict:
         """The config handed to the remote code's generate, as recorded (what that code and its
         transformers then fill in is theirs)."""
-        return recorded_generation(self.answer_generation_config(loaded, max_new_tokens, min_new_tokens))
+        return recorded_generation(self.answer_generation_config(loaded, max_new_tokens, min_new_tokens, use_cache))
 
-    def generate(self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
+    def generate(
+        self, loaded: LoadedModel, batch: Batch, max_new_tokens: int, min_new_tokens: int = 0, use_cache: bool = True
+    ) -> list[str]:
         """One GenerationMixin.generate call for the whole batch (see the module docstring)."""
         tokenizer = loaded.processor.tokenizer
-        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens)
+        config = self.answer_generation_config(loaded, max_new_tokens, min_new_tokens, use_cache)
         sequences = loaded.model.generate(
             batch.input_ids, config, tokenizer=tokenizer, **generation_inputs(batch, max_new_tokens)
         )
