@@ -139,3 +139,13 @@ def test_a_bad_decoding_names_the_key():
     for field_name in ("cache_implementation", "compile_config", "disable_compile", "use_cache"):
         with pytest.raises(ConfigError, match=rf"models\.m\.generation\.{field_name} cannot be set"):
             ModelSettings.from_config("m", {"model": "x", "generation": {field_name: "static"}})
+
+
+def test_the_workflow_refuses_a_static_cache_for_a_family_without_one_before_any_job(tmp_path):
+    from test_workflow import default_config, snakemake, workdir_with_config
+
+    config = default_config()
+    config["models"] = {"tiny_pg": {"model": "resources/checkpoints/tiny-paligemma", "decoding": STATIC}}
+    result = snakemake(workdir_with_config(tmp_path, config), "-n", check=False)
+    assert result.returncode != 0
+    assert "models.tiny_pg.decoding: static is not available for the paligemma family" in result.stdout + result.stderr

@@ -19,7 +19,12 @@ VLMSTATES_NO_REPEAT = (
     f"PYTHONPATH={shlex.quote(PACKAGE_SRC)} python -s -m vlmstates.workflow.retry_guard"
 )
 
-from vlmstates.extraction.adapters import families, family_of_model_type
+from vlmstates.extraction.adapters import (
+    adapter_for_family,
+    families,
+    family_of_model_type,
+)
+from vlmstates.extraction.adapters.base import check_decoding
 from vlmstates.workflow.config_check import (
     check_config,
     unlabelled_line,
@@ -111,6 +116,7 @@ for name, family in MODEL_FAMILIES.items():
         f"models.{name}.attn_implementation",
     )
     check_image_budget(family, model_settings(name))
+    check_decoding(adapter_for_family(family), model_settings(name))
 
 
 wildcard_constraints:
