@@ -165,3 +165,65 @@ def test_the_workflow_retries_an_out_of_memory_job_with_half_the_batch(tmp_path)
     assert (merged.table["status"] == STATUS_OK).all() and len(merged.table) == 16
     assert (merged.table[BATCH_SIZE_COLUMN] == 2).all()
     assert f"exit status {EXIT_RESTART}" in result.stderr or f"exit code {EXIT_RESTART}" in result.stderr
+
+
+# -- the CUDA allocator: expandable segments unless the user chose ----------------------------------------
+ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+
+
+@pytest.fixture
+def fresh_cuda(monkeypatch):
+    """A process where CUDA is not yet initialised and no allocator variable is set (torch.cuda patched)."""
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores what was there, a load's setting included
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+def test_the_allocator_gets_expandable_segments_when_the_user_set_none(fresh_cuda):
+    from vlmstates.extraction.engine import configure_cuda_allocator
+
+    environ: dict[str, str] = {}
+    assert "set by vlmstates" in configure_cuda_allocator(environ)
+    assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+@pytest.mark.parametrize("name", ALLOCATOR_VARIABLES)
+def test_the_users_allocator_settings_are_kept(fresh_cuda, name):
+    from vlmstates.extraction.engine import configure_cuda_allocator
+
+    environ = {name: "max_split_size_mb:512"}
+    assert configure_cuda_allocator(environ) == f"{name}=max_split_size_mb:512 (from the environment)"
+    assert environ == {name: "max_split_size_mb:512"}
+
+
+def test_an_allocator_already_in_use_is_left_with_a_warning(fresh_cuda, monkeypatch, caplog):
+    from vlmstates.extraction.engine import configure_cuda_allocator
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: torch read its settings
+    environ: dict[str, str] = {}
+    assert "already initialised" in configure_cuda_allocator(environ)
+    assert environ == {} and "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in caplog.text
+
+
+def test_a_cuda_load_sets_the_allocator_before_the_weights_arrive(fresh_cuda, tiny_checkpoint, monkeypatch):
+    """load_model configures the allocator before from_pretrained touches the GPU; a CPU load leaves the
+    environment alone (this machine has no GPU: the adapter's load is replaced by one that records)."""
+    from vlmstates.extraction import engine
+    from vlmstates.extraction.adapters import adapter_for_family
+
+    seen = []
+
+    def record_the_environment(settings, device, dtype, attention):
+        seen.append((device.type, os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
+        raise LookupError("stop before loading")
+
+    adapter = adapter_for_family("qwen2_5_vl")
+    adapter.load = record_the_environment
+    monkeypatch.setattr(engine, "adapter_for_family", lambda family: adapter)
+    config = {"model": str(tiny_checkpoint("qwen2_5_vl"))}
+    for device in ("cpu", "cuda"):
+        with pytest.raises(LookupError):
+            load_model(ModelSettings.from_config("tiny", {**config, "device": device}))
+    assert seen == [("cpu", None), ("cuda", "expandable_segments:True")]

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import gc
 import logging
+import os
 import platform
 import sys
 import time
@@ -72,6 +73,37 @@ def select_device(setting: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+#: The CUDA caching allocator's setting when the user chose none: segments that grow in place instead of a
+#: new block for each new tensor size. Batches of varying prompt length and answers of varying length
+#: otherwise leave reserved-but-unusable gaps, and a batch size the search found to fit runs out of memory
+#: later in the shard (PyTorch's own out-of-memory message suggests this setting).
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+#: Where torch reads the allocator's settings; the first is read by every torch this project supports.
+ALLOCATOR_SETTINGS_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+
+
+def configure_cuda_allocator(environ: dict[str, str] | os._Environ = os.environ) -> str:
+    """Give the CUDA allocator expandable segments unless the user set its settings; returns what holds.
+
+    torch reads the variable once, when CUDA is first initialised: a process that already used CUDA keeps
+    what it had (a warning says how to set it). ROCm's allocator is left alone."""
+    for name in ALLOCATOR_SETTINGS_VARIABLES:
+        if environ.get(name):
+            return f"{name}={environ[name]} (from the environment)"
+    if torch.version.hip is not None:
+        return "torch's default (ROCm)"
+    if torch.cuda.is_initialized():
+        log.warning(
+            "CUDA was initialised before the model load, so its allocator keeps torch's default; set "
+            "%s=%s before starting Python to avoid fragmentation",
+            ALLOCATOR_SETTINGS_VARIABLES[0],
+            EXPANDABLE_SEGMENTS,
+        )
+        return "torch's default (CUDA already initialised)"
+    environ[ALLOCATOR_SETTINGS_VARIABLES[0]] = EXPANDABLE_SEGMENTS
+    return f"{ALLOCATOR_SETTINGS_VARIABLES[0]}={EXPANDABLE_SEGMENTS} (set by vlmstates)"
+
+
 def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -103,6 +135,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     check_paper_positions(settings, family)
     adapter = adapter_for_family(family)
     check_decoding(adapter, settings)
+    if device.type == "cuda":  # before the weights arrive: torch reads the allocator's settings once
+        log.info("CUDA allocator: %s", configure_cuda_allocator())
     log.info("loading model %s (%s) onto %s", settings.model, family, device)
     started = time.monotonic()
     loaded = adapter.load(settings, device, dtype, attention)
