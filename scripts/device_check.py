@@ -46,7 +46,12 @@ from vlmstates.extraction.benchmark import (  # noqa: E402
     reset_peak_memory,
     synthetic_inputs,
 )
-from vlmstates.extraction.engine import Extractor, free_device_memory, load_model  # noqa: E402
+from vlmstates.extraction.engine import (  # noqa: E402
+    Extractor,
+    configure_cuda_allocator,
+    free_device_memory,
+    load_model,
+)
 from vlmstates.settings import ModelSettings  # noqa: E402
 from vlmstates.store import STATUS_OK  # noqa: E402
 
@@ -85,6 +90,8 @@ def cuda_seen() -> dict:
     import transformers
 
     available = torch.cuda.is_available()
+    # before naming the GPU, which initialises CUDA: the checks run with the allocator the jobs use
+    allocator = configure_cuda_allocator() if available else None
     driver = None
     try:
         driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0].strip()
@@ -97,6 +104,7 @@ def cuda_seen() -> dict:
         "device": torch.cuda.get_device_name(0) if available else f"cpu ({platform.machine()})",
         "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if available else None,
         "cudnn": torch.backends.cudnn.version() if available else None,
+        "allocator": allocator,
         "driver": driver,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -227,3 +227,35 @@ def test_a_cuda_load_sets_the_allocator_before_the_weights_arrive(fresh_cuda, ti
         with pytest.raises(LookupError):
             load_model(ModelSettings.from_config("tiny", {**config, "device": device}))
     assert seen == [("cpu", None), ("cuda", "expandable_segments:True")]
+
+
+def test_the_benchmark_and_the_device_check_measure_with_the_jobs_allocator(fresh_cuda, monkeypatch):
+    """Both name the GPU before any model loads, which initialises CUDA: the allocator is set before that,
+    and their records say which setting the figures ran with."""
+    import importlib
+    import sys
+
+    from helpers import REPO
+
+    from vlmstates.extraction.benchmark import environment
+
+    seen_when_naming = []
+
+    def name_the_gpu(device=None):
+        seen_when_naming.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        return "a GPU"
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", name_the_gpu)
+    machine = environment(torch.device("cuda"), torch.bfloat16)["machine"]
+    assert machine["allocator"] == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by vlmstates)"
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    device_check = importlib.import_module("device_check")
+    monkeypatch.delitem(sys.modules, "device_check")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 2**34}))
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
+    seen = device_check.cuda_seen()
+    assert seen["allocator"] == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by vlmstates)"
+    assert seen_when_naming == ["expandable_segments:True"] * 3

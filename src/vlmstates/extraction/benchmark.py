@@ -56,6 +56,7 @@ from vlmstates.extraction.engine import (
     Extractor,
     Prepared,
     Question,
+    configure_cuda_allocator,
     load_model,
     select_device,
     select_dtype,
@@ -858,6 +859,8 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
     from vlmstates import __version__
 
+    # first: the rows measure the allocator the jobs run with, and naming the GPU initialises CUDA
+    allocator = configure_cuda_allocator() if device.type == "cuda" else None
     return dict(
         machine=dict(
             platform=platform.platform(),
@@ -865,6 +868,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
             cpu_count=os.cpu_count(),
             torch_threads=torch.get_num_threads(),
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            allocator=allocator,
         ),
         versions=dict(
             torch=str(torch.__version__),
