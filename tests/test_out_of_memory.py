@@ -19,7 +19,7 @@ from test_resume import MERGED, SNAKEMAKE, small_workdir
 
 from vlmstates.dataset import read_validated_table
 from vlmstates.errors import EXIT_RESTART, DeviceFailed, OutOfDeviceMemory
-from vlmstates.extraction.engine import Extractor, load_model
+from vlmstates.extraction.engine import Extractor, configure_cuda_allocator, load_model
 from vlmstates.extraction.hooks import forward_hooks
 from vlmstates.extraction.shards import (
     OUT_OF_MEMORY_RECORD,
@@ -182,8 +182,6 @@ def fresh_cuda(monkeypatch):
 
 
 def test_the_allocator_gets_expandable_segments_when_the_user_set_none(fresh_cuda):
-    from vlmstates.extraction.engine import configure_cuda_allocator
-
     environ: dict[str, str] = {}
     assert "set by vlmstates" in configure_cuda_allocator(environ)
     assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
@@ -191,16 +189,12 @@ def test_the_allocator_gets_expandable_segments_when_the_user_set_none(fresh_cud
 
 @pytest.mark.parametrize("name", ALLOCATOR_VARIABLES)
 def test_the_users_allocator_settings_are_kept(fresh_cuda, name):
-    from vlmstates.extraction.engine import configure_cuda_allocator
-
     environ = {name: "max_split_size_mb:512"}
     assert configure_cuda_allocator(environ) == f"{name}=max_split_size_mb:512 (from the environment)"
     assert environ == {name: "max_split_size_mb:512"}
 
 
 def test_an_allocator_already_in_use_is_left_with_a_warning(fresh_cuda, monkeypatch, caplog):
-    from vlmstates.extraction.engine import configure_cuda_allocator
-
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: torch read its settings
     environ: dict[str, str] = {}
     assert "already initialised" in configure_cuda_allocator(environ)
@@ -233,7 +227,6 @@ def test_the_benchmark_and_the_device_check_measure_with_the_jobs_allocator(fres
     """Both name the GPU before any model loads, which initialises CUDA: the allocator is set before that,
     and their records say which setting the figures ran with."""
     import importlib
-    import sys
 
     from helpers import REPO
 
@@ -252,7 +245,6 @@ def test_the_benchmark_and_the_device_check_measure_with_the_jobs_allocator(fres
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     device_check = importlib.import_module("device_check")
-    monkeypatch.delitem(sys.modules, "device_check")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 2**34}))
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)

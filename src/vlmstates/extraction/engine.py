@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -82,7 +82,7 @@ EXPANDABLE_SEGMENTS = "expandable_segments:True"
 ALLOCATOR_SETTINGS_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
 
 
-def configure_cuda_allocator(environ: dict[str, str] | os._Environ = os.environ) -> str:
+def configure_cuda_allocator(environ: MutableMapping[str, str] = os.environ) -> str:
     """Give the CUDA allocator expandable segments unless the user set its settings; returns what holds.
 
     torch reads the variable once, when CUDA is first initialised: a process that already used CUDA keeps
